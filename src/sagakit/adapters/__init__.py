@@ -1,0 +1,68 @@
+"""Adapters: one module per backend, picked from a URL and imported lazily.
+
+``open_saga_log("memory://")`` and ``open_event_bus("memory://")`` return ready
+backends. A URL whose backend needs an extra that is not installed fails with
+the pip command that installs it, before anything else happens.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, NamedTuple, cast
+from urllib.parse import urlsplit
+
+from sagakit.errors import ConfigurationError
+from sagakit.ports.event_bus import EventBus
+from sagakit.ports.saga_log import SagaLog
+
+__all__ = ["EVENT_BUSES", "SAGA_LOGS", "Backend", "open_event_bus", "open_saga_log"]
+
+
+class Backend(NamedTuple):
+    target: str  # "module:factory"; the factory takes the URL
+    extra: str | None = None  # the pip extra that brings its driver
+    driver: str | None = None  # the module that extra installs
+
+
+# Registries of schemes. Later backends add a line here and a module beside this one.
+SAGA_LOGS: dict[str, Backend] = {
+    "memory": Backend("sagakit.adapters.memory_log:InMemorySagaLog.from_url"),
+}
+EVENT_BUSES: dict[str, Backend] = {
+    "memory": Backend("sagakit.adapters.memory_bus:InMemoryEventBus.from_url"),
+}
+
+
+def _open(kind: str, registry: dict[str, Backend], url: str) -> Any:
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigurationError(
+            f"{kind} URL {url!r} is malformed: expected scheme://..., e.g. memory://"
+        )
+    scheme = urlsplit(url).scheme.split("+", 1)[0].lower()
+    backend = registry.get(scheme)
+    if backend is None:
+        known = ", ".join(f"{s}://" for s in sorted(registry))
+        raise ConfigurationError(f"no {kind} backend for {scheme}:// (available: {known})")
+    if backend.driver is not None:
+        try:
+            importlib.import_module(backend.driver)
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"the {scheme}:// {kind} needs the {backend.driver!r} package: "
+                f"pip install 'sagakit[{backend.extra}]'"
+            ) from exc
+    module_name, _, attr = backend.target.partition(":")
+    target: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    return target(url)
+
+
+def open_saga_log(url: str = "memory://") -> SagaLog:
+    """The saga log the URL names."""
+    return cast(SagaLog, _open("saga log", SAGA_LOGS, url))
+
+
+def open_event_bus(url: str = "memory://") -> EventBus:
+    """The event bus the URL names."""
+    return cast(EventBus, _open("event bus", EVENT_BUSES, url))

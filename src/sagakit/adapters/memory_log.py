@@ -1,0 +1,50 @@
+"""The in-memory saga log: real, complete, and gone with the process."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sagakit.core.machine import SagaFinished, SagaRecord
+from sagakit.errors import SagaLogConflict
+
+__all__ = ["InMemorySagaLog"]
+
+
+class InMemorySagaLog:
+    """A :class:`~sagakit.ports.saga_log.SagaLog` held in a dict.
+
+    Records are stored as given, not serialised, so results need not be JSON
+    here; the durable logs require JSON-serialisable inputs and results.
+    """
+
+    def __init__(self) -> None:
+        # dicts keep insertion order: the first append of a saga fixes its place.
+        self._logs: dict[str, list[SagaRecord]] = {}
+
+    @classmethod
+    def from_url(cls, url: str) -> InMemorySagaLog:
+        return cls()
+
+    async def append(self, saga_id: str, version: int, records: Sequence[SagaRecord]) -> None:
+        log = self._logs.get(saga_id)
+        actual = 0 if log is None else len(log)
+        if actual != version:
+            raise SagaLogConflict(saga_id, version, actual)
+        if log is None:
+            self._logs[saga_id] = list(records)
+        else:
+            log.extend(records)
+
+    async def read(self, saga_id: str) -> list[SagaRecord]:
+        return list(self._logs.get(saga_id, ()))
+
+    async def unfinished(self) -> list[str]:
+        return [
+            saga_id
+            for saga_id, log in self._logs.items()
+            if not log or type(log[-1]) is not SagaFinished
+        ]
+
+    async def close(self) -> None:
+        # Nothing to release; the records stay readable, as a closed file's data would.
+        return None

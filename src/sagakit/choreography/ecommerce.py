@@ -1,0 +1,274 @@
+"""The e-commerce choreography of the seed texts: Inventory, Payment and Shipping.
+
+Forward path: ``InventoryReserved -> PaymentCharged -> ShipmentCreated``.
+Compensations: ``PaymentFailed -> InventoryReleased`` and
+``ShipmentFailed -> PaymentRefunded -> InventoryReleased``.
+``InventoryReservationFailed`` ends a saga that had nothing to undo yet.
+
+Every handler is idempotent per saga: a redelivered event (at-least-once
+brokers redeliver) finds the saga's effect already recorded and publishes
+nothing new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+from sagakit.choreography.service import Service, handles
+from sagakit.choreography.tracker import SagaTracker
+from sagakit.core.event import Event
+from sagakit.core.machine import SagaStatus
+from sagakit.errors import DefinitionError
+from sagakit.ports.event_bus import EventBus
+
+__all__ = [
+    "SERVICES",
+    "STATUS_AFTER",
+    "Faults",
+    "Inventory",
+    "Payment",
+    "Reservation",
+    "Shipping",
+    "Shop",
+    "open_shop",
+]
+
+DEFAULT_PRICE = 99.99
+
+STATUS_AFTER: Mapping[str, SagaStatus] = {
+    "InventoryReserved": SagaStatus.RUNNING,
+    "PaymentCharged": SagaStatus.RUNNING,
+    "ShipmentCreated": SagaStatus.COMPLETED,
+    "InventoryReservationFailed": SagaStatus.COMPENSATED,
+    "PaymentFailed": SagaStatus.COMPENSATING,
+    "ShipmentFailed": SagaStatus.COMPENSATING,
+    "PaymentRefunded": SagaStatus.COMPENSATING,
+    "InventoryReleased": SagaStatus.COMPENSATED,
+}
+
+
+@dataclass
+class Faults:
+    """Business failures to inject, per saga and service (the node's ``fail_*`` flags)."""
+
+    DEFAULT_REASONS: ClassVar[Mapping[str, str]] = {
+        "inventory": "out_of_stock",
+        "payment": "insufficient_funds",
+        "shipping": "no_carrier_available",
+    }
+    _planned: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def fail(self, saga_id: str, service: str, reason: str | None = None) -> None:
+        self._planned[saga_id, service] = reason or self.DEFAULT_REASONS.get(service, "failed")
+
+    def reason(self, saga_id: str, service: str) -> str | None:
+        return self._planned.get((saga_id, service))
+
+
+class _Counter:
+    """Ids such as r1, r2... as the seeds number them."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix, self._n = prefix, 0
+
+    def __call__(self) -> str:
+        self._n += 1
+        return f"{self._prefix}{self._n}"
+
+
+class Reservation(NamedTuple):
+    saga_id: str
+    reservation_id: str | None  # None when the reservation failed
+    sku: str
+    quantity: int
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reservation_id is not None
+
+
+class Inventory(Service):
+    """Stock per SKU. ``stock=None`` means every SKU is always available."""
+
+    name = "inventory"
+
+    def __init__(self, stock: Mapping[str, int] | None = None, faults: Faults | None = None):
+        super().__init__()
+        self.stock = None if stock is None else dict(stock)
+        self.faults = faults or Faults()
+        self.reservations: dict[str, Reservation] = {}
+        self.released: set[str] = set()
+        self._ids = _Counter("r")
+
+    async def reserve(self, saga_id: str, sku: str, quantity: int) -> Reservation:
+        """Start a saga: reserve stock and publish the outcome. Idempotent per saga."""
+        if not isinstance(sku, str) or not sku:
+            raise DefinitionError("sku", "must be a non-empty string")
+        if type(quantity) is not int or quantity < 1:
+            raise DefinitionError("quantity", f"must be a positive integer, got {quantity!r}")
+        known = self.reservations.get(saga_id)
+        if known is not None:
+            return known
+        reason = self.faults.reason(saga_id, self.name)
+        if reason is None and self.stock is not None and self.stock.get(sku, 0) < quantity:
+            reason = "out_of_stock"
+        if reason is not None:
+            failed = self.reservations[saga_id] = Reservation(saga_id, None, sku, quantity, reason)
+            await self.publish(
+                "InventoryReservationFailed", saga_id, sku=sku, quantity=quantity, reason=reason
+            )
+            return failed
+        if self.stock is not None:
+            self.stock[sku] -= quantity
+        reservation = self.reservations[saga_id] = Reservation(saga_id, self._ids(), sku, quantity)
+        await self.publish(
+            "InventoryReserved",
+            saga_id,
+            reservation_id=reservation.reservation_id,
+            sku=sku,
+            quantity=quantity,
+        )
+        return reservation
+
+    @handles("PaymentFailed", "PaymentRefunded")
+    async def release(self, event: Event) -> None:
+        reservation = self.reservations.get(event.saga_id)
+        if reservation is None or not reservation.ok or event.saga_id in self.released:
+            return
+        self.released.add(event.saga_id)
+        if self.stock is not None:
+            self.stock[reservation.sku] = self.stock.get(reservation.sku, 0) + reservation.quantity
+        await self.publish(
+            "InventoryReleased", event.saga_id, reservation_id=reservation.reservation_id
+        )
+
+
+class Payment(Service):
+    """Charges for reserved stock at ``prices[sku]`` (``default_price`` otherwise)."""
+
+    name = "payment"
+
+    def __init__(
+        self,
+        prices: Mapping[str, float] | None = None,
+        default_price: float = DEFAULT_PRICE,
+        faults: Faults | None = None,
+    ):
+        super().__init__()
+        self.prices = dict(prices or {})
+        self.default_price = default_price
+        self.faults = faults or Faults()
+        self.charges: dict[str, dict[str, Any]] = {}  # saga id -> payment_id, amount
+        self.declined: dict[str, str] = {}
+        self.refunded: set[str] = set()
+        self._ids = _Counter("p")
+
+    @handles("InventoryReserved")
+    async def charge(self, event: Event) -> None:
+        saga_id = event.saga_id
+        if saga_id in self.charges or saga_id in self.declined:
+            return
+        reason = self.faults.reason(saga_id, self.name)
+        if reason is not None:
+            self.declined[saga_id] = reason
+            await self.publish("PaymentFailed", saga_id, reason=reason)
+            return
+        unit = self.prices.get(event.get("sku", ""), self.default_price)
+        amount = round(unit * event.get("quantity", 1), 2)
+        charge = self.charges[saga_id] = {"payment_id": self._ids(), "amount": amount}
+        await self.publish("PaymentCharged", saga_id, **charge)
+
+    @handles("ShipmentFailed")
+    async def refund(self, event: Event) -> None:
+        charge = self.charges.get(event.saga_id)
+        if charge is None or event.saga_id in self.refunded:
+            return
+        self.refunded.add(event.saga_id)
+        await self.publish("PaymentRefunded", event.saga_id, **charge)
+
+
+class Shipping(Service):
+    name = "shipping"
+
+    def __init__(self, faults: Faults | None = None):
+        super().__init__()
+        self.faults = faults or Faults()
+        self.shipments: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
+        self._ids = _Counter("s")
+
+    @handles("PaymentCharged")
+    async def ship(self, event: Event) -> None:
+        saga_id = event.saga_id
+        if saga_id in self.shipments or saga_id in self.failed:
+            return
+        reason = self.faults.reason(saga_id, self.name)
+        if reason is not None:
+            self.failed[saga_id] = reason
+            await self.publish("ShipmentFailed", saga_id, reason=reason)
+            return
+        shipment_id = self.shipments[saga_id] = self._ids()
+        await self.publish("ShipmentCreated", saga_id, shipment_id=shipment_id)
+
+
+SERVICES = ("inventory", "payment", "shipping")
+
+
+@dataclass
+class Shop:
+    """The three services of the seeds on one bus, with a tracker watching it."""
+
+    bus: EventBus
+    inventory: Inventory
+    payment: Payment
+    shipping: Shipping
+    tracker: SagaTracker
+    faults: Faults
+
+    def services(self) -> dict[str, Service]:
+        return {"inventory": self.inventory, "payment": self.payment, "shipping": self.shipping}
+
+    async def set_active(self, names: Iterable[str]) -> None:
+        """Attach exactly the named services to the bus (the others stop listening)."""
+        wanted = set(names)
+        unknown = wanted.difference(SERVICES)
+        if unknown:
+            raise DefinitionError(
+                "services", f"unknown {sorted(unknown)}; known: {', '.join(SERVICES)}"
+            )
+        for name, service in self.services().items():
+            attached = service._bus is not None
+            if name in wanted and not attached:
+                await service.attach(self.bus)
+            elif name not in wanted and attached:
+                await service.detach()
+
+    async def order(self, saga_id: str, sku: str, quantity: int = 1) -> Reservation:
+        """Start one order saga; its choreography then runs on the bus."""
+        return await self.inventory.reserve(saga_id, sku, quantity)
+
+
+async def open_shop(
+    bus: EventBus,
+    *,
+    stock: Mapping[str, int] | None = None,
+    prices: Mapping[str, float] | None = None,
+    services: Iterable[str] = SERVICES,
+) -> Shop:
+    """Create the services, attach the named ones and a tracker to ``bus``."""
+    faults = Faults()
+    tracker = SagaTracker(STATUS_AFTER)
+    await tracker.attach(bus)
+    shop = Shop(
+        bus,
+        Inventory(stock, faults),
+        Payment(prices, faults=faults),
+        Shipping(faults),
+        tracker,
+        faults,
+    )
+    await shop.set_active(services)
+    return shop

@@ -1,0 +1,53 @@
+"""A tracker that follows every event on a bus and tells where each saga stands."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sagakit.core.event import Event
+from sagakit.core.machine import SagaStatus
+from sagakit.ports.event_bus import ALL_EVENTS, EventBus, Subscription
+
+__all__ = ["SagaTracker", "TrackedSaga"]
+
+
+@dataclass(slots=True)
+class TrackedSaga:
+    saga_id: str
+    status: SagaStatus = SagaStatus.RUNNING
+    events: list[Event] = field(default_factory=list)
+
+
+class SagaTracker:
+    """Keeps each saga's events in arrival order, and its status.
+
+    ``status_after`` maps event types to the status a saga has once that event
+    is seen; other events leave the status as it was. A choreography has no
+    coordinator to ask, so this mapping is where its meaning lives.
+    """
+
+    def __init__(self, status_after: Mapping[str, SagaStatus]) -> None:
+        self._status_after = dict(status_after)
+        self.sagas: dict[str, TrackedSaga] = {}
+        self._subscription: Subscription | None = None
+
+    async def attach(self, bus: EventBus) -> None:
+        self._subscription = await bus.subscribe(ALL_EVENTS, self._on_event)
+
+    async def detach(self) -> None:
+        if self._subscription is not None:
+            await self._subscription.cancel()
+            self._subscription = None
+
+    async def _on_event(self, event: Event) -> None:
+        saga = self.sagas.get(event.saga_id)
+        if saga is None:
+            saga = self.sagas[event.saga_id] = TrackedSaga(event.saga_id)
+        saga.events.append(event)
+        status = self._status_after.get(event.type)
+        if status is not None:
+            saga.status = status
+
+    def __getitem__(self, saga_id: str) -> TrackedSaga:
+        return self.sagas[saga_id]

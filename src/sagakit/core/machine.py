@@ -1,0 +1,257 @@
+"""The saga state machine: pure functions from (state, outcome) to (state, command).
+
+The orchestrator executes commands and feeds their outcomes back; the saga log
+records the outcomes and the intents (``StepStarted``...). Replaying a log
+through :func:`replay` gives back the state and the command to carry on with,
+which is all that resuming a saga after a crash needs.
+
+Invariants (property-tested): on a failure at step k, exactly the compensable
+steps among 0..k-1 are compensated, newest first; the failing step is not
+compensated, because it never completed; on success nothing is compensated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+from sagakit.errors import InvalidTransition
+
+__all__ = [
+    "Command",
+    "CompensationCompleted",
+    "CompensationFailed",
+    "CompensationStarted",
+    "Finish",
+    "Outcome",
+    "Replay",
+    "RunCompensation",
+    "RunStep",
+    "SagaFinished",
+    "SagaRecord",
+    "SagaStarted",
+    "SagaState",
+    "SagaStatus",
+    "StepCompleted",
+    "StepFailed",
+    "StepStarted",
+    "decide",
+    "intent_of",
+    "replay",
+    "start",
+]
+
+
+class SagaStatus(StrEnum):
+    RUNNING = "running"
+    COMPENSATING = "compensating"
+    COMPLETED = "completed"
+    COMPENSATED = "compensated"
+    # A compensation failed: the saga is stuck half-undone and needs an operator.
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED})
+
+
+# --- records: what a saga log holds -------------------------------------------------
+# NamedTuples: cheap to build on the hot path, and plainly data.
+
+
+class SagaStarted(NamedTuple):
+    saga: str
+    steps: tuple[str, ...]
+    data: Mapping[str, Any]
+
+
+class StepStarted(NamedTuple):
+    step: int
+    attempt: int = 1
+
+
+class StepCompleted(NamedTuple):
+    step: int
+    result: Any = None
+
+
+class StepFailed(NamedTuple):
+    step: int
+    error: str
+    attempt: int = 1
+
+
+class CompensationStarted(NamedTuple):
+    step: int
+
+
+class CompensationCompleted(NamedTuple):
+    step: int
+
+
+class CompensationFailed(NamedTuple):
+    step: int
+    error: str
+
+
+class SagaFinished(NamedTuple):
+    status: SagaStatus
+
+
+Outcome = StepCompleted | StepFailed | CompensationCompleted | CompensationFailed
+SagaRecord = (
+    SagaStarted
+    | StepStarted
+    | StepCompleted
+    | StepFailed
+    | CompensationStarted
+    | CompensationCompleted
+    | CompensationFailed
+    | SagaFinished
+)
+
+
+# --- commands: what the driver must do next -----------------------------------------
+
+
+class RunStep(NamedTuple):
+    step: int
+
+
+class RunCompensation(NamedTuple):
+    step: int
+
+
+class Finish(NamedTuple):
+    status: SagaStatus
+
+
+Command = RunStep | RunCompensation | Finish
+
+
+class SagaState(NamedTuple):
+    """Where a saga stands. Completed steps are always the prefix ``0..done-1``."""
+
+    status: SagaStatus
+    done: int = 0
+    failed_step: int | None = None
+    compensated: tuple[int, ...] = ()  # in the order they ran, newest step first
+    error: str | None = None  # why failed_step failed
+    stuck_step: int | None = None  # the step whose compensation failed (status FAILED)
+    stuck_error: str | None = None
+
+
+# Commands and intents are immutable: the common ones are built once, not per saga.
+_CACHED = 64
+_RUN_STEP = tuple(RunStep(i) for i in range(_CACHED))
+_RUN_COMPENSATION = tuple(RunCompensation(i) for i in range(_CACHED))
+_STEP_STARTED = tuple(StepStarted(i) for i in range(_CACHED))
+_COMPENSATION_STARTED = tuple(CompensationStarted(i) for i in range(_CACHED))
+_FINISH = {status: Finish(status) for status in SagaStatus}
+_FINISHED = {status: SagaFinished(status) for status in SagaStatus}
+_RUNNING, _COMPENSATING = SagaStatus.RUNNING, SagaStatus.COMPENSATING
+
+
+def _run_step(index: int) -> RunStep:
+    return _RUN_STEP[index] if index < _CACHED else RunStep(index)
+
+
+def start(compensable: Sequence[bool]) -> tuple[SagaState, Command]:
+    """The state and first command of a new saga with these steps."""
+    if not compensable:
+        raise ValueError("a saga needs at least one step")
+    return SagaState(_RUNNING), _RUN_STEP[0]
+
+
+def intent_of(command: Command) -> SagaRecord:
+    """The record that announces a command before the driver carries it out."""
+    kind = type(command)
+    if kind is RunStep:
+        i = command.step  # type: ignore[union-attr]
+        return _STEP_STARTED[i] if i < _CACHED else StepStarted(i)
+    if kind is RunCompensation:
+        i = command.step  # type: ignore[union-attr]
+        return _COMPENSATION_STARTED[i] if i < _CACHED else CompensationStarted(i)
+    return _FINISHED[command.status]  # type: ignore[union-attr]
+
+
+def _next_compensation(compensable: Sequence[bool], state: SagaState) -> tuple[SagaState, Command]:
+    below = state.compensated[-1] if state.compensated else state.done
+    for index in range(below - 1, -1, -1):
+        if compensable[index]:
+            command = _RUN_COMPENSATION[index] if index < _CACHED else RunCompensation(index)
+            return state, command
+    final = state._replace(status=SagaStatus.COMPENSATED)
+    return final, _FINISH[SagaStatus.COMPENSATED]
+
+
+def decide(
+    compensable: Sequence[bool], state: SagaState, outcome: Outcome
+) -> tuple[SagaState, Command]:
+    """The next state and command after ``outcome``; raises InvalidTransition otherwise.
+
+    ``compensable[i]`` tells whether step ``i`` has a compensation.
+    """
+    kind = type(outcome)
+    status = state.status
+    if status is _RUNNING and outcome.step == state.done:
+        # The hot path of every saga: built directly, not with _replace.
+        if kind is StepCompleted:
+            done = state.done + 1
+            if done == len(compensable):
+                return SagaState(SagaStatus.COMPLETED, done), _FINISH[SagaStatus.COMPLETED]
+            return SagaState(_RUNNING, done), _run_step(done)
+        if kind is StepFailed:
+            failing = SagaState(_COMPENSATING, state.done, outcome.step, (), outcome.error)  # type: ignore[union-attr]
+            return _next_compensation(compensable, failing)
+    elif status is _COMPENSATING:
+        _, expected = _next_compensation(compensable, state)
+        if type(expected) is RunCompensation and outcome.step == expected.step:
+            if kind is CompensationCompleted:
+                return _next_compensation(
+                    compensable, state._replace(compensated=(*state.compensated, outcome.step))
+                )
+            if kind is CompensationFailed:
+                stuck = state._replace(
+                    status=SagaStatus.FAILED,
+                    stuck_step=outcome.step,
+                    stuck_error=outcome.error,  # type: ignore[union-attr]
+                )
+                return stuck, _FINISH[SagaStatus.FAILED]
+    raise InvalidTransition(f"{kind.__name__}(step={outcome.step}) does not fit {state}")
+
+
+class Replay(NamedTuple):
+    """A saga rebuilt from its log."""
+
+    started: SagaStarted
+    state: SagaState
+    command: Command
+    results: dict[str, Any]
+
+
+def replay(compensable: Sequence[bool], records: Iterable[SagaRecord]) -> Replay:
+    """Fold a saga's log back into its state and the command to carry on with.
+
+    A ``StepStarted`` without its outcome leaves ``RunStep`` as the command: the
+    step may or may not have run before the crash, so it runs again (actions
+    must be idempotent, as in any at-least-once system).
+    """
+    it = iter(records)
+    first = next(it, None)
+    if type(first) is not SagaStarted:
+        raise InvalidTransition(f"a saga log must open with SagaStarted, not {first!r}")
+    state, command = start(compensable)
+    results: dict[str, Any] = {}
+    for record in it:
+        kind = type(record)
+        if kind is StepStarted or kind is CompensationStarted or kind is SagaFinished:
+            continue
+        if kind is StepCompleted:
+            results[first.steps[record.step]] = record.result  # type: ignore[union-attr]
+        state, command = decide(compensable, state, record)  # type: ignore[arg-type]
+    return Replay(first, state, command, results)

@@ -1,0 +1,50 @@
+"""What a finished saga reports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from sagakit.core.machine import SagaState, SagaStatus
+
+__all__ = ["SagaOutcome", "outcome_of"]
+
+
+class SagaOutcome(NamedTuple):
+    """The end of a saga: its final state and which steps completed or were undone.
+
+    ``compensated_steps`` are in the order the compensations ran, newest step
+    first. ``failed_step`` and ``error`` tell which step's action failed and why;
+    for the ``failed`` state, ``stuck_step`` and ``stuck_error`` tell which
+    compensation failed, leaving the saga half undone for an operator.
+    """
+
+    saga_id: str
+    state: SagaStatus
+    completed_steps: tuple[str, ...]
+    compensated_steps: tuple[str, ...] = ()
+    failed_step: str | None = None
+    error: str | None = None
+    stuck_step: str | None = None
+    stuck_error: str | None = None
+    results: Mapping[str, Any] = {}  # a NamedTuple default, never mutated
+
+    @property
+    def ok(self) -> bool:
+        return self.state is SagaStatus.COMPLETED
+
+
+def outcome_of(
+    saga_id: str, step_names: Sequence[str], state: SagaState, results: Mapping[str, Any]
+) -> SagaOutcome:
+    return SagaOutcome(
+        saga_id=saga_id,
+        state=state.status,
+        completed_steps=tuple(step_names[: state.done]),
+        compensated_steps=tuple(step_names[i] for i in state.compensated),
+        failed_step=None if state.failed_step is None else step_names[state.failed_step],
+        error=state.error,
+        stuck_step=None if state.stuck_step is None else step_names[state.stuck_step],
+        stuck_error=state.stuck_error,
+        results=results,
+    )

@@ -1,0 +1,104 @@
+"""Saga definitions: ordered steps, each an action with an optional compensation.
+
+A definition is data plus references to callables; it does no I/O itself. The
+names of the saga and its steps, the saga's input and every step's result are
+plain data, so that a saga log can record them and a later process can resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagakit.errors import DefinitionError
+
+__all__ = ["SagaDefinition", "Step", "StepAction", "StepContext"]
+
+
+@dataclass(slots=True)
+class StepContext:
+    """What a step's action or compensation is given.
+
+    ``results`` maps the names of the steps completed so far to their results; a
+    compensation finds its own step's result as ``ctx.result``.
+    """
+
+    saga_id: str
+    step: str
+    data: Mapping[str, Any]
+    results: Mapping[str, Any]
+    attempt: int = 1
+
+    @property
+    def result(self) -> Any:
+        """The result of this context's step (meaningful in a compensation)."""
+        return self.results.get(self.step)
+
+
+# An action or compensation may be a coroutine function or a plain function.
+StepAction = Callable[[StepContext], Awaitable[Any] | Any]
+
+
+def _check_name(value: object, field_name: str) -> str:
+    if not isinstance(value, str):
+        raise DefinitionError(field_name, f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DefinitionError(field_name, "must not be empty")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One local transaction of a saga and, optionally, the action that undoes it.
+
+    A step without a compensation is one that needs no undoing (a read, a
+    notification) or that sits after the saga's pivot and so never needs it.
+    """
+
+    name: str
+    action: StepAction
+    compensation: StepAction | None = None
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "name")
+        if not callable(self.action):
+            raise DefinitionError("action", f"step {self.name!r}: must be callable")
+        if self.compensation is not None and not callable(self.compensation):
+            raise DefinitionError("compensation", f"step {self.name!r}: must be callable or None")
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class SagaDefinition:
+    """A named, ordered list of steps. Step names are unique within a saga."""
+
+    name: str
+    steps: tuple[Step, ...]
+    # Derived once here so the state machine and the orchestrator's hot loop
+    # never recompute them per saga.
+    step_names: tuple[str, ...] = field(repr=False, compare=False)
+    compensable: tuple[bool, ...] = field(repr=False, compare=False)
+
+    def __init__(self, name: str, steps: Iterable[Step]) -> None:
+        _check_name(name, "name")
+        if isinstance(steps, (str, bytes, Mapping)):
+            raise DefinitionError("steps", "must be an iterable of Step")
+        steps = tuple(steps)
+        if not steps:
+            raise DefinitionError("steps", f"saga {name!r} needs at least one step")
+        seen: set[str] = set()
+        for i, step in enumerate(steps):
+            if not isinstance(step, Step):
+                raise DefinitionError(f"steps[{i}]", f"must be a Step, got {type(step).__name__}")
+            if step.name in seen:
+                raise DefinitionError(f"steps[{i}].name", f"duplicate step name {step.name!r}")
+            seen.add(step.name)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "step_names", tuple(s.name for s in steps))
+        object.__setattr__(self, "compensable", tuple(s.compensation is not None for s in steps))
+
+    @property
+    def fingerprint(self) -> str:
+        """What identifies the definition in a saga log: its name and step names."""
+        return f"{self.name}({', '.join(self.step_names)})"

@@ -1,0 +1,91 @@
+"""The exception tree of sagakit.
+
+Every error sagakit raises derives from :class:`SagakitError`; driver errors from
+backends are translated into :class:`BackendError` at the adapter boundary, so
+callers never need to import a driver to catch a failure. Errors carry data as
+attributes (saga id, step, field) as well as a readable message::
+
+    SagakitError
+    ├── DefinitionError      a saga definition or API argument is invalid (names the field)
+    ├── ConfigurationError   a backend URL is malformed, unknown, or its extra is missing
+    ├── SagaError            something went wrong with one saga (carries saga_id)
+    │   ├── SagaIdConflict   the saga id was already used for another saga definition
+    │   └── SagaLogConflict  another writer appended to the saga's log first
+    ├── InvalidTransition    an outcome the saga's state cannot accept (a driver bug, a corrupt log)
+    └── BackendError         a saga log or event bus backend failed (wraps the driver error)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "ConfigurationError",
+    "DefinitionError",
+    "InvalidTransition",
+    "SagaError",
+    "SagaIdConflict",
+    "SagaLogConflict",
+    "SagakitError",
+]
+
+
+class SagakitError(Exception):
+    """Root of every error raised by sagakit."""
+
+
+class DefinitionError(SagakitError, ValueError):
+    """An invalid saga definition or argument; ``field`` names the offending field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class ConfigurationError(SagakitError):
+    """A backend URL that cannot be used (unknown scheme, malformed, or missing extra)."""
+
+
+class SagaError(SagakitError):
+    """An error about one saga."""
+
+    def __init__(self, saga_id: str, message: str, *, step: str | None = None) -> None:
+        super().__init__(f"saga {saga_id!r}: {message}")
+        self.saga_id = saga_id
+        self.step = step
+
+
+class SagaIdConflict(SagaError):
+    """The saga id is already recorded for a different saga definition."""
+
+    def __init__(self, saga_id: str, recorded: str, requested: str) -> None:
+        super().__init__(saga_id, f"already recorded as {recorded}, cannot run it as {requested}")
+        self.recorded = recorded
+        self.requested = requested
+
+
+class SagaLogConflict(SagaError):
+    """Optimistic concurrency failure: the log holds more records than the writer saw."""
+
+    def __init__(self, saga_id: str, expected: int, actual: int) -> None:
+        super().__init__(
+            saga_id, f"log has {actual} records, writer expected {expected}; another writer won"
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+class InvalidTransition(SagakitError):
+    """An outcome that does not fit the saga's state (a bug in a driver, or a corrupt log).
+
+    Raised by the pure state machine, which knows no saga id; the orchestrator
+    adds it to the message when it meets one.
+    """
+
+
+class BackendError(SagakitError):
+    """A backend failed; ``__cause__`` holds the driver's own exception."""
+
+    def __init__(self, backend: str, message: str) -> None:
+        super().__init__(f"{backend}: {message}")
+        self.backend = backend

@@ -1,0 +1,1 @@
+"""The protocol node: Maelstrom-style JSON messages in, replies and events out."""

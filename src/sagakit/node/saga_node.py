@@ -1,0 +1,100 @@
+"""The ``saga`` node: runs orchestrated sagas of simulated steps (seed 002)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sagakit.core.machine import SagaStatus
+from sagakit.core.saga import SagaDefinition, Step, StepContext
+from sagakit.errors import SagaIdConflict
+from sagakit.node.host import Body, Host, Node
+from sagakit.node.protocol import (
+    ErrorCode,
+    RequestError,
+    msg_id_of,
+    optional_str,
+    require_str,
+    require_str_list,
+)
+from sagakit.orchestration import Orchestrator
+
+__all__ = ["SagaNode"]
+
+
+class StepRefused(Exception):
+    """The simulated failure that ``fail_step`` asks for."""
+
+
+def _simulated_action(ctx: StepContext) -> None:
+    if ctx.data.get("fail_step") == ctx.step:
+        raise StepRefused(f"{ctx.step} failed as the request asked")
+
+
+def _simulated_compensation(ctx: StepContext) -> None:
+    return None
+
+
+class SagaNode(Node):
+    """``execute`` runs the listed steps; ``fail_step`` makes that step fail.
+
+    Replies are exactly the seed's: ``saga_completed`` with the number of
+    completed steps, or ``saga_compensated`` with the compensated steps, newest
+    first. Sagas are recorded in a saga log, so a client's retry of an
+    ``execute`` is answered from the record and runs nothing again.
+    """
+
+    MAX_CACHED_DEFINITIONS = 4096
+
+    def __init__(self, name: str, host: Host) -> None:
+        super().__init__(name, host)
+        self.orchestrator = Orchestrator("memory://")
+        # Requests repeat the same step lists; building a definition per request
+        # would cost more than running the saga.
+        self._definitions: dict[tuple[str, ...], SagaDefinition] = {}
+
+    def _definition(self, steps: list[str]) -> SagaDefinition:
+        key = tuple(steps)
+        definition = self._definitions.get(key)
+        if definition is None:
+            if len(set(key)) != len(key):
+                raise RequestError(ErrorCode.MALFORMED_REQUEST, "steps: step names must be unique")
+            if len(self._definitions) >= self.MAX_CACHED_DEFINITIONS:
+                self._definitions.clear()
+            definition = self._definitions[key] = SagaDefinition(
+                "execute",
+                [Step(s, _simulated_action, _simulated_compensation) for s in key],
+            )
+        return definition
+
+    async def on_execute(self, src: str, body: Body) -> Body | None:
+        msg_id = msg_id_of(body)
+        saga_id = require_str(body, "saga_id")
+        steps = require_str_list(body, "steps")
+        fail_step = optional_str(body, "fail_step")
+        if fail_step is not None and fail_step not in steps:
+            raise RequestError(
+                ErrorCode.MALFORMED_REQUEST,
+                f"fail_step: {fail_step!r} is not one of steps",
+                saga_id=saga_id,
+            )
+        definition = self._definition(steps)
+        data: dict[str, Any] = {"fail_step": fail_step}
+        try:
+            outcome = await self.orchestrator.run(definition, saga_id, data)
+        except SagaIdConflict as exc:
+            raise RequestError(ErrorCode.PRECONDITION_FAILED, str(exc), saga_id=saga_id) from exc
+        if outcome.state is SagaStatus.COMPLETED:
+            return {
+                "type": "saga_completed",
+                "in_reply_to": msg_id,
+                "saga_id": saga_id,
+                "state": "completed",
+                "completed_steps": len(outcome.completed_steps),
+            }
+        return {
+            "type": "saga_compensated",
+            "in_reply_to": msg_id,
+            "saga_id": saga_id,
+            "state": outcome.state.value,
+            "compensated_steps": list(outcome.compensated_steps),
+        }

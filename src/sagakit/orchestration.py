@@ -1,0 +1,211 @@
+"""The orchestrator: runs saga definitions, recording every transition in a saga log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from sagakit.adapters import open_saga_log
+from sagakit.core.machine import (
+    CompensationCompleted,
+    CompensationFailed,
+    Finish,
+    Outcome,
+    RunStep,
+    SagaRecord,
+    SagaStarted,
+    SagaState,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+    decide,
+    intent_of,
+    replay,
+    start,
+)
+from sagakit.core.outcome import SagaOutcome, outcome_of
+from sagakit.core.saga import SagaDefinition, StepContext
+from sagakit.errors import DefinitionError, InvalidTransition, SagaError, SagaIdConflict
+from sagakit.ports.saga_log import SagaLog
+
+__all__ = ["Orchestrator"]
+
+log = logging.getLogger("sagakit.orchestrator")
+
+
+def _is_awaitable(value: Any) -> bool:
+    # inspect.isawaitable goes through an ABC check; this runs on every step.
+    return hasattr(type(value), "__await__")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class Orchestrator:
+    """Runs sagas step by step and compensates the completed steps when one fails.
+
+    Every transition is appended to the saga log *before* the work it announces,
+    so a saga interrupted anywhere can be carried on from its log
+    (:meth:`recover`). Running a saga id that the log already finished returns
+    the recorded outcome and runs nothing; running one that is in flight in this
+    orchestrator waits for that run's outcome.
+
+    A compensation that raises leaves the saga ``failed`` (half undone): the
+    remaining compensations do not run, since older steps may depend on the
+    newer ones being undone first.
+    """
+
+    def __init__(self, log: SagaLog | str = "memory://") -> None:
+        self._log: SagaLog = open_saga_log(log) if isinstance(log, str) else log
+        # The sagas this orchestrator is running, and the callers waiting for
+        # one of them (created only when a second caller comes).
+        self._running: dict[str, SagaDefinition] = {}
+        self._waiters: dict[str, list[asyncio.Future[SagaOutcome]]] = {}
+
+    @property
+    def log(self) -> SagaLog:
+        return self._log
+
+    async def run(
+        self, saga: SagaDefinition, saga_id: str, data: Mapping[str, Any] | None = None
+    ) -> SagaOutcome:
+        """Run ``saga`` as ``saga_id`` with input ``data`` to its end, and report how it ended."""
+        if not isinstance(saga, SagaDefinition):
+            raise DefinitionError("saga", f"must be a SagaDefinition, got {type(saga).__name__}")
+        if type(saga_id) is not str or not saga_id:
+            raise DefinitionError("saga_id", f"must be a non-empty string, got {saga_id!r}")
+        if data is None:
+            data = {}
+        elif not isinstance(data, Mapping):
+            raise DefinitionError("data", f"must be a mapping, got {type(data).__name__}")
+
+        running = self._running
+        if saga_id in running:
+            return await self._join(saga, saga_id, running[saga_id])
+        running[saga_id] = saga
+        try:
+            records = await self._log.read(saga_id)
+            if records:
+                outcome = await self._resume(saga, saga_id, records)
+            else:
+                state, command = start(saga.compensable)
+                first = (SagaStarted(saga.name, saga.step_names, data), StepStarted(0))
+                await self._log.append(saga_id, 0, first)
+                outcome = await self._drive(saga, saga_id, data, state, command, 2, {})
+        except BaseException as exc:
+            for waiter in self._waiters.pop(saga_id, ()):
+                if isinstance(exc, asyncio.CancelledError):
+                    waiter.cancel()
+                else:
+                    waiter.set_exception(exc)
+            raise
+        finally:
+            del running[saga_id]
+        if self._waiters:
+            for waiter in self._waiters.pop(saga_id, ()):
+                waiter.set_result(outcome)
+        return outcome
+
+    async def _join(
+        self, saga: SagaDefinition, saga_id: str, running: SagaDefinition
+    ) -> SagaOutcome:
+        if running.fingerprint != saga.fingerprint:
+            raise SagaIdConflict(saga_id, running.fingerprint, saga.fingerprint)
+        waiter: asyncio.Future[SagaOutcome] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(saga_id, []).append(waiter)
+        return await waiter
+
+    async def recover(self, sagas: Mapping[str, SagaDefinition]) -> list[SagaOutcome]:
+        """Carry every unfinished saga in the log on to its end.
+
+        ``sagas`` maps saga definition names to definitions; an unfinished saga
+        whose definition is not given raises :class:`SagaError` naming it.
+        """
+        outcomes = []
+        for saga_id in await self._log.unfinished():
+            if saga_id in self._running:
+                continue
+            records = await self._log.read(saga_id)
+            started = records[0]
+            if type(started) is not SagaStarted:
+                raise SagaError(saga_id, f"log opens with {started!r}, not SagaStarted")
+            saga = sagas.get(started.saga)
+            if saga is None:
+                raise SagaError(saga_id, f"no definition given for saga {started.saga!r}")
+            outcomes.append(await self.run(saga, saga_id, started.data))
+        return outcomes
+
+    async def _resume(
+        self, saga: SagaDefinition, saga_id: str, records: list[SagaRecord]
+    ) -> SagaOutcome:
+        started = records[0]
+        if (
+            type(started) is not SagaStarted
+            or started.saga != saga.name
+            or tuple(started.steps) != saga.step_names
+        ):
+            recorded = (
+                f"{started.saga}({', '.join(started.steps)})"
+                if type(started) is SagaStarted
+                else repr(started)
+            )
+            raise SagaIdConflict(saga_id, recorded, saga.fingerprint)
+        try:
+            state, command, results = replay(saga.compensable, records)[1:]
+        except InvalidTransition as exc:
+            raise SagaError(saga_id, f"its log cannot be replayed: {exc}") from exc
+        if state.status.is_final:
+            return outcome_of(saga_id, saga.step_names, state, results)
+        # Interrupted: announce the pending command again, then carry on from it.
+        version = len(records)
+        await self._log.append(saga_id, version, (intent_of(command),))
+        log.info("resuming saga %s at %s", saga_id, command)
+        return await self._drive(saga, saga_id, started.data, state, command, version + 1, results)
+
+    async def _drive(
+        self,
+        saga: SagaDefinition,
+        saga_id: str,
+        data: Mapping[str, Any],
+        state: SagaState,
+        command: Any,
+        version: int,
+        results: dict[str, Any],
+    ) -> SagaOutcome:
+        steps, compensable, append = saga.steps, saga.compensable, self._log.append
+        while type(command) is not Finish:
+            index = command.step
+            step = steps[index]
+            ctx = StepContext(saga_id, step.name, data, results)
+            outcome: Outcome
+            if type(command) is RunStep:
+                try:
+                    result = step.action(ctx)
+                    if _is_awaitable(result):
+                        result = await result
+                except Exception as exc:
+                    log.info("saga %s: step %s failed: %s", saga_id, step.name, _describe(exc))
+                    outcome = StepFailed(index, _describe(exc))
+                else:
+                    results[step.name] = result
+                    outcome = StepCompleted(index, result)
+            else:
+                try:
+                    # RunCompensation is only ever decided for a step that has one.
+                    undone = step.compensation(ctx)
+                    if _is_awaitable(undone):
+                        await undone
+                except Exception as exc:
+                    log.error(
+                        "saga %s: compensation of %s failed: %s", saga_id, step.name, _describe(exc)
+                    )
+                    outcome = CompensationFailed(index, _describe(exc))
+                else:
+                    outcome = CompensationCompleted(index)
+            state, command = decide(compensable, state, outcome)
+            await append(saga_id, version, (outcome, intent_of(command)))
+            version += 2
+        return outcome_of(saga_id, saga.step_names, state, results)

@@ -1,0 +1,1 @@
+"""Ports: the interfaces the orchestrator and services need from the outside world."""

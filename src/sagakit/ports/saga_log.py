@@ -1,0 +1,33 @@
+"""The saga log port: an append-only record of every saga's transitions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from sagakit.core.machine import SagaRecord
+
+__all__ = ["SagaLog"]
+
+
+@runtime_checkable
+class SagaLog(Protocol):
+    """Append-only, per-saga sequences of records with optimistic concurrency.
+
+    ``version`` in :meth:`append` is the number of records the writer has seen
+    for that saga; if the log holds more (another orchestrator got there first),
+    ``append`` raises :class:`~sagakit.errors.SagaLogConflict` and writes nothing.
+    A batch is written whole or not at all.
+    """
+
+    async def append(self, saga_id: str, version: int, records: Sequence[SagaRecord]) -> None: ...
+
+    async def read(self, saga_id: str) -> list[SagaRecord]:
+        """Every record of the saga in order; an empty list for an unknown saga."""
+        ...
+
+    async def unfinished(self) -> list[str]:
+        """Ids of the sagas whose log does not end with ``SagaFinished``, oldest first."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,392 @@
+"""The orchestrator over the in-memory saga log."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from sagakit.adapters import open_event_bus, open_saga_log
+from sagakit.adapters.memory_log import InMemorySagaLog
+from sagakit.core.machine import (
+    CompensationCompleted,
+    CompensationFailed,
+    CompensationStarted,
+    SagaFinished,
+    SagaStarted,
+    SagaStatus,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+)
+from sagakit.core.saga import SagaDefinition, Step, StepContext
+from sagakit.errors import ConfigurationError, DefinitionError, SagaError, SagaIdConflict
+from sagakit.orchestration import Orchestrator
+
+
+class Boom(Exception):
+    pass
+
+
+class Shop:
+    """A saga of ``n`` steps that records every call; step ``fail_at`` raises Boom."""
+
+    def __init__(
+        self,
+        n: int = 4,
+        fail_at: int | None = None,
+        stuck_at: int | None = None,
+        name: str = "shop",
+    ) -> None:
+        self.calls: list[str] = []
+        self.contexts: dict[str, StepContext] = {}
+        self.fail_at, self.stuck_at = fail_at, stuck_at
+        self.saga = SagaDefinition(
+            name, [Step(f"s{i}", self._action(i), self._compensation(i)) for i in range(n)]
+        )
+
+    def _action(self, i: int) -> Any:
+        async def action(ctx: StepContext) -> dict[str, Any]:
+            self.calls.append(f"do s{i}")
+            self.contexts[ctx.step] = StepContext(
+                ctx.saga_id, ctx.step, ctx.data, dict(ctx.results)
+            )
+            await asyncio.sleep(0)
+            if i == self.fail_at:
+                raise Boom(f"s{i} is out of stock")
+            return {"step": i, "seen": sorted(ctx.results)}
+
+        return action
+
+    def _compensation(self, i: int) -> Any:
+        def compensation(ctx: StepContext) -> None:  # a plain function: sync is allowed
+            self.calls.append(f"undo s{i}")
+            self.contexts[f"undo {ctx.step}"] = ctx
+            if i == self.stuck_at:
+                raise RuntimeError(f"cannot undo s{i}")
+
+        return compensation
+
+
+def kinds(records: list[Any]) -> list[tuple[str, Any]]:
+    return [(type(r).__name__, r) for r in records]
+
+
+async def test_success_with_async_and_sync_actions() -> None:
+    calls: list[str] = []
+
+    async def reserve(ctx: StepContext) -> str:
+        calls.append("reserve")
+        return "r-1"
+
+    def charge(ctx: StepContext) -> int:
+        calls.append("charge")
+        return 42
+
+    saga = SagaDefinition("order", [Step("reserve", reserve), Step("charge", charge)])
+    outcome = await Orchestrator().run(saga, "order-1", {"amount": 42})
+    assert calls == ["reserve", "charge"]
+    assert outcome.ok
+    assert outcome.saga_id == "order-1"
+    assert outcome.state is SagaStatus.COMPLETED
+    assert outcome.completed_steps == ("reserve", "charge")
+    assert outcome.compensated_steps == ()
+    assert outcome.failed_step is None
+    assert outcome.error is None
+    assert outcome.results == {"reserve": "r-1", "charge": 42}
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+async def test_failure_at_step_k_compensates_earlier_steps_newest_first(k: int) -> None:
+    shop = Shop(n=4, fail_at=k)
+    outcome = await Orchestrator().run(shop.saga, "order-1")
+    undone = [f"undo s{i}" for i in reversed(range(k))]
+    assert shop.calls == [*(f"do s{i}" for i in range(k + 1)), *undone]
+    assert f"undo s{k}" not in shop.calls
+    assert not outcome.ok
+    assert outcome.state is SagaStatus.COMPENSATED
+    assert outcome.completed_steps == tuple(f"s{i}" for i in range(k))
+    assert outcome.compensated_steps == tuple(f"s{i}" for i in reversed(range(k)))
+    assert outcome.failed_step == f"s{k}"
+    assert outcome.error == f"Boom: s{k} is out of stock"
+
+
+async def test_steps_without_compensation_are_skipped_when_undoing() -> None:
+    calls: list[str] = []
+
+    def step(name: str, undoable: bool) -> Step:
+        def do(ctx: StepContext) -> None:
+            calls.append(f"do {name}")
+            if name == "d":
+                raise Boom
+
+        def undo(ctx: StepContext) -> None:
+            calls.append(f"undo {name}")
+
+        return Step(name, do, undo if undoable else None)
+
+    saga = SagaDefinition(
+        "s", [step("a", True), step("b", False), step("c", True), step("d", True)]
+    )
+    outcome = await Orchestrator().run(saga, "x")
+    assert calls == ["do a", "do b", "do c", "do d", "undo c", "undo a"]
+    assert outcome.compensated_steps == ("c", "a")
+    assert outcome.error == "Boom"
+
+
+async def test_results_and_data_reach_later_steps_and_compensations() -> None:
+    shop = Shop(n=3, fail_at=2)
+    await Orchestrator().run(shop.saga, "order-7", {"customer": "ada"})
+    first, second = shop.contexts["s0"], shop.contexts["s1"]
+    assert (first.saga_id, first.step, first.data, first.results) == (
+        "order-7",
+        "s0",
+        {"customer": "ada"},
+        {},
+    )
+    assert second.results == {"s0": {"step": 0, "seen": []}}
+    assert shop.contexts["s2"].results["s1"] == {"step": 1, "seen": ["s0"]}
+    undo = shop.contexts["undo s1"]
+    assert undo.step == "s1"
+    assert undo.result == {"step": 1, "seen": ["s0"]}
+    assert undo.data == {"customer": "ada"}
+    assert shop.contexts["undo s0"].result == {"step": 0, "seen": []}
+
+
+async def test_success_log_records_every_transition_in_order() -> None:
+    log = InMemorySagaLog()
+    shop = Shop(n=2)
+    await Orchestrator(log).run(shop.saga, "order-1", {"n": 1})
+    assert kinds(await log.read("order-1")) == kinds([
+        SagaStarted("shop", ("s0", "s1"), {"n": 1}),
+        StepStarted(0),
+        StepCompleted(0, {"step": 0, "seen": []}),
+        StepStarted(1),
+        StepCompleted(1, {"step": 1, "seen": ["s0"]}),
+        SagaFinished(SagaStatus.COMPLETED),
+    ])  # fmt: skip
+    assert await log.unfinished() == []
+
+
+async def test_failure_log_records_compensations() -> None:
+    log = InMemorySagaLog()
+    shop = Shop(n=2, fail_at=1)
+    await Orchestrator(log).run(shop.saga, "order-1")
+    assert kinds((await log.read("order-1"))[3:]) == kinds([
+        StepStarted(1),
+        StepFailed(1, "Boom: s1 is out of stock"),
+        CompensationStarted(0),
+        CompensationCompleted(0),
+        SagaFinished(SagaStatus.COMPENSATED),
+    ])  # fmt: skip
+
+
+async def test_a_repeated_run_returns_the_recorded_outcome_and_runs_nothing() -> None:
+    log = InMemorySagaLog()
+    shop = Shop(n=3, fail_at=2)
+    first = await Orchestrator(log).run(shop.saga, "order-1", {"n": 1})
+    calls, records = list(shop.calls), await log.read("order-1")
+    for orchestrator in (Orchestrator(log), Orchestrator(log)):
+        again = await orchestrator.run(shop.saga, "order-1", {"n": 1})
+        assert again == first
+    assert shop.calls == calls
+    assert await log.read("order-1") == records
+
+
+async def test_same_saga_id_with_another_definition_conflicts() -> None:
+    orchestrator = Orchestrator()
+    await orchestrator.run(Shop(n=2).saga, "order-1")
+    other = Shop(n=3)
+    with pytest.raises(SagaIdConflict) as excinfo:
+        await orchestrator.run(other.saga, "order-1")
+    assert other.calls == []
+    assert excinfo.value.saga_id == "order-1"
+    assert excinfo.value.recorded == "shop(s0, s1)"
+    assert excinfo.value.requested == "shop(s0, s1, s2)"
+    with pytest.raises(SagaIdConflict):
+        await orchestrator.run(Shop(n=2, name="refund").saga, "order-1")
+
+
+async def test_concurrent_runs_of_one_saga_id_run_the_steps_once() -> None:
+    shop = Shop(n=3)
+    orchestrator = Orchestrator()
+    first, second = await asyncio.gather(
+        orchestrator.run(shop.saga, "order-1"), orchestrator.run(shop.saga, "order-1")
+    )
+    assert shop.calls == ["do s0", "do s1", "do s2"]
+    assert first == second
+    assert first.ok
+
+
+async def test_concurrent_run_with_another_definition_conflicts() -> None:
+    shop = Shop(n=2)
+    orchestrator = Orchestrator()
+    results = await asyncio.gather(
+        orchestrator.run(shop.saga, "order-1"),
+        orchestrator.run(Shop(n=3).saga, "order-1"),
+        return_exceptions=True,
+    )
+    assert results[0].ok  # type: ignore[union-attr]
+    assert isinstance(results[1], SagaIdConflict)
+
+
+async def test_bug_a_cancelled_joiner_does_not_break_the_running_saga() -> None:
+    """BUG (orchestration.py, Orchestrator.run): ``waiter.set_result`` on a cancelled waiter.
+
+    A second caller that joined the run and was then cancelled leaves a cancelled
+    future in ``waiters``; when the saga ends, ``set_result`` raises InvalidStateError
+    out of the first caller's run(), although the saga completed.
+    """
+    gate = asyncio.Event()
+
+    async def slow(ctx: StepContext) -> int:
+        await gate.wait()
+        return 1
+
+    saga = SagaDefinition("slow", [Step("slow", slow)])
+    orchestrator = Orchestrator()
+    owner = asyncio.create_task(orchestrator.run(saga, "order-1"))
+    await asyncio.sleep(0)
+    joiner = asyncio.create_task(orchestrator.run(saga, "order-1"))
+    await asyncio.sleep(0)
+    joiner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await joiner
+    gate.set()
+    outcome = await owner
+    assert outcome.ok
+
+
+async def test_a_failing_compensation_leaves_the_saga_failed() -> None:
+    log = InMemorySagaLog()
+    shop = Shop(n=4, fail_at=3, stuck_at=1)
+    outcome = await Orchestrator(log).run(shop.saga, "order-1")
+    assert shop.calls[-2:] == ["undo s2", "undo s1"]
+    assert "undo s0" not in shop.calls
+    assert outcome.state is SagaStatus.FAILED
+    assert not outcome.ok
+    assert outcome.stuck_step == "s1"
+    assert outcome.stuck_error == "RuntimeError: cannot undo s1"
+    assert outcome.compensated_steps == ("s2",)
+    assert outcome.failed_step == "s3"
+    assert kinds((await log.read("order-1"))[-2:]) == kinds(
+        [CompensationFailed(1, "RuntimeError: cannot undo s1"), SagaFinished(SagaStatus.FAILED)]
+    )
+    assert await log.unfinished() == []
+
+
+async def test_crashed_saga_resumes_in_a_new_orchestrator() -> None:
+    log = InMemorySagaLog()
+    calls: list[str] = []
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def one(ctx: StepContext) -> int:
+        calls.append("one")
+        return ctx.data["base"]
+
+    async def two(ctx: StepContext) -> int:
+        calls.append("two")
+        entered.set()
+        await gate.wait()
+        return ctx.results["one"] + 1
+
+    async def three(ctx: StepContext) -> int:
+        calls.append("three")
+        return ctx.results["two"] + 1
+
+    saga = SagaDefinition("count", [Step("one", one), Step("two", two), Step("three", three)])
+    task = asyncio.create_task(Orchestrator(log).run(saga, "c-1", {"base": 10}))
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls == ["one", "two"]
+    assert await log.unfinished() == ["c-1"]
+
+    gate.set()
+    outcomes = await Orchestrator(log).recover({"count": saga})
+    assert calls == ["one", "two", "two", "three"]
+    assert [o.saga_id for o in outcomes] == ["c-1"]
+    assert outcomes[0].ok
+    assert outcomes[0].results == {"one": 10, "two": 11, "three": 12}
+    assert await log.unfinished() == []
+    records = await log.read("c-1")
+    assert [type(r).__name__ for r in records] == [
+        "SagaStarted",
+        "StepStarted",
+        "StepCompleted",
+        "StepStarted",
+        "StepStarted",  # announced again on resuming
+        "StepCompleted",
+        "StepStarted",
+        "StepCompleted",
+        "SagaFinished",
+    ]
+    # Recovering again finds nothing to do.
+    assert await Orchestrator(log).recover({"count": saga}) == []
+
+
+async def test_recover_without_the_definition_names_the_saga() -> None:
+    log = InMemorySagaLog()
+    await log.append("o-1", 0, [SagaStarted("order", ("a",), {}), StepStarted(0)])
+    with pytest.raises(SagaError) as excinfo:
+        await Orchestrator(log).recover({})
+    assert excinfo.value.saga_id == "o-1"
+    assert "'order'" in str(excinfo.value)
+
+
+async def test_a_log_that_cannot_be_replayed_is_a_saga_error() -> None:
+    log = InMemorySagaLog()
+    await log.append("o-1", 0, [SagaStarted("shop", ("s0", "s1"), {}), StepCompleted(1)])
+    shop = Shop(n=2)
+    with pytest.raises(SagaError, match="cannot be replayed") as excinfo:
+        await Orchestrator(log).run(shop.saga, "o-1")
+    assert excinfo.value.saga_id == "o-1"
+    assert shop.calls == []
+
+
+@pytest.mark.parametrize("saga_id", ["", 5, None, b"id"])
+async def test_bad_saga_id_is_a_definition_error(saga_id: Any) -> None:
+    shop = Shop(n=1)
+    with pytest.raises(DefinitionError) as excinfo:
+        await Orchestrator().run(shop.saga, saga_id)
+    assert excinfo.value.field == "saga_id"
+    assert shop.calls == []
+
+
+@pytest.mark.parametrize("data", [[("a", 1)], "abc", 3])
+async def test_bad_data_is_a_definition_error(data: Any) -> None:
+    with pytest.raises(DefinitionError) as excinfo:
+        await Orchestrator().run(Shop(n=1).saga, "o-1", data)
+    assert excinfo.value.field == "data"
+
+
+async def test_saga_must_be_a_definition() -> None:
+    with pytest.raises(DefinitionError) as excinfo:
+        await Orchestrator().run("shop", "o-1")  # type: ignore[arg-type]
+    assert excinfo.value.field == "saga"
+
+
+async def test_open_by_url() -> None:
+    orchestrator = Orchestrator("memory://")
+    assert isinstance(orchestrator.log, InMemorySagaLog)
+    assert (await orchestrator.run(Shop(n=2).saga, "o-1")).ok
+    assert isinstance(open_saga_log("MEMORY://"), InMemorySagaLog)
+    log = InMemorySagaLog()
+    assert Orchestrator(log).log is log
+
+
+@pytest.mark.parametrize("opener", [Orchestrator, open_saga_log, open_event_bus])
+def test_unknown_scheme_lists_the_available_ones(opener: Any) -> None:
+    with pytest.raises(ConfigurationError) as excinfo:
+        opener("foo://x")
+    assert "foo://" in str(excinfo.value)
+    assert "available: memory://" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("url", ["memory", "", "memory:/x", "/var/lib/sagas.db"])
+@pytest.mark.parametrize("opener", [Orchestrator, open_saga_log, open_event_bus])
+def test_malformed_url_is_a_configuration_error(opener: Any, url: str) -> None:
+    with pytest.raises(ConfigurationError, match="malformed"):
+        opener(url)
