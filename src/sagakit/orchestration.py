@@ -27,7 +27,13 @@ from sagakit.core.machine import (
 )
 from sagakit.core.outcome import SagaOutcome, outcome_of
 from sagakit.core.saga import SagaDefinition, StepContext
-from sagakit.errors import DefinitionError, InvalidTransition, SagaError, SagaIdConflict
+from sagakit.errors import (
+    DefinitionError,
+    InvalidTransition,
+    SagaError,
+    SagaIdConflict,
+    SagaLogConflict,
+)
 from sagakit.ports.saga_log import SagaLog
 
 __all__ = ["Orchestrator"]
@@ -35,9 +41,7 @@ __all__ = ["Orchestrator"]
 log = logging.getLogger("sagakit.orchestrator")
 
 
-def _is_awaitable(value: Any) -> bool:
-    # inspect.isawaitable goes through an ABC check; this runs on every step.
-    return hasattr(type(value), "__await__")
+_FIRST_INTENT = StepStarted(0)
 
 
 def _describe(exc: BaseException) -> str:
@@ -79,7 +83,7 @@ class Orchestrator:
             raise DefinitionError("saga_id", f"must be a non-empty string, got {saga_id!r}")
         if data is None:
             data = {}
-        elif not isinstance(data, Mapping):
+        elif type(data) is not dict and not isinstance(data, Mapping):
             raise DefinitionError("data", f"must be a mapping, got {type(data).__name__}")
 
         running = self._running
@@ -87,16 +91,20 @@ class Orchestrator:
             return await self._join(saga, saga_id, running[saga_id])
         running[saga_id] = saga
         try:
-            records = await self._log.read(saga_id)
-            if records:
-                outcome = await self._resume(saga, saga_id, records)
-            else:
-                state, command = start(saga.compensable)
-                first = (SagaStarted(saga.name, saga.step_names, data), StepStarted(0))
+            # Optimistic start: a new saga costs one append and no read; only a
+            # saga id the log already holds is read back (to resume or report it).
+            state, command = start(saga.compensable)
+            first = (SagaStarted(saga.name, saga.step_names, data), _FIRST_INTENT)
+            try:
                 await self._log.append(saga_id, 0, first)
+            except SagaLogConflict:
+                outcome = await self._resume(saga, saga_id, await self._log.read(saga_id))
+            else:
                 outcome = await self._drive(saga, saga_id, data, state, command, 2, {})
         except BaseException as exc:
             for waiter in self._waiters.pop(saga_id, ()):
+                if waiter.done():  # that caller was cancelled while it waited
+                    continue
                 if isinstance(exc, asyncio.CancelledError):
                     waiter.cancel()
                 else:
@@ -106,7 +114,8 @@ class Orchestrator:
             del running[saga_id]
         if self._waiters:
             for waiter in self._waiters.pop(saga_id, ()):
-                waiter.set_result(outcome)
+                if not waiter.done():
+                    waiter.set_result(outcome)
         return outcome
 
     async def _join(
@@ -184,7 +193,8 @@ class Orchestrator:
             if type(command) is RunStep:
                 try:
                     result = step.action(ctx)
-                    if _is_awaitable(result):
+                    # Not inspect.isawaitable: its ABC check would run on every step.
+                    if hasattr(type(result), "__await__"):
                         result = await result
                 except Exception as exc:
                     log.info("saga %s: step %s failed: %s", saga_id, step.name, _describe(exc))
@@ -196,7 +206,7 @@ class Orchestrator:
                 try:
                     # RunCompensation is only ever decided for a step that has one.
                     undone = step.compensation(ctx)
-                    if _is_awaitable(undone):
+                    if hasattr(type(undone), "__await__"):
                         await undone
                 except Exception as exc:
                     log.error(

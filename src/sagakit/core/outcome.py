@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from sagakit.core.machine import SagaState, SagaStatus
@@ -35,16 +35,17 @@ class SagaOutcome(NamedTuple):
 
 
 def outcome_of(
-    saga_id: str, step_names: Sequence[str], state: SagaState, results: Mapping[str, Any]
+    saga_id: str, step_names: tuple[str, ...], state: SagaState, results: Mapping[str, Any]
 ) -> SagaOutcome:
+    # Positional: this runs once per saga, and keywords cost more than the rest.
     return SagaOutcome(
-        saga_id=saga_id,
-        state=state.status,
-        completed_steps=tuple(step_names[: state.done]),
-        compensated_steps=tuple(step_names[i] for i in state.compensated),
-        failed_step=None if state.failed_step is None else step_names[state.failed_step],
-        error=state.error,
-        stuck_step=None if state.stuck_step is None else step_names[state.stuck_step],
-        stuck_error=state.stuck_error,
-        results=results,
+        saga_id,
+        state.status,
+        step_names[: state.done],
+        tuple([step_names[i] for i in state.compensated]) if state.compensated else (),
+        None if state.failed_step is None else step_names[state.failed_step],
+        state.error,
+        None if state.stuck_step is None else step_names[state.stuck_step],
+        state.stuck_error,
+        results,
     )

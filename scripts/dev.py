@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Set up the project's virtual environment, then run a task in it. Standard library only.
+
+    python3 scripts/dev.py demo    # sagakit demo, on the in-memory defaults
+    python3 scripts/dev.py test    # lint, types and the whole test suite
+    python3 scripts/dev.py bench   # the benchmarks (extra arguments are passed on)
+    python3 scripts/dev.py node    # the protocol node on stdin/stdout
+    python3 scripts/dev.py setup   # only the environment
+
+Works on a fresh Debian or Ubuntu with nothing but Python 3.11+: where the
+distribution leaves ensurepip out (no python3-venv package), the environment is
+made without pip and pip is installed from its wheel on PyPI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("SAGAKIT_VENV", ROOT / ".venv"))
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / "python"
+STAMP = VENV / ".sagakit-installed"
+LINTED = ["src", "tests", "benchmarks", "examples", "scripts", "main.py"]
+
+
+def say(message: str) -> None:
+    print(f"[dev] {message}", file=sys.stderr, flush=True)
+
+
+def run(*args: str | Path, check: bool = True) -> int:
+    return subprocess.run([str(a) for a in args], cwd=ROOT, check=check).returncode
+
+
+def pip_from_pypi() -> None:
+    """Install pip into a venv made without it, from the pip wheel on PyPI."""
+    with urllib.request.urlopen("https://pypi.org/pypi/pip/json", timeout=60) as response:
+        release = json.load(response)
+    wheel = next(u for u in release["urls"] if u["filename"].endswith("-py3-none-any.whl"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / wheel["filename"]
+        with urllib.request.urlopen(wheel["url"], timeout=120) as response:
+            data = response.read()
+        if hashlib.sha256(data).hexdigest() != wheel["digests"]["sha256"]:
+            raise SystemExit("the pip wheel downloaded from PyPI does not match its digest")
+        path.write_bytes(data)
+        # A wheel is a zip that Python can run from: pip installs itself from it.
+        run(PYTHON, f"{path}/pip", "install", "--quiet", str(path))
+
+
+def make_venv() -> None:
+    say(f"creating {VENV}")
+    try:
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        say(f"ensurepip is not available ({exc}); installing pip from PyPI instead")
+        venv.EnvBuilder(with_pip=False, clear=True).create(VENV)
+        pip_from_pypi()
+    if run(PYTHON, "-m", "pip", "--version", check=False) != 0:
+        pip_from_pypi()
+
+
+def setup() -> None:
+    if sys.version_info < (3, 11):
+        raise SystemExit(f"sagakit needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    if not PYTHON.exists() or run(PYTHON, "-c", "import sys", check=False) != 0:
+        make_venv()
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    say("installing sagakit and its development tools")
+    run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev]")
+    STAMP.write_text(wanted)
+
+
+def test(args: list[str]) -> int:
+    steps = [
+        [BIN / "ruff", "check", *LINTED],
+        [BIN / "ruff", "format", "--check", *LINTED],
+        [BIN / "mypy", "--strict", "src"],
+        [PYTHON, "-m", "pytest", *args],
+    ]
+    for step in steps:
+        say(" ".join(str(part) for part in step))
+        code = run(*step, check=False)
+        if code != 0:
+            say(f"failed with exit status {code}")
+            return code
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    task, args = (argv[0], argv[1:]) if argv else ("help", [])
+    tasks = {
+        "setup": lambda: 0,
+        "demo": lambda: run(BIN / "sagakit", "demo", *args, check=False),
+        "test": lambda: test(args),
+        "bench": lambda: run(PYTHON, "-m", "benchmarks", *args, check=False),
+        "node": lambda: run(BIN / "sagakit", "node", *args, check=False),
+    }
+    if task not in tasks:
+        print(__doc__, file=sys.stderr)
+        return 0 if task in ("help", "-h", "--help") else 2
+    setup()
+    return tasks[task]()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

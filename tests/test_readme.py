@@ -1,0 +1,45 @@
+"""README.md must stay true: its opening commands exist, and its examples run as shown."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+EXAMPLES = re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+def test_readme_opens_with_exactly_two_commands_that_name_real_tasks() -> None:
+    first = re.match(r"```sh\n(.*?)```", README, re.S)
+    assert first is not None, "README.md must open with a fenced sh block"
+    commands = [line for line in first.group(1).splitlines() if line.strip()]
+    assert commands == ["python3 scripts/dev.py demo", "python3 scripts/dev.py test"]
+    script = (ROOT / "scripts" / "dev.py").read_text()
+    assert '"demo":' in script and '"test":' in script
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    assert "python3 scripts/dev.py test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("code", EXAMPLES, ids=[f"example{i}" for i in range(len(EXAMPLES))])
+def test_readme_example_runs_and_prints_what_its_comments_say(code: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    for expected in re.findall(r"# (compensated .*)$", code, re.M):
+        assert expected in done.stdout
+    assert done.stdout.strip()
+
+
+def test_there_is_an_example_of_each_style() -> None:
+    assert len(EXAMPLES) == 2
+    assert "Orchestrator" in EXAMPLES[0]
+    assert "Service" in EXAMPLES[1]
+
