@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import urllib.request
 import venv
 from pathlib import Path
@@ -42,12 +43,15 @@ def run(*args: str | Path, check: bool = True) -> int:
 
 def pip_from_pypi() -> None:
     """Install pip into a venv made without it, from the pip wheel on PyPI."""
-    with urllib.request.urlopen("https://pypi.org/pypi/pip/json", timeout=60) as response:
+    index = os.environ.get("SAGAKIT_PYPI_JSON", "https://pypi.org/pypi/pip/json")
+    with urllib.request.urlopen(index, timeout=60) as response:
         release = json.load(response)
     wheel = next(u for u in release["urls"] if u["filename"].endswith("-py3-none-any.whl"))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / wheel["filename"]
-        with urllib.request.urlopen(wheel["url"], timeout=120) as response:
+        # Mirrors may give the wheel's address relative to the index page.
+        url = urllib.parse.urljoin(index, wheel["url"])
+        with urllib.request.urlopen(url, timeout=120) as response:
             data = response.read()
         if hashlib.sha256(data).hexdigest() != wheel["digests"]["sha256"]:
             raise SystemExit("the pip wheel downloaded from PyPI does not match its digest")
@@ -69,7 +73,8 @@ def make_venv() -> None:
 
 
 def setup() -> None:
-    if sys.version_info < (3, 11):
+    # This script runs on whatever python3 the machine has, older ones included.
+    if sys.version_info < (3, 11):  # noqa: UP036
         raise SystemExit(f"sagakit needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     if not PYTHON.exists() or run(PYTHON, "-c", "import sys", check=False) != 0:
         make_venv()

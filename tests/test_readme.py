@@ -20,7 +20,8 @@ def test_readme_opens_with_exactly_two_commands_that_name_real_tasks() -> None:
     commands = [line for line in first.group(1).splitlines() if line.strip()]
     assert commands == ["python3 scripts/dev.py demo", "python3 scripts/dev.py test"]
     script = (ROOT / "scripts" / "dev.py").read_text()
-    assert '"demo":' in script and '"test":' in script
+    assert '"demo":' in script
+    assert '"test":' in script
 
 
 def test_ci_runs_the_readme_test_command() -> None:
@@ -42,4 +43,3 @@ def test_there_is_an_example_of_each_style() -> None:
     assert len(EXAMPLES) == 2
     assert "Orchestrator" in EXAMPLES[0]
     assert "Service" in EXAMPLES[1]
-

@@ -7,6 +7,7 @@ needs neither rich nor the demo; those load inside ``demo``.
 
 # No ``from __future__ import annotations``: typer reads the parameters'
 # annotations at run time to build the options.
+import sys
 from typing import Annotated
 
 import typer
@@ -63,4 +64,11 @@ def node() -> None:
 
 
 def main() -> None:
+    # Running any command through typer loads its pydantic-based parameter
+    # machinery, which costs more than starting the node itself; a bare
+    # ``sagakit node`` has no parameters to parse, so it skips all of that.
+    if sys.argv[1:] == ["node"]:
+        from sagakit.node.runner import main as serve_node
+
+        sys.exit(serve_node())
     app(prog_name="sagakit")

@@ -77,7 +77,7 @@ class Symbols(NamedTuple):
     none: str
 
 
-_UNICODE = Symbols("▶", "›", "✔", "✘", "↩", "■", "→", "—")
+_UNICODE = Symbols("▶", "○", "✔", "✘", "↩", "■", "→", "—")
 # For a console whose encoding cannot carry the symbols above (a pipe under a
 # non-UTF-8 locale): rich degrades its own boxes and rules, these must follow.
 _ASCII = Symbols(">", ".", "+", "x", "<", "#", "->", "-")
@@ -103,7 +103,8 @@ def _grid(rows: Iterable[Sequence[Text]], columns: int) -> RenderableType:
     grid = Table.grid(padding=(0, 1))
     for i in range(columns):
         # The last column holds the details, the only one worth wrapping.
-        grid.add_column(overflow="fold" if i == columns - 1 else None, no_wrap=i < columns - 1)
+        last = i == columns - 1
+        grid.add_column(overflow="fold" if last else "ellipsis", no_wrap=not last)
     for row in rows:
         grid.add_row(*row)
     return Padding(grid, (0, 0, 0, 2), expand=False)
@@ -206,7 +207,7 @@ def choreography_timeline(
         Role.FAILURE: (symbols.failed, "bold red"),
         Role.COMPENSATION: (symbols.compensated, "yellow"),
     }
-    rows = []
+    rows: list[tuple[Text, ...]] = []
     for event, role in events:
         symbol, style = look[role]
         rows.append(
@@ -226,20 +227,20 @@ def choreography_timeline(
 
 def summary_table(rows: Sequence[SummaryRow], symbols: Symbols) -> Table:
     table = Table(title="Summary", title_style="bold", title_justify="left")
+    # Names are never wrapped mid-word: on an 80-column terminal the table fits
+    # by wrapping the "steps done" header, the one cell that can spare the width.
     table.add_column("saga", style="bold", no_wrap=True)
-    table.add_column("style")
-    table.add_column("outcome")
+    table.add_column("style", no_wrap=True)
+    table.add_column("outcome", no_wrap=True)
     table.add_column("steps done", justify="right")
-    # Wide enough for the longest single name, so that a narrow terminal wraps
-    # the list between names rather than cutting a name short.
-    longest = max((len(name) for row in rows for name in row.compensations), default=0)
-    table.add_column("compensations", min_width=longest)
+    table.add_column("compensations", no_wrap=True)
     for row in rows:
         table.add_row(
             row.saga,
             row.style,
             Text(row.outcome, style=STATUS_STYLE.get(row.outcome, "")),
             str(len(row.steps_done)),
-            ", ".join(row.compensations) or symbols.none,
+            # One per line, in the order they ran.
+            "\n".join(row.compensations) or symbols.none,
         )
     return table
