@@ -70,7 +70,10 @@ def carry_on(
 ) -> tuple[SagaState, list[SagaRecord]]:
     """Execute commands until Finish, returning the final state and the records written."""
     records: list[SagaRecord] = []
+    budget = 2 * len(compensable) + 1  # each step runs, and is undone, at most once
     while type(command) is not Finish:
+        budget -= 1
+        assert budget >= 0, f"no Finish after {2 * len(compensable) + 1} commands"
         outcome = oracle(command)
         state, command = decide(compensable, state, outcome)
         records += [outcome, intent_of(command)]
@@ -267,6 +270,17 @@ def test_decide_failure_skips_steps_without_compensation() -> None:
     state, command = decide(comp, state, CompensationCompleted(0))
     assert typed(command) == typed(Finish(SagaStatus.COMPENSATED))
     assert state.compensated == (2, 0)
+
+
+def test_long_sagas_beyond_any_command_cache() -> None:
+    n = 150
+    state, records = simulate([i % 3 != 0 for i in range(n)], Oracle(fail_at=n - 1))
+    assert state.status is SagaStatus.COMPENSATED
+    assert state.compensated == tuple(i for i in reversed(range(n - 1)) if i % 3 != 0)
+    assert typed(*records[-3:-1]) == typed(CompensationStarted(1), CompensationCompleted(1))
+    assert typed(intent_of(RunStep(n))) == typed(StepStarted(n))
+    assert typed(intent_of(RunCompensation(n))) == typed(CompensationStarted(n))
+    assert replay([i % 3 != 0 for i in range(n)], records).state == state
 
 
 def test_failure_of_the_first_step_finishes_compensated_at_once() -> None:

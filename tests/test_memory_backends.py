@@ -63,7 +63,7 @@ class TestInMemoryEventBus(EventBusConformance):
         sent = event("OrderPlaced", "o-3")
         with caplog.at_level(logging.ERROR, logger="sagakit.bus"):
             await bus.publish(sent)
-            await bus.drain()
+            await self.drain(bus)
         assert bus.failures == [DeliveryFailure(sent, broken.__qualname__, "ValueError: no stock")]
         assert "broken" in bus.failures[0].handler
         assert any("o-3" in r.getMessage() for r in caplog.records)
@@ -82,7 +82,7 @@ class TestInMemoryEventBus(EventBusConformance):
 
         await bus.subscribe("Tick", impatient)
         await bus.publish(event("Tick"))
-        await bus.drain()
+        await self.drain(bus)
         assert len(errors) == 1
         assert "wait for itself" in str(errors[0])
         assert bus.failures[0].error.startswith("RuntimeError: ")
@@ -97,7 +97,7 @@ class TestInMemoryEventBus(EventBusConformance):
             await bus.publish(event("Tick"))
         assert excinfo.value.backend == "memory://"
         assert "Tick" in str(excinfo.value)
-        await bus.drain()
+        await self.drain(bus)
         assert got == []
 
     async def test_close_waits_for_accepted_events(self) -> None:
@@ -120,7 +120,7 @@ class TestInMemoryEventBus(EventBusConformance):
         await bus.subscribe("Tick", recorder(got))
         await bus.publish(event("Tick"))
         assert got == []
-        await bus.drain()
+        await self.drain(bus)
         assert len(got) == 1
         await bus.close()
 
@@ -138,7 +138,7 @@ class TestInMemoryEventBus(EventBusConformance):
         await bus.subscribe(ALL_EVENTS, recorder([], "star", log))
         await bus.publish(event("OrderPlaced"))
         await bus.publish(event("Tick"))
-        await bus.drain()
+        await self.drain(bus)
         assert log == [
             "star:OrderPlaced",
             "placed:OrderPlaced",
@@ -160,6 +160,6 @@ class TestInMemoryEventBus(EventBusConformance):
         await bus.subscribe("Tick", subscriber)
         await bus.publish(event("Tick", n=0))
         await bus.publish(event("Tick", n=1))
-        await bus.drain()
+        await self.drain(bus)
         assert [e["n"] for e in late] == [1]
         await bus.close()

@@ -231,13 +231,9 @@ async def test_concurrent_run_with_another_definition_conflicts() -> None:
     assert isinstance(results[1], SagaIdConflict)
 
 
-async def test_bug_a_cancelled_joiner_does_not_break_the_running_saga() -> None:
-    """BUG (orchestration.py, Orchestrator.run): ``waiter.set_result`` on a cancelled waiter.
-
-    A second caller that joined the run and was then cancelled leaves a cancelled
-    future in ``waiters``; when the saga ends, ``set_result`` raises InvalidStateError
-    out of the first caller's run(), although the saga completed.
-    """
+async def test_a_cancelled_joiner_does_not_break_the_running_saga() -> None:
+    """A caller that joined a run and was cancelled leaves a cancelled waiter behind:
+    setting its result must not raise InvalidStateError out of the owner's run()."""
     gate = asyncio.Event()
 
     async def slow(ctx: StepContext) -> int:
@@ -254,7 +250,8 @@ async def test_bug_a_cancelled_joiner_does_not_break_the_running_saga() -> None:
     with pytest.raises(asyncio.CancelledError):
         await joiner
     gate.set()
-    outcome = await owner
+    async with asyncio.timeout(5):
+        outcome = await owner
     assert outcome.ok
 
 
@@ -297,7 +294,8 @@ async def test_crashed_saga_resumes_in_a_new_orchestrator() -> None:
 
     saga = SagaDefinition("count", [Step("one", one), Step("two", two), Step("three", three)])
     task = asyncio.create_task(Orchestrator(log).run(saga, "c-1", {"base": 10}))
-    await entered.wait()
+    async with asyncio.timeout(5):
+        await entered.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -325,6 +323,31 @@ async def test_crashed_saga_resumes_in_a_new_orchestrator() -> None:
     ]
     # Recovering again finds nothing to do.
     assert await Orchestrator(log).recover({"count": saga}) == []
+
+
+async def test_recover_skips_sagas_this_orchestrator_is_running() -> None:
+    log = InMemorySagaLog()
+    calls: list[str] = []
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def slow(ctx: StepContext) -> None:
+        calls.append(ctx.saga_id)
+        entered.set()
+        await gate.wait()
+
+    saga = SagaDefinition("slow", [Step("slow", slow)])
+    orchestrator = Orchestrator(log)
+    task = asyncio.create_task(orchestrator.run(saga, "busy"))
+    async with asyncio.timeout(5):
+        await entered.wait()
+    await log.append("idle", 0, [SagaStarted("slow", ("slow",), {}), StepStarted(0)])
+    gate.set()  # "idle" runs to its end at once; "busy" is not waited for by recover
+    async with asyncio.timeout(5):
+        outcomes = await orchestrator.recover({"slow": saga})
+        busy = await task
+    assert [o.saga_id for o in outcomes] == ["idle"]
+    assert busy.ok
+    assert calls == ["busy", "idle"]
 
 
 async def test_recover_without_the_definition_names_the_saga() -> None:

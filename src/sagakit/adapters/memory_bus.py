@@ -8,7 +8,7 @@ from collections import deque
 from typing import NamedTuple
 
 from sagakit.core.event import Event
-from sagakit.errors import BackendError
+from sagakit.errors import BackendError, DefinitionError
 from sagakit.ports.event_bus import ALL_EVENTS, Handler
 
 __all__ = ["DeliveryFailure", "InMemoryEventBus"]
@@ -23,13 +23,17 @@ class DeliveryFailure(NamedTuple):
 
 
 class _Subscription:
-    __slots__ = ("_bus", "_event_type", "_handler")
+    __slots__ = ("_bus", "event_type", "handler")
 
     def __init__(self, bus: InMemoryEventBus, event_type: str, handler: Handler) -> None:
-        self._bus, self._event_type, self._handler = bus, event_type, handler
+        self._bus: InMemoryEventBus | None = bus
+        self.event_type, self.handler = event_type, handler
 
     async def cancel(self) -> None:
-        self._bus._unsubscribe(self._event_type, self._handler)
+        """Stop this subscription's deliveries; cancelling again does nothing."""
+        if self._bus is not None:
+            self._bus._unsubscribe(self)
+            self._bus = None
 
 
 def _name(handler: Handler) -> str:
@@ -47,6 +51,10 @@ class InMemoryEventBus:
     """
 
     def __init__(self) -> None:
+        # Per event type: the live subscriptions, and their handlers as a tuple
+        # for dispatch, replaced rather than mutated so that a dispatch in
+        # progress keeps the subscribers it started with.
+        self._subscriptions: dict[str, list[_Subscription]] = {}
         self._handlers: dict[str, tuple[Handler, ...]] = {}
         self._queue: deque[Event] = deque()
         self._dispatcher: asyncio.Task[None] | None = None
@@ -65,16 +73,21 @@ class InMemoryEventBus:
             self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
 
     async def subscribe(self, event_type: str, handler: Handler) -> _Subscription:
-        # Tuples, replaced rather than mutated, so a dispatch in progress keeps
-        # the subscribers it started with.
-        self._handlers[event_type] = (*self._handlers.get(event_type, ()), handler)
-        return _Subscription(self, event_type, handler)
+        if not isinstance(event_type, str) or not event_type:
+            raise DefinitionError("event_type", "must be a non-empty string")
+        if not callable(handler):
+            raise DefinitionError("handler", "must be an async callable taking an Event")
+        subscription = _Subscription(self, event_type, handler)
+        subscriptions = self._subscriptions.setdefault(event_type, [])
+        subscriptions.append(subscription)
+        self._handlers[event_type] = tuple(s.handler for s in subscriptions)
+        return subscription
 
-    def _unsubscribe(self, event_type: str, handler: Handler) -> None:
-        handlers = list(self._handlers.get(event_type, ()))
-        if handler in handlers:
-            handlers.remove(handler)
-            self._handlers[event_type] = tuple(handlers)
+    def _unsubscribe(self, subscription: _Subscription) -> None:
+        subscriptions = self._subscriptions.get(subscription.event_type, [])
+        # By identity: the same handler may be subscribed twice, each cancelled on its own.
+        subscriptions[:] = [s for s in subscriptions if s is not subscription]
+        self._handlers[subscription.event_type] = tuple(s.handler for s in subscriptions)
 
     async def _dispatch(self) -> None:
         queue, handlers = self._queue, self._handlers

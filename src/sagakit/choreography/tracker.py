@@ -17,6 +17,7 @@ class TrackedSaga:
     saga_id: str
     status: SagaStatus = SagaStatus.RUNNING
     events: list[Event] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set, repr=False)  # event ids, for redeliveries
 
 
 class SagaTracker:
@@ -44,9 +45,13 @@ class SagaTracker:
         saga = self.sagas.get(event.saga_id)
         if saga is None:
             saga = self.sagas[event.saga_id] = TrackedSaga(event.saga_id)
+        if event.event_id in saga.seen:
+            return  # a redelivery: at-least-once buses send some events twice
+        saga.seen.add(event.event_id)
         saga.events.append(event)
         status = self._status_after.get(event.type)
-        if status is not None:
+        # A finished saga stays finished: a late or repeated event must not reopen it.
+        if status is not None and not saga.status.is_final:
             saga.status = status
 
     def __getitem__(self, saga_id: str) -> TrackedSaga:

@@ -251,7 +251,8 @@ def replay(compensable: Sequence[bool], records: Iterable[SagaRecord]) -> Replay
         kind = type(record)
         if kind is StepStarted or kind is CompensationStarted or kind is SagaFinished:
             continue
+        # decide() first: it rejects a step index the saga does not have.
+        state, command = decide(compensable, state, record)  # type: ignore[arg-type]
         if kind is StepCompleted:
             results[first.steps[record.step]] = record.result  # type: ignore[union-attr]
-        state, command = decide(compensable, state, record)  # type: ignore[arg-type]
     return Replay(first, state, command, results)

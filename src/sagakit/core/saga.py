@@ -81,8 +81,8 @@ class SagaDefinition:
 
     def __init__(self, name: str, steps: Iterable[Step]) -> None:
         _check_name(name, "name")
-        if isinstance(steps, (str, bytes, Mapping)):
-            raise DefinitionError("steps", "must be an iterable of Step")
+        if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
+            raise DefinitionError("steps", f"must be an iterable of Step, got {steps!r}")
         steps = tuple(steps)
         if not steps:
             raise DefinitionError("steps", f"saga {name!r} needs at least one step")

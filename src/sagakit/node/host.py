@@ -40,12 +40,7 @@ class Node:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._handlers = {
-            attr[3:]: attr
-            for klass in reversed(cls.__mro__)
-            for attr in vars(klass)
-            if attr.startswith("on_")
-        }
+        cls._handlers = _handlers_of(cls)
 
     def __init__(self, name: str, host: Host) -> None:
         self.name = name
@@ -78,6 +73,19 @@ class Node:
 
     async def finish(self) -> None:
         """Called at end of input: complete the work still in flight."""
+
+
+def _handlers_of(cls: type[Node]) -> dict[str, str]:
+    return {
+        attr[3:]: attr
+        for klass in reversed(cls.__mro__)
+        for attr in vars(klass)
+        if attr.startswith("on_")
+    }
+
+
+# __init_subclass__ runs for subclasses only; the base kind serves unknown names.
+Node._handlers = _handlers_of(Node)
 
 
 class Registry:

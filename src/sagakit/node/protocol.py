@@ -15,11 +15,27 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Any, NamedTuple
 
+_exact_loads: Callable[[str], Any] = json.loads
 loads: Callable[[str], Any]
 try:  # orjson parses several times faster; the node must still run without it.
     from orjson import loads
 except ImportError:  # pragma: no cover - exercised by running main.py on a bare python
     loads = json.loads
+
+# orjson reads integers past 64 bits as floats, silently; json.loads keeps them
+# exact. Text with a run of 19 digits goes to json.loads (one scan per chunk).
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
+
+
+def _loads_any(text: str) -> Any:
+    """orjson, then json.loads for what orjson refuses (lone surrogate escapes)."""
+    if _LONG_DIGITS.search(text) is not None:
+        return _exact_loads(text)
+    try:
+        return loads(text)
+    except ValueError:
+        return _exact_loads(text)
+
 
 __all__ = [
     "BadInput",
@@ -31,6 +47,7 @@ __all__ = [
     "msg_id_of",
     "optional_bool",
     "optional_str",
+    "require_msg_id",
     "require_str",
     "require_str_list",
 ]
@@ -95,6 +112,14 @@ def msg_id_of(body: dict[str, Any]) -> int | None:
     """The request's msg_id, if it has a usable one."""
     value = body.get("msg_id")
     return value if type(value) is int else None
+
+
+def require_msg_id(body: dict[str, Any]) -> int:
+    """The msg_id of a request that gets a reply, which the reply must point to."""
+    value = body.get("msg_id")
+    if type(value) is not int:
+        raise _malformed("msg_id", "required, an integer")
+    return value
 
 
 def require_str(body: dict[str, Any], name: str) -> str:
@@ -162,19 +187,22 @@ def _balanced_end(buf: str, pos: int) -> int:
     return -1
 
 
-def _envelope_line(buf: str, start: int) -> int:
+def _envelope_line(buf: str, start: int, final: bool) -> int:
     """Start of the first line after ``start``'s line that is a whole message by itself.
 
     Used to resynchronise after a truncated value: without it, one broken line
     would swallow every message after it while the decoder waits for a closing
     brace. Only lines that are a complete object with a "body" count, so a
-    pretty-printed message's own lines never trigger it.
+    pretty-printed message's own lines never trigger it. The last line counts
+    only at end of input: before that it may still be growing.
     """
     pos = buf.find("\n", start)
     while pos != -1:
         nxt = buf.find("\n", pos + 1)
         if nxt == -1:
-            return -1
+            if not final or pos + 1 >= len(buf):
+                return -1
+            nxt = len(buf)
         line = buf[pos + 1 : nxt]
         if line.lstrip().startswith("{"):
             try:
@@ -200,6 +228,7 @@ class Decoder:
         buf = self._pending + text if self._pending else text
         out: list[Any] = []
         pos, n = 0, len(buf)
+        fast = loads if _LONG_DIGITS.search(buf) is None else _exact_loads
         while True:
             while pos < n and buf[pos] in _WS:
                 pos += 1
@@ -208,7 +237,7 @@ class Decoder:
             nl = buf.find("\n", pos)
             if nl != -1:
                 try:
-                    out.append(loads(buf[pos:nl]))
+                    out.append(fast(buf[pos:nl]))
                     pos = nl + 1
                     continue
                 except ValueError:
@@ -238,7 +267,7 @@ class Decoder:
             end = _balanced_end(buf, pos)
             if end != -1:
                 try:
-                    out.append(loads(buf[pos:end]))
+                    out.append(_loads_any(buf[pos:end]))
                     return end
                 except ValueError as exc:
                     problem = f"not JSON ({exc})"
@@ -247,7 +276,7 @@ class Decoder:
                 end = len(buf)
             else:
                 problem = "an unfinished JSON value followed by a new message"
-            resync = _envelope_line(buf, pos)
+            resync = _envelope_line(buf, pos, final)
             if resync != -1 and (end == -1 or resync < end):
                 end = resync
             if end == -1:

@@ -11,8 +11,8 @@ from sagakit.node.host import Body, Host, Node
 from sagakit.node.protocol import (
     ErrorCode,
     RequestError,
-    msg_id_of,
     optional_str,
+    require_msg_id,
     require_str,
     require_str_list,
 )
@@ -67,7 +67,7 @@ class SagaNode(Node):
         return definition
 
     async def on_execute(self, src: str, body: Body) -> Body | None:
-        msg_id = msg_id_of(body)
+        msg_id = require_msg_id(body)
         saga_id = require_str(body, "saga_id")
         steps = require_str_list(body, "steps")
         fail_step = optional_str(body, "fail_step")

@@ -15,8 +15,8 @@ from sagakit.node.host import Body, Host, Node
 from sagakit.node.protocol import (
     ErrorCode,
     RequestError,
-    msg_id_of,
     optional_bool,
+    require_msg_id,
     require_str,
 )
 
@@ -71,7 +71,7 @@ class InventoryNode(ShopNode):
     """``reserve_inventory`` starts an order saga; ``fail_*`` flags inject failures."""
 
     async def on_reserve_inventory(self, src: str, body: Body) -> Body | None:
-        msg_id = msg_id_of(body)
+        msg_id = require_msg_id(body)
         saga_id = require_str(body, "saga_id")
         sku = require_str(body, "sku")
         quantity = body.get("quantity", 1)
