@@ -243,6 +243,21 @@ def test_intent_of(command: Command, intent: SagaRecord) -> None:
     assert typed(intent_of(command)) == typed(intent)
 
 
+def test_records_and_commands_equal_only_their_own_kind() -> None:
+    """NamedTuples compare as plain tuples: RunStep(1) would equal RunCompensation(1),
+    and a dict keyed by commands once merged them. Each kind now equals only itself."""
+    assert RunStep(1) != RunCompensation(1)
+    assert StepStarted(1) != CompensationStarted(1)
+    assert StepStarted(1) != (1, 1)
+    assert StepStarted(1) == StepStarted(1)
+    assert len({RunStep(1), RunCompensation(1), RunStep(1)}) == 2
+    for i in range(70):
+        assert type(intent_of(RunStep(i))) is StepStarted
+        assert type(intent_of(RunCompensation(i))) is CompensationStarted
+    assert type(intent_of(RunStep(-1))) is StepStarted
+    assert intent_of(RunStep(-1)).step == -1
+
+
 def test_status_finality() -> None:
     final = {s for s in SagaStatus if s.is_final}
     assert final == {SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED}
@@ -369,10 +384,8 @@ def test_replay_rejects_a_corrupt_log() -> None:
         replay([True, True], records)
 
 
-def test_bug_replay_of_a_step_index_out_of_range_is_an_invalid_transition() -> None:
-    """BUG (machine.py, replay): ``first.steps[record.step]`` is indexed before decide() checks
-    the outcome, so a corrupt log raises IndexError instead of InvalidTransition (and the
-    orchestrator, which turns InvalidTransition into SagaError, lets the IndexError out)."""
+def test_replay_of_a_step_index_out_of_range_is_an_invalid_transition() -> None:
+    """Not an IndexError from looking the step's name up before decide() checks it."""
     records = [SagaStarted("s", ("a",), {}), StepStarted(0), StepCompleted(3)]
     with pytest.raises(InvalidTransition):
         replay([True], records)

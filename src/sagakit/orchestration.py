@@ -197,7 +197,7 @@ class Orchestrator:
                     if hasattr(type(result), "__await__"):
                         result = await result
                 except Exception as exc:
-                    log.info("saga %s: step %s failed: %s", saga_id, step.name, _describe(exc))
+                    log.info("saga %s: step %s failed: %r", saga_id, step.name, exc)
                     outcome = StepFailed(index, _describe(exc))
                 else:
                     results[step.name] = result

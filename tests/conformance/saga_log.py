@@ -213,6 +213,16 @@ class SagaLogConformance(ABC):
             await log.append("o-1", 0, [*opening(), *FINISHED, StepStarted(1)])
             assert await log.unfinished() == ["o-1"]
 
+    async def test_an_empty_batch_leaves_no_trace(self) -> None:
+        """As in a table of records, where an empty batch inserts no row: the saga stays
+        unknown, so unfinished() (which recover() reads back) does not list it."""
+        async with self.opened() as log:
+            await log.append("o-1", 0, [])
+            assert await log.read("o-1") == []
+            assert await log.unfinished() == []
+            await log.append("o-1", 0, opening())
+            assert typed(await log.read("o-1")) == typed(opening())
+
     async def test_read_returns_a_copy(self) -> None:
         async with self.opened() as log:
             await log.append("o-1", 0, opening())

@@ -31,7 +31,8 @@ class InMemorySagaLog:
         if actual != version:
             raise SagaLogConflict(saga_id, version, actual)
         if log is None:
-            self._logs[saga_id] = list(records)
+            if records:  # an empty batch leaves no trace, as it inserts no row in SQL
+                self._logs[saga_id] = list(records)
         else:
             log.extend(records)
 

@@ -133,6 +133,39 @@ class Finish(NamedTuple):
 Command = RunStep | RunCompensation | Finish
 
 
+def _same_kind_eq(self: tuple[Any, ...], other: object) -> bool:
+    return type(self) is type(other) and tuple.__eq__(self, other)
+
+
+def _same_kind_ne(self: tuple[Any, ...], other: object) -> bool:
+    return not _same_kind_eq(self, other)
+
+
+def _same_kind_hash(self: tuple[Any, ...]) -> int:
+    return hash((type(self).__name__, *self))
+
+
+# NamedTuples compare as plain tuples, so RunStep(1) would equal
+# RunCompensation(1) and StepStarted(1) CompensationStarted(1): a record or
+# command equals only one of its own kind.
+for _kind in (
+    SagaStarted,
+    StepStarted,
+    StepCompleted,
+    StepFailed,
+    CompensationStarted,
+    CompensationCompleted,
+    CompensationFailed,
+    SagaFinished,
+    RunStep,
+    RunCompensation,
+    Finish,
+):
+    _kind.__eq__ = _same_kind_eq  # type: ignore[method-assign]
+    _kind.__ne__ = _same_kind_ne  # type: ignore[assignment,method-assign]
+    _kind.__hash__ = _same_kind_hash  # type: ignore[method-assign]
+
+
 class SagaState(NamedTuple):
     """Where a saga stands. Completed steps are always the prefix ``0..done-1``."""
 
@@ -157,7 +190,7 @@ _RUNNING, _COMPENSATING = SagaStatus.RUNNING, SagaStatus.COMPENSATING
 
 
 def _run_step(index: int) -> RunStep:
-    return _RUN_STEP[index] if index < _CACHED else RunStep(index)
+    return _RUN_STEP[index] if 0 <= index < _CACHED else RunStep(index)
 
 
 def start(compensable: Sequence[bool]) -> tuple[SagaState, Command]:
@@ -172,10 +205,10 @@ def intent_of(command: Command) -> SagaRecord:
     kind = type(command)
     if kind is RunStep:
         i = command.step  # type: ignore[union-attr]
-        return _STEP_STARTED[i] if i < _CACHED else StepStarted(i)
+        return _STEP_STARTED[i] if 0 <= i < _CACHED else StepStarted(i)
     if kind is RunCompensation:
         i = command.step  # type: ignore[union-attr]
-        return _COMPENSATION_STARTED[i] if i < _CACHED else CompensationStarted(i)
+        return _COMPENSATION_STARTED[i] if 0 <= i < _CACHED else CompensationStarted(i)
     return _FINISHED[command.status]  # type: ignore[union-attr]
 
 

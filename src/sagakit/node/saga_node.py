@@ -52,8 +52,18 @@ class SagaNode(Node):
         # would cost more than running the saga.
         self._definitions: dict[tuple[str, ...], SagaDefinition] = {}
 
-    def _definition(self, steps: list[str]) -> SagaDefinition:
-        key = tuple(steps)
+    def _definition(self, body: Body) -> SagaDefinition:
+        steps = body.get("steps")
+        if type(steps) is list:
+            key = tuple(steps)
+            try:
+                # A step list seen before was checked then; most requests repeat one.
+                definition = self._definitions.get(key)
+            except TypeError:  # an unhashable item: the check below names it
+                definition = None
+            if definition is not None:
+                return definition
+        key = tuple(require_str_list(body, "steps"))
         definition = self._definitions.get(key)
         if definition is None:
             if len(set(key)) != len(key):
@@ -69,15 +79,14 @@ class SagaNode(Node):
     async def on_execute(self, src: str, body: Body) -> Body | None:
         msg_id = require_msg_id(body)
         saga_id = require_str(body, "saga_id")
-        steps = require_str_list(body, "steps")
+        definition = self._definition(body)
         fail_step = optional_str(body, "fail_step")
-        if fail_step is not None and fail_step not in steps:
+        if fail_step is not None and fail_step not in definition.step_names:
             raise RequestError(
                 ErrorCode.MALFORMED_REQUEST,
                 f"fail_step: {fail_step!r} is not one of steps",
                 saga_id=saga_id,
             )
-        definition = self._definition(steps)
         data: dict[str, Any] = {"fail_step": fail_step}
         try:
             outcome = await self.orchestrator.run(definition, saga_id, data)
