@@ -17,16 +17,17 @@ from sagakit.core.machine import (
     SagaRecord,
     SagaStarted,
     SagaState,
-    StepCompleted,
     StepFailed,
     StepStarted,
     decide,
     intent_of,
+    new_saga_started,
+    new_step_completed,
     replay,
     start,
 )
 from sagakit.core.outcome import SagaOutcome, outcome_of
-from sagakit.core.saga import SagaDefinition, StepContext
+from sagakit.core.saga import SagaDefinition, new_step_context
 from sagakit.errors import (
     DefinitionError,
     InvalidTransition,
@@ -34,7 +35,7 @@ from sagakit.errors import (
     SagaIdConflict,
     SagaLogConflict,
 )
-from sagakit.ports.saga_log import SagaLog
+from sagakit.ports.saga_log import ImmediateSagaLog, SagaLog
 
 __all__ = ["Orchestrator"]
 
@@ -64,6 +65,7 @@ class Orchestrator:
 
     def __init__(self, log: SagaLog | str = "memory://") -> None:
         self._log: SagaLog = open_saga_log(log) if isinstance(log, str) else log
+        self._append_now = self._log.append_now if isinstance(self._log, ImmediateSagaLog) else None
         # The sagas this orchestrator is running, and the callers waiting for
         # one of them (created only when a second caller comes).
         self._running: dict[str, SagaDefinition] = {}
@@ -94,9 +96,12 @@ class Orchestrator:
             # Optimistic start: a new saga costs one append and no read; only a
             # saga id the log already holds is read back (to resume or report it).
             state, command = start(saga.compensable)
-            first = (SagaStarted(saga.name, saga.step_names, data), _FIRST_INTENT)
+            first = (new_saga_started((saga.name, saga.step_names, data)), _FIRST_INTENT)
             try:
-                await self._log.append(saga_id, 0, first)
+                if self._append_now is not None:
+                    self._append_now(saga_id, 0, first)
+                else:
+                    await self._log.append(saga_id, 0, first)
             except SagaLogConflict:
                 outcome = await self._resume(saga, saga_id, await self._log.read(saga_id))
             else:
@@ -184,11 +189,12 @@ class Orchestrator:
         version: int,
         results: dict[str, Any],
     ) -> SagaOutcome:
-        steps, compensable, append = saga.steps, saga.compensable, self._log.append
+        steps, compensable = saga.steps, saga.compensable
+        append, append_now = self._log.append, self._append_now
         while type(command) is not Finish:
             index = command.step
             step = steps[index]
-            ctx = StepContext(saga_id, step.name, data, results)
+            ctx = new_step_context((saga_id, step.name, data, results, 1))
             outcome: Outcome
             if type(command) is RunStep:
                 try:
@@ -201,7 +207,7 @@ class Orchestrator:
                     outcome = StepFailed(index, _describe(exc))
                 else:
                     results[step.name] = result
-                    outcome = StepCompleted(index, result)
+                    outcome = new_step_completed((index, result))
             else:
                 try:
                     # RunCompensation is only ever decided for a step that has one.
@@ -216,6 +222,9 @@ class Orchestrator:
                 else:
                     outcome = CompensationCompleted(index)
             state, command = decide(compensable, state, outcome)
-            await append(saga_id, version, (outcome, intent_of(command)))
+            if append_now is not None:
+                append_now(saga_id, version, (outcome, intent_of(command)))
+            else:
+                await append(saga_id, version, (outcome, intent_of(command)))
             version += 2
         return outcome_of(saga_id, saga.step_names, state, results)

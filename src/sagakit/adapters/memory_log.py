@@ -26,6 +26,9 @@ class InMemorySagaLog:
         return cls()
 
     async def append(self, saga_id: str, version: int, records: Sequence[SagaRecord]) -> None:
+        self.append_now(saga_id, version, records)
+
+    def append_now(self, saga_id: str, version: int, records: Sequence[SagaRecord]) -> None:
         log = self._logs.get(saga_id)
         actual = 0 if log is None else len(log)
         if actual != version:

@@ -12,8 +12,9 @@ compensated, because it never completed; on success nothing is compensated.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import StrEnum
+from functools import partial
 from typing import Any, NamedTuple
 
 from sagakit.errors import InvalidTransition
@@ -178,6 +179,17 @@ class SagaState(NamedTuple):
     stuck_error: str | None = None
 
 
+# Calling a NamedTuple class goes through its Python-level __new__, which
+# costs about as much as the rest of a transition; the hot path builds these
+# tuples directly from all their fields instead.
+_new_state: Callable[[tuple[Any, ...]], SagaState] = partial(tuple.__new__, SagaState)
+new_step_completed: Callable[[tuple[int, Any]], StepCompleted] = partial(
+    tuple.__new__, StepCompleted
+)
+new_saga_started: Callable[[tuple[str, tuple[str, ...], Mapping[str, Any]]], SagaStarted] = partial(
+    tuple.__new__, SagaStarted
+)
+
 # Commands and intents are immutable: the common ones are built once, not per saga.
 _CACHED = 64
 _RUN_STEP = tuple(RunStep(i) for i in range(_CACHED))
@@ -187,17 +199,22 @@ _COMPENSATION_STARTED = tuple(CompensationStarted(i) for i in range(_CACHED))
 _FINISH = {status: Finish(status) for status in SagaStatus}
 _FINISHED = {status: SagaFinished(status) for status in SagaStatus}
 _RUNNING, _COMPENSATING = SagaStatus.RUNNING, SagaStatus.COMPENSATING
+_COMPLETED = SagaStatus.COMPLETED
 
 
 def _run_step(index: int) -> RunStep:
     return _RUN_STEP[index] if 0 <= index < _CACHED else RunStep(index)
 
 
+# Every saga starts the same way, and states are immutable: one start serves all.
+_INITIAL: tuple[SagaState, Command] = (SagaState(_RUNNING), _RUN_STEP[0])
+
+
 def start(compensable: Sequence[bool]) -> tuple[SagaState, Command]:
     """The state and first command of a new saga with these steps."""
     if not compensable:
         raise ValueError("a saga needs at least one step")
-    return SagaState(_RUNNING), _RUN_STEP[0]
+    return _INITIAL
 
 
 def intent_of(command: Command) -> SagaRecord:
@@ -236,10 +253,12 @@ def decide(
         if kind is StepCompleted:
             done = state.done + 1
             if done == len(compensable):
-                return SagaState(SagaStatus.COMPLETED, done), _FINISH[SagaStatus.COMPLETED]
-            return SagaState(_RUNNING, done), _run_step(done)
+                completed = _new_state((_COMPLETED, done, None, (), None, None, None))
+                return completed, _FINISH[_COMPLETED]
+            return _new_state((_RUNNING, done, None, (), None, None, None)), _run_step(done)
         if kind is StepFailed:
-            failing = SagaState(_COMPENSATING, state.done, outcome.step, (), outcome.error)  # type: ignore[union-attr]
+            error = outcome.error  # type: ignore[union-attr]
+            failing = _new_state((_COMPENSATING, state.done, outcome.step, (), error, None, None))
             return _next_compensation(compensable, failing)
     elif status is _COMPENSATING:
         _, expected = _next_compensation(compensable, state)

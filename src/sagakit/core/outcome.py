@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 from sagakit.core.machine import SagaState, SagaStatus
@@ -34,18 +35,23 @@ class SagaOutcome(NamedTuple):
         return self.state is SagaStatus.COMPLETED
 
 
+_new_outcome: Callable[[tuple[Any, ...]], SagaOutcome] = partial(tuple.__new__, SagaOutcome)
+
+
 def outcome_of(
     saga_id: str, step_names: tuple[str, ...], state: SagaState, results: Mapping[str, Any]
 ) -> SagaOutcome:
-    # Positional: this runs once per saga, and keywords cost more than the rest.
-    return SagaOutcome(
-        saga_id,
-        state.status,
-        step_names[: state.done],
-        tuple([step_names[i] for i in state.compensated]) if state.compensated else (),
-        None if state.failed_step is None else step_names[state.failed_step],
-        state.error,
-        None if state.stuck_step is None else step_names[state.stuck_step],
-        state.stuck_error,
-        results,
+    # Built as a tuple (see machine._new_state): this runs once per saga.
+    return _new_outcome(
+        (
+            saga_id,
+            state.status,
+            step_names[: state.done],
+            tuple([step_names[i] for i in state.compensated]) if state.compensated else (),
+            None if state.failed_step is None else step_names[state.failed_step],
+            state.error,
+            None if state.stuck_step is None else step_names[state.stuck_step],
+            state.stuck_error,
+            results,
+        )
     )

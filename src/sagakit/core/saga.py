@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 from sagakit.errors import DefinitionError
 
 __all__ = ["SagaDefinition", "Step", "StepAction", "StepContext"]
 
 
-@dataclass(slots=True)
-class StepContext:
+class StepContext(NamedTuple):
     """What a step's action or compensation is given.
 
     ``results`` maps the names of the steps completed so far to their results; a
@@ -34,6 +34,12 @@ class StepContext:
     def result(self) -> Any:
         """The result of this context's step (meaningful in a compensation)."""
         return self.results.get(self.step)
+
+
+# One is built per step; see machine._new_state for why not by calling the class.
+new_step_context: Callable[
+    [tuple[str, str, Mapping[str, Any], Mapping[str, Any], int]], StepContext
+] = partial(tuple.__new__, StepContext)
 
 
 # An action or compensation may be a coroutine function or a plain function.

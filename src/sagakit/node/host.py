@@ -153,7 +153,9 @@ class Host:
             )
             return
         msg_type = body.get("type")
-        in_reply_to = msg_id_of(body)
+        in_reply_to = body.get("msg_id")
+        if type(in_reply_to) is not int:
+            in_reply_to = None
         if type(msg_type) is not str:
             self.send(
                 dest,
@@ -162,7 +164,8 @@ class Host:
             )
             return
         node = self.nodes.get(dest) or self.node(dest)
-        handler = node.handler(msg_type)
+        attr = node._handlers.get(msg_type)
+        handler = None if attr is None else getattr(node, attr)
         if handler is None:
             text = f"node {dest!r} does not support {msg_type!r}"
             self.send(dest, src, error_body(in_reply_to, ErrorCode.NOT_SUPPORTED, text))
@@ -175,7 +178,7 @@ class Host:
             log.exception("node %s crashed on %s", dest, msg_type)
             reply = error_body(in_reply_to, ErrorCode.CRASH, f"{type(exc).__name__}: {exc}")
         if reply is not None:
-            self.send(dest, src, reply)
+            self._write(encode(dest, src, reply))
 
     async def finish(self) -> None:
         for node in list(self.nodes.values()):

@@ -77,10 +77,18 @@ class SagaNode(Node):
         return definition
 
     async def on_execute(self, src: str, body: Body) -> Body | None:
-        msg_id = require_msg_id(body)
-        saga_id = require_str(body, "saga_id")
+        # Checked inline on the way every request takes; the helpers, which
+        # name the field in the error, run only for a request that is wrong.
+        msg_id = body.get("msg_id")
+        if type(msg_id) is not int:
+            msg_id = require_msg_id(body)
+        saga_id = body.get("saga_id")
+        if type(saga_id) is not str or not saga_id:
+            saga_id = require_str(body, "saga_id")
         definition = self._definition(body)
-        fail_step = optional_str(body, "fail_step")
+        fail_step = body.get("fail_step")
+        if fail_step is not None and type(fail_step) is not str:
+            optional_str(body, "fail_step")
         if fail_step is not None and fail_step not in definition.step_names:
             raise RequestError(
                 ErrorCode.MALFORMED_REQUEST,
@@ -101,7 +109,11 @@ class SagaNode(Node):
                 "completed_steps": len(outcome.completed_steps),
             }
         return {
-            "type": "saga_compensated",
+            # A compensation cannot fail here (they are simulated), but if one
+            # did the saga would be half undone, and the reply must not say otherwise.
+            "type": "saga_compensated"
+            if outcome.state is SagaStatus.COMPENSATED
+            else "saga_failed",
             "in_reply_to": msg_id,
             "saga_id": saga_id,
             "state": outcome.state.value,

@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 
 from sagakit.core.machine import SagaRecord
 
-__all__ = ["SagaLog"]
+__all__ = ["ImmediateSagaLog", "SagaLog"]
 
 
 @runtime_checkable
@@ -31,3 +31,15 @@ class SagaLog(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ImmediateSagaLog(SagaLog, Protocol):
+    """A saga log that appends without I/O (the in-memory one).
+
+    The orchestrator calls :meth:`append_now` instead of awaiting
+    :meth:`SagaLog.append` when a log offers it, which saves a coroutine per
+    transition; the semantics are exactly those of ``append``.
+    """
+
+    def append_now(self, saga_id: str, version: int, records: Sequence[SagaRecord]) -> None: ...
