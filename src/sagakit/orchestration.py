@@ -9,7 +9,6 @@ from typing import Any
 
 from sagakit.adapters import open_saga_log
 from sagakit.core.machine import (
-    CompensationCompleted,
     CompensationFailed,
     Finish,
     Outcome,
@@ -21,6 +20,7 @@ from sagakit.core.machine import (
     StepStarted,
     decide,
     intent_of,
+    new_compensation_completed,
     new_saga_started,
     new_step_completed,
     replay,
@@ -220,7 +220,7 @@ class Orchestrator:
                     )
                     outcome = CompensationFailed(index, _describe(exc))
                 else:
-                    outcome = CompensationCompleted(index)
+                    outcome = new_compensation_completed((index,))
             state, command = decide(compensable, state, outcome)
             if append_now is not None:
                 append_now(saga_id, version, (outcome, intent_of(command)))

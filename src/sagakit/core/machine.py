@@ -186,6 +186,9 @@ _new_state: Callable[[tuple[Any, ...]], SagaState] = partial(tuple.__new__, Saga
 new_step_completed: Callable[[tuple[int, Any]], StepCompleted] = partial(
     tuple.__new__, StepCompleted
 )
+new_compensation_completed: Callable[[tuple[int]], CompensationCompleted] = partial(
+    tuple.__new__, CompensationCompleted
+)
 new_saga_started: Callable[[tuple[str, tuple[str, ...], Mapping[str, Any]]], SagaStarted] = partial(
     tuple.__new__, SagaStarted
 )
@@ -199,7 +202,7 @@ _COMPENSATION_STARTED = tuple(CompensationStarted(i) for i in range(_CACHED))
 _FINISH = {status: Finish(status) for status in SagaStatus}
 _FINISHED = {status: SagaFinished(status) for status in SagaStatus}
 _RUNNING, _COMPENSATING = SagaStatus.RUNNING, SagaStatus.COMPENSATING
-_COMPLETED = SagaStatus.COMPLETED
+_COMPLETED, _COMPENSATED = SagaStatus.COMPLETED, SagaStatus.COMPENSATED
 
 
 def _run_step(index: int) -> RunStep:
@@ -229,14 +232,21 @@ def intent_of(command: Command) -> SagaRecord:
     return _FINISHED[command.status]  # type: ignore[union-attr]
 
 
+def _pending_compensation(compensable: Sequence[bool], state: SagaState) -> int:
+    """The step whose compensation runs next, or -1 when none is left."""
+    index = (state.compensated[-1] if state.compensated else state.done) - 1
+    while index >= 0 and not compensable[index]:
+        index -= 1
+    return index
+
+
 def _next_compensation(compensable: Sequence[bool], state: SagaState) -> tuple[SagaState, Command]:
-    below = state.compensated[-1] if state.compensated else state.done
-    for index in range(below - 1, -1, -1):
-        if compensable[index]:
-            command = _RUN_COMPENSATION[index] if index < _CACHED else RunCompensation(index)
-            return state, command
-    final = state._replace(status=SagaStatus.COMPENSATED)
-    return final, _FINISH[SagaStatus.COMPENSATED]
+    index = _pending_compensation(compensable, state)
+    if index >= 0:
+        return state, _RUN_COMPENSATION[index] if index < _CACHED else RunCompensation(index)
+    _, done, failed_step, compensated, error, _, _ = state
+    final = _new_state((_COMPENSATED, done, failed_step, compensated, error, None, None))
+    return final, _FINISH[_COMPENSATED]
 
 
 def decide(
@@ -260,20 +270,23 @@ def decide(
             error = outcome.error  # type: ignore[union-attr]
             failing = _new_state((_COMPENSATING, state.done, outcome.step, (), error, None, None))
             return _next_compensation(compensable, failing)
-    elif status is _COMPENSATING:
-        _, expected = _next_compensation(compensable, state)
-        if type(expected) is RunCompensation and outcome.step == expected.step:
-            if kind is CompensationCompleted:
-                return _next_compensation(
-                    compensable, state._replace(compensated=(*state.compensated, outcome.step))
-                )
-            if kind is CompensationFailed:
-                stuck = state._replace(
-                    status=SagaStatus.FAILED,
-                    stuck_step=outcome.step,
-                    stuck_error=outcome.error,  # type: ignore[union-attr]
-                )
-                return stuck, _FINISH[SagaStatus.FAILED]
+    elif (
+        status is _COMPENSATING
+        and outcome.step >= 0
+        and outcome.step == _pending_compensation(compensable, state)
+    ):
+        if kind is CompensationCompleted:
+            _, done, failed_step, compensated, error, _, _ = state
+            compensated = (*compensated, outcome.step)
+            undoing = _new_state((_COMPENSATING, done, failed_step, compensated, error, None, None))
+            return _next_compensation(compensable, undoing)
+        if kind is CompensationFailed:
+            stuck = state._replace(
+                status=SagaStatus.FAILED,
+                stuck_step=outcome.step,
+                stuck_error=outcome.error,  # type: ignore[union-attr]
+            )
+            return stuck, _FINISH[SagaStatus.FAILED]
     raise InvalidTransition(f"{kind.__name__}(step={outcome.step}) does not fit {state}")
 
 
