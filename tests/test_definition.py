@@ -280,3 +280,10 @@ def test_event_body_round_trip_property(
     assert list(body) == ["type", "saga_id", *payload, "timestamp"]
     again = Event.from_body(body, event_id=event.event_id)
     assert again == event
+
+
+@pytest.mark.parametrize("timestamp", ["1700000000", 1.5, None, True])
+def test_event_timestamp_must_be_whole_seconds(timestamp: Any) -> None:
+    with pytest.raises(DefinitionError) as excinfo:
+        Event("OrderPlaced", "s1", {}, timestamp=timestamp)
+    assert field_of(excinfo) == "timestamp"

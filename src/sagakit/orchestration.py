@@ -143,6 +143,8 @@ class Orchestrator:
             if saga_id in self._running:
                 continue
             records = await self._log.read(saga_id)
+            if not records:  # listed, then gone (another process finished it): nothing to do
+                continue
             started = records[0]
             if type(started) is not SagaStarted:
                 raise SagaError(saga_id, f"log opens with {started!r}, not SagaStarted")

@@ -43,6 +43,8 @@ class Event:
             raise DefinitionError("type", "an event type must be a non-empty string")
         if not isinstance(self.saga_id, str) or not self.saga_id:
             raise DefinitionError("saga_id", "must be a non-empty string")
+        if type(self.timestamp) is not int:
+            raise DefinitionError("timestamp", "must be an integer (seconds since the epoch)")
         if not isinstance(self.payload, Mapping):
             raise DefinitionError(
                 "payload", f"must be a mapping, got {type(self.payload).__name__}"
