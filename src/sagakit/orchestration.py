@@ -7,7 +7,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from sagakit.adapters import open_saga_log
 from sagakit.core.machine import (
     CompensationFailed,
     Finish,
@@ -64,7 +63,13 @@ class Orchestrator:
     """
 
     def __init__(self, log: SagaLog | str = "memory://") -> None:
-        self._log: SagaLog = open_saga_log(log) if isinstance(log, str) else log
+        if isinstance(log, str):
+            # Imported here: the orchestrator depends on the SagaLog port, and
+            # reaches the adapters only to honour a URL (the composition root's job).
+            from sagakit.adapters import open_saga_log
+
+            log = open_saga_log(log)
+        self._log: SagaLog = log
         self._append_now = self._log.append_now if isinstance(self._log, ImmediateSagaLog) else None
         # The sagas this orchestrator is running, and the callers waiting for
         # one of them (created only when a second caller comes).
