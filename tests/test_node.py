@@ -400,3 +400,21 @@ def test_cli_node_choreography_and_bad_input() -> None:
     assert run.code == 0, run.stderr
     assert run.event_types("saga43") == ["InventoryReserved", "PaymentFailed", "InventoryReleased"]
     assert "not json" in run.stderr
+
+
+def test_a_closed_stdout_stops_the_node_without_a_traceback(tmp_path: Path) -> None:
+    """Nobody can read a reply once stdout is closed: the node stops reading, says so on
+    stderr and exits 1, instead of working through the rest of its input for no one."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(execute(n, f"s{n}", ["a", "b"]) + "\n" for n in range(1, 200_001)))
+    with requests.open("rb") as stdin:
+        proc = subprocess.Popen(
+            MAIN, cwd=REPO, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["body"]["in_reply_to"] == 1
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert b"stdout is closed" in err
+    assert b"Traceback" not in err

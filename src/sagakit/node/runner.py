@@ -54,8 +54,12 @@ class _Output:
             self.broken = True
 
 
-async def serve(stdin: BinaryIO, stdout: BinaryIO, registry: Registry | None = None) -> None:
-    """Serve messages from ``stdin`` until it ends, then finish all work in flight."""
+async def serve(stdin: BinaryIO, stdout: BinaryIO, registry: Registry | None = None) -> bool:
+    """Serve messages from ``stdin`` until it ends, then finish all work in flight.
+
+    Returns False when stdout was closed under the node: nobody can read a
+    reply any more, so it stops reading instead of working for no one.
+    """
     loop = asyncio.get_running_loop()
     output = _Output(stdout, loop)
     host = Host(registry or default_registry(), output.write)
@@ -67,12 +71,16 @@ async def serve(stdin: BinaryIO, stdout: BinaryIO, registry: Registry | None = N
         chunk = await loop.run_in_executor(None, read, CHUNK)
         for message in decoder.feed(text.decode(chunk, final=not chunk)):
             await dispatch(message)
+        output.flush()
+        if output.broken:
+            return False
         if not chunk:
             break
     for message in decoder.close():
         await dispatch(message)
     await host.finish()
     output.flush()
+    return not output.broken
 
 
 def main() -> int:
@@ -87,7 +95,11 @@ def main() -> int:
     # every few hundred sagas. Long-lived objects are not garbage: scan less often.
     gc.set_threshold(50_000, 20, 100)
     try:
-        asyncio.run(serve(sys.stdin.buffer, sys.stdout.buffer))
+        served = asyncio.run(serve(sys.stdin.buffer, sys.stdout.buffer))
     except KeyboardInterrupt:
         return 130
+    if not served:
+        # Leave no buffered bytes behind for the interpreter to fail on at exit.
+        sys.stdout = None
+        return 1
     return 0
