@@ -418,3 +418,20 @@ def test_unknown_scheme_lists_the_available_ones(opener: Any) -> None:
 def test_malformed_url_is_a_configuration_error(opener: Any, url: str) -> None:
     with pytest.raises(ConfigurationError, match="malformed"):
         opener(url)
+
+
+async def test_the_recorded_input_does_not_follow_the_callers_dict() -> None:
+    seen: list[object] = []
+
+    def remember(ctx: StepContext) -> None:
+        seen.append(ctx.data["guest"])
+
+    saga = SagaDefinition("stay", [Step("book", remember)])
+    data = {"guest": "Ada"}
+    log = InMemorySagaLog()
+    await Orchestrator(log).run(saga, "stay-1", data)
+    data["guest"] = "Grace"
+    started = (await log.read("stay-1"))[0]
+    assert isinstance(started, SagaStarted)
+    assert started.data == {"guest": "Ada"}
+    assert seen == ["Ada"]

@@ -90,7 +90,10 @@ class Orchestrator:
             raise DefinitionError("saga_id", f"must be a non-empty string, got {saga_id!r}")
         if data is None:
             data = {}
-        elif type(data) is not dict and not isinstance(data, Mapping):
+        elif type(data) is dict or isinstance(data, Mapping):
+            # Copied: the log records the input, which the caller may go on changing.
+            data = dict(data)
+        else:
             raise DefinitionError("data", f"must be a mapping, got {type(data).__name__}")
 
         running = self._running
