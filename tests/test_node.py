@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -418,3 +419,26 @@ def test_a_closed_stdout_stops_the_node_without_a_traceback(tmp_path: Path) -> N
     assert proc.returncode == 1
     assert b"stdout is closed" in err
     assert b"Traceback" not in err
+
+
+def test_an_interrupt_while_waiting_for_input_ends_the_node_at_once() -> None:
+    """Ctrl-C on an interactive node must not wait for another line of input (the stdin
+    reader must not be a thread that shutdown joins) nor abort the interpreter."""
+    with subprocess.Popen(
+        MAIN, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdin.write(msg("n1", {"type": "init", "msg_id": 1}).encode() + b"\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["body"]["type"] == "init_ok"
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=10)
+        finally:
+            proc.kill()
+        errors = proc.stderr.read()
+    assert code == 130
+    assert b"Fatal Python error" not in errors
+    assert b"Traceback" not in errors

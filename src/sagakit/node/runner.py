@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import concurrent.futures
 import gc
 import logging
 import os
 import sys
+import threading
 from typing import BinaryIO
 
 from sagakit.node.host import Host, Registry
@@ -19,6 +21,46 @@ __all__ = ["main", "serve"]
 log = logging.getLogger("sagakit.node")
 
 CHUNK = 1 << 16
+# Chunks read ahead of the node at most: enough to keep it busy, little enough
+# that an endless input cannot fill the memory.
+READ_AHEAD = 16
+
+
+def _start_reader(stdin: BinaryIO, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[bytes]:
+    """Read stdin in a daemon thread, chunk by chunk, into a bounded queue; b"" at the end.
+
+    Not the loop's executor: asyncio.run joins its threads on the way out, so a
+    node interrupted while waiting for input would hang until the next line.
+    A daemon thread is simply left behind.
+    """
+    queue: asyncio.Queue[bytes] = asyncio.Queue(READ_AHEAD)
+    try:
+        # The raw descriptor: a thread blocked in a buffered reader holds its
+        # lock, and the interpreter aborts at exit when it cannot take it.
+        fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # an in-memory stream (tests)
+        read = getattr(stdin, "read1", stdin.read)
+    else:
+
+        def read(size: int) -> bytes:
+            return os.read(fd, size)
+
+    def pump() -> None:
+        chunk = b"-"
+        while chunk:
+            try:
+                chunk = read(CHUNK)
+            except (OSError, ValueError) as exc:
+                log.error("cannot read stdin (%s); treating it as ended", exc)
+                chunk = b""
+            try:
+                # Blocks this thread while the queue is full: backpressure.
+                asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+            except (RuntimeError, concurrent.futures.CancelledError):
+                return  # the loop is closed or closing: the node is shutting down
+
+    threading.Thread(target=pump, name="sagakit-stdin", daemon=True).start()
+    return queue
 
 
 class _Output:
@@ -65,10 +107,10 @@ async def serve(stdin: BinaryIO, stdout: BinaryIO, registry: Registry | None = N
     host = Host(registry or default_registry(), output.write)
     decoder = Decoder()
     text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    read = getattr(stdin, "read1", stdin.read)
+    chunks = _start_reader(stdin, loop)
     dispatch = host.dispatch
     while True:
-        chunk = await loop.run_in_executor(None, read, CHUNK)
+        chunk = await chunks.get()
         for message in decoder.feed(text.decode(chunk, final=not chunk)):
             await dispatch(message)
         output.flush()
