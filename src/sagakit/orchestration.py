@@ -26,7 +26,7 @@ from sagakit.core.machine import (
     start,
 )
 from sagakit.core.outcome import SagaOutcome, outcome_of
-from sagakit.core.saga import SagaDefinition, new_step_context
+from sagakit.core.saga import PLAIN_RESULTS, SagaDefinition, new_step_context
 from sagakit.errors import (
     DefinitionError,
     InvalidTransition,
@@ -208,10 +208,13 @@ class Orchestrator:
             outcome: Outcome
             if type(command) is RunStep:
                 try:
-                    result = step.action(ctx)
-                    # Not inspect.isawaitable: its ABC check would run on every step.
-                    if hasattr(type(result), "__await__"):
-                        result = await result
+                    if step.action_is_async:
+                        result = await step.action(ctx)
+                    else:
+                        result = step.action(ctx)
+                        # A plain function may still hand back an awaitable.
+                        if type(result) not in PLAIN_RESULTS and hasattr(type(result), "__await__"):
+                            result = await result
                 except Exception as exc:
                     log.info("saga %s: step %s failed: %r", saga_id, step.name, exc)
                     outcome = StepFailed(index, _describe(exc))
@@ -222,7 +225,9 @@ class Orchestrator:
                 try:
                     # RunCompensation is only ever decided for a step that has one.
                     undone = step.compensation(ctx)
-                    if hasattr(type(undone), "__await__"):
+                    if step.compensation_is_async or (
+                        type(undone) not in PLAIN_RESULTS and hasattr(type(undone), "__await__")
+                    ):
                         await undone
                 except Exception as exc:
                     log.error(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from inspect import iscoroutinefunction
 from typing import Any, NamedTuple
 
 from sagakit.errors import DefinitionError
@@ -65,6 +66,10 @@ class Step:
     name: str
     action: StepAction
     compensation: StepAction | None = None
+    # Whether action / compensation are coroutine functions, found once here so
+    # that the orchestrator need not ask every result whether it is awaitable.
+    action_is_async: bool = field(init=False, repr=False, compare=False)
+    compensation_is_async: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name")
@@ -72,6 +77,13 @@ class Step:
             raise DefinitionError("action", f"step {self.name!r}: must be callable")
         if self.compensation is not None and not callable(self.compensation):
             raise DefinitionError("compensation", f"step {self.name!r}: must be callable or None")
+        object.__setattr__(self, "action_is_async", iscoroutinefunction(self.action))
+        object.__setattr__(self, "compensation_is_async", iscoroutinefunction(self.compensation))
+
+
+# Results that are certainly not awaitable, checked by type before the slower
+# attribute lookup for __await__ (which a plain function may still return).
+PLAIN_RESULTS = frozenset({type(None), dict, list, tuple, str, int, float, bool, bytes})
 
 
 @dataclass(frozen=True, slots=True, init=False)

@@ -10,8 +10,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
 
+from sagakit.errors import DefinitionError
 from sagakit.node.protocol import (
     BadInput,
+    Encoded,
     ErrorCode,
     RequestError,
     encode,
@@ -24,7 +26,8 @@ __all__ = ["Host", "Node", "Registry"]
 log = logging.getLogger("sagakit.node")
 
 Body = dict[str, Any]
-RequestHandler = Callable[[str, Body], Awaitable[Body | None]]
+Reply = Body | Encoded | None
+RequestHandler = Callable[[str, Body], Awaitable[Reply]]
 N = TypeVar("N", bound="type[Node]")
 
 
@@ -132,7 +135,7 @@ class Host:
             value = self._shared[key] = make()
         return value
 
-    def send(self, src: str, dest: str, body: Body) -> None:
+    def send(self, src: str, dest: str, body: Body | Encoded) -> None:
         self._write(encode(src, dest, body))
 
     async def dispatch(self, message: Any) -> None:
@@ -174,6 +177,9 @@ class Host:
             reply = await handler(src, body)
         except RequestError as exc:
             reply = error_body(in_reply_to, exc.code, exc.text, **exc.extra)
+        except DefinitionError as exc:
+            # The API refused a value from the request: bad input, and it names the field.
+            reply = error_body(in_reply_to, ErrorCode.MALFORMED_REQUEST, str(exc))
         except Exception as exc:
             log.exception("node %s crashed on %s", dest, msg_type)
             reply = error_body(in_reply_to, ErrorCode.CRASH, f"{type(exc).__name__}: {exc}")

@@ -50,10 +50,12 @@ def _loads_any(text: str) -> Any:
 __all__ = [
     "BadInput",
     "Decoder",
+    "Encoded",
     "ErrorCode",
     "RequestError",
     "encode",
     "error_body",
+    "json_string",
     "msg_id_of",
     "optional_bool",
     "optional_str",
@@ -94,15 +96,35 @@ class RequestError(Exception):
 
 
 _escape = json.encoder.encode_basestring_ascii
+
+
+def json_string(text: str) -> str:
+    """``text`` as json.dumps writes a string (quoted, ASCII-escaped)."""
+    return _escape(text)
+
+
+class Encoded(str):
+    """A body already encoded exactly as json.dumps would encode it.
+
+    A node kind whose replies have a fixed shape may return one instead of a
+    dict; ``encode`` then only wraps it in the envelope. The saga node does,
+    for the reply to every ``execute``.
+    """
+
+    __slots__ = ()
+
+
 # '{"src": ..., "dest": ..., "body": ' for each (src, dest) pair seen: a node
 # answers the same few clients over and over, so the envelope is encoded once.
 _prefixes: dict[tuple[str, str], str] = {}
 
 
-def encode(src: str, dest: str, body: dict[str, Any]) -> str:
+def encode(src: str, dest: str, body: dict[str, Any] | Encoded) -> str:
     """One output line (without the newline), byte for byte what json.dumps gives
     for ``{"src": src, "dest": dest, "body": body}``."""
     if _encoder is None:  # pragma: no cover - Pythons without the C accelerator
+        if type(body) is Encoded:
+            return f'{{"src": {json.dumps(src)}, "dest": {json.dumps(dest)}, "body": {body}}}'
         return json.dumps({"src": src, "dest": dest, "body": body})
     prefix = _prefixes.get((src, dest))
     if prefix is None:
@@ -110,6 +132,8 @@ def encode(src: str, dest: str, body: dict[str, Any]) -> str:
             _prefixes.clear()
         prefix = f'{{"src": {_escape(src)}, "dest": {_escape(dest)}, "body": '
         _prefixes[src, dest] = prefix
+    if type(body) is Encoded:
+        return prefix + body + "}"
     return prefix + "".join(_encoder(body, 0)) + "}"
 
 

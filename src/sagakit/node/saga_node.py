@@ -6,11 +6,13 @@ from typing import Any
 
 from sagakit.core.machine import SagaStatus
 from sagakit.core.saga import SagaDefinition, Step, StepContext
-from sagakit.errors import SagaIdConflict
+from sagakit.errors import DefinitionError, SagaIdConflict
 from sagakit.node.host import Body, Host, Node
 from sagakit.node.protocol import (
+    Encoded,
     ErrorCode,
     RequestError,
+    json_string,
     optional_str,
     require_msg_id,
     require_str,
@@ -74,13 +76,16 @@ class SagaNode(Node):
                 raise RequestError(ErrorCode.MALFORMED_REQUEST, "steps: step names must be unique")
             if len(self._definitions) >= self.MAX_CACHED_DEFINITIONS:
                 self._definitions.clear()
-            definition = self._definitions[key] = SagaDefinition(
-                "execute",
-                [Step(s, _simulated_action, _simulated_compensation) for s in key],
-            )
+            try:
+                definition = SagaDefinition(
+                    "execute", [Step(s, _simulated_action, _simulated_compensation) for s in key]
+                )
+            except DefinitionError as exc:  # a name the core refuses, such as a blank one
+                raise RequestError(ErrorCode.MALFORMED_REQUEST, f"steps: {exc}") from exc
+            self._definitions[key] = definition
         return definition
 
-    async def on_execute(self, src: str, body: Body) -> Body | None:
+    async def on_execute(self, src: str, body: Body) -> Encoded:
         # Checked inline on the way every request takes; the helpers, which
         # name the field in the error, run only for a request that is wrong.
         msg_id = body.get("msg_id")
@@ -104,22 +109,21 @@ class SagaNode(Node):
             outcome = await self.orchestrator.run(definition, saga_id, data)
         except SagaIdConflict as exc:
             raise RequestError(ErrorCode.PRECONDITION_FAILED, str(exc), saga_id=saga_id) from exc
+        # The reply is written directly, in exactly the bytes json.dumps would
+        # give for the seed's dict: this runs once per request, and encoding a
+        # dict cost about a tenth of the node's time.
         if outcome.state is SagaStatus.COMPLETED:
-            return {
-                "type": "saga_completed",
-                "in_reply_to": msg_id,
-                "saga_id": saga_id,
-                "state": "completed",
-                "completed_steps": len(outcome.completed_steps),
-            }
-        return {
-            # A compensation cannot fail here (they are simulated), but if one
-            # did the saga would be half undone, and the reply must not say otherwise.
-            "type": "saga_compensated"
-            if outcome.state is SagaStatus.COMPENSATED
-            else "saga_failed",
-            "in_reply_to": msg_id,
-            "saga_id": saga_id,
-            "state": outcome.state.value,
-            "compensated_steps": list(outcome.compensated_steps),
-        }
+            return Encoded(
+                f'{{"type": "saga_completed", "in_reply_to": {msg_id}, '
+                f'"saga_id": {json_string(saga_id)}, "state": "completed", '
+                f'"completed_steps": {len(outcome.completed_steps)}}}'
+            )
+        # A compensation cannot fail here (they are simulated), but if one did
+        # the saga would be half undone, and the reply must not say otherwise.
+        kind = "saga_compensated" if outcome.state is SagaStatus.COMPENSATED else "saga_failed"
+        compensated = ", ".join([json_string(step) for step in outcome.compensated_steps])
+        return Encoded(
+            f'{{"type": "{kind}", "in_reply_to": {msg_id}, '
+            f'"saga_id": {json_string(saga_id)}, "state": "{outcome.state.value}", '
+            f'"compensated_steps": [{compensated}]}}'
+        )
