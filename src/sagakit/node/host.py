@@ -156,9 +156,7 @@ class Host:
             )
             return
         msg_type = body.get("type")
-        in_reply_to = body.get("msg_id")
-        if type(in_reply_to) is not int:
-            in_reply_to = None
+        in_reply_to = msg_id_of(body)
         if type(msg_type) is not str:
             self.send(
                 dest,
@@ -167,8 +165,7 @@ class Host:
             )
             return
         node = self.nodes.get(dest) or self.node(dest)
-        attr = node._handlers.get(msg_type)
-        handler = None if attr is None else getattr(node, attr)
+        handler = node.handler(msg_type)
         if handler is None:
             text = f"node {dest!r} does not support {msg_type!r}"
             self.send(dest, src, error_body(in_reply_to, ErrorCode.NOT_SUPPORTED, text))
