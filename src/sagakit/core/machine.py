@@ -17,7 +17,7 @@ from enum import StrEnum
 from functools import partial
 from typing import Any, NamedTuple
 
-from sagakit.errors import InvalidTransition
+from sagakit.errors import DefinitionError, InvalidTransition
 
 __all__ = [
     "Command",
@@ -216,7 +216,7 @@ _INITIAL: tuple[SagaState, Command] = (SagaState(_RUNNING), _RUN_STEP[0])
 def start(compensable: Sequence[bool]) -> tuple[SagaState, Command]:
     """The state and first command of a new saga with these steps."""
     if not compensable:
-        raise ValueError("a saga needs at least one step")
+        raise DefinitionError("steps", "a saga needs at least one step")
     return _INITIAL
 
 
