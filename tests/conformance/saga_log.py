@@ -246,3 +246,20 @@ class SagaLogConformance(ABC):
         async with self.opened() as log:
             await log.append("o-1", 0, tuple(opening()))
             assert typed(await log.read("o-1")) == typed(opening())
+
+    async def test_a_finished_saga_can_still_be_appended_to(self) -> None:
+        """The port forbids nothing after SagaFinished; a backend must not lose such records."""
+        async with self.opened() as log:
+            await log.append("o-1", 0, [*opening(), *FINISHED])
+            await log.append("o-1", 6, [StepStarted(1)])
+            assert typed(await log.read("o-1")) == typed([*opening(), *FINISHED, StepStarted(1)])
+            assert await log.unfinished() == ["o-1"]
+            await log.append("o-1", 7, [SagaFinished(SagaStatus.COMPLETED)])
+            await log.append("o-2", 0, [*opening(), SagaFinished(SagaStatus.COMPLETED)])
+            await log.append("o-2", 3, [StepStarted(0)])
+            assert len(await log.read("o-1")) == 8
+            assert typed((await log.read("o-2"))[-2:]) == typed(
+                [SagaFinished(SagaStatus.COMPLETED), StepStarted(0)]
+            )
+            with pytest.raises(SagaLogConflict):
+                await log.append("o-1", 6, [StepStarted(1)])

@@ -17,9 +17,12 @@ class InMemorySagaLog:
     here; the durable logs require JSON-serialisable inputs and results.
     """
 
+    # Gone with the process: the orchestrator may batch synchronous transitions.
+    volatile = True
+
     def __init__(self) -> None:
         # dicts keep insertion order: the first append of a saga fixes its place.
-        self._logs: dict[str, list[SagaRecord]] = {}
+        self._logs: dict[str, list[SagaRecord] | tuple[SagaRecord, ...]] = {}
 
     @classmethod
     def from_url(cls, url: str) -> InMemorySagaLog:
@@ -33,11 +36,17 @@ class InMemorySagaLog:
         actual = 0 if log is None else len(log)
         if actual != version:
             raise SagaLogConflict(saga_id, version, actual)
+        if not records:  # an empty batch leaves no trace, as it inserts no row in SQL
+            return
+        # A finished saga's records stop changing, and they are most of what this
+        # log holds: kept in an exactly sized tuple, not a list with room to grow.
+        finished = type(records[-1]) is SagaFinished
         if log is None:
-            if records:  # an empty batch leaves no trace, as it inserts no row in SQL
-                self._logs[saga_id] = list(records)
+            self._logs[saga_id] = tuple(records) if finished else list(records)
+        elif isinstance(log, list) and not finished:
+            log += records
         else:
-            log.extend(records)
+            self._logs[saga_id] = (*log, *records)
 
     async def read(self, saga_id: str) -> list[SagaRecord]:
         return list(self._logs.get(saga_id, ()))

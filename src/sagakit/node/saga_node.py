@@ -104,7 +104,9 @@ class SagaNode(Node):
                 f"fail_step: {fail_step!r} is not one of steps",
                 saga_id=saga_id,
             )
-        data: dict[str, Any] = {"fail_step": fail_step}
+        # The log keeps every saga's input for as long as the node lives: a
+        # saga that is not told to fail records an empty one.
+        data: dict[str, Any] = {} if fail_step is None else {"fail_step": fail_step}
         try:
             outcome = await self.orchestrator.run(definition, saga_id, data)
         except SagaIdConflict as exc:
