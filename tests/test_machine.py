@@ -26,10 +26,12 @@ from sagakit.core.machine import (
     StepCompleted,
     StepFailed,
     StepStarted,
+    compensation_completed,
     decide,
     intent_of,
     replay,
     start,
+    step_completed,
 )
 from sagakit.errors import InvalidTransition
 
@@ -389,3 +391,14 @@ def test_replay_of_a_step_index_out_of_range_is_an_invalid_transition() -> None:
     records = [SagaStarted("s", ("a",), {}), StepStarted(0), StepCompleted(3)]
     with pytest.raises(InvalidTransition):
         replay([True], records)
+
+
+@pytest.mark.parametrize("index", [0, 5, 63, 64, 1000])
+def test_record_builders_give_records_equal_to_the_classes(index: int) -> None:
+    for record, expected in [
+        (step_completed(index, None), StepCompleted(index)),
+        (step_completed(index, {"id": 1}), StepCompleted(index, {"id": 1})),
+        (compensation_completed(index), CompensationCompleted(index)),
+    ]:
+        assert type(record) is type(expected)
+        assert record == expected

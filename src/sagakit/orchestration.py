@@ -17,13 +17,13 @@ from sagakit.core.machine import (
     SagaState,
     StepFailed,
     StepStarted,
+    compensation_completed,
     decide,
     intent_of,
-    new_compensation_completed,
     new_saga_started,
-    new_step_completed,
     replay,
     start,
+    step_completed,
 )
 from sagakit.core.outcome import SagaOutcome, outcome_of
 from sagakit.core.saga import PLAIN_RESULTS, SagaDefinition, new_step_context
@@ -71,6 +71,7 @@ class Orchestrator:
             log = open_saga_log(log)
         self._log: SagaLog = log
         self._append_now = self._log.append_now if isinstance(self._log, ImmediateSagaLog) else None
+        self._volatile = self._append_now is not None and getattr(log, "volatile", False) is True
         # The sagas this orchestrator is running, and the callers waiting for
         # one of them (created only when a second caller comes).
         self._running: dict[str, SagaDefinition] = {}
@@ -201,45 +202,99 @@ class Orchestrator:
     ) -> SagaOutcome:
         steps, compensable = saga.steps, saga.compensable
         append, append_now = self._log.append, self._append_now
-        while type(command) is not Finish:
-            index = command.step
-            step = steps[index]
-            ctx = new_step_context((saga_id, step.name, data, results, 1))
-            outcome: Outcome
-            if type(command) is RunStep:
-                try:
-                    if step.action_is_async:
-                        result = await step.action(ctx)
+        # Records of transitions not written yet. Only a volatile log lets them
+        # wait, and only until the next await (see ImmediateSagaLog.volatile).
+        held: list[SagaRecord] | None = [] if self._volatile else None
+        try:
+            while type(command) is not Finish:
+                index = command[0]
+                step = steps[index]
+                ctx = new_step_context((saga_id, step.name, data, results, 1))
+                pending: Any = None  # what the step handed back to await, if anything
+                outcome: Outcome
+                if type(command) is RunStep:
+                    try:
+                        result = step.action(ctx)  # an async action's coroutine: nothing ran yet
+                        if step.action_is_async or (
+                            type(result) not in PLAIN_RESULTS and hasattr(type(result), "__await__")
+                        ):
+                            pending = result
+                    except Exception as exc:
+                        outcome = _step_failed(saga_id, step.name, index, exc)
                     else:
-                        result = step.action(ctx)
-                        # A plain function may still hand back an awaitable.
-                        if type(result) not in PLAIN_RESULTS and hasattr(type(result), "__await__"):
-                            result = await result
-                except Exception as exc:
-                    log.info("saga %s: step %s failed: %r", saga_id, step.name, exc)
-                    outcome = StepFailed(index, _describe(exc))
+                        if pending is not None:
+                            if held:
+                                version, held = self._write_held(saga_id, version, held, pending)
+                            try:
+                                result = await pending
+                            except Exception as exc:
+                                outcome = _step_failed(saga_id, step.name, index, exc)
+                            else:
+                                results[step.name] = result
+                                outcome = step_completed(index, result)
+                        else:
+                            results[step.name] = result
+                            outcome = step_completed(index, result)
                 else:
-                    results[step.name] = result
-                    outcome = new_step_completed((index, result))
-            else:
+                    try:
+                        # RunCompensation is only ever decided for a step that has one.
+                        undone = step.compensation(ctx)
+                        if step.compensation_is_async or (
+                            type(undone) not in PLAIN_RESULTS and hasattr(type(undone), "__await__")
+                        ):
+                            pending = undone
+                    except Exception as exc:
+                        outcome = _compensation_failed(saga_id, step.name, index, exc)
+                    else:
+                        outcome = compensation_completed(index)
+                        if pending is not None:
+                            if held:
+                                version, held = self._write_held(saga_id, version, held, pending)
+                            try:
+                                await pending
+                            except Exception as exc:
+                                outcome = _compensation_failed(saga_id, step.name, index, exc)
+                state, command = decide(compensable, state, outcome)
+                if held is not None:
+                    held += (outcome, intent_of(command))
+                elif append_now is not None:
+                    append_now(saga_id, version, (outcome, intent_of(command)))
+                    version += 2
+                else:
+                    await append(saga_id, version, (outcome, intent_of(command)))
+                    version += 2
+        except BaseException:
+            # Stopped between two awaits (KeyboardInterrupt, say): the log must
+            # still show what was announced, as it would have without holding.
+            if held:
                 try:
-                    # RunCompensation is only ever decided for a step that has one.
-                    undone = step.compensation(ctx)
-                    if step.compensation_is_async or (
-                        type(undone) not in PLAIN_RESULTS and hasattr(type(undone), "__await__")
-                    ):
-                        await undone
-                except Exception as exc:
-                    log.error(
-                        "saga %s: compensation of %s failed: %s", saga_id, step.name, _describe(exc)
-                    )
-                    outcome = CompensationFailed(index, _describe(exc))
-                else:
-                    outcome = new_compensation_completed((index,))
-            state, command = decide(compensable, state, outcome)
-            if append_now is not None:
-                append_now(saga_id, version, (outcome, intent_of(command)))
-            else:
-                await append(saga_id, version, (outcome, intent_of(command)))
-            version += 2
+                    self._write_held(saga_id, version, held, None)
+                except Exception:
+                    log.exception("saga %s: cannot write its last transitions", saga_id)
+            raise
+        if held:
+            self._write_held(saga_id, version, held, None)
         return outcome_of(saga_id, saga.step_names, state, results)
+
+    def _write_held(
+        self, saga_id: str, version: int, held: list[SagaRecord], pending: Any
+    ) -> tuple[int, list[SagaRecord]]:
+        """Write the held records (before an await); return the new version and an empty hold."""
+        try:
+            self._append_now(saga_id, version, held)  # type: ignore[misc]
+        except BaseException:
+            close = getattr(pending, "close", None)
+            if close is not None:  # a coroutine that will never be awaited now
+                close()
+            raise
+        return version + len(held), []
+
+
+def _step_failed(saga_id: str, step: str, index: int, exc: Exception) -> StepFailed:
+    log.info("saga %s: step %s failed: %r", saga_id, step, exc)
+    return StepFailed(index, _describe(exc))
+
+
+def _compensation_failed(saga_id: str, step: str, index: int, exc: Exception) -> CompensationFailed:
+    log.error("saga %s: compensation of %s failed: %s", saga_id, step, _describe(exc))
+    return CompensationFailed(index, _describe(exc))

@@ -183,11 +183,8 @@ class SagaState(NamedTuple):
 # costs about as much as the rest of a transition; the hot path builds these
 # tuples directly from all their fields instead.
 _new_state: Callable[[tuple[Any, ...]], SagaState] = partial(tuple.__new__, SagaState)
-new_step_completed: Callable[[tuple[int, Any]], StepCompleted] = partial(
+_new_step_completed: Callable[[tuple[int, Any]], StepCompleted] = partial(
     tuple.__new__, StepCompleted
-)
-new_compensation_completed: Callable[[tuple[int]], CompensationCompleted] = partial(
-    tuple.__new__, CompensationCompleted
 )
 new_saga_started: Callable[[tuple[str, tuple[str, ...], Mapping[str, Any]]], SagaStarted] = partial(
     tuple.__new__, SagaStarted
@@ -199,18 +196,41 @@ _RUN_STEP = tuple(RunStep(i) for i in range(_CACHED))
 _RUN_COMPENSATION = tuple(RunCompensation(i) for i in range(_CACHED))
 _STEP_STARTED = tuple(StepStarted(i) for i in range(_CACHED))
 _COMPENSATION_STARTED = tuple(CompensationStarted(i) for i in range(_CACHED))
+# Outcomes too, where they carry nothing but the step: a saga log may keep its
+# records for as long as the process lives, and a record shared costs no memory.
+_STEP_COMPLETED_NONE = tuple(StepCompleted(i) for i in range(_CACHED))
+_COMPENSATION_COMPLETED = tuple(CompensationCompleted(i) for i in range(_CACHED))
 _FINISH = {status: Finish(status) for status in SagaStatus}
 _FINISHED = {status: SagaFinished(status) for status in SagaStatus}
 _RUNNING, _COMPENSATING = SagaStatus.RUNNING, SagaStatus.COMPENSATING
 _COMPLETED, _COMPENSATED = SagaStatus.COMPLETED, SagaStatus.COMPENSATED
 
 
+def step_completed(index: int, result: Any) -> StepCompleted:
+    """The record of step ``index`` completing with ``result``."""
+    if result is None and 0 <= index < _CACHED:
+        return _STEP_COMPLETED_NONE[index]
+    return _new_step_completed((index, result))
+
+
+def compensation_completed(index: int) -> CompensationCompleted:
+    """The record of step ``index``'s compensation completing."""
+    if 0 <= index < _CACHED:
+        return _COMPENSATION_COMPLETED[index]
+    return CompensationCompleted(index)
+
+
 def _run_step(index: int) -> RunStep:
     return _RUN_STEP[index] if 0 <= index < _CACHED else RunStep(index)
 
 
-# Every saga starts the same way, and states are immutable: one start serves all.
-_INITIAL: tuple[SagaState, Command] = (SagaState(_RUNNING), _RUN_STEP[0])
+# States are immutable, and on the way every saga takes (no failure yet) they
+# differ only in how many steps are done: those are built once, not per step.
+_RUNNING_STATES = tuple(SagaState(_RUNNING, done) for done in range(_CACHED))
+_COMPLETED_STATES = tuple(SagaState(_COMPLETED, done) for done in range(_CACHED))
+_FINISH_COMPLETED = _FINISH[_COMPLETED]
+# Every saga starts the same way: one start serves all.
+_INITIAL: tuple[SagaState, Command] = (_RUNNING_STATES[0], _RUN_STEP[0])
 
 
 def start(compensable: Sequence[bool]) -> tuple[SagaState, Command]:
@@ -262,9 +282,13 @@ def decide(
         # The hot path of every saga: built directly, not with _replace.
         if kind is StepCompleted:
             done = state.done + 1
+            if done < _CACHED:
+                if done == len(compensable):
+                    return _COMPLETED_STATES[done], _FINISH_COMPLETED
+                return _RUNNING_STATES[done], _RUN_STEP[done]
             if done == len(compensable):
                 completed = _new_state((_COMPLETED, done, None, (), None, None, None))
-                return completed, _FINISH[_COMPLETED]
+                return completed, _FINISH_COMPLETED
             return _new_state((_RUNNING, done, None, (), None, None, None)), _run_step(done)
         if kind is StepFailed:
             error = outcome.error  # type: ignore[union-attr]

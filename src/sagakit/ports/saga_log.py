@@ -35,11 +35,20 @@ class SagaLog(Protocol):
 
 @runtime_checkable
 class ImmediateSagaLog(SagaLog, Protocol):
-    """A saga log that appends without I/O (the in-memory one).
+    """A saga log that appends without awaiting (the in-memory one).
 
     The orchestrator calls :meth:`append_now` instead of awaiting
     :meth:`SagaLog.append` when a log offers it, which saves a coroutine per
     transition; the semantics are exactly those of ``append``.
+
+    ``volatile`` is True when the records do not outlive the process. The
+    orchestrator then writes the transitions of a run of synchronous steps in
+    one batch, before it next awaits (or when it stops): the write-ahead order
+    exists for whoever reads the log after a crash, and a volatile log has no
+    such reader, while between two awaits no coroutine can read it either. A
+    log that is immediate but durable (a synchronous file, say) must say False.
     """
+
+    volatile: bool
 
     def append_now(self, saga_id: str, version: int, records: Sequence[SagaRecord]) -> None: ...
