@@ -142,10 +142,6 @@ def _same_kind_ne(self: tuple[Any, ...], other: object) -> bool:
     return not _same_kind_eq(self, other)
 
 
-def _same_kind_hash(self: tuple[Any, ...]) -> int:
-    return hash((type(self).__name__, *self))
-
-
 # NamedTuples compare as plain tuples, so RunStep(1) would equal
 # RunCompensation(1) and StepStarted(1) CompensationStarted(1): a record or
 # command equals only one of its own kind.
@@ -164,7 +160,9 @@ for _kind in (
 ):
     _kind.__eq__ = _same_kind_eq  # type: ignore[method-assign]
     _kind.__ne__ = _same_kind_ne  # type: ignore[assignment,method-assign]
-    _kind.__hash__ = _same_kind_hash  # type: ignore[method-assign]
+    # Defining __eq__ drops the inherited hash. The tuple's own serves: a
+    # RunStep and a RunCompensation of one step share it, and still differ.
+    _kind.__hash__ = tuple.__hash__  # type: ignore[method-assign]
 
 
 class SagaState(NamedTuple):
@@ -240,8 +238,7 @@ def start(compensable: Sequence[bool]) -> tuple[SagaState, Command]:
     return _INITIAL
 
 
-def intent_of(command: Command) -> SagaRecord:
-    """The record that announces a command before the driver carries it out."""
+def _new_intent(command: Command) -> SagaRecord:
     kind = type(command)
     if kind is RunStep:
         i = command.step  # type: ignore[union-attr]
@@ -250,6 +247,24 @@ def intent_of(command: Command) -> SagaRecord:
         i = command.step  # type: ignore[union-attr]
         return _COMPENSATION_STARTED[i] if 0 <= i < _CACHED else CompensationStarted(i)
     return _FINISHED[command.status]  # type: ignore[union-attr]
+
+
+class _Intents(dict[Command, SagaRecord]):
+    """The intents of the common commands, built once; any other is built when asked for."""
+
+    def __missing__(self, command: Command) -> SagaRecord:
+        return _new_intent(command)
+
+
+_INTENTS = _Intents(
+    [(_RUN_STEP[i], _STEP_STARTED[i]) for i in range(_CACHED)]
+    + [(_RUN_COMPENSATION[i], _COMPENSATION_STARTED[i]) for i in range(_CACHED)]
+    + [(_FINISH[status], _FINISHED[status]) for status in SagaStatus]
+)
+
+# intent_of(command): the record that announces a command before the driver
+# carries it out. A dict lookup, not a function: the driver asks once per transition.
+intent_of: Callable[[Command], SagaRecord] = _INTENTS.__getitem__
 
 
 def _pending_compensation(compensable: Sequence[bool], state: SagaState) -> int:
