@@ -28,6 +28,7 @@ from sagakit.core.machine import (
     StepStarted,
     compensation_completed,
     decide,
+    forward_path,
     intent_of,
     replay,
     start,
@@ -402,3 +403,18 @@ def test_record_builders_give_records_equal_to_the_classes(index: int) -> None:
     ]:
         assert type(record) is type(expected)
         assert record == expected
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=70))
+def test_forward_path_is_what_decide_answers_on_a_saga_running_forward(
+    compensable: list[bool],
+) -> None:
+    path = forward_path(compensable)
+    assert len(path) == len(compensable)
+    for i, (state, command, intent) in enumerate(path):
+        expected_state, expected_command = decide(
+            compensable, SagaState(SagaStatus.RUNNING, i), StepCompleted(i, {"any": "result"})
+        )
+        assert state == expected_state
+        assert typed(command) == typed(expected_command)
+        assert typed(intent) == typed(intent_of(expected_command))

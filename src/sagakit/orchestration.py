@@ -15,6 +15,7 @@ from sagakit.core.machine import (
     SagaRecord,
     SagaStarted,
     SagaState,
+    StepCompleted,
     StepFailed,
     StepStarted,
     compensation_completed,
@@ -200,7 +201,7 @@ class Orchestrator:
         version: int,
         results: dict[str, Any],
     ) -> SagaOutcome:
-        steps, compensable = saga.steps, saga.compensable
+        steps, compensable, forward = saga.steps, saga.compensable, saga.forward
         append, append_now = self._log.append, self._append_now
         # Records of transitions not written yet. Only a volatile log lets them
         # wait, and only until the next await (see ImmediateSagaLog.volatile).
@@ -254,14 +255,20 @@ class Orchestrator:
                                 await pending
                             except Exception as exc:
                                 outcome = _compensation_failed(saga_id, step.name, index, exc)
-                state, command = decide(compensable, state, outcome)
+                if type(outcome) is StepCompleted:
+                    # The commonest transition, the same for every saga of this
+                    # definition: decide's answer, kept by the definition.
+                    state, command, intent = forward[index]
+                else:
+                    state, command = decide(compensable, state, outcome)
+                    intent = intent_of(command)
                 if held is not None:
-                    held += (outcome, intent_of(command))
+                    held += (outcome, intent)
                 elif append_now is not None:
-                    append_now(saga_id, version, (outcome, intent_of(command)))
+                    append_now(saga_id, version, (outcome, intent))
                     version += 2
                 else:
-                    await append(saga_id, version, (outcome, intent_of(command)))
+                    await append(saga_id, version, (outcome, intent))
                     version += 2
         except BaseException:
             # Stopped between two awaits (KeyboardInterrupt, say): the log must

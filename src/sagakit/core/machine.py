@@ -38,6 +38,7 @@ __all__ = [
     "StepFailed",
     "StepStarted",
     "decide",
+    "forward_path",
     "intent_of",
     "replay",
     "start",
@@ -265,6 +266,29 @@ _INTENTS = _Intents(
 # intent_of(command): the record that announces a command before the driver
 # carries it out. A dict lookup, not a function: the driver asks once per transition.
 intent_of: Callable[[Command], SagaRecord] = _INTENTS.__getitem__
+
+
+Advance = tuple[SagaState, Command, SagaRecord]
+
+
+def forward_path(compensable: Sequence[bool]) -> tuple[Advance, ...]:
+    """For each step ``i``: the state, command and intent that :func:`decide`
+    gives when step ``i`` completes on a saga running forward.
+
+    Those answers are the same for every saga of a definition, which keeps
+    them, so that a driver looks the commonest transition up instead of
+    asking for it. Valid only where the command was ``RunStep(i)``: the
+    machine issues that only to a running saga with ``i`` steps done.
+    """
+    path = []
+    for i in range(len(compensable)):
+        state, command = decide(compensable, _running(i), step_completed(i, None))
+        path.append((state, command, intent_of(command)))
+    return tuple(path)
+
+
+def _running(done: int) -> SagaState:
+    return _RUNNING_STATES[done] if done < _CACHED else SagaState(_RUNNING, done)
 
 
 def _pending_compensation(compensable: Sequence[bool], state: SagaState) -> int:

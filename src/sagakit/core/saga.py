@@ -13,6 +13,7 @@ from functools import partial
 from inspect import iscoroutinefunction
 from typing import Any, NamedTuple
 
+from sagakit.core.machine import Advance, forward_path
 from sagakit.errors import DefinitionError
 
 __all__ = ["SagaDefinition", "Step", "StepAction", "StepContext"]
@@ -96,6 +97,7 @@ class SagaDefinition:
     # never recompute them per saga.
     step_names: tuple[str, ...] = field(repr=False, compare=False)
     compensable: tuple[bool, ...] = field(repr=False, compare=False)
+    forward: tuple[Advance, ...] = field(repr=False, compare=False)
 
     def __init__(self, name: str, steps: Iterable[Step]) -> None:
         _check_name(name, "name")
@@ -115,6 +117,7 @@ class SagaDefinition:
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "step_names", tuple(s.name for s in steps))
         object.__setattr__(self, "compensable", tuple(s.compensation is not None for s in steps))
+        object.__setattr__(self, "forward", forward_path(self.compensable))
 
     @property
     def fingerprint(self) -> str:
