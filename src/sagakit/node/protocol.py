@@ -272,9 +272,23 @@ class Decoder:
     def feed(self, text: str, *, final: bool = False) -> list[Any]:
         """Values (and BadInput items) completed by ``text``; ``final`` marks end of input."""
         buf = self._pending + text if self._pending else text
-        out: list[Any] = []
-        pos, n = 0, len(buf)
         fast = _exact_loads if _has_long_number(buf) else loads
+        # The common case first: every line one whole value. The first line
+        # that is not (blank, part of a value over several lines, bad input)
+        # hands over to the general loop below, at that line's start.
+        lines = buf.split("\n")
+        tail = lines.pop()  # the text after the last newline: not known to be whole yet
+        out: list[Any] = []
+        append = out.append
+        try:
+            for line in lines:
+                append(fast(line))
+        except ValueError:
+            done = len(out)
+            pos = sum(map(len, lines[:done])) + done
+        else:
+            pos = len(buf) - len(tail)
+        n = len(buf)
         while True:
             while pos < n and buf[pos] in _WS:
                 pos += 1
