@@ -411,7 +411,8 @@ def test_forward_path_is_what_decide_answers_on_a_saga_running_forward(
 ) -> None:
     path = forward_path(compensable)
     assert len(path) == len(compensable)
-    for i, (state, command, intent) in enumerate(path):
+    for i, (completed, state, command, intent) in enumerate(path):
+        assert typed(completed) == typed(StepCompleted(i, None))
         expected_state, expected_command = decide(
             compensable, SagaState(SagaStatus.RUNNING, i), StepCompleted(i, {"any": "result"})
         )

@@ -235,7 +235,11 @@ class Orchestrator:
                                 outcome = step_completed(index, result)
                         else:
                             results[step.name] = result
-                            outcome = step_completed(index, result)
+                            outcome = (
+                                forward[index][0]
+                                if result is None
+                                else step_completed(index, result)
+                            )
                 else:
                     try:
                         # RunCompensation is only ever decided for a step that has one.
@@ -258,7 +262,7 @@ class Orchestrator:
                 if type(outcome) is StepCompleted:
                     # The commonest transition, the same for every saga of this
                     # definition: decide's answer, kept by the definition.
-                    state, command, intent = forward[index]
+                    _, state, command, intent = forward[index]
                 else:
                     state, command = decide(compensable, state, outcome)
                     intent = intent_of(command)
@@ -280,7 +284,7 @@ class Orchestrator:
                     log.exception("saga %s: cannot write its last transitions", saga_id)
             raise
         if held:
-            self._write_held(saga_id, version, held, None)
+            append_now(saga_id, version, held)  # type: ignore[misc]
         return outcome_of(saga_id, saga.step_names, state, results)
 
     def _write_held(

@@ -32,21 +32,25 @@ class InMemorySagaLog:
         self.append_now(saga_id, version, records)
 
     def append_now(self, saga_id: str, version: int, records: Sequence[SagaRecord]) -> None:
-        log = self._logs.get(saga_id)
-        actual = 0 if log is None else len(log)
-        if actual != version:
-            raise SagaLogConflict(saga_id, version, actual)
-        if not records:  # an empty batch leaves no trace, as it inserts no row in SQL
-            return
-        # A finished saga's records stop changing, and they are most of what this
-        # log holds: kept in an exactly sized tuple, not a list with room to grow.
-        finished = type(records[-1]) is SagaFinished
+        logs = self._logs
+        log = logs.get(saga_id)
         if log is None:
-            self._logs[saga_id] = tuple(records) if finished else list(records)
-        elif isinstance(log, list) and not finished:
+            if version != 0:
+                raise SagaLogConflict(saga_id, version, 0)
+            if records:  # an empty batch leaves no trace, as it inserts no row in SQL
+                # A finished saga's records stop changing, and they are most of what this
+                # log holds: kept in an exactly sized tuple, not a list with room to grow.
+                finished = type(records[-1]) is SagaFinished
+                logs[saga_id] = tuple(records) if finished else list(records)
+            return
+        if len(log) != version:
+            raise SagaLogConflict(saga_id, version, len(log))
+        if not records:
+            return
+        if type(log) is list and type(records[-1]) is not SagaFinished:
             log += records
         else:
-            self._logs[saga_id] = (*log, *records)
+            logs[saga_id] = (*log, *records)
 
     async def read(self, saga_id: str) -> list[SagaRecord]:
         return list(self._logs.get(saga_id, ()))

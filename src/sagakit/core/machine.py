@@ -268,22 +268,25 @@ _INTENTS = _Intents(
 intent_of: Callable[[Command], SagaRecord] = _INTENTS.__getitem__
 
 
-Advance = tuple[SagaState, Command, SagaRecord]
+# The record of a step completing with no result, then decide's state, command and intent.
+Advance = tuple[StepCompleted, SagaState, Command, SagaRecord]
 
 
 def forward_path(compensable: Sequence[bool]) -> tuple[Advance, ...]:
-    """For each step ``i``: the state, command and intent that :func:`decide`
-    gives when step ``i`` completes on a saga running forward.
+    """For each step ``i``: the record of step ``i`` completing with no result,
+    and the state, command and intent that :func:`decide` gives when step
+    ``i`` completes (whatever its result) on a saga running forward.
 
-    Those answers are the same for every saga of a definition, which keeps
-    them, so that a driver looks the commonest transition up instead of
-    asking for it. Valid only where the command was ``RunStep(i)``: the
-    machine issues that only to a running saga with ``i`` steps done.
+    Those are the same for every saga of a definition, which keeps them, so
+    that a driver looks the commonest transition up instead of asking for
+    it. Valid only where the command was ``RunStep(i)``: the machine issues
+    that only to a running saga with ``i`` steps done.
     """
     path = []
     for i in range(len(compensable)):
-        state, command = decide(compensable, _running(i), step_completed(i, None))
-        path.append((state, command, intent_of(command)))
+        completed = step_completed(i, None)
+        state, command = decide(compensable, _running(i), completed)
+        path.append((completed, state, command, intent_of(command)))
     return tuple(path)
 
 
