@@ -435,3 +435,21 @@ async def test_the_recorded_input_does_not_follow_the_callers_dict() -> None:
     assert isinstance(started, SagaStarted)
     assert started.data == {"guest": "Ada"}
     assert seen == ["Ada"]
+
+
+@pytest.mark.parametrize("data", [None, {}])
+async def test_an_empty_input_is_read_only_and_recorded_as_empty(data: Any) -> None:
+    log = InMemorySagaLog()
+    seen: list[Any] = []
+
+    def look(ctx: StepContext) -> None:
+        seen.append(ctx.data)
+        with pytest.raises(TypeError):
+            ctx.data["sneaked"] = 1  # type: ignore[index]
+
+    saga = SagaDefinition("look", [Step("a", look)])
+    assert (await Orchestrator(log).run(saga, "o-1", data)).ok
+    assert seen == [{}]
+    started = (await log.read("o-1"))[0]
+    assert isinstance(started, SagaStarted)
+    assert dict(started.data) == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from sagakit.core.machine import (
@@ -43,6 +44,7 @@ log = logging.getLogger("sagakit.orchestrator")
 
 
 _FIRST_INTENT = StepStarted(0)
+_NO_INPUT: Mapping[str, Any] = MappingProxyType({})
 
 
 def _describe(exc: BaseException) -> str:
@@ -90,8 +92,12 @@ class Orchestrator:
             raise DefinitionError("saga", f"must be a SagaDefinition, got {type(saga).__name__}")
         if type(saga_id) is not str or not saga_id:
             raise DefinitionError("saga_id", f"must be a non-empty string, got {saga_id!r}")
-        if data is None:
-            data = {}
+        if not data:
+            if data is not None and not isinstance(data, Mapping):
+                raise DefinitionError("data", f"must be a mapping, got {type(data).__name__}")
+            # One read-only empty input serves every saga that has none: a log
+            # may keep each saga's input as long as the process lives.
+            data = _NO_INPUT
         elif type(data) is dict or isinstance(data, Mapping):
             # Copied: the log records the input, which the caller may go on changing.
             data = dict(data)
@@ -207,13 +213,13 @@ class Orchestrator:
         # wait, and only until the next await (see ImmediateSagaLog.volatile).
         held: list[SagaRecord] | None = [] if self._volatile else None
         try:
-            while type(command) is not Finish:
+            while (kind := type(command)) is not Finish:
                 index = command[0]
                 step = steps[index]
                 ctx = new_step_context((saga_id, step.name, data, results, 1))
                 pending: Any = None  # what the step handed back to await, if anything
                 outcome: Outcome
-                if type(command) is RunStep:
+                if kind is RunStep:
                     try:
                         result = step.action(ctx)  # an async action's coroutine: nothing ran yet
                         if step.action_is_async or (

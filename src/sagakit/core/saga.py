@@ -22,8 +22,10 @@ __all__ = ["SagaDefinition", "Step", "StepAction", "StepContext"]
 class StepContext(NamedTuple):
     """What a step's action or compensation is given.
 
-    ``results`` maps the names of the steps completed so far to their results; a
-    compensation finds its own step's result as ``ctx.result``.
+    ``data`` is the saga's input as the log recorded it: read it, never change
+    it (an empty input is one shared, read-only mapping). ``results`` maps the
+    names of the steps completed so far to their results; a compensation finds
+    its own step's result as ``ctx.result``.
     """
 
     saga_id: str

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sagakit.core.machine import SagaStatus
 from sagakit.core.saga import SagaDefinition, Step, StepContext
 from sagakit.errors import DefinitionError, SagaIdConflict
@@ -105,8 +103,8 @@ class SagaNode(Node):
                 saga_id=saga_id,
             )
         # The log keeps every saga's input for as long as the node lives: a
-        # saga that is not told to fail records an empty one.
-        data: dict[str, Any] = {} if fail_step is None else {"fail_step": fail_step}
+        # saga that is not told to fail has none.
+        data = None if fail_step is None else {"fail_step": fail_step}
         try:
             outcome = await self.orchestrator.run(definition, saga_id, data)
         except SagaIdConflict as exc:
