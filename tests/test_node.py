@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,19 @@ class Run:
         return [m["body"]["type"] for m in self.events(saga_id)]
 
 
-def run_node(data: bytes | str, cmd: list[str] = MAIN) -> Run:
-    """Feed ``data`` to the node, close stdin, and collect what it printed."""
+def run_node(data: bytes | str, cmd: list[str] = MAIN, *, from_file: bool = False) -> Run:
+    """Feed ``data`` to the node, close stdin, and collect what it printed.
+
+    ``from_file``: stdin is a regular file holding ``data`` (``node < file``), not a pipe.
+    """
     raw = data.encode() if isinstance(data, str) else data
-    proc = subprocess.run(cmd, input=raw, capture_output=True, timeout=10, cwd=REPO)
+    if from_file:
+        with tempfile.TemporaryFile() as stdin:
+            stdin.write(raw)
+            stdin.seek(0)
+            proc = subprocess.run(cmd, stdin=stdin, capture_output=True, timeout=10, cwd=REPO)
+    else:
+        proc = subprocess.run(cmd, input=raw, capture_output=True, timeout=10, cwd=REPO)
     lines = proc.stdout.decode().splitlines()
     messages = []
     for line in lines:
@@ -284,6 +294,27 @@ def test_a_thousand_executes_are_answered_in_order() -> None:
     assert [b["in_reply_to"] for b in replies] == list(range(1, 1001))
     assert all(b["saga_id"] == f"saga-{b['in_reply_to']}" for b in replies)
     assert sum(b["type"] == "saga_compensated" for b in replies) == 333
+
+
+def test_a_regular_file_on_stdin_gives_what_a_pipe_gives() -> None:
+    """A file is read on the loop's thread, a pipe by a reader thread: same output."""
+    steps = ["a", "b", "c"]
+    text = "".join(
+        execute(n, f"saga-{n}", steps, **({"fail_step": "c"} if n % 4 == 0 else {}))
+        for n in range(1, 3001)
+    )
+    text += '{"src": "c", "dest": "saga",\n "body": {"type": "execute", "msg_id": 9000,'
+    text += ' "saga_id": "pretty", "steps": ["a"]}}\nnot json\n' + execute(9001, "saga-1", steps)
+    piped, filed = run_node(text), run_node(text, from_file=True)
+    assert filed.code == piped.code == 0
+    assert filed.lines == piped.lines
+    assert len(filed.replies()) == 3002
+    assert "not JSON" in filed.stderr
+
+
+def test_a_regular_file_on_stdin_runs_the_choreography() -> None:
+    run = run_node(INIT + reserve(2, "saga42", fail_payment=True), from_file=True)
+    assert run.event_types() == ["InventoryReserved", "PaymentFailed", "InventoryReleased"]
 
 
 # --- choreography (seeds 000/001) -------------------------------------------------------
