@@ -48,7 +48,8 @@ _NO_INPUT: Mapping[str, Any] = MappingProxyType({})
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class Orchestrator:

@@ -294,16 +294,23 @@ def _running(done: int) -> SagaState:
     return _RUNNING_STATES[done] if done < _CACHED else SagaState(_RUNNING, done)
 
 
-def _pending_compensation(compensable: Sequence[bool], state: SagaState) -> int:
-    """The step whose compensation runs next, or -1 when none is left."""
-    index = (state.compensated[-1] if state.compensated else state.done) - 1
+def _compensable_before(compensable: Sequence[bool], step: int) -> int:
+    """The newest step before ``step`` that has a compensation, or -1."""
+    index = step - 1
     while index >= 0 and not compensable[index]:
         index -= 1
     return index
 
 
-def _next_compensation(compensable: Sequence[bool], state: SagaState) -> tuple[SagaState, Command]:
-    index = _pending_compensation(compensable, state)
+def _pending_compensation(compensable: Sequence[bool], state: SagaState) -> int:
+    """The step whose compensation runs next, or -1 when none is left."""
+    return _compensable_before(
+        compensable, state.compensated[-1] if state.compensated else state.done
+    )
+
+
+def _next_compensation(state: SagaState, index: int) -> tuple[SagaState, Command]:
+    """Compensate step ``index`` next, or finish compensated when it is -1."""
     if index >= 0:
         return state, _RUN_COMPENSATION[index] if index < _CACHED else RunCompensation(index)
     _, done, failed_step, compensated, error, _, _ = state
@@ -335,7 +342,7 @@ def decide(
         if kind is StepFailed:
             error = outcome.error  # type: ignore[union-attr]
             failing = _new_state((_COMPENSATING, state.done, outcome.step, (), error, None, None))
-            return _next_compensation(compensable, failing)
+            return _next_compensation(failing, _compensable_before(compensable, state.done))
     elif (
         status is _COMPENSATING
         and outcome.step >= 0
@@ -343,9 +350,10 @@ def decide(
     ):
         if kind is CompensationCompleted:
             _, done, failed_step, compensated, error, _, _ = state
-            compensated = (*compensated, outcome.step)
+            step = outcome.step
+            compensated = (*compensated, step)
             undoing = _new_state((_COMPENSATING, done, failed_step, compensated, error, None, None))
-            return _next_compensation(compensable, undoing)
+            return _next_compensation(undoing, _compensable_before(compensable, step))
         if kind is CompensationFailed:
             stuck = state._replace(
                 status=SagaStatus.FAILED,
