@@ -113,16 +113,27 @@ class Orchestrator:
             # Optimistic start: a new saga costs one append and no read; only a
             # saga id the log already holds is read back (to resume or report it).
             state, command = start(saga.compensable)
-            first = (new_saga_started((saga.name, saga.step_names, data)), _FIRST_INTENT)
+            first: list[SagaRecord] = [
+                new_saga_started((saga.name, saga.step_names, data)),
+                _FIRST_INTENT,
+            ]
+            held: list[SagaRecord] | None = None
             try:
-                if self._append_now is not None:
+                if self._volatile:
+                    # An empty append only checks that the saga id is new. The
+                    # opening records wait with the rest (see ImmediateSagaLog.volatile).
+                    self._append_now(saga_id, 0, ())  # type: ignore[misc]
+                    held, version = first, 0
+                elif self._append_now is not None:
                     self._append_now(saga_id, 0, first)
+                    version = 2
                 else:
                     await self._log.append(saga_id, 0, first)
+                    version = 2
             except SagaLogConflict:
                 outcome = await self._resume(saga, saga_id, await self._log.read(saga_id))
             else:
-                outcome = await self._drive(saga, saga_id, data, state, command, 2, {})
+                outcome = await self._drive(saga, saga_id, data, state, command, version, {}, held)
         except BaseException as exc:
             for waiter in self._waiters.pop(saga_id, ()):
                 if waiter.done():  # that caller was cancelled while it waited
@@ -196,7 +207,10 @@ class Orchestrator:
         version = len(records)
         await self._log.append(saga_id, version, (intent_of(command),))
         log.info("resuming saga %s at %s", saga_id, command)
-        return await self._drive(saga, saga_id, started.data, state, command, version + 1, results)
+        held: list[SagaRecord] | None = [] if self._volatile else None
+        return await self._drive(
+            saga, saga_id, started.data, state, command, version + 1, results, held
+        )
 
     async def _drive(
         self,
@@ -207,12 +221,16 @@ class Orchestrator:
         command: Any,
         version: int,
         results: dict[str, Any],
+        held: list[SagaRecord] | None,
     ) -> SagaOutcome:
+        """Carry the saga on from ``command``; ``version`` records are written.
+
+        ``held``: records not written yet, which only a volatile log lets wait,
+        and only until the next await (see ImmediateSagaLog.volatile); None
+        when each transition is written at once.
+        """
         steps, compensable, forward = saga.steps, saga.compensable, saga.forward
         append, append_now = self._log.append, self._append_now
-        # Records of transitions not written yet. Only a volatile log lets them
-        # wait, and only until the next await (see ImmediateSagaLog.volatile).
-        held: list[SagaRecord] | None = [] if self._volatile else None
         try:
             while (kind := type(command)) is not Finish:
                 index = command[0]

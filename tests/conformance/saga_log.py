@@ -263,3 +263,15 @@ class SagaLogConformance(ABC):
             )
             with pytest.raises(SagaLogConflict):
                 await log.append("o-1", 6, [StepStarted(1)])
+
+    async def test_an_empty_batch_still_checks_the_version(self) -> None:
+        """So that an empty append at version 0 tells whether a saga id is new."""
+        async with self.opened() as log:
+            await log.append("o-1", 0, [])
+            await log.append("o-1", 0, opening())
+            with pytest.raises(SagaLogConflict):
+                await log.append("o-1", 0, [])
+            with pytest.raises(SagaLogConflict):
+                await log.append("o-2", 1, [])
+            await log.append("o-1", 2, [])
+            assert typed(await log.read("o-1")) == typed(opening())

@@ -15,9 +15,11 @@ class SagaLog(Protocol):
     """Append-only, per-saga sequences of records with optimistic concurrency.
 
     ``version`` in :meth:`append` is the number of records the writer has seen
-    for that saga; if the log holds more (another orchestrator got there first),
-    ``append`` raises :class:`~sagakit.errors.SagaLogConflict` and writes nothing.
-    A batch is written whole or not at all.
+    for that saga; if the log holds another number (another orchestrator got
+    there first), ``append`` raises :class:`~sagakit.errors.SagaLogConflict` and
+    writes nothing. A batch is written whole or not at all. An empty batch
+    writes nothing but is checked all the same, so an empty append at version
+    0 tells whether a saga id is new.
     """
 
     async def append(self, saga_id: str, version: int, records: Sequence[SagaRecord]) -> None: ...
@@ -46,7 +48,9 @@ class ImmediateSagaLog(SagaLog, Protocol):
     one batch, before it next awaits (or when it stops): the write-ahead order
     exists for whoever reads the log after a crash, and a volatile log has no
     such reader, while between two awaits no coroutine can read it either. A
-    log that is immediate but durable (a synchronous file, say) must say False.
+    new saga's opening records wait too: an empty append checks that its id
+    is new. A log that is immediate but durable (a synchronous file, say) must
+    say False.
     """
 
     volatile: bool
