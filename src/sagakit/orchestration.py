@@ -16,7 +16,6 @@ from sagakit.core.machine import (
     SagaRecord,
     SagaStarted,
     SagaState,
-    StepCompleted,
     StepFailed,
     StepStarted,
     compensation_completed,
@@ -236,59 +235,52 @@ class Orchestrator:
                 index = command[0]
                 step = steps[index]
                 ctx = new_step_context((saga_id, step.name, data, results, 1))
-                pending: Any = None  # what the step handed back to await, if anything
                 outcome: Outcome
                 if kind is RunStep:
+                    # ok: whether the action returned; result: what it returned, or raised.
                     try:
-                        result = step.action(ctx)  # an async action's coroutine: nothing ran yet
-                        if step.action_is_async or (
+                        result, ok = step.action(ctx), True  # an async action: nothing ran yet
+                    except Exception as exc:
+                        result, ok = exc, False
+                    if ok and (
+                        step.action_is_async
+                        or (
                             type(result) not in PLAIN_RESULTS and hasattr(type(result), "__await__")
-                        ):
-                            pending = result
-                    except Exception as exc:
-                        outcome = _step_failed(saga_id, step.name, index, exc)
+                        )
+                    ):
+                        if held:
+                            version, held = self._write_held(saga_id, version, held, result)
+                        ok, result = await _settled(result)
+                    if ok:
+                        results[step.name] = result
+                        # The commonest transition, the same for every saga of
+                        # this definition: decide's answer, kept by the definition.
+                        outcome, state, command, intent = forward[index]
+                        if result is not None:
+                            outcome = step_completed(index, result)
                     else:
-                        if pending is not None:
-                            if held:
-                                version, held = self._write_held(saga_id, version, held, pending)
-                            try:
-                                result = await pending
-                            except Exception as exc:
-                                outcome = _step_failed(saga_id, step.name, index, exc)
-                            else:
-                                results[step.name] = result
-                                outcome = step_completed(index, result)
-                        else:
-                            results[step.name] = result
-                            outcome = (
-                                forward[index][0]
-                                if result is None
-                                else step_completed(index, result)
-                            )
+                        outcome = _step_failed(saga_id, step.name, index, result)
+                        state, command = decide(compensable, state, outcome)
+                        intent = intent_of(command)
                 else:
+                    # RunCompensation is only ever decided for a step that has one.
                     try:
-                        # RunCompensation is only ever decided for a step that has one.
-                        undone = step.compensation(ctx)
-                        if step.compensation_is_async or (
-                            type(undone) not in PLAIN_RESULTS and hasattr(type(undone), "__await__")
-                        ):
-                            pending = undone
+                        undone, ok = step.compensation(ctx), True
                     except Exception as exc:
-                        outcome = _compensation_failed(saga_id, step.name, index, exc)
-                    else:
+                        undone, ok = exc, False
+                    if ok and (
+                        step.compensation_is_async
+                        or (
+                            type(undone) not in PLAIN_RESULTS and hasattr(type(undone), "__await__")
+                        )
+                    ):
+                        if held:
+                            version, held = self._write_held(saga_id, version, held, undone)
+                        ok, undone = await _settled(undone)
+                    if ok:
                         outcome = compensation_completed(index)
-                        if pending is not None:
-                            if held:
-                                version, held = self._write_held(saga_id, version, held, pending)
-                            try:
-                                await pending
-                            except Exception as exc:
-                                outcome = _compensation_failed(saga_id, step.name, index, exc)
-                if type(outcome) is StepCompleted:
-                    # The commonest transition, the same for every saga of this
-                    # definition: decide's answer, kept by the definition.
-                    _, state, command, intent = forward[index]
-                else:
+                    else:
+                        outcome = _compensation_failed(saga_id, step.name, index, undone)
                     state, command = decide(compensable, state, outcome)
                     intent = intent_of(command)
                 if held is not None:
@@ -324,6 +316,14 @@ class Orchestrator:
                 close()
             raise
         return version + len(held), []
+
+
+async def _settled(awaitable: Any) -> tuple[bool, Any]:
+    """Await what a step handed back: (True, its result), or (False, what it raised)."""
+    try:
+        return True, await awaitable
+    except Exception as exc:
+        return False, exc
 
 
 def _step_failed(saga_id: str, step: str, index: int, exc: Exception) -> StepFailed:
