@@ -260,6 +260,7 @@ class Orchestrator:
                             outcome = step_completed(index, result)
                     else:
                         outcome = _step_failed(saga_id, step.name, index, result)
+                        result = None  # the exception, whose traceback holds this frame
                         state, command = decide(compensable, state, outcome)
                         intent = intent_of(command)
                 else:
@@ -281,6 +282,7 @@ class Orchestrator:
                         outcome = compensation_completed(index)
                     else:
                         outcome = _compensation_failed(saga_id, step.name, index, undone)
+                        undone = None  # the exception, whose traceback holds this frame
                     state, command = decide(compensable, state, outcome)
                     intent = intent_of(command)
                 if held is not None:
