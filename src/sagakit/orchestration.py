@@ -236,53 +236,38 @@ class Orchestrator:
                 step = steps[index]
                 ctx = new_step_context((saga_id, step.name, data, results, 1))
                 outcome: Outcome
+                call: Any
                 if kind is RunStep:
-                    # ok: whether the action returned; result: what it returned, or raised.
-                    try:
-                        result, ok = step.action(ctx), True  # an async action: nothing ran yet
-                    except Exception as exc:
-                        result, ok = exc, False
-                    if ok and (
-                        step.action_is_async
-                        or (
-                            type(result) not in PLAIN_RESULTS and hasattr(type(result), "__await__")
-                        )
-                    ):
-                        if held:
-                            version, held = self._write_held(saga_id, version, held, result)
-                        ok, result = await _settled(result)
-                    if ok:
-                        results[step.name] = result
-                        # The commonest transition, the same for every saga of
-                        # this definition: decide's answer, kept by the definition.
-                        outcome, state, command, intent = forward[index]
-                        if result is not None:
-                            outcome = step_completed(index, result)
-                    else:
-                        outcome = _step_failed(saga_id, step.name, index, result)
-                        result = None  # the exception, whose traceback holds this frame
-                        state, command = decide(compensable, state, outcome)
-                        intent = intent_of(command)
+                    call, is_async = step.action, step.action_is_async
+                else:  # RunCompensation is only ever decided for a step that has one
+                    call, is_async = step.compensation, step.compensation_is_async
+                # ok: whether the call returned; value: what it returned, or raised.
+                try:
+                    value, ok = call(ctx), True  # an async callable: nothing ran yet
+                except Exception as exc:
+                    value, ok = exc, False
+                if ok and (
+                    is_async
+                    or (type(value) not in PLAIN_RESULTS and hasattr(type(value), "__await__"))
+                ):
+                    if held:
+                        version, held = self._write_held(saga_id, version, held, value)
+                    ok, value = await _settled(value)
+                if kind is RunStep and ok:
+                    results[step.name] = value
+                    # The commonest transition, the same for every saga of this
+                    # definition: decide's answer, kept by the definition.
+                    outcome, state, command, intent = forward[index]
+                    if value is not None:
+                        outcome = step_completed(index, value)
                 else:
-                    # RunCompensation is only ever decided for a step that has one.
-                    try:
-                        undone, ok = step.compensation(ctx), True
-                    except Exception as exc:
-                        undone, ok = exc, False
-                    if ok and (
-                        step.compensation_is_async
-                        or (
-                            type(undone) not in PLAIN_RESULTS and hasattr(type(undone), "__await__")
-                        )
-                    ):
-                        if held:
-                            version, held = self._write_held(saga_id, version, held, undone)
-                        ok, undone = await _settled(undone)
-                    if ok:
+                    if kind is RunStep:
+                        outcome = _step_failed(saga_id, step.name, index, value)
+                    elif ok:
                         outcome = compensation_completed(index)
                     else:
-                        outcome = _compensation_failed(saga_id, step.name, index, undone)
-                        undone = None  # the exception, whose traceback holds this frame
+                        outcome = _compensation_failed(saga_id, step.name, index, value)
+                    value = None  # an exception's traceback would hold this frame
                     state, command = decide(compensable, state, outcome)
                     intent = intent_of(command)
                 if held is not None:
