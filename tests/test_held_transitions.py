@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sagakit.adapters.memory_log import InMemorySagaLog
 from sagakit.core.machine import (
@@ -197,3 +199,22 @@ async def test_a_run_stopped_in_a_sync_compensation_leaves_its_intent() -> None:
     with pytest.raises(Interrupt):
         await Orchestrator(log).run(saga, "o-1")
     assert typed((await log.read("o-1"))[-1:]) == typed([CompensationStarted(0)])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_any_saga_leaves_the_same_records_held_or_not(data: st.DataObject) -> None:
+    pattern = data.draw(st.text(alphabet="saw", min_size=1, max_size=7), label="pattern")
+    steps = st.integers(0, len(pattern) - 1)
+    fail_at = data.draw(st.none() | steps, label="fail_at")
+    stuck_at = data.draw(st.none() | steps, label="stuck_at")
+    saga = saga_of(pattern, fail_at, stuck_at)
+
+    async def run_on_each() -> None:
+        logs = [InMemorySagaLog(), ImmediateDurableLog(), AwaitedLog()]
+        outcomes = [await Orchestrator(log).run(saga, "o-1", {"n": 1}) for log in logs]
+        assert outcomes[0] == outcomes[1] == outcomes[2]
+        held, immediate, awaited = [typed(await log.read("o-1")) for log in logs]
+        assert held == immediate == awaited
+
+    asyncio.run(run_on_each())
