@@ -319,5 +319,6 @@ def _step_failed(saga_id: str, step: str, index: int, exc: Exception) -> StepFai
 
 
 def _compensation_failed(saga_id: str, step: str, index: int, exc: Exception) -> CompensationFailed:
-    log.error("saga %s: compensation of %s failed: %s", saga_id, step, _describe(exc))
-    return CompensationFailed(index, _describe(exc))
+    error = _describe(exc)
+    log.error("saga %s: compensation of %s failed: %s", saga_id, step, error)
+    return CompensationFailed(index, error)

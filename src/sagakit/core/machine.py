@@ -294,6 +294,10 @@ def _running(done: int) -> SagaState:
     return _RUNNING_STATES[done] if done < _CACHED else SagaState(_RUNNING, done)
 
 
+def _completed(done: int) -> SagaState:
+    return _COMPLETED_STATES[done] if done < _CACHED else SagaState(_COMPLETED, done)
+
+
 def _compensable_before(compensable: Sequence[bool], step: int) -> int:
     """The newest step before ``step`` that has a compensation, or -1."""
     index = step - 1
@@ -328,17 +332,12 @@ def decide(
     kind = type(outcome)
     status = state.status
     if status is _RUNNING and outcome.step == state.done:
-        # The hot path of every saga: built directly, not with _replace.
+        # States built directly, not with _replace: replay and the forward path ask this often.
         if kind is StepCompleted:
             done = state.done + 1
-            if done < _CACHED:
-                if done == len(compensable):
-                    return _COMPLETED_STATES[done], _FINISH_COMPLETED
-                return _RUNNING_STATES[done], _RUN_STEP[done]
             if done == len(compensable):
-                completed = _new_state((_COMPLETED, done, None, (), None, None, None))
-                return completed, _FINISH_COMPLETED
-            return _new_state((_RUNNING, done, None, (), None, None, None)), _run_step(done)
+                return _completed(done), _FINISH_COMPLETED
+            return _running(done), _run_step(done)
         if kind is StepFailed:
             error = outcome.error  # type: ignore[union-attr]
             failing = _new_state((_COMPENSATING, state.done, outcome.step, (), error, None, None))

@@ -56,8 +56,9 @@ class _FileChunks:
 
 def _input_chunks(stdin: BinaryIO, loop: asyncio.AbstractEventLoop) -> _Chunks:
     try:
-        if stat.S_ISREG(os.fstat(stdin.fileno()).st_mode):
-            return _FileChunks(stdin.fileno())
+        fd = stdin.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return _FileChunks(fd)
     except (AttributeError, OSError, ValueError):  # no descriptor: an in-memory stream (tests)
         pass
     return _start_reader(stdin, loop)
