@@ -29,13 +29,45 @@ class StepRefused(Exception):
         return f"{self.args[0]} failed as the request asked"
 
 
-def _simulated_action(ctx: StepContext) -> None:
-    if ctx.data.get("fail_step") == ctx.step:
-        raise StepRefused(ctx.step)
-
-
-def _simulated_compensation(ctx: StepContext) -> None:
+def _step_done(ctx: StepContext) -> None:
     return None
+
+
+def _step_refused(ctx: StepContext) -> None:
+    raise StepRefused(ctx.step)
+
+
+def _undone(ctx: StepContext) -> None:
+    return None
+
+
+class _Variants(dict[str | None, SagaDefinition]):
+    """The definitions of one step list: one per ``fail_step``, None for no failure.
+
+    The simulated failure is part of the definition, not of the saga's input:
+    the log keeps every saga's input for as long as the node lives, and most of
+    what it would keep is this flag. All variants share the name and the steps,
+    hence the fingerprint, so a retry answered from the log matches any of them.
+    Built when first asked for: a long step list would make many.
+    """
+
+    def __init__(self, steps: tuple[str, ...]) -> None:
+        super().__init__()
+        self.steps = steps
+        self[None] = self._build(None)
+
+    def add(self, fail_step: str) -> SagaDefinition | None:
+        """The variant failing at ``fail_step``; None when that is not one of the steps."""
+        if fail_step not in self.steps:
+            return None
+        definition = self[fail_step] = self._build(fail_step)
+        return definition
+
+    def _build(self, fail_step: str | None) -> SagaDefinition:
+        return SagaDefinition(
+            "execute",
+            [Step(s, _step_refused if s == fail_step else _step_done, _undone) for s in self.steps],
+        )
 
 
 class SagaNode(Node):
@@ -47,40 +79,50 @@ class SagaNode(Node):
     ``execute`` is answered from the record and runs nothing again.
     """
 
-    MAX_CACHED_DEFINITIONS = 4096
+    MAX_CACHED_STEP_LISTS = 4096
 
     def __init__(self, name: str, host: Host) -> None:
         super().__init__(name, host)
         self.orchestrator = Orchestrator("memory://")
-        # Requests repeat the same step lists; building a definition per request
+        # Requests repeat the same step lists; building definitions per request
         # would cost more than running the saga.
-        self._definitions: dict[tuple[str, ...], SagaDefinition] = {}
+        self._definitions: dict[tuple[str, ...], _Variants] = {}
 
-    def _definition(self, body: Body) -> SagaDefinition:
+    def _variants_of(self, body: Body) -> _Variants:
         steps = body.get("steps")
         if type(steps) is list:
-            key = tuple(steps)
             try:
                 # A step list seen before was checked then; most requests repeat one.
-                definition = self._definitions.get(key)
+                variants = self._definitions.get(tuple(steps))
             except TypeError:  # an unhashable item: the check below names it
-                definition = None
-            if definition is not None:
-                return definition
+                variants = None
+            if variants is not None:
+                return variants
         key = tuple(require_str_list(body, "steps"))
-        definition = self._definitions.get(key)
-        if definition is None:
+        variants = self._definitions.get(key)
+        if variants is None:
             if len(set(key)) != len(key):
                 raise RequestError(ErrorCode.MALFORMED_REQUEST, "steps: step names must be unique")
-            if len(self._definitions) >= self.MAX_CACHED_DEFINITIONS:
+            if len(self._definitions) >= self.MAX_CACHED_STEP_LISTS:
                 self._definitions.clear()
             try:
-                definition = SagaDefinition(
-                    "execute", [Step(s, _simulated_action, _simulated_compensation) for s in key]
-                )
+                variants = _Variants(key)
             except DefinitionError as exc:  # a name the core refuses, such as a blank one
                 raise RequestError(ErrorCode.MALFORMED_REQUEST, f"steps: {exc}") from exc
-            self._definitions[key] = definition
+            self._definitions[key] = variants
+        return variants
+
+    @staticmethod
+    def _failing_variant(variants: _Variants, body: Body, saga_id: str) -> SagaDefinition:
+        """The variant for a ``fail_step`` not asked for before, or the error that names it."""
+        fail_step = optional_str(body, "fail_step")
+        definition = None if fail_step is None else variants.add(fail_step)
+        if definition is None:
+            raise RequestError(
+                ErrorCode.MALFORMED_REQUEST,
+                f"fail_step: {fail_step!r} is not one of steps",
+                saga_id=saga_id,
+            )
         return definition
 
     async def on_execute(self, src: str, body: Body) -> Encoded:
@@ -92,21 +134,16 @@ class SagaNode(Node):
         saga_id = body.get("saga_id")
         if type(saga_id) is not str or not saga_id:
             saga_id = require_str(body, "saga_id")
-        definition = self._definition(body)
+        variants = self._variants_of(body)
         fail_step = body.get("fail_step")
-        if fail_step is not None and type(fail_step) is not str:
-            optional_str(body, "fail_step")
-        if fail_step is not None and fail_step not in definition.step_names:
-            raise RequestError(
-                ErrorCode.MALFORMED_REQUEST,
-                f"fail_step: {fail_step!r} is not one of steps",
-                saga_id=saga_id,
-            )
-        # The log keeps every saga's input for as long as the node lives: a
-        # saga that is not told to fail has none.
-        data = None if fail_step is None else {"fail_step": fail_step}
+        # type() first: an unhashable value cannot be looked up.
+        definition = (
+            variants.get(fail_step) if fail_step is None or type(fail_step) is str else None
+        )
+        if definition is None:
+            definition = self._failing_variant(variants, body, saga_id)
         try:
-            outcome = await self.orchestrator.run(definition, saga_id, data)
+            outcome = await self.orchestrator.run(definition, saga_id)
         except SagaIdConflict as exc:
             raise RequestError(ErrorCode.PRECONDITION_FAILED, str(exc), saga_id=saga_id) from exc
         # The reply is written directly, in exactly the bytes json.dumps would
@@ -124,6 +161,6 @@ class SagaNode(Node):
         compensated = ", ".join([json_string(step) for step in outcome.compensated_steps])
         return Encoded(
             f'{{"type": "{kind}", "in_reply_to": {msg_id}, '
-            f'"saga_id": {json_string(saga_id)}, "state": "{outcome.state.value}", '
+            f'"saga_id": {json_string(saga_id)}, "state": "{outcome.state}", '
             f'"compensated_steps": [{compensated}]}}'
         )
