@@ -5,12 +5,18 @@ Runs from a checkout with nothing installed (the seeds' judge runs it so); an
 installed sagakit is used when there is one.
 """
 
-import sys
-from pathlib import Path
+import gc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+# Imports make tens of thousands of objects and no garbage: collecting while
+# they run would only scan them again and again.
+gc.disable()
 
-from sagakit.node.runner import main
+import os  # noqa: E402
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+
+from sagakit.node.runner import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -174,6 +174,10 @@ def main() -> int:
     # heap only grows; with the default thresholds the collector re-scans it
     # every few hundred sagas. Long-lived objects are not garbage: scan less often.
     gc.set_threshold(50_000, 20, 100)
+    # Everything made so far is the program itself (main.py turns the collector
+    # off while it imports): out of the collector's sight for good, then on.
+    gc.freeze()
+    gc.enable()
     try:
         served = asyncio.run(serve(sys.stdin.buffer, sys.stdout.buffer))
     except KeyboardInterrupt:
