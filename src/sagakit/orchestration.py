@@ -228,33 +228,35 @@ class Orchestrator:
         and only until the next await (see ImmediateSagaLog.volatile); None
         when each transition is written at once.
         """
-        steps, compensable, forward = saga.steps, saga.compensable, saga.forward
+        actions, compensations = saga.actions, saga.compensations
+        compensable, forward = saga.compensable, saga.forward
         append, append_now = self._log.append, self._append_now
         try:
             while (kind := type(command)) is not Finish:
                 index = command[0]
-                step = steps[index]
-                ctx = new_step_context((saga_id, step.name, data, results, 1))
+                # RunCompensation is only ever decided for a step that has one.
+                name, call, is_async = (actions if kind is RunStep else compensations)[index]
+                ctx = new_step_context((saga_id, name, data, results, 1))
                 outcome: Outcome
-                call: Any
-                if kind is RunStep:
-                    call, is_async = step.action, step.action_is_async
-                else:  # RunCompensation is only ever decided for a step that has one
-                    call, is_async = step.compensation, step.compensation_is_async
                 # ok: whether the call returned; value: what it returned, or raised.
                 try:
                     value, ok = call(ctx), True  # an async callable: nothing ran yet
                 except Exception as exc:
                     value, ok = exc, False
-                if ok and (
-                    is_async
-                    or (type(value) not in PLAIN_RESULTS and hasattr(type(value), "__await__"))
+                # None first: what a synchronous step most often returns.
+                if (
+                    ok
+                    and value is not None
+                    and (
+                        is_async
+                        or (type(value) not in PLAIN_RESULTS and hasattr(type(value), "__await__"))
+                    )
                 ):
                     if held:
                         version, held = self._write_held(saga_id, version, held, value)
                     ok, value = await _settled(value)
                 if kind is RunStep and ok:
-                    results[step.name] = value
+                    results[name] = value
                     # The commonest transition, the same for every saga of this
                     # definition: decide's answer, kept by the definition.
                     outcome, state, command, intent = forward[index]
@@ -262,11 +264,11 @@ class Orchestrator:
                         outcome = step_completed(index, value)
                 else:
                     if kind is RunStep:
-                        outcome = _step_failed(saga_id, step.name, index, value)
+                        outcome = _step_failed(saga_id, name, index, value)
                     elif ok:
                         outcome = compensation_completed(index)
                     else:
-                        outcome = _compensation_failed(saga_id, step.name, index, value)
+                        outcome = _compensation_failed(saga_id, name, index, value)
                     value = None  # an exception's traceback would hold this frame
                     state, command = decide(compensable, state, outcome)
                     intent = intent_of(command)

@@ -89,6 +89,11 @@ class Step:
 PLAIN_RESULTS = frozenset({type(None), dict, list, tuple, str, int, float, bool, bytes})
 
 
+# What a driver needs to call a step's action or compensation: the step's name,
+# the callable (None: no compensation) and whether it is a coroutine function.
+Call = tuple[str, StepAction | None, bool]
+
+
 @dataclass(frozen=True, slots=True, init=False)
 class SagaDefinition:
     """A named, ordered list of steps. Step names are unique within a saga."""
@@ -100,6 +105,8 @@ class SagaDefinition:
     step_names: tuple[str, ...] = field(repr=False, compare=False)
     compensable: tuple[bool, ...] = field(repr=False, compare=False)
     forward: tuple[Advance, ...] = field(repr=False, compare=False)
+    actions: tuple[Call, ...] = field(repr=False, compare=False)
+    compensations: tuple[Call, ...] = field(repr=False, compare=False)
 
     def __init__(self, name: str, steps: Iterable[Step]) -> None:
         _check_name(name, "name")
@@ -120,6 +127,14 @@ class SagaDefinition:
         object.__setattr__(self, "step_names", tuple(s.name for s in steps))
         object.__setattr__(self, "compensable", tuple(s.compensation is not None for s in steps))
         object.__setattr__(self, "forward", forward_path(self.compensable))
+        object.__setattr__(
+            self, "actions", tuple((s.name, s.action, s.action_is_async) for s in steps)
+        )
+        object.__setattr__(
+            self,
+            "compensations",
+            tuple((s.name, s.compensation, s.compensation_is_async) for s in steps),
+        )
 
     @property
     def fingerprint(self) -> str:
