@@ -51,10 +51,13 @@ class Node:
         self.node_id: str | None = None
         self.node_ids: list[str] = []
         self._next_msg_id = 0
+        # Bound once: the router looks a handler up for every message.
+        self.handlers: dict[str, RequestHandler] = {
+            msg_type: getattr(self, attr) for msg_type, attr in self._handlers.items()
+        }
 
     def handler(self, msg_type: str) -> RequestHandler | None:
-        attr = self._handlers.get(msg_type)
-        return None if attr is None else getattr(self, attr)
+        return self.handlers.get(msg_type)
 
     def next_msg_id(self) -> int:
         msg_id = self._next_msg_id
@@ -140,11 +143,13 @@ class Host:
 
     async def dispatch(self, message: Any) -> None:
         """Handle one decoded input value. Never raises for bad input."""
-        if type(message) is BadInput:
-            log.warning("skipped input that is not JSON: %s: %.200s", message.reason, message.text)
-            return
         if type(message) is not dict:
-            log.warning("skipped a JSON %s: messages are objects", type(message).__name__)
+            if type(message) is BadInput:
+                log.warning(
+                    "skipped input that is not JSON: %s: %.200s", message.reason, message.text
+                )
+            else:
+                log.warning("skipped a JSON %s: messages are objects", type(message).__name__)
             return
         src, dest, body = message.get("src"), message.get("dest"), message.get("body")
         if type(src) is not str or type(dest) is not str:
@@ -156,30 +161,30 @@ class Host:
             )
             return
         msg_type = body.get("type")
-        in_reply_to = msg_id_of(body)
         if type(msg_type) is not str:
             self.send(
                 dest,
                 src,
-                error_body(in_reply_to, ErrorCode.MALFORMED_REQUEST, "type: required, a string"),
+                error_body(
+                    msg_id_of(body), ErrorCode.MALFORMED_REQUEST, "type: required, a string"
+                ),
             )
             return
-        node = self.nodes.get(dest) or self.node(dest)
-        handler = node.handler(msg_type)
+        handler = (self.nodes.get(dest) or self.node(dest)).handlers.get(msg_type)
         if handler is None:
             text = f"node {dest!r} does not support {msg_type!r}"
-            self.send(dest, src, error_body(in_reply_to, ErrorCode.NOT_SUPPORTED, text))
+            self.send(dest, src, error_body(msg_id_of(body), ErrorCode.NOT_SUPPORTED, text))
             return
         try:
             reply = await handler(src, body)
         except RequestError as exc:
-            reply = error_body(in_reply_to, exc.code, exc.text, **exc.extra)
+            reply = error_body(msg_id_of(body), exc.code, exc.text, **exc.extra)
         except DefinitionError as exc:
             # The API refused a value from the request: bad input, and it names the field.
-            reply = error_body(in_reply_to, ErrorCode.MALFORMED_REQUEST, str(exc))
+            reply = error_body(msg_id_of(body), ErrorCode.MALFORMED_REQUEST, str(exc))
         except Exception as exc:
             log.exception("node %s crashed on %s", dest, msg_type)
-            reply = error_body(in_reply_to, ErrorCode.CRASH, f"{type(exc).__name__}: {exc}")
+            reply = error_body(msg_id_of(body), ErrorCode.CRASH, f"{type(exc).__name__}: {exc}")
         if reply is not None:
             self._write(encode(dest, src, reply))
 
