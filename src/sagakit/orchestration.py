@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from types import MappingProxyType
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sagakit.core.machine import (
@@ -27,7 +26,7 @@ from sagakit.core.machine import (
     step_completed,
 )
 from sagakit.core.outcome import SagaOutcome, outcome_of
-from sagakit.core.saga import PLAIN_RESULTS, SagaDefinition, new_step_context
+from sagakit.core.saga import NO_INPUT, PLAIN_RESULTS, SagaDefinition, new_step_context
 from sagakit.errors import (
     DefinitionError,
     InvalidTransition,
@@ -43,7 +42,6 @@ log = logging.getLogger("sagakit.orchestrator")
 
 
 _FIRST_INTENT = StepStarted(0)
-_NO_INPUT: Mapping[str, Any] = MappingProxyType({})
 
 
 def _describe(exc: BaseException) -> str:
@@ -95,9 +93,7 @@ class Orchestrator:
         if not data:
             if data is not None and not isinstance(data, Mapping):
                 raise DefinitionError("data", f"must be a mapping, got {type(data).__name__}")
-            # One read-only empty input serves every saga that has none: a log
-            # may keep each saga's input as long as the process lives.
-            data = _NO_INPUT
+            data = NO_INPUT
         elif type(data) is dict or isinstance(data, Mapping):
             # Copied: the log records the input, which the caller may go on changing.
             data = dict(data)
@@ -113,7 +109,9 @@ class Orchestrator:
             # saga id the log already holds is read back (to resume or report it).
             state, command = start(saga.compensable)
             first: list[SagaRecord] = [
-                new_saga_started((saga.name, saga.step_names, data)),
+                saga.no_input_start
+                if data is NO_INPUT
+                else new_saga_started((saga.name, saga.step_names, data)),
                 _FIRST_INTENT,
             ]
             held: list[SagaRecord] | None = None
@@ -290,7 +288,13 @@ class Orchestrator:
                     log.exception("saga %s: cannot write its last transitions", saga_id)
             raise
         if held:
-            append_now(saga_id, version, held)  # type: ignore[misc]
+            records: Sequence[SagaRecord] = held
+            happy = saga.happy_path_log
+            if version == 0 and len(held) == len(happy) and tuple(held) == happy:
+                # The log every saga on the happy path has: the definition's copy,
+                # so that a log keeping records as given keeps it once for them all.
+                records = happy
+            append_now(saga_id, version, records)  # type: ignore[misc]
         return outcome_of(saga_id, saga.step_names, state, results)
 
     def _write_held(

@@ -11,12 +11,25 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from inspect import iscoroutinefunction
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from sagakit.core.machine import Advance, forward_path
+from sagakit.core.machine import (
+    Advance,
+    SagaRecord,
+    SagaStarted,
+    forward_path,
+    intent_of,
+    new_saga_started,
+    start,
+)
 from sagakit.errors import DefinitionError
 
-__all__ = ["SagaDefinition", "Step", "StepAction", "StepContext"]
+__all__ = ["NO_INPUT", "SagaDefinition", "Step", "StepAction", "StepContext"]
+
+# The input of every saga that has none: one shared, read-only mapping, since a
+# saga log may keep each saga's input for as long as the process lives.
+NO_INPUT: Mapping[str, Any] = MappingProxyType({})
 
 
 class StepContext(NamedTuple):
@@ -107,6 +120,11 @@ class SagaDefinition:
     forward: tuple[Advance, ...] = field(repr=False, compare=False)
     actions: tuple[Call, ...] = field(repr=False, compare=False)
     compensations: tuple[Call, ...] = field(repr=False, compare=False)
+    # The opening record of a saga with no input, and the whole log of one whose
+    # steps then all complete with no result: the same for every such saga, so
+    # built once here, and kept once by a log that keeps records as given.
+    no_input_start: SagaStarted = field(repr=False, compare=False)
+    happy_path_log: tuple[SagaRecord, ...] = field(repr=False, compare=False)
 
     def __init__(self, name: str, steps: Iterable[Step]) -> None:
         _check_name(name, "name")
@@ -135,6 +153,12 @@ class SagaDefinition:
             "compensations",
             tuple((s.name, s.compensation, s.compensation_is_async) for s in steps),
         )
+        opening = new_saga_started((name, self.step_names, NO_INPUT))
+        happy: list[SagaRecord] = [opening, intent_of(start(self.compensable)[1])]
+        for completed, _, _, intent in self.forward:
+            happy += (completed, intent)
+        object.__setattr__(self, "no_input_start", opening)
+        object.__setattr__(self, "happy_path_log", tuple(happy))
 
     @property
     def fingerprint(self) -> str:
