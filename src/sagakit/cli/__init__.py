@@ -58,9 +58,10 @@ def demo() -> None:
 @app.command()
 def node() -> None:
     """Serve the protocol node: JSON messages on stdin, replies on stdout."""
+    from sagakit.node.runner import exit_now
     from sagakit.node.runner import main as serve_node
 
-    raise typer.Exit(serve_node())
+    exit_now(serve_node())
 
 
 def main() -> None:
@@ -68,7 +69,8 @@ def main() -> None:
     # machinery, which costs more than starting the node itself; a bare
     # ``sagakit node`` has no parameters to parse, so it skips all of that.
     if sys.argv[1:] == ["node"]:
+        from sagakit.node.runner import exit_now
         from sagakit.node.runner import main as serve_node
 
-        sys.exit(serve_node())
+        exit_now(serve_node())
     app(prog_name="sagakit")

@@ -5,19 +5,20 @@ from __future__ import annotations
 import asyncio
 import codecs
 import concurrent.futures
+import contextlib
 import gc
 import logging
 import os
 import stat
 import sys
 import threading
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NoReturn, Protocol
 
 from sagakit.node.host import Host, Registry
 from sagakit.node.kinds import default_registry
 from sagakit.node.protocol import Decoder
 
-__all__ = ["main", "serve"]
+__all__ = ["exit_now", "main", "serve"]
 
 log = logging.getLogger("sagakit.node")
 
@@ -187,3 +188,19 @@ def main() -> int:
         sys.stdout = None
         return 1
     return 0
+
+
+def exit_now(code: int) -> NoReturn:
+    """Leave the process with ``code`` once its output is flushed, skipping the teardown.
+
+    The node keeps every saga it ran. An ordinary exit frees them one object at
+    a time and runs a last full collection over them: work that no one waits
+    for, yet about 3% of a short run over a large input.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            # Closed under us (OSError, ValueError): nothing more can reach it.
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+    os._exit(code)
