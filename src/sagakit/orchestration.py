@@ -16,7 +16,6 @@ from sagakit.core.machine import (
     SagaStarted,
     SagaState,
     StepFailed,
-    StepStarted,
     compensation_completed,
     decide,
     intent_of,
@@ -41,7 +40,8 @@ __all__ = ["Orchestrator"]
 log = logging.getLogger("sagakit.orchestrator")
 
 
-_FIRST_INTENT = StepStarted(0)
+# The shared record (one object, as in every definition's happy_path_log).
+_FIRST_INTENT = intent_of(RunStep(0))
 
 
 def _describe(exc: BaseException) -> str:
