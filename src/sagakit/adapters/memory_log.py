@@ -40,9 +40,9 @@ class InMemorySagaLog:
             # this log holds: kept in an exactly sized tuple, not a list with room
             # to grow (and, when given a tuple, as given: see happy_path_log).
             new = tuple(records) if type(records[-1]) is SagaFinished else list(records)
-            log = logs.setdefault(saga_id, new)
-            if log is not new:
-                raise SagaLogConflict(saga_id, version, len(log))
+            kept = logs.setdefault(saga_id, new)
+            if kept is not new:
+                raise SagaLogConflict(saga_id, version, len(kept))
             return
         log = logs.get(saga_id)
         if log is None:
