@@ -40,7 +40,8 @@ __all__ = ["Orchestrator"]
 log = logging.getLogger("sagakit.orchestrator")
 
 
-# The shared record (one object, as in every definition's happy_path_log).
+# StepStarted(0) as the machine shares it: the very object that every
+# definition's happy_path_log holds, which the driver compares by identity first.
 _FIRST_INTENT = intent_of(RunStep(0))
 
 

@@ -51,13 +51,11 @@ class Node:
         self.node_id: str | None = None
         self.node_ids: list[str] = []
         self._next_msg_id = 0
-        # Bound once: the router looks a handler up for every message.
+        # This node's request handlers by message type, bound once: the router
+        # looks one up for every message.
         self.handlers: dict[str, RequestHandler] = {
             msg_type: getattr(self, attr) for msg_type, attr in self._handlers.items()
         }
-
-    def handler(self, msg_type: str) -> RequestHandler | None:
-        return self.handlers.get(msg_type)
 
     def next_msg_id(self) -> int:
         msg_id = self._next_msg_id
