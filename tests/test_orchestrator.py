@@ -256,6 +256,74 @@ async def test_a_cancelled_joiner_does_not_break_the_running_saga() -> None:
     assert outcome.ok
 
 
+class _DurableLog(InMemorySagaLog):
+    """The in-memory log declared durable: each transition is written at once."""
+
+    volatile = False
+
+
+@pytest.mark.parametrize("log_kind", [InMemorySagaLog, _DurableLog])
+async def test_callers_waiting_for_a_cancelled_run_carry_the_saga_on(log_kind: Any) -> None:
+    """The caller that ran a saga was cancelled (a request timed out, say); the callers
+    that joined it were not, and must get the saga's outcome, not a CancelledError."""
+    gate = asyncio.Event()
+    calls: list[str] = []
+
+    async def reserve(ctx: StepContext) -> int:
+        calls.append("reserve")
+        await gate.wait()
+        return 1
+
+    def charge(ctx: StepContext) -> int:
+        calls.append("charge")
+        return 2
+
+    saga = SagaDefinition("order", [Step("reserve", reserve), Step("charge", charge)])
+    log = log_kind()
+    orchestrator = Orchestrator(log)
+    runner = asyncio.create_task(orchestrator.run(saga, "order-1"))
+    await asyncio.sleep(0)
+    joiners = [asyncio.create_task(orchestrator.run(saga, "order-1")) for _ in range(2)]
+    await asyncio.sleep(0)
+    runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+    gate.set()
+    async with asyncio.timeout(5):
+        outcomes = await asyncio.gather(*joiners)
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0].ok
+    assert dict(outcomes[0].results) == {"reserve": 1, "charge": 2}
+    # The step under way when the runner stopped runs again (at least once), the rest once.
+    assert calls == ["reserve", "reserve", "charge"]
+    assert await log.unfinished() == []
+
+
+async def test_a_cancelled_joiner_of_a_cancelled_run_stays_cancelled() -> None:
+    gate = asyncio.Event()
+
+    async def slow(ctx: StepContext) -> int:
+        await gate.wait()
+        return 1
+
+    saga = SagaDefinition("slow", [Step("slow", slow)])
+    orchestrator = Orchestrator()
+    runner = asyncio.create_task(orchestrator.run(saga, "order-1"))
+    await asyncio.sleep(0)
+    joiner = asyncio.create_task(orchestrator.run(saga, "order-1"))
+    await asyncio.sleep(0)
+    joiner.cancel()
+    runner.cancel()
+    for task in (joiner, runner):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    # Nobody carried it on: it waits, in the log, for recover().
+    assert await orchestrator.log.unfinished() == ["order-1"]
+    gate.set()
+    outcomes = await orchestrator.recover({"slow": saga})
+    assert [o.ok for o in outcomes] == [True]
+
+
 async def test_a_failing_compensation_leaves_the_saga_failed() -> None:
     log = InMemorySagaLog()
     shop = Shop(n=4, fail_at=3, stuck_at=1)

@@ -45,6 +45,10 @@ log = logging.getLogger("sagakit.orchestrator")
 _FIRST_INTENT = intent_of(RunStep(0))
 
 
+class _RunnerCancelled(Exception):
+    """Told to the callers waiting for a run whose own caller was cancelled."""
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -57,7 +61,8 @@ class Orchestrator:
     so a saga interrupted anywhere can be carried on from its log
     (:meth:`recover`). Running a saga id that the log already finished returns
     the recorded outcome and runs nothing; running one that is in flight in this
-    orchestrator waits for that run's outcome.
+    orchestrator waits for that run's outcome. If the caller of that run is
+    cancelled, a caller still waiting carries the saga on from its log.
 
     A compensation that raises leaves the saga ``failed`` (half undone): the
     remaining compensations do not run, since older steps may depend on the
@@ -103,7 +108,7 @@ class Orchestrator:
 
         running = self._running
         if saga_id in running:
-            return await self._join(saga, saga_id, running[saga_id])
+            return await self._join(saga, saga_id, running[saga_id], data)
         running[saga_id] = saga
         try:
             # Optimistic start: a new saga costs one append and no read; only a
@@ -137,7 +142,8 @@ class Orchestrator:
                 if waiter.done():  # that caller was cancelled while it waited
                     continue
                 if isinstance(exc, asyncio.CancelledError):
-                    waiter.cancel()
+                    # The caller that ran it was cancelled, not the ones waiting.
+                    waiter.set_exception(_RunnerCancelled())
                 else:
                     waiter.set_exception(exc)
             raise
@@ -150,13 +156,23 @@ class Orchestrator:
         return outcome
 
     async def _join(
-        self, saga: SagaDefinition, saga_id: str, running: SagaDefinition
+        self,
+        saga: SagaDefinition,
+        saga_id: str,
+        running: SagaDefinition,
+        data: Mapping[str, Any],
     ) -> SagaOutcome:
         if running.fingerprint != saga.fingerprint:
             raise SagaIdConflict(saga_id, running.fingerprint, saga.fingerprint)
         waiter: asyncio.Future[SagaOutcome] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(saga_id, []).append(waiter)
-        return await waiter
+        try:
+            return await waiter
+        except _RunnerCancelled:
+            # Its log shows where it stopped: carry it on from there, for this
+            # caller (and any other waiter, which joins this run in turn).
+            log.info("saga %s: its runner was cancelled; carrying it on", saga_id)
+            return await self.run(saga, saga_id, data)
 
     async def recover(self, sagas: Mapping[str, SagaDefinition]) -> list[SagaOutcome]:
         """Carry every unfinished saga in the log on to its end.
