@@ -232,21 +232,33 @@ async def test_concurrent_run_with_another_definition_conflicts() -> None:
     assert isinstance(results[1], SagaIdConflict)
 
 
-async def test_a_cancelled_joiner_does_not_break_the_running_saga() -> None:
-    """A caller that joined a run and was cancelled leaves a cancelled waiter behind:
-    setting its result must not raise InvalidStateError out of the owner's run()."""
+def _gated() -> tuple[asyncio.Event, SagaDefinition]:
+    """A one-step saga whose step waits for the event returned with it."""
     gate = asyncio.Event()
 
     async def slow(ctx: StepContext) -> int:
         await gate.wait()
         return 1
 
-    saga = SagaDefinition("slow", [Step("slow", slow)])
-    orchestrator = Orchestrator()
-    owner = asyncio.create_task(orchestrator.run(saga, "order-1"))
+    return gate, SagaDefinition("slow", [Step("slow", slow)])
+
+
+async def _run_and_join(
+    orchestrator: Orchestrator, saga: SagaDefinition, saga_id: str
+) -> tuple[asyncio.Task[Any], asyncio.Task[Any]]:
+    """A run of ``saga_id`` and, once that waits in its step, a second caller joining it."""
+    runner = asyncio.create_task(orchestrator.run(saga, saga_id))
     await asyncio.sleep(0)
-    joiner = asyncio.create_task(orchestrator.run(saga, "order-1"))
+    joiner = asyncio.create_task(orchestrator.run(saga, saga_id))
     await asyncio.sleep(0)
+    return runner, joiner
+
+
+async def test_a_cancelled_joiner_does_not_break_the_running_saga() -> None:
+    """A caller that joined a run and was cancelled leaves a cancelled waiter behind:
+    setting its result must not raise InvalidStateError out of the owner's run()."""
+    gate, saga = _gated()
+    owner, joiner = await _run_and_join(Orchestrator(), saga, "order-1")
     joiner.cancel()
     with pytest.raises(asyncio.CancelledError):
         await joiner
@@ -300,18 +312,9 @@ async def test_callers_waiting_for_a_cancelled_run_carry_the_saga_on(log_kind: A
 
 
 async def test_a_cancelled_joiner_of_a_cancelled_run_stays_cancelled() -> None:
-    gate = asyncio.Event()
-
-    async def slow(ctx: StepContext) -> int:
-        await gate.wait()
-        return 1
-
-    saga = SagaDefinition("slow", [Step("slow", slow)])
+    gate, saga = _gated()
     orchestrator = Orchestrator()
-    runner = asyncio.create_task(orchestrator.run(saga, "order-1"))
-    await asyncio.sleep(0)
-    joiner = asyncio.create_task(orchestrator.run(saga, "order-1"))
-    await asyncio.sleep(0)
+    runner, joiner = await _run_and_join(orchestrator, saga, "order-1")
     joiner.cancel()
     runner.cancel()
     for task in (joiner, runner):
