@@ -6,17 +6,16 @@ installed sagakit is used when there is one.
 """
 
 import gc
-
-# Imports make tens of thousands of objects and no garbage: collecting while
-# they run would only scan them again and again.
-gc.disable()
-
-import os  # noqa: E402
-import sys  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
-
-from sagakit.node.runner import exit_now, main  # noqa: E402
+import os
+import sys
 
 if __name__ == "__main__":
+    # Imports make tens of thousands of objects and no garbage: collecting
+    # while they run would only scan them again and again. main() freezes what
+    # they made and turns the collector back on.
+    gc.disable()
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+
+    from sagakit.node.runner import exit_now, main
+
     exit_now(main())
