@@ -9,23 +9,34 @@ attributes (saga id, step, field) as well as a readable message::
     ├── DefinitionError      a saga definition or API argument is invalid (names the field)
     ├── ConfigurationError   a backend URL is malformed, unknown, or its extra is missing
     ├── SagaError            something went wrong with one saga (carries saga_id)
-    │   ├── SagaIdConflict   the saga id was already used for another saga definition
-    │   └── SagaLogConflict  another writer appended to the saga's log first
+    │   ├── SagaIdConflict   the saga id was already used for another saga or input
+    │   ├── SagaLogConflict  another writer appended to the saga's log first
+    │   └── LeaseLost        another worker took the saga over; this one must stop driving it
     ├── InvalidTransition    an outcome the saga's state cannot accept (a driver bug, a corrupt log)
-    └── BackendError         a saga log or event bus backend failed (wraps the driver error)
+    └── BackendError         a saga log or event bus backend failed (wraps the driver error);
+        │                    ``retryable`` says whether trying again may help
+        ├── BackendUnavailable  connection lost or refused, timeout, server restarting (retry may help)
+        ├── BackendBusy         serialization failure, deadlock, lock timeout (retry may help)
+        ├── SchemaMismatch      the store's schema is newer than this sagakit, or not ours (no retry)
+        └── BackendRefused      permission denied, bad credentials, invalid request (no retry)
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "BackendBusy",
     "BackendError",
+    "BackendRefused",
+    "BackendUnavailable",
     "ConfigurationError",
     "DefinitionError",
     "InvalidTransition",
+    "LeaseLost",
     "SagaError",
     "SagaIdConflict",
     "SagaLogConflict",
     "SagakitError",
+    "SchemaMismatch",
 ]
 
 
@@ -75,6 +86,19 @@ class SagaLogConflict(SagaError):
         self.actual = actual
 
 
+class LeaseLost(SagaError):
+    """This worker's lease on the saga is gone: another worker claimed it (a newer epoch).
+
+    The driver stops before its next action; the saga is the new holder's now.
+    """
+
+    def __init__(self, saga_id: str, owner: str, epoch: int, detail: str = "") -> None:
+        message = f"lease of {owner!r} (epoch {epoch}) is no longer current"
+        super().__init__(saga_id, f"{message}: {detail}" if detail else message)
+        self.owner = owner
+        self.epoch = epoch
+
+
 class InvalidTransition(SagakitError):
     """An outcome that does not fit the saga's state (a bug in a driver, or a corrupt log).
 
@@ -84,8 +108,34 @@ class InvalidTransition(SagakitError):
 
 
 class BackendError(SagakitError):
-    """A backend failed; ``__cause__`` holds the driver's own exception."""
+    """A backend failed; ``__cause__`` holds the driver's own exception.
+
+    ``retryable`` tells whether the same call may succeed if tried again later
+    (the subclasses fix it; a plain BackendError says no).
+    """
+
+    retryable: bool = False
 
     def __init__(self, backend: str, message: str) -> None:
         super().__init__(f"{backend}: {message}")
         self.backend = backend
+
+
+class BackendUnavailable(BackendError):
+    """The server cannot be reached, or the connection was lost; a retry may help."""
+
+    retryable = True
+
+
+class BackendBusy(BackendError):
+    """The server refused for now (serialization failure, deadlock, lock timeout); retry."""
+
+    retryable = True
+
+
+class SchemaMismatch(BackendError):
+    """The store's schema is newer than this sagakit understands, or is not sagakit's."""
+
+
+class BackendRefused(BackendError):
+    """The server refused the request for good (permission, credentials, invalid request)."""

@@ -1,43 +1,109 @@
-"""The event bus port: publish events, subscribe handlers by event type."""
+"""The event bus port: publish events durably, deliver them to consumer groups.
+
+Semantics every backend gives (the conformance suite in
+``tests/conformance/event_bus.py`` checks each point on every backend):
+
+- ``publish`` returns once the bus has durably accepted the event (a JetStream
+  ack, a RabbitMQ publisher confirm, a Redis ``XADD`` reply, the in-process
+  queue's slot) and raises :class:`~sagakit.errors.BackendError` otherwise: an
+  event is never dropped silently. A full in-process queue makes ``publish``
+  wait (back-pressure), it does not grow without bound.
+- ``subscribe(event_type, handler, group="inventory")`` joins a durable
+  consumer group. Every group receives every event of the type; the handlers
+  of one group compete, each event going to one of them, so a service scales
+  out by running more copies. Without a group, the subscription is the
+  handler's own (it receives every event of the type, as a group of one).
+- Delivery is at least once, with explicit acknowledgement: a handler that
+  returns acknowledges the event; one that raises gets it again after a
+  backoff; a consumer that dies holding an event loses it to another consumer
+  of its group once ``ack_timeout`` passes.
+- After ``max_deliveries`` failed deliveries the event goes to the group's
+  dead letters with the last error and the delivery count;
+  :meth:`EventBus.dead_letters` lists them and
+  :meth:`EventBus.replay_dead_letter` publishes one again, to that group.
+- ``close`` stops taking new events, lets the handlers in flight finish and
+  acknowledges what they finished.
+
+Handlers may be coroutine functions or plain functions. The wire format of an
+event is one versioned JSON envelope, the same on every broker
+(:mod:`sagakit.core.envelope`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from sagakit.core.event import Event
 
-__all__ = ["ALL_EVENTS", "EventBus", "Handler", "Subscription"]
+__all__ = [
+    "ALL_EVENTS",
+    "DEFAULT_ACK_TIMEOUT",
+    "DEFAULT_MAX_DELIVERIES",
+    "DeadLetter",
+    "EventBus",
+    "Handler",
+    "Subscription",
+]
 
-Handler = Callable[[Event], Awaitable[None]]
+# A handler returns to acknowledge and raises to ask for a redelivery.
+Handler = Callable[[Event], Awaitable[None] | None]
 
 # Subscribing to this type receives every event (trackers, taps, audit logs).
 ALL_EVENTS = "*"
 
+# Five tries, then a dead letter: enough to ride out a restart of a peer, few
+# enough that a poisoned event stops costing work within seconds.
+DEFAULT_MAX_DELIVERIES = 5
+# Seconds a consumer may hold an event before its group hands it to another.
+DEFAULT_ACK_TIMEOUT = 30.0
+
+
+class DeadLetter(NamedTuple):
+    """An event that a group gave up on, and why."""
+
+    id: str  # the dead letter's id on this bus (what replay_dead_letter takes)
+    group: str
+    event: Event
+    error: str  # the last delivery's error, "ExceptionType: message"
+    deliveries: int
+    failed_at: float  # seconds since the epoch
+
 
 class Subscription(Protocol):
-    async def cancel(self) -> None: ...
+    async def cancel(self) -> None:
+        """Stop this subscription's deliveries; events it holds go back to its group."""
+        ...
 
 
 @runtime_checkable
 class EventBus(Protocol):
-    """At-least-once delivery of events to every handler subscribed to their type.
-
-    ``publish`` returns once the bus has accepted the event, not once handlers
-    ran: delivery is asynchronous on every backend, the in-process one included,
-    so code written against one behaves the same on another. Events of one
-    publisher are delivered in the order published. A handler that raises does
-    not stop delivery to the others.
-    """
-
     async def publish(self, event: Event) -> None: ...
 
-    async def subscribe(self, event_type: str, handler: Handler) -> Subscription:
+    async def subscribe(
+        self,
+        event_type: str,
+        handler: Handler,
+        *,
+        group: str | None = None,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+    ) -> Subscription:
         """Call ``handler`` for every event of ``event_type`` (``"*"``: every event)."""
         ...
 
     async def drain(self) -> None:
-        """Wait until every event published so far has been handled."""
+        """Wait until every event published so far through this bus, and every event
+        those handlers published in turn, has been handled by this process's
+        subscriptions (acknowledged or dead-lettered)."""
+        ...
+
+    async def dead_letters(self, group: str, *, limit: int = 100) -> Sequence[DeadLetter]:
+        """The group's dead letters, oldest first."""
+        ...
+
+    async def replay_dead_letter(self, group: str, dead_letter_id: str) -> None:
+        """Deliver a dead letter to its group again and remove it from the dead letters."""
         ...
 
     async def close(self) -> None: ...

@@ -1,58 +1,180 @@
-"""The saga log port: an append-only record of every saga's transitions."""
+"""The saga log port: every saga's records, leases on running sagas, and journals.
+
+A saga log keeps, per saga id, an append-only sequence of records
+(:mod:`sagakit.core.records`) and beside it what a worker needs to share the
+work with others: the saga's status, and a lease (owner, expiry, fencing
+epoch).
+
+Writes go through a :class:`Journal`, one per running saga. The driver stages
+the records a decision produced and, when the log is :attr:`SagaLog.durable`,
+flushes them before it dispatches the commands that depend on them. Group
+commit (many sagas' flushes in one transaction) lives behind ``flush``, in the
+adapter, never in the driver. On a log that is not durable (``memory://``),
+``stage`` applies the records at once and ``flush`` has nothing left to do.
+
+Fencing: every claim of a saga bumps its epoch. A journal writes only while
+its epoch is the saga's current one; otherwise ``flush`` (or, on a log that is
+not durable, ``stage``) raises :class:`~sagakit.errors.LeaseLost` and writes
+nothing. A batch is written whole or not at all.
+
+Leases are measured on the log's own clock (the database server's, where there
+is one), so workers on machines whose clocks differ still agree on expiry.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
-from sagakit.core.machine import SagaRecord
+from sagakit.core.records import SagaRecord, SagaStatus
 
-__all__ = ["ImmediateSagaLog", "SagaLog"]
+__all__ = ["Claim", "Journal", "Lease", "LoggedRecord", "SagaLog", "SagaSummary"]
+
+
+class Lease(NamedTuple):
+    owner: str
+    epoch: int  # the fencing token: bumped by every claim
+    expires_at: float  # seconds since the epoch, on the log's clock
+
+
+class LoggedRecord(NamedTuple):
+    """A record as the log holds it: its place in the saga's log and when it was written."""
+
+    seq: int  # 0-based position in the saga's log
+    record: SagaRecord
+    recorded_at: float  # seconds since the epoch, on the log's clock
+
+
+class SagaSummary(NamedTuple):
+    """One saga as a listing shows it."""
+
+    saga_id: str
+    saga: str  # the definition's name
+    status: SagaStatus
+    records: int  # how many records its log holds
+    owner: str | None  # the lease holder, while one holds it
+    lease_expires_at: float | None
+    created_at: float
+    updated_at: float
+
+
+@runtime_checkable
+class Journal(Protocol):
+    """The writer of one saga's log, under one lease (or none, for a saga only recorded)."""
+
+    @property
+    def saga_id(self) -> str: ...
+
+    @property
+    def lease(self) -> Lease | None: ...
+
+    @property
+    def version(self) -> int:
+        """How many records the saga's log holds, staged ones included."""
+        ...
+
+    def stage(self, records: Sequence[SagaRecord]) -> None:
+        """Add records to write with the next flush (at once, on a log that is not durable)."""
+        ...
+
+    async def flush(self) -> None:
+        """Make every staged record durable, in order, all or none.
+
+        Raises LeaseLost when the journal's epoch is no longer the saga's, and
+        BackendError when the backend failed (its ``retryable`` tells whether
+        flushing again may help; the staged records are kept until a flush
+        succeeds).
+        """
+        ...
+
+
+class Claim(NamedTuple):
+    """A saga taken over by a worker: its log so far, and the journal to go on with."""
+
+    records: list[SagaRecord]
+    journal: Journal
 
 
 @runtime_checkable
 class SagaLog(Protocol):
-    """Append-only, per-saga sequences of records with optimistic concurrency.
+    """Saga logs with leases; see the module docstring for the rules."""
 
-    ``version`` in :meth:`append` is the number of records the writer has seen
-    for that saga; if the log holds another number (another orchestrator got
-    there first), ``append`` raises :class:`~sagakit.errors.SagaLogConflict` and
-    writes nothing. A batch is written whole or not at all. An empty batch
-    writes nothing but is checked all the same, so an empty append at version
-    0 tells whether a saga id is new.
-    """
-
-    async def append(self, saga_id: str, version: int, records: Sequence[SagaRecord]) -> None: ...
-
-    async def read(self, saga_id: str) -> list[SagaRecord]:
-        """Every record of the saga in order; an empty list for an unknown saga."""
+    @property
+    def durable(self) -> bool:
+        """True when records outlive the process: the driver then flushes before acting."""
         ...
 
-    async def unfinished(self) -> list[str]:
-        """Ids of the sagas whose log does not end with ``SagaFinished``, oldest first."""
+    async def create(
+        self,
+        saga_id: str,
+        opening: Sequence[SagaRecord],
+        *,
+        owner: str | None,
+        ttl: float,
+    ) -> Journal | None:
+        """Record a new saga with its opening records (``SagaStarted`` first), durably.
+
+        With an ``owner``, the saga is leased to it for ``ttl`` seconds and the
+        journal returned writes under that lease; with None, the saga is only
+        recorded, for any worker to claim (``Orchestrator.start``). Returns None,
+        writing nothing, when the saga id is already in the log.
+        """
+        ...
+
+    async def claim(self, saga_id: str, *, owner: str, ttl: float) -> Claim | None:
+        """Take the saga over: it must be unfinished, and unleased, or leased to
+        ``owner``, or its lease expired. Bumps the epoch. None otherwise (unknown,
+        finished, or held by a live lease)."""
+        ...
+
+    async def claim_next(self, *, owner: str, ttl: float, limit: int) -> list[Claim]:
+        """Claim up to ``limit`` unfinished sagas with no live lease, oldest first.
+
+        Concurrent callers (other processes included) never get the same saga.
+        """
+        ...
+
+    async def renew(self, journals: Sequence[Journal], *, ttl: float) -> list[str]:
+        """Extend these journals' leases by ``ttl`` from now; return the ids of the
+        sagas whose lease was lost (another epoch holds them, or they finished)."""
+        ...
+
+    async def release(self, journal: Journal) -> None:
+        """Give the saga's lease up (a clean stop): another worker may claim it at once."""
+        ...
+
+    async def read(self, saga_id: str) -> list[SagaRecord]:
+        """Every record of the saga, in order; an empty list for an unknown saga."""
+        ...
+
+    async def history(self, saga_id: str) -> list[LoggedRecord]:
+        """Every record of the saga with its position and time (for timelines)."""
+        ...
+
+    async def status(self, saga_id: str) -> SagaSummary | None: ...
+
+    async def list(
+        self, *, status: SagaStatus | Sequence[SagaStatus] | None = None, limit: int = 100
+    ) -> list[SagaSummary]:
+        """Sagas, newest first, of the given status(es) or all."""
         ...
 
     async def close(self) -> None: ...
 
 
+# --- the previous port, kept only until the orchestrator moves to the journal above ---
+
+
 @runtime_checkable
-class ImmediateSagaLog(SagaLog, Protocol):
-    """A saga log that appends without awaiting (the in-memory one).
-
-    The orchestrator calls :meth:`append_now` instead of awaiting
-    :meth:`SagaLog.append` when a log offers it, which saves a coroutine per
-    transition; the semantics are exactly those of ``append``.
-
-    ``volatile`` is True when the records do not outlive the process. The
-    orchestrator then writes the transitions of a run of synchronous steps in
-    one batch, before it next awaits (or when it stops): the write-ahead order
-    exists for whoever reads the log after a crash, and a volatile log has no
-    such reader, while between two awaits no coroutine can read it either. A
-    new saga's opening records wait too: an empty append checks that its id
-    is new. A log that is immediate but durable (a synchronous file, say) must
-    say False.
-    """
-
+class ImmediateSagaLog(Protocol):  # pragma: no cover - removed by the durable-engine rebuild
     volatile: bool
 
-    def append_now(self, saga_id: str, version: int, records: Sequence[SagaRecord]) -> None: ...
+    async def append(self, saga_id: str, version: int, records: Sequence[object]) -> None: ...
+
+    def append_now(self, saga_id: str, version: int, records: Sequence[object]) -> None: ...
+
+    async def read(self, saga_id: str) -> list[SagaRecord]: ...
+
+    async def unfinished(self) -> list[str]: ...
+
+    async def close(self) -> None: ...
