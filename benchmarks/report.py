@@ -6,10 +6,11 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.timing import Comparison, Config
+from benchmarks.timing import Comparison, Config, Series
 
 __all__ = ["environment", "table", "write_json"]
 
@@ -92,7 +93,40 @@ def table(comparisons: list[Comparison], env: dict[str, object]) -> str:
         " (a cross-check that other load on the machine barely moves)",
     ]
     sides = [f"  {c.title}: {c.subject.label} vs {c.baseline.label}" for c in comparisons]
-    return "\n".join([*legend, "", *lines, "", "what is measured (sagakit vs baseline):", *sides])
+    return "\n".join(
+        [
+            *legend,
+            "",
+            *lines,
+            *_details(comparisons),
+            "",
+            "what is measured (sagakit vs baseline):",
+            *sides,
+        ]
+    )
+
+
+def _side_details(series: Series) -> str:
+    parts = []
+    if series.p50:
+        # The best repeat's figures, as for the rates.
+        parts.append(f"p50 {min(series.p50) * 1e3:.2f} ms, p99 {min(series.p99) * 1e3:.2f} ms")
+    if series.per_unit:
+        keys = sorted({k for counters in series.per_unit for k in counters})
+        for key in keys:
+            values = [c[key] for c in series.per_unit if key in c]
+            parts.append(f"{key} {statistics.median(values):.2f}/unit")
+    return "; ".join(parts)
+
+
+def _details(comparisons: list[Comparison]) -> list[str]:
+    """Latencies and work per unit, for the benchmarks that measure them."""
+    lines = []
+    for c in comparisons:
+        subject, baseline = _side_details(c.subject), _side_details(c.baseline)
+        if subject or baseline:
+            lines.append(f"  {c.title}: sagakit {subject or '-'} | baseline {baseline or '-'}")
+    return ["", "latency (best repeat) and work per unit (median):", *lines] if lines else []
 
 
 def write_json(path: Path, comparisons: list[Comparison], env: dict[str, object]) -> None:

@@ -10,6 +10,7 @@ clock, so a CPU ratio far from the wall ratio says the run was disturbed.
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import sys
 from collections.abc import Callable
@@ -26,6 +27,7 @@ __all__ = [
     "Stopwatch",
     "Timing",
     "compare",
+    "percentile",
 ]
 
 
@@ -45,10 +47,24 @@ class Config:
 
 
 class Timing(NamedTuple):
-    """Seconds one measurement's timed region took, by the wall and the CPU clock."""
+    """Seconds one measurement's timed region took, by the wall and the CPU clock.
+
+    A measurement may add each unit's latency in seconds (a saga from start to
+    outcome, an order from publish to its final event) and counters of the
+    work it caused (``{"commits": 1234.0}``), which the report divides by size.
+    """
 
     wall: float
     cpu: float
+    latencies: list[float] | None = None
+    counters: dict[str, float] | None = None
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The ``fraction`` quantile by the nearest-rank method (0.99: p99)."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1))
+    return ordered[rank]
 
 
 class Stopwatch:
@@ -72,6 +88,28 @@ class Series:
     label: str
     rates: list[float] = field(default_factory=list)
     cpu_rates: list[float] = field(default_factory=list)
+    # Per repeat, when the measurement gave them: p50 and p99 latency in
+    # seconds, and counters per unit (commits per saga, say).
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    per_unit: list[dict[str, float]] = field(default_factory=list)
+
+    def add(self, size: int, timing: Timing) -> None:
+        self.rates.append(size / timing.wall)
+        self.cpu_rates.append(size / timing.cpu)
+        if timing.latencies:
+            self.p50.append(percentile(timing.latencies, 0.50))
+            self.p99.append(percentile(timing.latencies, 0.99))
+        if timing.counters:
+            self.per_unit.append({k: v / size for k, v in timing.counters.items()})
+
+    @property
+    def best_p99(self) -> float | None:
+        return min(self.p99) if self.p99 else None
+
+    @property
+    def best_p50(self) -> float | None:
+        return min(self.p50) if self.p50 else None
 
     @property
     def best(self) -> float:
@@ -150,6 +188,9 @@ def _series_json(series: Series) -> dict[str, object]:
         "median": series.median,
         "cpu_rates": series.cpu_rates,
         "cpu_best": series.cpu_best,
+        "p50_seconds": series.p50,
+        "p99_seconds": series.p99,
+        "per_unit": series.per_unit,
     }
 
 
@@ -177,8 +218,7 @@ def compare(
             # this one's clock.
             gc.collect()
             timing = measure()
-            series.rates.append(size / timing.wall)
-            series.cpu_rates.append(size / timing.cpu)
+            series.add(size, timing)
             print(
                 f"  {key}: {series.label} #{repeat + 1}: {size / timing.wall:,.0f} {unit}"
                 f" (cpu {size / timing.cpu:,.0f})",
