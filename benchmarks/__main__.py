@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import choreography, node, orchestration
+from benchmarks import choreography, durable, node, orchestration
 from benchmarks.report import environment, table, write_json
 from benchmarks.timing import BenchmarkError, Comparison, Config
 
@@ -15,6 +15,7 @@ SUITES: dict[str, Callable[[Config], list[Comparison]]] = {
     "node": node.run,
     "orchestration": orchestration.run,
     "choreography": choreography.run,
+    "durable": durable.run,
 }
 
 

@@ -87,6 +87,14 @@ def setup() -> None:
     STAMP.write_text(wanted)
 
 
+def setup_bench() -> None:
+    """The benchmarks' peers (DBOS Transact) on top of the development environment."""
+    setup()
+    if run(PYTHON, "-c", "import dbos", check=False) != 0:
+        say("installing the benchmarks' peers")
+        run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev,bench]")
+
+
 def test(args: list[str]) -> int:
     steps = [
         [BIN / "ruff", "check", *LINTED],
@@ -109,7 +117,7 @@ def main(argv: list[str]) -> int:
         "setup": lambda: 0,
         "demo": lambda: run(BIN / "sagakit", "demo", *args, check=False),
         "test": lambda: test(args),
-        "bench": lambda: run(PYTHON, "-m", "benchmarks", *args, check=False),
+        "bench": lambda: setup_bench() or run(PYTHON, "-m", "benchmarks", *args, check=False),
         "node": lambda: run(BIN / "sagakit", "node", *args, check=False),
     }
     if task not in tasks:
