@@ -1,4 +1,4 @@
-"""The ``sagakit`` command: ``sagakit demo`` and ``sagakit node``.
+"""The ``sagakit`` command: ``demo``, ``node``, ``worker``, ``sagas list|show``.
 
 Only typer is imported up front. ``sagakit node`` is started afresh for every
 run of a protocol test, and its stdout carries protocol messages only, so it
@@ -62,6 +62,102 @@ def node() -> None:
     from sagakit.node.runner import main as serve_node
 
     exit_now(serve_node())
+
+
+@app.command()
+def worker(
+    store: Annotated[
+        str, typer.Option("--store", help="The saga log's URL, e.g. sqlite:///sagas.db.")
+    ],
+    sagas: Annotated[
+        list[str],
+        typer.Option(
+            "--sagas",
+            help="package.module:NAME, a saga definition or a list of them (repeatable).",
+        ),
+    ],
+    owner: Annotated[
+        str | None,
+        typer.Option("--owner", help="This worker's name in leases (default: host:pid)."),
+    ] = None,
+) -> None:
+    """Run sagas from a shared saga log until SIGTERM or SIGINT, then give the leases up."""
+    import asyncio
+    import logging
+    import os
+
+    from sagakit.cli.worker import load_sagas, run_worker
+    from sagakit.errors import SagakitError
+
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=os.environ.get("SAGAKIT_LOG", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        definitions = [d for spec in sagas for d in load_sagas(spec)]
+        asyncio.run(run_worker(store, definitions, owner))
+    except SagakitError as exc:
+        typer.echo(f"sagakit worker: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+sagas_app = typer.Typer(help="Inspect the sagas of a saga log.", no_args_is_help=True)
+app.add_typer(sagas_app, name="sagas")
+
+
+@sagas_app.command("list")
+def sagas_list(
+    store: Annotated[str, typer.Option("--store", help="The saga log's URL.")],
+    status: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--status",
+            help="Only sagas of this status (repeatable or comma-separated): running, "
+            "compensating, completed, compensated, failed.",
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 50,
+) -> None:
+    """List sagas, newest first."""
+    import asyncio
+
+    from sagakit.adapters import open_saga_log
+    from sagakit.cli.sagas import parse_statuses, print_table, show_list
+    from sagakit.errors import SagakitError
+
+    try:
+        statuses = parse_statuses(status or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--status") from None
+    try:
+        print_table(asyncio.run(show_list(open_saga_log(store), statuses, limit)))
+    except SagakitError as exc:
+        typer.echo(f"sagakit sagas list: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@sagas_app.command("show")
+def sagas_show(
+    saga_id: Annotated[str, typer.Argument(help="The saga's id.")],
+    store: Annotated[str, typer.Option("--store", help="The saga log's URL.")],
+) -> None:
+    """Show every record of one saga: step, attempt, result or error, time."""
+    import asyncio
+
+    from sagakit.adapters import open_saga_log
+    from sagakit.cli.sagas import print_table, show_saga
+    from sagakit.errors import SagakitError
+
+    try:
+        table = asyncio.run(show_saga(open_saga_log(store), saga_id))
+    except SagakitError as exc:
+        typer.echo(f"sagakit sagas show: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if table is None:
+        typer.echo(f"sagakit sagas show: no saga {saga_id!r} in {store}", err=True)
+        raise typer.Exit(1)
+    print_table(table)
 
 
 def main() -> None:

@@ -1,0 +1,79 @@
+"""``sagakit worker``: a worker process that carries sagas on from a shared saga log.
+
+It claims every unfinished saga whose lease expired (a dead worker's, or one
+that ``Orchestrator.start`` only recorded), drives it to its end, and goes on
+doing so until SIGTERM or SIGINT; then it stops taking work, lets the step in
+flight finish or be abandoned at the next record, and gives its leases up so
+another worker may carry on at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Iterable
+
+from sagakit.core.saga import SagaDefinition
+from sagakit.errors import ConfigurationError
+
+__all__ = ["load_sagas", "run_worker"]
+
+log = logging.getLogger("sagakit.worker")
+
+
+def load_sagas(spec: str) -> list[SagaDefinition]:
+    """The definitions ``package.module:NAME`` names: NAME is one definition or an
+    iterable of them. The current directory is importable, as ``python -m`` makes it."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigurationError(f"--sagas {spec!r}: expected package.module:NAME")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"--sagas {spec!r}: cannot import {module_name}: {exc}") from exc
+    try:
+        value: object = module
+        for part in attr.split("."):
+            value = getattr(value, part)
+    except AttributeError as exc:
+        raise ConfigurationError(f"--sagas {spec!r}: {module_name} has no {attr}") from exc
+    if isinstance(value, SagaDefinition):
+        return [value]
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        sagas = list(value)
+        if sagas and all(isinstance(s, SagaDefinition) for s in sagas):
+            return sagas
+    raise ConfigurationError(
+        f"--sagas {spec!r}: {attr} must be a SagaDefinition or a list of them, "
+        f"not {type(value).__name__}"
+    )
+
+
+async def run_worker(store: str, sagas: list[SagaDefinition], owner: str | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop cleanly."""
+    from sagakit.orchestration import Orchestrator
+
+    orchestrator = Orchestrator(store, sagas=sagas, owner=owner)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    serving = asyncio.create_task(orchestrator.serve())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if serving.done():
+            serving.result()  # serve() ended by itself: say why
+        log.info("stopping: giving the leases up")
+    finally:
+        stopping.cancel()
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        await orchestrator.close()
