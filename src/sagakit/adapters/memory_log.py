@@ -1,73 +1,346 @@
-"""The in-memory saga log: real, complete, and gone with the process."""
+"""The in-memory saga log: the whole :class:`~sagakit.ports.saga_log.SagaLog` port, gone
+with the process.
+
+``memory://`` opens one; ``memory://?max_finished=N`` sets how many finished
+sagas it keeps (default 100,000). When a saga finishes beyond that number, the
+oldest finished saga is forgotten: its id is unknown again, so running that id
+again runs a new saga, and ``status``/``read`` know nothing of it. Running
+sagas are never evicted. So a long-running process on the default cannot grow
+without bound.
+
+It is not durable: ``stage`` writes at once (checking the journal's epoch
+first, and raising :class:`~sagakit.errors.LeaseLost` without writing when
+another worker claimed the saga), and ``flush`` has nothing left to do.
+Records are kept as objects, not serialised, but the values in them follow the
+rule of every backend: a saga's input and its steps' results must be JSON
+values (:class:`~sagakit.errors.SagaError` otherwise), so code that works here
+works on a durable log.
+
+Leases are measured on ``clock`` (default :func:`time.time`; tests pass their own).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlsplit
 
-from sagakit.core.machine import SagaFinished, SagaRecord
-from sagakit.errors import SagaLogConflict
+from sagakit.core.records import (
+    SagaRecord,
+    SagaStarted,
+    SagaStatus,
+    StepCompleted,
+    check_json,
+    status_after,
+)
+from sagakit.errors import ConfigurationError, LeaseLost, SagaError
+from sagakit.ports.saga_log import Claim, Lease, LoggedRecord, SagaLog, SagaSummary
 
-__all__ = ["InMemorySagaLog"]
+__all__ = ["DEFAULT_MAX_FINISHED", "InMemorySagaLog"]
+
+DEFAULT_MAX_FINISHED = 100_000
+
+_RUNNING = SagaStatus.RUNNING
+
+
+class _Saga:
+    """One saga's log and lease."""
+
+    __slots__ = (
+        "created_at",
+        "epoch",
+        "expires_at",
+        "owner",
+        "records",
+        "saga_id",
+        "stamps",
+        "started",
+        "status",
+        "updated_at",
+    )
+
+    def __init__(self, saga_id: str, started: SagaStarted, now: float) -> None:
+        self.saga_id = saga_id
+        self.started = started
+        self.records: list[SagaRecord] = []
+        # When each record was written; one float object shared by a batch.
+        self.stamps: list[float] = []
+        self.status = _RUNNING
+        self.owner: str | None = None
+        self.epoch = 0
+        self.expires_at = 0.0
+        self.created_at = self.updated_at = now
+
+
+class _Journal:
+    """Writes one saga's records under one epoch."""
+
+    __slots__ = ("_entry", "_epoch", "_log", "lease", "saga_id")
+
+    def __init__(self, log: InMemorySagaLog, entry: _Saga, lease: Lease | None) -> None:
+        self._log = log
+        self._entry = entry
+        self._epoch = entry.epoch
+        self.saga_id = entry.saga_id
+        self.lease = lease
+
+    @property
+    def version(self) -> int:
+        return len(self._entry.records)
+
+    def stage(self, records: Sequence[SagaRecord]) -> None:
+        entry = self._entry
+        if entry.epoch != self._epoch or entry.status.is_final:
+            owner = self.lease.owner if self.lease is not None else "(no owner)"
+            detail = "the saga is finished" if entry.status.is_final else "claimed by another"
+            raise LeaseLost(self.saga_id, owner, self._epoch, detail)
+        if not records:
+            return
+        for record in records:
+            if type(record) is StepCompleted:
+                _check_result(entry, record)
+        self._log._append(entry, records)
+
+    async def flush(self) -> None:
+        return None  # stage wrote already
+
+
+def _check_result(entry: _Saga, record: StepCompleted) -> None:
+    try:
+        check_json(record.result)
+    except (TypeError, ValueError) as exc:
+        steps = entry.started.steps
+        step = steps[record.step] if 0 <= record.step < len(steps) else str(record.step)
+        raise SagaError(
+            entry.saga_id, f"the result of step {step!r} is not a JSON value: {exc}", step=step
+        ) from exc
 
 
 class InMemorySagaLog:
-    """A :class:`~sagakit.ports.saga_log.SagaLog` held in a dict.
+    """A saga log held in dicts; see the module docstring."""
 
-    Records are stored as given, not serialised, so results need not be JSON
-    here; the durable logs require JSON-serialisable inputs and results.
-    """
+    durable = False
 
-    # Gone with the process: the orchestrator may batch synchronous transitions.
-    volatile = True
-
-    def __init__(self) -> None:
-        # dicts keep insertion order: the first append of a saga fixes its place.
-        self._logs: dict[str, list[SagaRecord] | tuple[SagaRecord, ...]] = {}
+    def __init__(
+        self, *, max_finished: int = DEFAULT_MAX_FINISHED, clock: Callable[[], float] = time.time
+    ) -> None:
+        if type(max_finished) is not int or max_finished < 0:
+            raise ConfigurationError(
+                f"max_finished must be a whole number >= 0, got {max_finished!r}"
+            )
+        self.max_finished = max_finished
+        self._clock = clock
+        # Every saga kept, in the order they were created.
+        self._sagas: dict[str, _Saga] = {}
+        # Unfinished sagas, oldest first (claim_next's queue), and finished
+        # ones in the order they finished (the eviction order).
+        self._unfinished: dict[str, _Saga] = {}
+        self._finished: dict[str, None] = {}
 
     @classmethod
     def from_url(cls, url: str) -> InMemorySagaLog:
-        return cls()
+        parts = urlsplit(url)
+        options = dict(parse_qsl(parts.query, keep_blank_values=True))
+        unknown = set(options) - {"max_finished"}
+        if unknown or parts.netloc or parts.path not in ("", "/"):
+            raise ConfigurationError(
+                f"saga log URL {url!r}: memory:// takes only ?max_finished=N"
+                + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else "")
+            )
+        raw = options.get("max_finished")
+        if raw is None:
+            return cls()
+        try:
+            max_finished = int(raw)
+        except ValueError:
+            max_finished = -1
+        if max_finished < 0:
+            raise ConfigurationError(
+                f"saga log URL {url!r}: max_finished must be a whole number >= 0, got {raw!r}"
+            )
+        return cls(max_finished=max_finished)
 
-    async def append(self, saga_id: str, version: int, records: Sequence[SagaRecord]) -> None:
-        self.append_now(saga_id, version, records)
+    # --- writing ---------------------------------------------------------------------
 
-    def append_now(self, saga_id: str, version: int, records: Sequence[SagaRecord]) -> None:
-        logs = self._logs
-        if version == 0 and records:
-            # A new saga's opening records: the commonest write, in one look at
-            # the index (it outgrows the caches), where get then set took two.
-            # A finished saga's records stop changing, and they are most of what
-            # this log holds: kept in an exactly sized tuple, not a list with room
-            # to grow (and, when given a tuple, as given: see happy_path_log).
-            new = tuple(records) if type(records[-1]) is SagaFinished else list(records)
-            kept = logs.setdefault(saga_id, new)
-            if kept is not new:
-                raise SagaLogConflict(saga_id, version, len(kept))
-            return
-        log = logs.get(saga_id)
-        if log is None:
-            if version != 0:
-                raise SagaLogConflict(saga_id, version, 0)
-            return  # an empty batch leaves no trace, as it inserts no row in SQL
-        if len(log) != version:
-            raise SagaLogConflict(saga_id, version, len(log))
-        if not records:
-            return
-        if type(log) is list and type(records[-1]) is not SagaFinished:
-            log += records
-        else:
-            logs[saga_id] = (*log, *records)
+    async def create(
+        self,
+        saga_id: str,
+        opening: Sequence[SagaRecord],
+        *,
+        owner: str | None,
+        ttl: float,
+    ) -> _Journal | None:
+        return self.create_now(saga_id, opening, owner=owner, ttl=ttl)
+
+    def create_now(
+        self,
+        saga_id: str,
+        opening: Sequence[SagaRecord],
+        *,
+        owner: str | None,
+        ttl: float,
+    ) -> _Journal | None:
+        """:meth:`create`, done at once (what the orchestrator's in-memory fast path calls)."""
+        sagas = self._sagas
+        if saga_id in sagas:
+            return None
+        started = opening[0] if opening else None
+        if type(started) is not SagaStarted:
+            raise ValueError(f"a saga's log opens with SagaStarted, not {started!r}")
+        data = started.data
+        if data:
+            try:
+                check_json(data if type(data) is dict else dict(data))
+            except (TypeError, ValueError) as exc:
+                raise SagaError(saga_id, f"its input is not a JSON value: {exc}") from exc
+        now = self._clock()
+        entry = sagas[saga_id] = _Saga(saga_id, started, now)
+        lease = None
+        if owner is not None:
+            entry.owner, entry.epoch, entry.expires_at = owner, 1, now + ttl
+            lease = Lease(owner, 1, entry.expires_at)
+        self._unfinished[saga_id] = entry
+        journal = _Journal(self, entry, lease)
+        journal.stage(opening)
+        return journal
+
+    def _append(self, entry: _Saga, records: Sequence[SagaRecord]) -> None:
+        now = self._clock()
+        entry.records += records
+        entry.stamps += [now] * len(records)
+        entry.updated_at = now
+        for record in records:
+            status = status_after(record)
+            if status is not None:
+                entry.status = status
+        if entry.status.is_final:
+            self._finish(entry)
+
+    def _finish(self, entry: _Saga) -> None:
+        entry.owner, entry.expires_at = None, 0.0
+        saga_id = entry.saga_id
+        self._unfinished.pop(saga_id, None)
+        finished = self._finished
+        finished[saga_id] = None
+        while len(finished) > self.max_finished:
+            oldest = next(iter(finished))
+            del finished[oldest]
+            del self._sagas[oldest]
+
+    # --- leases ----------------------------------------------------------------------
+
+    def _take(self, entry: _Saga, owner: str, ttl: float, now: float) -> Claim:
+        entry.epoch += 1
+        entry.owner, entry.expires_at = owner, now + ttl
+        journal = _Journal(self, entry, Lease(owner, entry.epoch, entry.expires_at))
+        return Claim(list(entry.records), journal)
+
+    async def claim(self, saga_id: str, *, owner: str, ttl: float) -> Claim | None:
+        entry = self._unfinished.get(saga_id)
+        if entry is None:
+            return None
+        now = self._clock()
+        if entry.owner is not None and entry.owner != owner and entry.expires_at > now:
+            return None
+        return self._take(entry, owner, ttl, now)
+
+    async def claim_next(self, *, owner: str, ttl: float, limit: int) -> list[Claim]:
+        now = self._clock()
+        free = [
+            entry
+            for entry in self._unfinished.values()
+            if entry.owner is None or entry.expires_at <= now
+        ][: max(limit, 0)]
+        return [self._take(entry, owner, ttl, now) for entry in free]
+
+    async def renew(self, journals: Sequence[object], *, ttl: float) -> list[str]:
+        now = self._clock()
+        lost = []
+        for journal in journals:
+            if not isinstance(journal, _Journal) or journal._log is not self:
+                raise TypeError(f"not a journal of this log: {journal!r}")
+            entry = journal._entry
+            if (
+                entry.epoch != journal._epoch
+                or entry.status.is_final
+                or self._sagas.get(entry.saga_id) is not entry
+            ):
+                lost.append(journal.saga_id)
+                continue
+            entry.expires_at = now + ttl
+            if entry.owner is not None:
+                journal.lease = Lease(entry.owner, entry.epoch, entry.expires_at)
+        return lost
+
+    async def release(self, journal: object) -> None:
+        if not isinstance(journal, _Journal):
+            raise TypeError(f"not a journal of this log: {journal!r}")
+        entry = journal._entry
+        if entry.epoch == journal._epoch and not entry.status.is_final:
+            entry.owner, entry.expires_at = None, 0.0
+
+    # --- reading ---------------------------------------------------------------------
 
     async def read(self, saga_id: str) -> list[SagaRecord]:
-        return list(self._logs.get(saga_id, ()))
+        entry = self._sagas.get(saga_id)
+        return [] if entry is None else list(entry.records)
 
-    async def unfinished(self) -> list[str]:
+    def read_now(self, saga_id: str) -> list[SagaRecord] | None:
+        """The saga's records at once (the list kept: do not change it), None when unknown."""
+        entry = self._sagas.get(saga_id)
+        return None if entry is None else entry.records
+
+    async def history(self, saga_id: str) -> list[LoggedRecord]:
+        entry = self._sagas.get(saga_id)
+        if entry is None:
+            return []
         return [
-            saga_id
-            for saga_id, log in self._logs.items()
-            if not log or type(log[-1]) is not SagaFinished
+            LoggedRecord(seq, record, stamp)
+            for seq, (record, stamp) in enumerate(zip(entry.records, entry.stamps, strict=True))
         ]
+
+    def _summary(self, entry: _Saga) -> SagaSummary:
+        live = entry.owner is not None
+        return SagaSummary(
+            entry.saga_id,
+            entry.started.saga,
+            entry.status,
+            len(entry.records),
+            entry.owner if live else None,
+            entry.expires_at if live else None,
+            entry.created_at,
+            entry.updated_at,
+        )
+
+    async def status(self, saga_id: str) -> SagaSummary | None:
+        entry = self._sagas.get(saga_id)
+        return None if entry is None else self._summary(entry)
+
+    async def list(
+        self, *, status: SagaStatus | Sequence[SagaStatus] | None = None, limit: int = 100
+    ) -> list[SagaSummary]:
+        wanted: frozenset[SagaStatus] | None
+        if status is None:
+            wanted = None
+        elif isinstance(status, SagaStatus):
+            wanted = frozenset({status})
+        else:
+            wanted = frozenset(SagaStatus(s) for s in status)
+        found: list[SagaSummary] = []
+        if limit <= 0:
+            return found
+        for entry in reversed(self._sagas.values()):
+            if wanted is None or entry.status in wanted:
+                found.append(self._summary(entry))
+                if len(found) >= limit:
+                    break
+        return found
 
     async def close(self) -> None:
         # Nothing to release; the records stay readable, as a closed file's data would.
         return None
+
+
+if TYPE_CHECKING:  # the port, checked by mypy
+    _port: SagaLog = InMemorySagaLog()

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from sagakit.errors import SchemaMismatch
 
@@ -34,6 +33,7 @@ __all__ = [
     "StepCompleted",
     "StepFailed",
     "StepStarted",
+    "check_json",
     "decode_record",
     "encode_record",
     "from_json",
@@ -91,67 +91,128 @@ def from_json(data: bytes | str) -> Any:
     return _loads(data)
 
 
+_SCALARS = frozenset({type(None), str, bool})
+
+
+def check_json(value: Any) -> None:
+    """Raise TypeError unless ``value`` is a JSON value (see :func:`to_json`).
+
+    The common scalars are accepted without encoding: every step result goes
+    through here.
+    """
+    kind = type(value)
+    if kind in _SCALARS or (kind is int and -(2**63) <= value < 2**64):
+        return
+    to_json(value)
+
+
 # --- records ------------------------------------------------------------------------
-# Frozen dataclasses: compared by kind and fields, matched with ``match``.
+# Each kind is a NamedTuple (cheap to build: a saga writes several per step)
+# under a subclass that adds its KIND and makes it equal only to records of its
+# own kind (plain NamedTuples compare as tuples: StepStarted(1) would equal
+# CompensationStarted(1)). Immutable, matched with ``match``.
 
 
-@dataclass(frozen=True, slots=True)
-class SagaStarted:
-    KIND: ClassVar[str] = "saga_started"
+class _OfItsKind:
+    """Equality and hashing by kind and fields."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and _tuple_eq(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not (type(self) is type(other) and _tuple_eq(self, other))
+
+    def __hash__(self) -> int:
+        return _tuple_hash(self)
+
+
+_tuple_eq: Callable[[object, object], bool] = tuple.__eq__  # type: ignore[assignment]
+_tuple_hash: Callable[[object], int] = tuple.__hash__  # type: ignore[assignment]
+
+
+class _SagaStarted(NamedTuple):
     saga: str  # the definition's name
     steps: tuple[str, ...]  # its step names, which the log must match on resume
     data: Mapping[str, Any]  # the saga's input
 
 
-@dataclass(frozen=True, slots=True)
-class StepStarted:
-    """The intent: step ``step``'s action is about to run, for the ``attempt``-th time."""
+class SagaStarted(_OfItsKind, _SagaStarted):
+    __slots__ = ()
+    KIND: ClassVar[str] = "saga_started"
 
-    KIND: ClassVar[str] = "step_started"
+
+class _StepStarted(NamedTuple):
     step: int
     attempt: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class StepCompleted:
-    KIND: ClassVar[str] = "step_completed"
+class StepStarted(_OfItsKind, _StepStarted):
+    """The intent: step ``step``'s action is about to run, for the ``attempt``-th time."""
+
+    __slots__ = ()
+    KIND: ClassVar[str] = "step_started"
+
+
+class _StepCompleted(NamedTuple):
     step: int
     result: Any = None
 
 
-@dataclass(frozen=True, slots=True)
-class StepFailed:
+class StepCompleted(_OfItsKind, _StepCompleted):
+    __slots__ = ()
+    KIND: ClassVar[str] = "step_completed"
+
+
+class _StepFailed(NamedTuple):
+    step: int
+    error: str
+    attempt: int = 1
+
+
+class StepFailed(_OfItsKind, _StepFailed):
+    __slots__ = ()
     KIND: ClassVar[str] = "step_failed"
+
+
+class _CompensationStarted(NamedTuple):
     step: int
-    error: str
     attempt: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class CompensationStarted:
+class CompensationStarted(_OfItsKind, _CompensationStarted):
+    __slots__ = ()
     KIND: ClassVar[str] = "compensation_started"
+
+
+class _CompensationCompleted(NamedTuple):
     step: int
-    attempt: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class CompensationCompleted:
+class CompensationCompleted(_OfItsKind, _CompensationCompleted):
+    __slots__ = ()
     KIND: ClassVar[str] = "compensation_completed"
-    step: int
 
 
-@dataclass(frozen=True, slots=True)
-class CompensationFailed:
-    KIND: ClassVar[str] = "compensation_failed"
+class _CompensationFailed(NamedTuple):
     step: int
     error: str
     attempt: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class SagaFinished:
-    KIND: ClassVar[str] = "saga_finished"
+class CompensationFailed(_OfItsKind, _CompensationFailed):
+    __slots__ = ()
+    KIND: ClassVar[str] = "compensation_failed"
+
+
+class _SagaFinished(NamedTuple):
     status: SagaStatus
+
+
+class SagaFinished(_OfItsKind, _SagaFinished):
+    __slots__ = ()
+    KIND: ClassVar[str] = "saga_finished"
 
 
 SagaRecord = (
@@ -208,13 +269,15 @@ def encode_record(record: SagaRecord) -> tuple[str, int, bytes]:
     kind = record.KIND
     match record:
         case SagaStarted(saga, steps, data):
+            # A read-only input (sagakit.core.saga.NO_INPUT) is a mapping, not a dict.
+            data = data if type(data) is dict else dict(data)
             fields: dict[str, Any] = {"saga": saga, "steps": list(steps), "data": data}
         case StepCompleted(step, result):
             fields = {"step": step, "result": result}
         case SagaFinished(status):
             fields = {"status": str(status)}
         case _:
-            fields = {name: getattr(record, name) for name in record.__dataclass_fields__}
+            fields = record._asdict()
     return kind, RECORD_KINDS[kind][1], to_json(fields)
 
 

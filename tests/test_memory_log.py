@@ -1,0 +1,171 @@
+"""The in-memory saga log's own rules: leases on its clock, fencing, the cap on finished
+sagas, and the JSON rule on values. (The port's conformance suite runs on it too, in
+tests/test_memory_backends.py.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sagakit.adapters import open_saga_log
+from sagakit.adapters.memory_log import DEFAULT_MAX_FINISHED, InMemorySagaLog
+from sagakit.core.records import (
+    SagaFinished,
+    SagaRecord,
+    SagaStarted,
+    SagaStatus,
+    StepCompleted,
+    StepStarted,
+)
+from sagakit.errors import ConfigurationError, LeaseLost, SagaError
+from sagakit.ports.saga_log import Journal, SagaLog
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def opening(data: Any = None) -> list[SagaRecord]:
+    return [SagaStarted("order", ("reserve", "charge"), data or {}), StepStarted(0)]
+
+
+FINISH: list[SagaRecord] = [
+    StepCompleted(0, 1),
+    StepStarted(1),
+    StepCompleted(1, 2),
+    SagaFinished(SagaStatus.COMPLETED),
+]
+
+
+async def test_it_is_the_port_and_not_durable() -> None:
+    log = InMemorySagaLog()
+    assert isinstance(log, SagaLog)
+    assert log.durable is False
+    journal = await log.create("o-1", opening(), owner="w1", ttl=10)
+    assert isinstance(journal, Journal)
+    assert journal.version == 2
+    assert await log.create("o-1", opening(), owner="w2", ttl=10) is None
+
+
+async def test_a_claim_fences_the_previous_holder() -> None:
+    clock = Clock()
+    log = InMemorySagaLog(clock=clock)
+    first = await log.create("o-1", opening(), owner="w1", ttl=10)
+    assert first is not None and first.lease is not None
+    assert await log.claim("o-1", owner="w2", ttl=10) is None  # w1's lease is live
+    clock.now += 11
+    claim = await log.claim("o-1", owner="w2", ttl=10)
+    assert claim is not None
+    assert claim.records == opening()
+    assert claim.journal.lease is not None
+    assert claim.journal.lease.epoch == first.lease.epoch + 1
+    with pytest.raises(LeaseLost) as excinfo:
+        first.stage([StepCompleted(0, 1)])
+    assert excinfo.value.saga_id == "o-1"
+    assert await log.read("o-1") == opening()  # nothing written by the stale holder
+    assert await log.renew([first], ttl=10) == ["o-1"]
+    claim.journal.stage(FINISH)
+    await claim.journal.flush()
+    assert (await log.status("o-1")).status is SagaStatus.COMPLETED  # type: ignore[union-attr]
+    assert await log.claim("o-1", owner="w3", ttl=10) is None  # finished
+
+
+async def test_claim_next_takes_expired_and_released_sagas_oldest_first() -> None:
+    clock = Clock()
+    log = InMemorySagaLog(clock=clock)
+    held = await log.create("a", opening(), owner="w1", ttl=10)
+    await log.create("b", opening(), owner=None, ttl=10)
+    released = await log.create("c", opening(), owner="w1", ttl=100)
+    assert held is not None and released is not None
+    await log.release(released)
+    assert [c.journal.saga_id for c in await log.claim_next(owner="w2", ttl=5, limit=10)] == [
+        "b",
+        "c",
+    ]
+    assert await log.claim_next(owner="w3", ttl=5, limit=10) == []
+    clock.now += 10
+    assert [c.journal.saga_id for c in await log.claim_next(owner="w3", ttl=5, limit=1)] == ["a"]
+    assert await log.renew([held], ttl=10) == ["a"]
+
+
+async def test_renew_extends_a_live_lease() -> None:
+    clock = Clock()
+    log = InMemorySagaLog(clock=clock)
+    journal = await log.create("a", opening(), owner="w1", ttl=10)
+    assert journal is not None
+    clock.now += 8
+    assert await log.renew([journal], ttl=10) == []
+    assert journal.lease is not None and journal.lease.expires_at == clock.now + 10
+    clock.now += 8
+    assert await log.claim("a", owner="w2", ttl=10) is None
+    summary = await log.status("a")
+    assert summary is not None and summary.owner == "w1"
+
+
+async def test_finished_sagas_beyond_the_cap_are_forgotten_oldest_first() -> None:
+    log = InMemorySagaLog(max_finished=2)
+    running = await log.create("running", opening(), owner="w", ttl=10)
+    assert running is not None
+    for saga_id in ("f1", "f2", "f3"):
+        journal = await log.create(saga_id, opening(), owner="w", ttl=10)
+        assert journal is not None
+        journal.stage(FINISH)
+    assert await log.read("f1") == []
+    assert await log.status("f1") is None
+    assert [s.saga_id for s in await log.list()] == ["f3", "f2", "running"]
+    # An evicted id is unknown again: it can be created anew.
+    assert await log.create("f1", opening(), owner="w", ttl=10) is not None
+
+
+def test_the_default_cap_and_the_url_option() -> None:
+    assert InMemorySagaLog().max_finished == DEFAULT_MAX_FINISHED == 100_000
+    log = open_saga_log("memory://?max_finished=5")
+    assert isinstance(log, InMemorySagaLog) and log.max_finished == 5
+    assert open_saga_log("memory://?max_finished=0").max_finished == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["memory://?max_finished=-1", "memory://?max_finished=x", "memory://?size=3", "memory://host"],
+)
+def test_bad_url_options_are_configuration_errors(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        open_saga_log(url)
+
+
+async def test_values_must_be_json() -> None:
+    log = InMemorySagaLog()
+    with pytest.raises(SagaError, match="input"):
+        await log.create("o-1", opening({"when": object()}), owner="w", ttl=10)
+    assert await log.status("o-1") is None
+    journal = await log.create("o-2", opening(), owner="w", ttl=10)
+    assert journal is not None
+    with pytest.raises(SagaError) as excinfo:
+        journal.stage([StepCompleted(0, {1, 2})])
+    assert excinfo.value.step == "reserve"
+    with pytest.raises(SagaError):
+        journal.stage([StepCompleted(0, 2**80)])
+    assert await log.read("o-2") == opening()
+
+
+async def test_list_filters_by_status_newest_first_and_history_has_times() -> None:
+    clock = Clock()
+    log = InMemorySagaLog(clock=clock)
+    for saga_id in ("a", "b", "c"):
+        journal = await log.create(saga_id, opening(), owner="w", ttl=10)
+        assert journal is not None
+        clock.now += 1
+        if saga_id != "b":
+            journal.stage(FINISH)
+    assert [s.saga_id for s in await log.list()] == ["c", "b", "a"]
+    assert [s.saga_id for s in await log.list(status=SagaStatus.RUNNING)] == ["b"]
+    assert [s.saga_id for s in await log.list(status=[SagaStatus.COMPLETED], limit=1)] == ["c"]
+    history = await log.history("a")
+    assert [h.seq for h in history] == list(range(6))
+    assert history[0].recorded_at == 1000.0 and history[-1].recorded_at == 1001.0
+    assert await log.history("nope") == []
