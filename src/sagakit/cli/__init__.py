@@ -80,6 +80,15 @@ def worker(
         str | None,
         typer.Option("--owner", help="This worker's name in leases (default: host:pid)."),
     ] = None,
+    lease_ttl: Annotated[
+        float | None,
+        typer.Option(
+            "--lease-ttl",
+            min=0.1,
+            help="Seconds a saga stays leased to this worker between renewals; a dead "
+            "worker's sagas are taken over once it passes.",
+        ),
+    ] = None,
 ) -> None:
     """Run sagas from a shared saga log until SIGTERM or SIGINT, then give the leases up."""
     import asyncio
@@ -96,7 +105,7 @@ def worker(
     )
     try:
         definitions = [d for spec in sagas for d in load_sagas(spec)]
-        asyncio.run(run_worker(store, definitions, owner))
+        asyncio.run(run_worker(store, definitions, owner, lease_ttl))
     except SagakitError as exc:
         typer.echo(f"sagakit worker: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 from sagakit.core.saga import SagaDefinition
 from sagakit.errors import ConfigurationError
@@ -55,11 +56,17 @@ def load_sagas(spec: str) -> list[SagaDefinition]:
     )
 
 
-async def run_worker(store: str, sagas: list[SagaDefinition], owner: str | None = None) -> None:
+async def run_worker(
+    store: str,
+    sagas: list[SagaDefinition],
+    owner: str | None = None,
+    lease_ttl: float | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, then stop cleanly."""
     from sagakit.orchestration import Orchestrator
 
-    orchestrator = Orchestrator(store, sagas=sagas, owner=owner)
+    options: dict[str, Any] = {} if lease_ttl is None else {"lease_ttl": lease_ttl}
+    orchestrator = Orchestrator(store, sagas=sagas, owner=owner, **options)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
