@@ -20,14 +20,13 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from crash.sagas import ORDER, STEPS, create_schema
 
 from sagakit import Orchestrator, SagaStatus
-from crash.sagas import ORDER, STEPS, create_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 SAGA_COUNT = int(os.environ.get("SAGAKIT_CRASH_SAGAS", "300"))
@@ -38,9 +37,7 @@ LEASE_TTL = 1.0
 def _plan(count: int) -> dict[str, str | None]:
     """saga id -> the step it fails at (None: it completes); one in three fails."""
     rng = random.Random(7)
-    return {
-        f"order-{i:04d}": (rng.choice(STEPS) if i % 3 == 2 else None) for i in range(count)
-    }
+    return {f"order-{i:04d}": (rng.choice(STEPS) if i % 3 == 2 else None) for i in range(count)}
 
 
 def _worker(url: str, owner: str) -> subprocess.Popen[bytes]:
@@ -179,8 +176,8 @@ def _stop(worker: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def sqlite_store(tmp_path: Path) -> Iterator[str]:
-    yield f"sqlite:///{tmp_path / 'sagas.db'}"
+def sqlite_store(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'sagas.db'}"
 
 
 def _run_crash_scenario(url: str, workers: int) -> tuple[list[Any], list[int]]:
