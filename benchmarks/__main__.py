@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import choreography, durable, node, orchestration
+from benchmarks import choreography, durable, growth, node, orchestration
 from benchmarks.report import environment, table, write_json
 from benchmarks.timing import BenchmarkError, Comparison, Config
 
@@ -16,6 +16,7 @@ SUITES: dict[str, Callable[[Config], list[Comparison]]] = {
     "orchestration": orchestration.run,
     "choreography": choreography.run,
     "durable": durable.run,
+    "growth": growth.run,
 }
 
 

@@ -115,7 +115,7 @@ def _side_details(series: Series) -> str:
         keys = sorted({k for counters in series.per_unit for k in counters})
         for key in keys:
             values = [c[key] for c in series.per_unit if key in c]
-            parts.append(f"{key} {statistics.median(values):.2f}/unit")
+            parts.append(f"{key} {statistics.median(values):.2f}")
     return "; ".join(parts)
 
 

@@ -101,7 +101,7 @@ class Series:
             self.p50.append(percentile(timing.latencies, 0.50))
             self.p99.append(percentile(timing.latencies, 0.99))
         if timing.counters:
-            self.per_unit.append({k: v / size for k, v in timing.counters.items()})
+            self.per_unit.append({f"{k}/unit": v / size for k, v in timing.counters.items()})
 
     @property
     def best_p99(self) -> float | None:
