@@ -27,6 +27,7 @@ class Backend(NamedTuple):
 # Registries of schemes. Later backends add a line here and a module beside this one.
 SAGA_LOGS: dict[str, Backend] = {
     "memory": Backend("sagakit.adapters.memory_log:InMemorySagaLog.from_url"),
+    "sqlite": Backend("sagakit.adapters.sqlite_log:SQLiteSagaLog.from_url"),
 }
 EVENT_BUSES: dict[str, Backend] = {
     "memory": Backend("sagakit.adapters.memory_bus:InMemoryEventBus.from_url"),

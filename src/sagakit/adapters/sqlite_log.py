@@ -1,0 +1,718 @@
+"""The SQLite saga log: durable sagas in one file, for one machine.
+
+``sqlite:///sagas.db`` opens (and creates) ``sagas.db`` relative to the
+working directory, ``sqlite:////var/lib/app/sagas.db`` an absolute path (three
+slashes then the path, as in SQLAlchemy). Options, in the query string:
+``busy_timeout`` (seconds to wait for another process's write lock, default 5)
+and ``synchronous`` (``full``, the default, or ``normal``; see below).
+``sqlite:///:memory:`` is refused: a log that dies with the process is
+``memory://``.
+
+Durability. Each flush returns only once its transaction is committed with
+``journal_mode=WAL`` and ``synchronous=FULL``: SQLite syncs the write-ahead log
+to disk at every commit, so a record whose flush returned survives a killed
+process and a power cut. (``synchronous=normal`` skips that sync and stays
+safe against a killed process, not against a power cut: a choice left to the
+user, never the default.) A process killed mid-transaction leaves nothing of
+it: WAL replays only committed transactions.
+
+Work off the event loop. A dedicated writer thread owns the one connection
+and runs every statement; the loop only queues requests and awaits futures.
+
+Group commit. Requests queue up while the writer thread commits; it then takes
+everything queued (up to ``max_batch``) into one ``BEGIN IMMEDIATE``
+transaction, each request in its own savepoint, and commits once. So 64 sagas
+flushing at once cost a handful of syncs, not 64, with no added delay for a
+lone saga. Each saga's flush is checked against its epoch (fencing) and
+version in that transaction; one that fails (``LeaseLost``) fails alone.
+
+Several processes may open the same file: every write, claims included, runs
+in ``BEGIN IMMEDIATE``, so SQLite's write lock serialises them and
+``claim_next`` never hands one saga to two processes. Leases are measured on
+``clock`` (default :func:`time.time`), which processes of one machine share.
+
+The schema is created on first use and its version kept in ``schema_version``;
+a newer version, or a file that is not sagakit's, is refused with
+:class:`~sagakit.errors.SchemaMismatch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from sagakit.adapters.sqlite_schema import (
+    SCHEMA_VERSION,
+    backend_name,
+    open_connection,
+    translate,
+)
+from sagakit.core.records import (
+    SagaRecord,
+    SagaStarted,
+    SagaStatus,
+    decode_record,
+    encode_record,
+    status_after,
+)
+from sagakit.errors import (
+    BackendError,
+    BackendRefused,
+    ConfigurationError,
+    DefinitionError,
+    LeaseLost,
+    SagaError,
+    SagaLogConflict,
+)
+from sagakit.ports.saga_log import Claim, Lease, LoggedRecord, SagaLog, SagaSummary
+
+__all__ = ["SCHEMA_VERSION", "SQLiteJournal", "SQLiteSagaLog", "SQLiteStats"]
+
+_UNFINISHED = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
+_NO_OWNER = "(no owner)"
+_SUMMARY = (
+    "SELECT saga_id, saga, status, version, owner, lease_expires_at, created_at, updated_at"
+    " FROM sagas"
+)
+
+Row = tuple[str, int, str]  # (kind, schema version, JSON payload) as stored
+
+
+@dataclass
+class SQLiteStats:
+    """What the writer thread did, for tests and benchmarks."""
+
+    commits: int = 0  # write transactions committed
+    requests: int = 0  # requests run (writes and reads)
+    rollbacks: int = 0  # transactions that failed whole
+
+
+class _Request:
+    """One call to run on the writer thread; ``future`` gets its result."""
+
+    __slots__ = ("args", "future", "loop", "on_done", "run", "writes")
+
+    def __init__(
+        self,
+        run: Callable[..., Any],
+        args: tuple[Any, ...],
+        writes: bool,
+        on_done: Callable[[Any, BaseException | None], None] | None = None,
+    ) -> None:
+        self.run = run
+        self.args = args
+        self.writes = writes
+        self.on_done = on_done
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[Any] = self.loop.create_future()
+
+
+def _settle(done: list[tuple[_Request, Any, BaseException | None]]) -> None:
+    """On the loop's thread: tell the journals, then the callers."""
+    for request, result, error in done:
+        if request.on_done is not None:
+            request.on_done(result, error)
+        future = request.future
+        if future.done():  # the caller was cancelled; the work stands all the same
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
+class SQLiteJournal:
+    """Writes one saga's records under one epoch; see :class:`SQLiteSagaLog`."""
+
+    __slots__ = (
+        "_durable",
+        "_epoch",
+        "_inflight",
+        "_lost",
+        "_owner",
+        "_rows",
+        "_statuses",
+        "lease",
+        "log",
+        "saga_id",
+    )
+
+    def __init__(
+        self, log: SQLiteSagaLog, saga_id: str, epoch: int, version: int, lease: Lease | None
+    ) -> None:
+        self.log = log
+        self.saga_id = saga_id
+        self.lease = lease
+        self._epoch = epoch
+        self._owner = lease.owner if lease is not None else _NO_OWNER
+        self._durable = version  # records known to be committed
+        self._rows: list[Row] = []  # staged, encoded
+        self._statuses: list[SagaStatus | None] = []  # status_after of each staged record
+        self._inflight: asyncio.Future[Any] | None = None
+        self._lost = False
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def version(self) -> int:
+        return self._durable + len(self._rows)
+
+    def stage(self, records: Sequence[SagaRecord]) -> None:
+        # Encoded now, so that a value that is not JSON fails here, whole, and the
+        # staged batch is never one that no flush could write.
+        rows, statuses = _encode(self.saga_id, records)
+        self._rows += rows
+        self._statuses += statuses
+
+    async def flush(self) -> None:
+        # One flush in flight per journal: a second waits for the first (which goes
+        # on even when its caller was cancelled), so versions never overlap.
+        while self._inflight is not None:
+            await asyncio.wait([self._inflight])
+        if self._lost:
+            raise LeaseLost(self.saga_id, self._owner, self._epoch)
+        count = len(self._rows)
+        if not count:
+            return
+        status = next((s for s in reversed(self._statuses) if s is not None), None)
+        request = self.log._request(
+            _flush,
+            (self.saga_id, self._owner, self._epoch, self._durable, self._rows[:count], status),
+            writes=True,
+            on_done=lambda _result, error: self._flushed(count, error),
+        )
+        self._inflight = request.future
+        await asyncio.shield(request.future)
+
+    def _flushed(self, count: int, error: BaseException | None) -> None:
+        self._inflight = None
+        if error is None:
+            self._durable += count
+            del self._rows[:count]
+            del self._statuses[:count]
+        elif isinstance(error, LeaseLost):
+            self._lost = True  # epochs only grow: it will never be current again
+
+    def _renewed(self, expires_at: float | None) -> None:
+        if expires_at is None:
+            self._lost = True
+        elif self.lease is not None:
+            self.lease = self.lease._replace(expires_at=expires_at)
+
+
+def _encode(saga_id: str, records: Sequence[SagaRecord]) -> tuple[list[Row], list[Any]]:
+    rows: list[Row] = []
+    statuses: list[SagaStatus | None] = []
+    for record in records:
+        try:
+            kind, version, payload = encode_record(record)
+        except (TypeError, ValueError) as exc:
+            step = getattr(record, "step", None)
+            where = "its input" if type(record) is SagaStarted else f"{record.KIND} of step {step}"
+            raise SagaError(saga_id, f"{where} is not a JSON value: {exc}") from exc
+        rows.append((kind, version, payload.decode()))
+        statuses.append(status_after(record))
+    return rows, statuses
+
+
+class SQLiteSagaLog:
+    """A :class:`~sagakit.ports.saga_log.SagaLog` in an SQLite file; see the module docstring."""
+
+    durable = True
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        busy_timeout: float = 5.0,
+        synchronous: str = "full",
+        clock: Callable[[], float] = time.time,
+        max_batch: int = 256,
+    ) -> None:
+        if str(path) in ("", ":memory:") or str(path).startswith("file:"):
+            raise ConfigurationError(
+                f"sqlite saga log path {str(path)!r}: give a file path"
+                " (memory:// is the log that lives in the process)"
+            )
+        if synchronous.lower() not in ("full", "normal"):
+            raise ConfigurationError(f"synchronous must be full or normal, not {synchronous!r}")
+        if not (math.isfinite(busy_timeout) and busy_timeout >= 0):
+            raise ConfigurationError(f"busy_timeout must be >= 0 seconds, not {busy_timeout!r}")
+        # Resolved now: a later chdir must not move the log.
+        self.path = Path(path).expanduser().absolute()
+        self.busy_timeout = busy_timeout
+        self.synchronous = synchronous.upper()
+        self.max_batch = max(1, max_batch)
+        self.stats = SQLiteStats()
+        self._clock = clock
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteSagaLog:
+        parts = urlsplit(url)
+        if parts.netloc:
+            raise ConfigurationError(
+                f"saga log URL {url!r}: sqlite:///relative.db or sqlite:////absolute.db"
+                f" (three slashes before the path; {parts.netloc!r} looks like a host)"
+            )
+        path = unquote(parts.path[1:])  # drop the slash that ends "sqlite://"
+        options = dict(parse_qsl(parts.query, keep_blank_values=True))
+        unknown = set(options) - {"busy_timeout", "synchronous"}
+        if unknown:
+            raise ConfigurationError(
+                f"saga log URL {url!r}: unknown option(s) {', '.join(sorted(unknown))}"
+                " (sqlite:// takes busy_timeout and synchronous)"
+            )
+        try:
+            busy_timeout = float(options.get("busy_timeout", "5"))
+        except ValueError:
+            raise ConfigurationError(
+                f"saga log URL {url!r}: busy_timeout must be a number of seconds"
+            ) from None
+        return cls(path, busy_timeout=busy_timeout, synchronous=options.get("synchronous", "full"))
+
+    # --- the writer thread ------------------------------------------------------------
+
+    def _request(
+        self,
+        run: Callable[..., Any],
+        args: tuple[Any, ...],
+        *,
+        writes: bool,
+        on_done: Callable[[Any, BaseException | None], None] | None = None,
+    ) -> _Request:
+        request = _Request(run, args, writes, on_done)
+        with self._lock:
+            if self._closed:
+                raise BackendRefused(backend_name(self.path), "the saga log is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name=f"sagakit-sqlite:{self.path.name}", daemon=True
+                )
+                self._thread.start()
+            self._queue.put(request)
+        return request
+
+    async def _call(self, run: Callable[..., Any], *args: Any, writes: bool = True) -> Any:
+        return await self._request(run, args, writes=writes).future
+
+    def _serve(self) -> None:
+        connection: sqlite3.Connection | None = None
+        stop = False
+        try:
+            while not stop:
+                batch: list[_Request] = []
+                item = self._queue.get()
+                while item is not None:
+                    batch.append(item)
+                    if len(batch) >= self.max_batch:
+                        break
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                stop = item is None
+                if not batch:
+                    continue
+                if connection is None:
+                    try:
+                        connection = open_connection(self.path, self.busy_timeout, self.synchronous)
+                    except BackendError as exc:
+                        self._answer([(r, None, exc) for r in batch])
+                        continue
+                self._answer(self._run(connection, batch))
+        finally:
+            if connection is not None:
+                connection.close()
+
+    def _run(
+        self, db: sqlite3.Connection, batch: list[_Request]
+    ) -> list[tuple[_Request, Any, BaseException | None]]:
+        writes = any(r.writes for r in batch)
+        done: list[tuple[_Request, Any, BaseException | None]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+            now = self._clock()  # one moment per transaction: a batch's records share it
+            for request in batch:
+                if len(batch) > 1:
+                    db.execute("SAVEPOINT request")
+                try:
+                    result = request.run(db, now, *request.args)
+                except Exception as exc:
+                    if isinstance(exc, sqlite3.Error) and not isinstance(
+                        exc, sqlite3.IntegrityError
+                    ):
+                        raise  # I/O, a full disk, damage: the transaction is gone, for all
+                    if len(batch) > 1:
+                        db.execute("ROLLBACK TO request")
+                        db.execute("RELEASE request")
+                    else:
+                        db.execute("ROLLBACK")
+                    done.append((request, None, _as_error(exc, self.path)))
+                    continue
+                if len(batch) > 1:
+                    db.execute("RELEASE request")
+                done.append((request, result, None))
+            if db.in_transaction:
+                db.execute("COMMIT")
+                if writes:
+                    self.stats.commits += 1
+            self.stats.requests += len(batch)
+        except sqlite3.Error as exc:
+            self.stats.rollbacks += 1
+            if db.in_transaction:
+                # A failing ROLLBACK: the connection will say so again on the next request.
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            error = translate(exc, self.path)
+            return [(r, None, error) for r in batch]
+        return done
+
+    def _answer(self, done: list[tuple[_Request, Any, BaseException | None]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any, Any]]] = {}
+        for item in done:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(_settle, items)
+
+    # --- the port -------------------------------------------------------------------
+
+    async def create(
+        self,
+        saga_id: str,
+        opening: Sequence[SagaRecord],
+        *,
+        owner: str | None,
+        ttl: float,
+    ) -> SQLiteJournal | None:
+        _check_id(saga_id)
+        if owner is not None:
+            _check_owner(owner)
+        _check_ttl(ttl)
+        started = opening[0] if opening else None
+        if type(started) is not SagaStarted:
+            raise DefinitionError(
+                "opening", f"a saga's log opens with SagaStarted, not {started!r}"
+            )
+        rows, statuses = _encode(saga_id, opening)
+        status = next((s for s in reversed(statuses) if s is not None), SagaStatus.RUNNING)
+        made = await self._call(_create, saga_id, started.saga, rows, status, owner, ttl)
+        if made is None:
+            return None
+        epoch, expires_at = made
+        lease = None if owner is None else Lease(owner, epoch, expires_at)
+        return SQLiteJournal(self, saga_id, epoch, len(rows), lease)
+
+    async def claim(self, saga_id: str, *, owner: str, ttl: float) -> Claim | None:
+        _check_owner(owner)
+        _check_ttl(ttl)
+        taken = await self._call(_claim, saga_id, owner, ttl)
+        return None if taken is None else self._claimed(saga_id, owner, *taken)
+
+    async def claim_next(self, *, owner: str, ttl: float, limit: int) -> list[Claim]:
+        _check_owner(owner)
+        _check_ttl(ttl)
+        _check_limit(limit)
+        if limit == 0:
+            return []
+        taken = await self._call(_claim_next, owner, ttl, limit)
+        return [self._claimed(saga_id, owner, *rest) for saga_id, *rest in taken]
+
+    def _claimed(
+        self, saga_id: str, owner: str, epoch: int, expires_at: float, records: list[SagaRecord]
+    ) -> Claim:
+        lease = Lease(owner, epoch, expires_at)
+        return Claim(records, SQLiteJournal(self, saga_id, epoch, len(records), lease))
+
+    async def renew(self, journals: Sequence[Any], *, ttl: float) -> list[str]:
+        _check_ttl(ttl)
+        mine = [self._mine(journal) for journal in journals]
+        if not mine:
+            return []
+        expiries: list[float | None] = await self._call(
+            _renew, [(j.saga_id, j.epoch) for j in mine], ttl
+        )
+        for journal, expires_at in zip(mine, expiries, strict=True):
+            journal._renewed(expires_at)
+        return [
+            j.saga_id for j, expires_at in zip(mine, expiries, strict=True) if expires_at is None
+        ]
+
+    async def release(self, journal: Any) -> None:
+        mine = self._mine(journal)
+        await self._call(_release, mine.saga_id, mine.epoch)
+
+    def _mine(self, journal: Any) -> SQLiteJournal:
+        if not isinstance(journal, SQLiteJournal) or journal.log is not self:
+            raise TypeError(f"not a journal of this saga log: {journal!r}")
+        return journal
+
+    async def read(self, saga_id: str) -> list[SagaRecord]:
+        return [entry.record for entry in await self.history(saga_id)]
+
+    async def history(self, saga_id: str) -> list[LoggedRecord]:
+        if not isinstance(saga_id, str):
+            return []
+        rows = await self._call(_history, saga_id, writes=False)
+        return [LoggedRecord(seq, record, at) for seq, record, at in rows]
+
+    async def status(self, saga_id: str) -> SagaSummary | None:
+        if not isinstance(saga_id, str):
+            return None
+        row = await self._call(_status, saga_id, writes=False)
+        return None if row is None else _summary(row)
+
+    async def list(
+        self, *, status: SagaStatus | Sequence[SagaStatus] | None = None, limit: int = 100
+    ) -> list[SagaSummary]:
+        _check_limit(limit)
+        wanted: list[str] | None
+        if status is None:
+            wanted = None
+        elif isinstance(status, str):
+            wanted = [SagaStatus(status).value]
+        else:
+            wanted = sorted({SagaStatus(s).value for s in status})
+            if not wanted:
+                return []
+        if limit == 0:
+            return []
+        rows = await self._call(_list, wanted, limit, writes=False)
+        return [_summary(row) for row in rows]
+
+    async def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            self._queue.put(None)
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+
+
+# --- what runs on the writer thread (db, now, *args) --------------------------------------
+
+
+def _create(
+    db: sqlite3.Connection,
+    now: float,
+    saga_id: str,
+    saga: str,
+    rows: list[Row],
+    status: SagaStatus,
+    owner: str | None,
+    ttl: float,
+) -> tuple[int, float] | None:
+    expires_at = None if owner is None else now + ttl
+    final = status.is_final
+    cursor = db.execute(
+        "INSERT INTO sagas (saga_id, saga, status, version, owner, epoch, lease_expires_at,"
+        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)"
+        " ON CONFLICT (saga_id) DO NOTHING",
+        (
+            saga_id,
+            saga,
+            status.value,
+            len(rows),
+            None if final else owner,
+            None if final else expires_at,
+            now,
+            now,
+        ),
+    )
+    if cursor.rowcount != 1:
+        return None
+    _insert(db, now, saga_id, 0, rows)
+    return 1, (now + ttl)
+
+
+def _insert(db: sqlite3.Connection, now: float, saga_id: str, first: int, rows: list[Row]) -> None:
+    db.executemany(
+        "INSERT INTO records (saga_id, seq, kind, schema_version, payload, recorded_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        [(saga_id, first + i, kind, v, payload, now) for i, (kind, v, payload) in enumerate(rows)],
+    )
+
+
+def _flush(
+    db: sqlite3.Connection,
+    now: float,
+    saga_id: str,
+    owner: str,
+    epoch: int,
+    version: int,
+    rows: list[Row],
+    status: SagaStatus | None,
+) -> None:
+    found = db.execute(
+        "SELECT epoch, version, status FROM sagas WHERE saga_id = ?", (saga_id,)
+    ).fetchone()
+    if found is None or found[0] != epoch:
+        raise LeaseLost(saga_id, owner, epoch, "claimed by another")
+    if SagaStatus(found[2]).is_final:
+        raise LeaseLost(saga_id, owner, epoch, "the saga is finished")
+    if found[1] != version:  # one writer per epoch: only a corrupt log gets here
+        raise SagaLogConflict(saga_id, version, found[1])
+    if status is not None and status.is_final:
+        db.execute(
+            "UPDATE sagas SET version = ?, status = ?, owner = NULL, lease_expires_at = NULL,"
+            " updated_at = ? WHERE saga_id = ?",
+            (version + len(rows), status.value, now, saga_id),
+        )
+    else:
+        db.execute(
+            "UPDATE sagas SET version = ?, status = coalesce(?, status), updated_at = ?"
+            " WHERE saga_id = ?",
+            (version + len(rows), None if status is None else status.value, now, saga_id),
+        )
+    _insert(db, now, saga_id, version, rows)
+
+
+def _records(db: sqlite3.Connection, saga_id: str) -> list[SagaRecord]:
+    return [
+        decode_record(kind, v, payload)
+        for kind, v, payload in db.execute(
+            "SELECT kind, schema_version, payload FROM records WHERE saga_id = ? ORDER BY seq",
+            (saga_id,),
+        )
+    ]
+
+
+def _take(
+    db: sqlite3.Connection, now: float, saga_id: str, owner: str, ttl: float
+) -> tuple[int, float, list[SagaRecord]]:
+    db.execute(
+        "UPDATE sagas SET owner = ?, epoch = epoch + 1, lease_expires_at = ? WHERE saga_id = ?",
+        (owner, now + ttl, saga_id),
+    )
+    (epoch,) = db.execute("SELECT epoch FROM sagas WHERE saga_id = ?", (saga_id,)).fetchone()
+    return epoch, now + ttl, _records(db, saga_id)
+
+
+def _claim(
+    db: sqlite3.Connection, now: float, saga_id: str, owner: str, ttl: float
+) -> tuple[int, float, list[SagaRecord]] | None:
+    found = db.execute(
+        "SELECT 1 FROM sagas WHERE saga_id = ? AND status IN (?, ?)"
+        " AND (owner IS NULL OR owner = ? OR lease_expires_at <= ?)",
+        (saga_id, *_UNFINISHED, owner, now),
+    ).fetchone()
+    return None if found is None else _take(db, now, saga_id, owner, ttl)
+
+
+def _claim_next(
+    db: sqlite3.Connection, now: float, owner: str, ttl: float, limit: int
+) -> list[tuple[str, int, float, list[SagaRecord]]]:
+    free = db.execute(
+        "SELECT saga_id FROM sagas WHERE status IN (?, ?)"
+        " AND (owner IS NULL OR lease_expires_at <= ?) ORDER BY id LIMIT ?",
+        (*_UNFINISHED, now, limit),
+    ).fetchall()
+    return [(saga_id, *_take(db, now, saga_id, owner, ttl)) for (saga_id,) in free]
+
+
+def _renew(
+    db: sqlite3.Connection, now: float, held: list[tuple[str, int]], ttl: float
+) -> list[float | None]:
+    expiries: list[float | None] = []
+    for saga_id, epoch in held:
+        cursor = db.execute(
+            "UPDATE sagas SET lease_expires_at = ? WHERE saga_id = ? AND epoch = ?"
+            " AND owner IS NOT NULL AND status IN (?, ?)",
+            (now + ttl, saga_id, epoch, *_UNFINISHED),
+        )
+        expiries.append(now + ttl if cursor.rowcount == 1 else None)
+    return expiries
+
+
+def _release(db: sqlite3.Connection, now: float, saga_id: str, epoch: int) -> None:
+    db.execute(
+        "UPDATE sagas SET owner = NULL, lease_expires_at = NULL WHERE saga_id = ? AND epoch = ?",
+        (saga_id, epoch),
+    )
+
+
+def _history(db: sqlite3.Connection, now: float, saga_id: str) -> list[tuple[int, Any, float]]:
+    return [
+        (seq, decode_record(kind, v, payload), at)
+        for seq, kind, v, payload, at in db.execute(
+            "SELECT seq, kind, schema_version, payload, recorded_at FROM records"
+            " WHERE saga_id = ? ORDER BY seq",
+            (saga_id,),
+        )
+    ]
+
+
+def _status(db: sqlite3.Connection, now: float, saga_id: str) -> tuple[Any, ...] | None:
+    row: tuple[Any, ...] | None = db.execute(f"{_SUMMARY} WHERE saga_id = ?", (saga_id,)).fetchone()
+    return row
+
+
+def _list(
+    db: sqlite3.Connection, now: float, wanted: list[str] | None, limit: int
+) -> list[tuple[Any, ...]]:
+    if wanted is None:
+        return db.execute(f"{_SUMMARY} ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+    marks = ", ".join("?" * len(wanted))
+    return db.execute(
+        f"{_SUMMARY} WHERE status IN ({marks}) ORDER BY id DESC LIMIT ?", (*wanted, limit)
+    ).fetchall()
+
+
+def _summary(row: tuple[Any, ...]) -> SagaSummary:
+    saga_id, saga, status, version, owner, expires_at, created_at, updated_at = row
+    return SagaSummary(
+        saga_id, saga, SagaStatus(status), version, owner, expires_at, created_at, updated_at
+    )
+
+
+# --- checks at the boundary ------------------------------------------------------------
+
+
+def _as_error(exc: Exception, path: Path) -> BaseException:
+    return translate(exc, path) if isinstance(exc, sqlite3.Error) else exc
+
+
+def _check_id(saga_id: object) -> None:
+    if not isinstance(saga_id, str) or not saga_id:
+        raise DefinitionError("saga_id", f"must be a non-empty string, not {saga_id!r}")
+    try:
+        saga_id.encode()
+    except UnicodeEncodeError:
+        raise DefinitionError("saga_id", f"{saga_id!r} is not valid Unicode text") from None
+
+
+def _check_owner(owner: object) -> None:
+    if not isinstance(owner, str) or not owner:
+        raise DefinitionError("owner", f"must be a non-empty string, not {owner!r}")
+
+
+def _check_ttl(ttl: object) -> None:
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+        raise DefinitionError("ttl", f"must be a positive number of seconds, not {ttl!r}")
+
+
+def _check_limit(limit: object) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise DefinitionError("limit", f"must be a whole number >= 0, not {limit!r}")
+
+
+if TYPE_CHECKING:  # the port, checked by mypy
+    _port: SagaLog = SQLiteSagaLog("sagas.db")
