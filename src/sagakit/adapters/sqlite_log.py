@@ -51,8 +51,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from sagakit.adapters.sqlite_schema import (
+from sagakit.adapters import sqlite_store as store
+from sagakit.adapters.sqlite_store import (
     SCHEMA_VERSION,
+    Row,
     backend_name,
     open_connection,
     translate,
@@ -61,7 +63,6 @@ from sagakit.core.records import (
     SagaRecord,
     SagaStarted,
     SagaStatus,
-    decode_record,
     encode_record,
     status_after,
 )
@@ -72,20 +73,12 @@ from sagakit.errors import (
     DefinitionError,
     LeaseLost,
     SagaError,
-    SagaLogConflict,
 )
 from sagakit.ports.saga_log import Claim, Lease, LoggedRecord, SagaLog, SagaSummary
 
 __all__ = ["SCHEMA_VERSION", "SQLiteJournal", "SQLiteSagaLog", "SQLiteStats"]
 
-_UNFINISHED = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
 _NO_OWNER = "(no owner)"
-_SUMMARY = (
-    "SELECT saga_id, saga, status, version, owner, lease_expires_at, created_at, updated_at"
-    " FROM sagas"
-)
-
-Row = tuple[str, int, str]  # (kind, schema version, JSON payload) as stored
 
 
 @dataclass
@@ -188,7 +181,7 @@ class SQLiteJournal:
             return
         status = next((s for s in reversed(self._statuses) if s is not None), None)
         request = self.log._request(
-            _flush,
+            store.flush,
             (self.saga_id, self._owner, self._epoch, self._durable, self._rows[:count], status),
             writes=True,
             on_done=lambda _result, error: self._flushed(count, error),
@@ -412,7 +405,7 @@ class SQLiteSagaLog:
             )
         rows, statuses = _encode(saga_id, opening)
         status = next((s for s in reversed(statuses) if s is not None), SagaStatus.RUNNING)
-        made = await self._call(_create, saga_id, started.saga, rows, status, owner, ttl)
+        made = await self._call(store.create, saga_id, started.saga, rows, status, owner, ttl)
         if made is None:
             return None
         epoch, expires_at = made
@@ -422,7 +415,7 @@ class SQLiteSagaLog:
     async def claim(self, saga_id: str, *, owner: str, ttl: float) -> Claim | None:
         _check_owner(owner)
         _check_ttl(ttl)
-        taken = await self._call(_claim, saga_id, owner, ttl)
+        taken = await self._call(store.claim, saga_id, owner, ttl)
         return None if taken is None else self._claimed(saga_id, owner, *taken)
 
     async def claim_next(self, *, owner: str, ttl: float, limit: int) -> list[Claim]:
@@ -431,7 +424,7 @@ class SQLiteSagaLog:
         _check_limit(limit)
         if limit == 0:
             return []
-        taken = await self._call(_claim_next, owner, ttl, limit)
+        taken = await self._call(store.claim_next, owner, ttl, limit)
         return [self._claimed(saga_id, owner, *rest) for saga_id, *rest in taken]
 
     def _claimed(
@@ -446,7 +439,7 @@ class SQLiteSagaLog:
         if not mine:
             return []
         expiries: list[float | None] = await self._call(
-            _renew, [(j.saga_id, j.epoch) for j in mine], ttl
+            store.renew, [(j.saga_id, j.epoch) for j in mine], ttl
         )
         for journal, expires_at in zip(mine, expiries, strict=True):
             journal._renewed(expires_at)
@@ -456,7 +449,7 @@ class SQLiteSagaLog:
 
     async def release(self, journal: Any) -> None:
         mine = self._mine(journal)
-        await self._call(_release, mine.saga_id, mine.epoch)
+        await self._call(store.release, mine.saga_id, mine.epoch)
 
     def _mine(self, journal: Any) -> SQLiteJournal:
         if not isinstance(journal, SQLiteJournal) or journal.log is not self:
@@ -469,14 +462,14 @@ class SQLiteSagaLog:
     async def history(self, saga_id: str) -> list[LoggedRecord]:
         if not isinstance(saga_id, str):
             return []
-        rows = await self._call(_history, saga_id, writes=False)
+        rows = await self._call(store.history, saga_id, writes=False)
         return [LoggedRecord(seq, record, at) for seq, record, at in rows]
 
     async def status(self, saga_id: str) -> SagaSummary | None:
         if not isinstance(saga_id, str):
             return None
-        row = await self._call(_status, saga_id, writes=False)
-        return None if row is None else _summary(row)
+        row = await self._call(store.status, saga_id, writes=False)
+        return None if row is None else store.summary(row)
 
     async def list(
         self, *, status: SagaStatus | Sequence[SagaStatus] | None = None, limit: int = 100
@@ -493,8 +486,8 @@ class SQLiteSagaLog:
                 return []
         if limit == 0:
             return []
-        rows = await self._call(_list, wanted, limit, writes=False)
-        return [_summary(row) for row in rows]
+        rows = await self._call(store.list_sagas, wanted, limit, writes=False)
+        return [store.summary(row) for row in rows]
 
     async def close(self) -> None:
         with self._lock:
@@ -505,182 +498,6 @@ class SQLiteSagaLog:
             self._queue.put(None)
         if thread is not None:
             await asyncio.to_thread(thread.join)
-
-
-# --- what runs on the writer thread (db, now, *args) --------------------------------------
-
-
-def _create(
-    db: sqlite3.Connection,
-    now: float,
-    saga_id: str,
-    saga: str,
-    rows: list[Row],
-    status: SagaStatus,
-    owner: str | None,
-    ttl: float,
-) -> tuple[int, float] | None:
-    expires_at = None if owner is None else now + ttl
-    final = status.is_final
-    cursor = db.execute(
-        "INSERT INTO sagas (saga_id, saga, status, version, owner, epoch, lease_expires_at,"
-        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)"
-        " ON CONFLICT (saga_id) DO NOTHING",
-        (
-            saga_id,
-            saga,
-            status.value,
-            len(rows),
-            None if final else owner,
-            None if final else expires_at,
-            now,
-            now,
-        ),
-    )
-    if cursor.rowcount != 1:
-        return None
-    _insert(db, now, saga_id, 0, rows)
-    return 1, (now + ttl)
-
-
-def _insert(db: sqlite3.Connection, now: float, saga_id: str, first: int, rows: list[Row]) -> None:
-    db.executemany(
-        "INSERT INTO records (saga_id, seq, kind, schema_version, payload, recorded_at)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        [(saga_id, first + i, kind, v, payload, now) for i, (kind, v, payload) in enumerate(rows)],
-    )
-
-
-def _flush(
-    db: sqlite3.Connection,
-    now: float,
-    saga_id: str,
-    owner: str,
-    epoch: int,
-    version: int,
-    rows: list[Row],
-    status: SagaStatus | None,
-) -> None:
-    found = db.execute(
-        "SELECT epoch, version, status FROM sagas WHERE saga_id = ?", (saga_id,)
-    ).fetchone()
-    if found is None or found[0] != epoch:
-        raise LeaseLost(saga_id, owner, epoch, "claimed by another")
-    if SagaStatus(found[2]).is_final:
-        raise LeaseLost(saga_id, owner, epoch, "the saga is finished")
-    if found[1] != version:  # one writer per epoch: only a corrupt log gets here
-        raise SagaLogConflict(saga_id, version, found[1])
-    if status is not None and status.is_final:
-        db.execute(
-            "UPDATE sagas SET version = ?, status = ?, owner = NULL, lease_expires_at = NULL,"
-            " updated_at = ? WHERE saga_id = ?",
-            (version + len(rows), status.value, now, saga_id),
-        )
-    else:
-        db.execute(
-            "UPDATE sagas SET version = ?, status = coalesce(?, status), updated_at = ?"
-            " WHERE saga_id = ?",
-            (version + len(rows), None if status is None else status.value, now, saga_id),
-        )
-    _insert(db, now, saga_id, version, rows)
-
-
-def _records(db: sqlite3.Connection, saga_id: str) -> list[SagaRecord]:
-    return [
-        decode_record(kind, v, payload)
-        for kind, v, payload in db.execute(
-            "SELECT kind, schema_version, payload FROM records WHERE saga_id = ? ORDER BY seq",
-            (saga_id,),
-        )
-    ]
-
-
-def _take(
-    db: sqlite3.Connection, now: float, saga_id: str, owner: str, ttl: float
-) -> tuple[int, float, list[SagaRecord]]:
-    db.execute(
-        "UPDATE sagas SET owner = ?, epoch = epoch + 1, lease_expires_at = ? WHERE saga_id = ?",
-        (owner, now + ttl, saga_id),
-    )
-    (epoch,) = db.execute("SELECT epoch FROM sagas WHERE saga_id = ?", (saga_id,)).fetchone()
-    return epoch, now + ttl, _records(db, saga_id)
-
-
-def _claim(
-    db: sqlite3.Connection, now: float, saga_id: str, owner: str, ttl: float
-) -> tuple[int, float, list[SagaRecord]] | None:
-    found = db.execute(
-        "SELECT 1 FROM sagas WHERE saga_id = ? AND status IN (?, ?)"
-        " AND (owner IS NULL OR owner = ? OR lease_expires_at <= ?)",
-        (saga_id, *_UNFINISHED, owner, now),
-    ).fetchone()
-    return None if found is None else _take(db, now, saga_id, owner, ttl)
-
-
-def _claim_next(
-    db: sqlite3.Connection, now: float, owner: str, ttl: float, limit: int
-) -> list[tuple[str, int, float, list[SagaRecord]]]:
-    free = db.execute(
-        "SELECT saga_id FROM sagas WHERE status IN (?, ?)"
-        " AND (owner IS NULL OR lease_expires_at <= ?) ORDER BY id LIMIT ?",
-        (*_UNFINISHED, now, limit),
-    ).fetchall()
-    return [(saga_id, *_take(db, now, saga_id, owner, ttl)) for (saga_id,) in free]
-
-
-def _renew(
-    db: sqlite3.Connection, now: float, held: list[tuple[str, int]], ttl: float
-) -> list[float | None]:
-    expiries: list[float | None] = []
-    for saga_id, epoch in held:
-        cursor = db.execute(
-            "UPDATE sagas SET lease_expires_at = ? WHERE saga_id = ? AND epoch = ?"
-            " AND owner IS NOT NULL AND status IN (?, ?)",
-            (now + ttl, saga_id, epoch, *_UNFINISHED),
-        )
-        expiries.append(now + ttl if cursor.rowcount == 1 else None)
-    return expiries
-
-
-def _release(db: sqlite3.Connection, now: float, saga_id: str, epoch: int) -> None:
-    db.execute(
-        "UPDATE sagas SET owner = NULL, lease_expires_at = NULL WHERE saga_id = ? AND epoch = ?",
-        (saga_id, epoch),
-    )
-
-
-def _history(db: sqlite3.Connection, now: float, saga_id: str) -> list[tuple[int, Any, float]]:
-    return [
-        (seq, decode_record(kind, v, payload), at)
-        for seq, kind, v, payload, at in db.execute(
-            "SELECT seq, kind, schema_version, payload, recorded_at FROM records"
-            " WHERE saga_id = ? ORDER BY seq",
-            (saga_id,),
-        )
-    ]
-
-
-def _status(db: sqlite3.Connection, now: float, saga_id: str) -> tuple[Any, ...] | None:
-    row: tuple[Any, ...] | None = db.execute(f"{_SUMMARY} WHERE saga_id = ?", (saga_id,)).fetchone()
-    return row
-
-
-def _list(
-    db: sqlite3.Connection, now: float, wanted: list[str] | None, limit: int
-) -> list[tuple[Any, ...]]:
-    if wanted is None:
-        return db.execute(f"{_SUMMARY} ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-    marks = ", ".join("?" * len(wanted))
-    return db.execute(
-        f"{_SUMMARY} WHERE status IN ({marks}) ORDER BY id DESC LIMIT ?", (*wanted, limit)
-    ).fetchall()
-
-
-def _summary(row: tuple[Any, ...]) -> SagaSummary:
-    saga_id, saga, status, version, owner, expires_at, created_at, updated_at = row
-    return SagaSummary(
-        saga_id, saga, SagaStatus(status), version, owner, expires_at, created_at, updated_at
-    )
 
 
 # --- checks at the boundary ------------------------------------------------------------

@@ -1,0 +1,351 @@
+"""The SQLite saga log's store: its schema, connection settings, statements and error
+translation.
+
+Kept apart from :mod:`sagakit.adapters.sqlite_log` (the log, its journals and its
+writer thread) so that each stays short. Everything here runs on that writer thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from sagakit.core.records import SagaRecord, SagaStatus, decode_record
+from sagakit.errors import (
+    BackendBusy,
+    BackendError,
+    BackendRefused,
+    BackendUnavailable,
+    LeaseLost,
+    SagaLogConflict,
+    SchemaMismatch,
+)
+from sagakit.ports.saga_log import SagaSummary
+
+__all__ = ["SCHEMA_VERSION", "Row", "backend_name", "open_connection", "translate"]
+
+Row = tuple[str, int, str]  # (kind, schema version, JSON payload) as stored
+UNFINISHED = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
+_SUMMARY = (
+    "SELECT saga_id, saga, status, version, owner, lease_expires_at, created_at, updated_at"
+    " FROM sagas"
+)
+
+# The schema this sagakit writes; a file with a newer one is refused. Bump it with a
+# migration from every older version when a table changes.
+SCHEMA_VERSION = 1
+
+# ``id`` orders sagas by creation (claim_next takes the oldest, list shows the newest);
+# an explicit INTEGER PRIMARY KEY, unlike a bare rowid, survives VACUUM unchanged.
+# ``version`` is the number of records, ``epoch`` the fencing token bumped by each
+# claim; a finished saga has no owner. ``records`` is clustered by (saga_id, seq), so
+# reading one saga's log is one range scan.
+_SCHEMA = f"""
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version (version) VALUES ({SCHEMA_VERSION});
+CREATE TABLE sagas (
+    id INTEGER PRIMARY KEY,
+    saga_id TEXT NOT NULL UNIQUE,
+    saga TEXT NOT NULL,
+    status TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    owner TEXT,
+    epoch INTEGER NOT NULL,
+    lease_expires_at REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX sagas_by_status ON sagas (status, id);
+CREATE TABLE records (
+    saga_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    schema_version INTEGER NOT NULL,
+    payload TEXT NOT NULL,
+    recorded_at REAL NOT NULL,
+    PRIMARY KEY (saga_id, seq)
+) WITHOUT ROWID;
+"""
+
+_OURS = frozenset({"schema_version", "sagas", "records"})
+
+
+def backend_name(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def open_connection(path: Path, busy_timeout: float, synchronous: str) -> sqlite3.Connection:
+    """A connection to ``path`` in WAL mode with the schema in place; BackendError otherwise."""
+    try:
+        # isolation_level=None: transactions are begun explicitly (BEGIN IMMEDIATE for
+        # writes), never implicitly by the driver.
+        db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise translate(exc, path) from exc
+    try:
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
+        if str(mode).lower() != "wal":
+            raise BackendRefused(
+                backend_name(path),
+                f"SQLite cannot use write-ahead logging here (journal_mode stays {mode}):"
+                " is the file on a network file system?",
+            )
+        db.execute(f"PRAGMA synchronous = {synchronous}")
+        _ensure_schema(db, path)
+    except BaseException as exc:
+        db.close()
+        if isinstance(exc, sqlite3.Error):
+            raise translate(exc, path) from exc
+        raise
+    return db
+
+
+def _ensure_schema(db: sqlite3.Connection, path: Path) -> None:
+    # BEGIN IMMEDIATE: two processes opening a new file at once create it once.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        tables = {
+            name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if "schema_version" not in tables:
+            if tables & _OURS:
+                raise SchemaMismatch(
+                    backend_name(path),
+                    f"the file has table(s) {', '.join(sorted(tables & _OURS))} but no"
+                    " schema_version: it is not a sagakit saga log",
+                )
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("COMMIT")
+            return
+        try:
+            versions = db.execute("SELECT version FROM schema_version").fetchall()
+        except sqlite3.OperationalError as exc:
+            raise SchemaMismatch(
+                backend_name(path), f"its schema_version table is not sagakit's: {exc}"
+            ) from exc
+        if len(versions) != 1 or type(versions[0][0]) is not int:
+            raise SchemaMismatch(
+                backend_name(path), f"its schema_version table holds {versions!r}, not a version"
+            )
+        version = versions[0][0]
+        if version > SCHEMA_VERSION:
+            raise SchemaMismatch(
+                backend_name(path),
+                f"the saga log has schema version {version}; this sagakit knows up to"
+                f" {SCHEMA_VERSION}: upgrade sagakit to open it",
+            )
+        if version < 1:
+            raise SchemaMismatch(backend_name(path), f"unknown schema version {version}")
+        db.execute("COMMIT")
+    finally:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+
+
+# SQLite's primary result codes (https://sqlite.org/rescode.html).
+_PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT = 3, 5, 6, 8, 10, 11
+_FULL, _CANTOPEN, _PROTOCOL, _AUTH, _NOTADB = 13, 14, 15, 23, 26
+
+
+def translate(exc: sqlite3.Error, path: Path) -> BackendError:
+    """The sagakit error for a driver error; it keeps the driver's as ``__cause__``."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+    primary = code & 0xFF if isinstance(code, int) else None
+    message = f"{exc} ({name})"
+    where = backend_name(path)
+    error: BackendError
+    if primary in (_BUSY, _LOCKED) or (primary is None and "locked" in str(exc)):
+        error = BackendBusy(where, f"{message}: another process holds the write lock")
+    elif primary in (_IOERR, _CANTOPEN, _FULL, _PROTOCOL):
+        error = BackendUnavailable(where, message)
+    elif primary == _NOTADB:
+        error = SchemaMismatch(where, f"{message}: the file is not an SQLite database")
+    elif primary == _CORRUPT:
+        error = BackendRefused(where, f"{message}: the database file is damaged")
+    else:  # permissions, read-only files, constraint violations, misuse: no retry helps
+        error = BackendRefused(where, message)
+    error.__cause__ = exc
+    return error
+
+
+# --- statements, run on the writer thread as (db, now, *args) ---------------------------
+
+
+def create(
+    db: sqlite3.Connection,
+    now: float,
+    saga_id: str,
+    saga: str,
+    rows: list[Row],
+    status: SagaStatus,
+    owner: str | None,
+    ttl: float,
+) -> tuple[int, float] | None:
+    expires_at = None if owner is None else now + ttl
+    final = status.is_final
+    cursor = db.execute(
+        "INSERT INTO sagas (saga_id, saga, status, version, owner, epoch, lease_expires_at,"
+        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)"
+        " ON CONFLICT (saga_id) DO NOTHING",
+        (
+            saga_id,
+            saga,
+            status.value,
+            len(rows),
+            None if final else owner,
+            None if final else expires_at,
+            now,
+            now,
+        ),
+    )
+    if cursor.rowcount != 1:
+        return None
+    insert_records(db, now, saga_id, 0, rows)
+    return 1, (now + ttl)
+
+
+def insert_records(
+    db: sqlite3.Connection, now: float, saga_id: str, first: int, rows: list[Row]
+) -> None:
+    db.executemany(
+        "INSERT INTO records (saga_id, seq, kind, schema_version, payload, recorded_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        [(saga_id, first + i, kind, v, payload, now) for i, (kind, v, payload) in enumerate(rows)],
+    )
+
+
+def flush(
+    db: sqlite3.Connection,
+    now: float,
+    saga_id: str,
+    owner: str,
+    epoch: int,
+    version: int,
+    rows: list[Row],
+    status: SagaStatus | None,
+) -> None:
+    found = db.execute(
+        "SELECT epoch, version, status FROM sagas WHERE saga_id = ?", (saga_id,)
+    ).fetchone()
+    if found is None or found[0] != epoch:
+        raise LeaseLost(saga_id, owner, epoch, "claimed by another")
+    if SagaStatus(found[2]).is_final:
+        raise LeaseLost(saga_id, owner, epoch, "the saga is finished")
+    if found[1] != version:  # one writer per epoch: only a corrupt log gets here
+        raise SagaLogConflict(saga_id, version, found[1])
+    if status is not None and status.is_final:
+        db.execute(
+            "UPDATE sagas SET version = ?, status = ?, owner = NULL, lease_expires_at = NULL,"
+            " updated_at = ? WHERE saga_id = ?",
+            (version + len(rows), status.value, now, saga_id),
+        )
+    else:
+        db.execute(
+            "UPDATE sagas SET version = ?, status = coalesce(?, status), updated_at = ?"
+            " WHERE saga_id = ?",
+            (version + len(rows), None if status is None else status.value, now, saga_id),
+        )
+    insert_records(db, now, saga_id, version, rows)
+
+
+def read_records(db: sqlite3.Connection, saga_id: str) -> list[SagaRecord]:
+    return [
+        decode_record(kind, v, payload)
+        for kind, v, payload in db.execute(
+            "SELECT kind, schema_version, payload FROM records WHERE saga_id = ? ORDER BY seq",
+            (saga_id,),
+        )
+    ]
+
+
+def take(
+    db: sqlite3.Connection, now: float, saga_id: str, owner: str, ttl: float
+) -> tuple[int, float, list[SagaRecord]]:
+    db.execute(
+        "UPDATE sagas SET owner = ?, epoch = epoch + 1, lease_expires_at = ? WHERE saga_id = ?",
+        (owner, now + ttl, saga_id),
+    )
+    (epoch,) = db.execute("SELECT epoch FROM sagas WHERE saga_id = ?", (saga_id,)).fetchone()
+    return epoch, now + ttl, read_records(db, saga_id)
+
+
+def claim(
+    db: sqlite3.Connection, now: float, saga_id: str, owner: str, ttl: float
+) -> tuple[int, float, list[SagaRecord]] | None:
+    found = db.execute(
+        "SELECT 1 FROM sagas WHERE saga_id = ? AND status IN (?, ?)"
+        " AND (owner IS NULL OR owner = ? OR lease_expires_at <= ?)",
+        (saga_id, *UNFINISHED, owner, now),
+    ).fetchone()
+    return None if found is None else take(db, now, saga_id, owner, ttl)
+
+
+def claim_next(
+    db: sqlite3.Connection, now: float, owner: str, ttl: float, limit: int
+) -> list[tuple[str, int, float, list[SagaRecord]]]:
+    free = db.execute(
+        "SELECT saga_id FROM sagas WHERE status IN (?, ?)"
+        " AND (owner IS NULL OR lease_expires_at <= ?) ORDER BY id LIMIT ?",
+        (*UNFINISHED, now, limit),
+    ).fetchall()
+    return [(saga_id, *take(db, now, saga_id, owner, ttl)) for (saga_id,) in free]
+
+
+def renew(
+    db: sqlite3.Connection, now: float, held: list[tuple[str, int]], ttl: float
+) -> list[float | None]:
+    expiries: list[float | None] = []
+    for saga_id, epoch in held:
+        cursor = db.execute(
+            "UPDATE sagas SET lease_expires_at = ? WHERE saga_id = ? AND epoch = ?"
+            " AND owner IS NOT NULL AND status IN (?, ?)",
+            (now + ttl, saga_id, epoch, *UNFINISHED),
+        )
+        expiries.append(now + ttl if cursor.rowcount == 1 else None)
+    return expiries
+
+
+def release(db: sqlite3.Connection, now: float, saga_id: str, epoch: int) -> None:
+    db.execute(
+        "UPDATE sagas SET owner = NULL, lease_expires_at = NULL WHERE saga_id = ? AND epoch = ?",
+        (saga_id, epoch),
+    )
+
+
+def history(db: sqlite3.Connection, now: float, saga_id: str) -> list[tuple[int, Any, float]]:
+    return [
+        (seq, decode_record(kind, v, payload), at)
+        for seq, kind, v, payload, at in db.execute(
+            "SELECT seq, kind, schema_version, payload, recorded_at FROM records"
+            " WHERE saga_id = ? ORDER BY seq",
+            (saga_id,),
+        )
+    ]
+
+
+def status(db: sqlite3.Connection, now: float, saga_id: str) -> tuple[Any, ...] | None:
+    row: tuple[Any, ...] | None = db.execute(f"{_SUMMARY} WHERE saga_id = ?", (saga_id,)).fetchone()
+    return row
+
+
+def list_sagas(
+    db: sqlite3.Connection, now: float, wanted: list[str] | None, limit: int
+) -> list[tuple[Any, ...]]:
+    if wanted is None:
+        return db.execute(f"{_SUMMARY} ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+    marks = ", ".join("?" * len(wanted))
+    return db.execute(
+        f"{_SUMMARY} WHERE status IN ({marks}) ORDER BY id DESC LIMIT ?", (*wanted, limit)
+    ).fetchall()
+
+
+def summary(row: tuple[Any, ...]) -> SagaSummary:
+    saga_id, saga, status, version, owner, expires_at, created_at, updated_at = row
+    return SagaSummary(
+        saga_id, saga, SagaStatus(status), version, owner, expires_at, created_at, updated_at
+    )
