@@ -3,4 +3,5 @@
 # Each backend's module adds its fixtures here as it lands.
 pytest_plugins: list[str] = [
     "tests.servers.postgres",
+    "tests.servers.redis",
 ]
