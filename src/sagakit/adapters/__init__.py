@@ -31,6 +31,7 @@ SAGA_LOGS: dict[str, Backend] = {
 }
 EVENT_BUSES: dict[str, Backend] = {
     "memory": Backend("sagakit.adapters.memory_bus:InMemoryEventBus.from_url"),
+    "nats": Backend("sagakit.adapters.nats_bus:NatsEventBus.from_url", "nats", "nats"),
 }
 
 

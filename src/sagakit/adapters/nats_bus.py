@@ -1,0 +1,772 @@
+"""The NATS JetStream event bus: ``nats://host:port?prefix=app``.
+
+On the broker, every name derives from the prefix (default ``sagakit``), so two
+apps with different prefixes share a server without seeing each other:
+
+- stream ``<prefix>-events`` (file storage, interest retention: an event stays
+  until every group that existed when it was published has acknowledged it,
+  and at most ``max_age`` seconds) holds subjects ``<prefix>.events.<type>``
+  and ``<prefix>.replay.<consumer>``;
+- one durable pull consumer per (group, event type or ``*``), named
+  ``<group>~<type>``; the subscriptions of a group, in this process or any
+  other, pull from the same consumer and so compete for its events;
+- a subscription without a group gets a consumer of its own, deleted when it
+  is cancelled (or by the server, once idle, if the process died);
+- stream ``<prefix>-dlq`` holds the dead letters, subject ``<prefix>.dlq.<group>``:
+  the original envelope with the group, the consumer, the last error, the
+  delivery count and the time.
+
+Names that are not plain ``[A-Za-z0-9_-]`` tokens (dots, spaces, unicode) are
+written as ``~`` and their URL-safe base64, so any event type or group works.
+
+Delivery: the handler's return acknowledges; a raise is a ``nak`` with a
+delay of ``backoff * 2**(n-1)`` (at most 30 s, or ``backoff`` if larger);
+``ack_timeout`` is the consumer's ``ack_wait``, after which the server gives an
+unacknowledged event to another puller of the group. Failures are counted by
+the server's delivery count, so a delivery that timed out counts as failed; on
+the ``max_deliveries``-th failure the event is published to the dead letters,
+and only once the server has stored it is the original terminated. (The
+consumer's own ``max_deliver`` is left unlimited: a server-side limit would drop
+an event silently when the dead-letter publish fails.) ``replay_dead_letter``
+publishes the envelope to the replay subject that only the consumer which gave
+up on it listens to, then deletes the dead letter.
+
+Ordering: a group with one subscription handles its events one at a time in
+the stream's order (publication order, per publisher), except that an event
+whose handler raised comes back after its backoff, behind later events. With
+several subscriptions in a group (competing consumers) there is no order
+between them. Within a process, each subscription runs its own handler loop,
+so different groups proceed independently.
+
+``publish`` waits for JetStream's acknowledgement (the event is on disk on the
+server) and raises :class:`~sagakit.errors.BackendUnavailable` when the server
+cannot be reached or does not answer within ``timeout`` seconds; the client
+does not buffer publishes while reconnecting, so an event that was refused is
+not sent later behind the caller's back. Each publish carries the event id as
+``Nats-Msg-Id``: publishing the same event again within the stream's duplicate
+window (2 minutes) stores it once.
+
+URL query parameters: ``prefix``, ``timeout`` (seconds for a publish or a
+management request, default 5), ``batch`` (events a subscription pulls at a
+time, default 32), ``max_age`` (seconds the stream keeps an unacknowledged
+event, default 7 days), ``dead_letters`` (dead letters kept per group, default
+100,000; when full, failing events stay in the stream and are retried instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import inspect
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from sagakit.core.envelope import decode_event, encode_event
+from sagakit.core.event import Event
+from sagakit.errors import (
+    BackendBusy,
+    BackendError,
+    BackendRefused,
+    BackendUnavailable,
+    ConfigurationError,
+    DefinitionError,
+    SchemaMismatch,
+)
+from sagakit.ports.event_bus import (
+    ALL_EVENTS,
+    DEFAULT_ACK_TIMEOUT,
+    DEFAULT_BACKOFF,
+    DEFAULT_MAX_DELIVERIES,
+    DeadLetter,
+    Handler,
+)
+
+__all__ = ["NatsEventBus"]
+
+log = logging.getLogger("sagakit.bus.nats")
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+_MAX_BACKOFF = 30.0
+_PULL_EXPIRES = 2.0  # seconds a pull request waits on the server for events
+_SOLO_IDLE = 300.0  # seconds before the server deletes an abandoned groupless consumer
+_DRAIN_POLL = 0.005
+_DEFAULTS = {"prefix": "sagakit", "timeout": "5", "batch": "32", "max_age": "604800"}
+_DEFAULTS["dead_letters"] = "100000"
+
+
+def _token(name: str) -> str:
+    """``name`` as one subject token that is also a valid consumer name."""
+    if _TOKEN.fullmatch(name):
+        return name
+    return "~" + base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _translate(url: str, doing: str, exc: BaseException) -> BackendError:
+    """A driver error as one of sagakit's (the caller raises it ``from exc``)."""
+    message = f"{doing}: {_error(exc)}"
+    if isinstance(exc, nats.js.errors.APIError):
+        code = exc.code or 0
+        if code == 503 or isinstance(exc, nats.js.errors.ServiceUnavailableError):
+            return BackendUnavailable(url, message)
+        if code == 429:
+            return BackendBusy(url, message)
+        return BackendRefused(url, message)
+    if isinstance(exc, nats.errors.MaxPayloadError | nats.errors.AuthorizationError):
+        return BackendRefused(url, message)
+    if isinstance(exc, nats.errors.BadSubjectError | nats.errors.BadHeaderError):
+        return BackendRefused(url, message)
+    if isinstance(
+        exc,
+        nats.errors.Error | TimeoutError | OSError | nats.js.errors.NoStreamResponseError,
+    ):
+        # Timeouts, lost or refused connections, no responders while JetStream starts.
+        return BackendUnavailable(url, message)
+    return BackendError(url, message)
+
+
+class _Subscription:
+    """One handler pulling from one consumer; its loop runs until cancelled."""
+
+    def __init__(
+        self,
+        bus: NatsEventBus,
+        event_type: str,
+        handler: Handler,
+        config: ConsumerConfig,
+        *,
+        group: str,
+        consumer: str,
+        solo: bool,
+        max_deliveries: int,
+        ack_timeout: float,
+        backoff: float,
+    ) -> None:
+        self._bus = bus
+        self.config = config
+        self.event_type, self.handler, self.group = event_type, handler, group
+        self.consumer, self.solo = consumer, solo
+        self.max_deliveries, self.ack_timeout, self.backoff = max_deliveries, ack_timeout, backoff
+        self._inbox = ""
+        self._queue: asyncio.Queue[tuple[float, Msg] | None] = asyncio.Queue()
+        self._sub: NatsSubscription | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._handling = False  # a handler of this subscription is running
+        self._cancelled = False
+
+    async def start(self, nc: Client) -> None:
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(self._inbox + ".*", cb=self._arrived)
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(nc), name=f"sagakit-nats-{self.consumer}"
+        )
+
+    async def _arrived(self, msg: Msg) -> None:
+        self._queue.put_nowait((time.monotonic(), msg))
+
+    def wake(self) -> None:
+        """Make the loop ask for events again (after a reconnect lost its pull request)."""
+        self._queue.put_nowait(None)
+
+    async def _run(self, nc: Client) -> None:
+        bus, batch = self._bus, self._bus._batch
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{bus._stream}.{self.consumer}"
+        expires_ns = int(_PULL_EXPIRES * 1e9)
+        request_no, current, owed = 0, "", 0
+        while not self._stopping:
+            if owed == 0:
+                request_no += 1
+                current = f"{self._inbox}.{request_no}"
+                try:
+                    await nc.publish(
+                        subject,
+                        b'{"batch":%d,"expires":%d}' % (batch, expires_ns),
+                        reply=current,
+                    )
+                except nats.errors.Error as exc:
+                    log.debug("pull for %s failed (%s); retrying", self.consumer, _error(exc))
+                    await asyncio.sleep(0.25)
+                    continue
+                owed = batch
+            try:
+                async with asyncio.timeout(_PULL_EXPIRES + 1.0):
+                    item = await self._queue.get()
+            except TimeoutError:
+                owed = 0  # the request was lost (a restart, a reconnect): ask again
+                continue
+            if item is None:
+                owed = 0
+                continue
+            fetched_at, msg = item
+            if msg.headers and "Status" in msg.headers:
+                if msg.subject == current:
+                    owed = 0
+                    await self._status(msg)
+                continue
+            if msg.subject == current:
+                owed -= 1
+            if self._stopping:
+                await self._give_back(msg)
+                break
+            await self._deliver(msg, fetched_at)
+        # Events pulled but not handled go back to the group at once.
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None and not (item[1].headers and "Status" in item[1].headers):
+                await self._give_back(item[1])
+
+    async def _status(self, msg: Msg) -> None:
+        """A pull request ended without events: 408 (expired) is routine, 409 is not."""
+        headers = msg.headers or {}
+        if headers.get("Status") != "409":
+            return
+        description = headers.get("Description", "")
+        log.warning("consumer %s: %s", self.consumer, description)
+        if "deleted" in description.lower():
+            # Deleted from outside (an operator, or idle too long): make it again.
+            try:
+                await self._bus._create_consumer(self.config)
+            except BackendError as exc:
+                log.warning("recreating consumer %s: %s", self.consumer, exc)
+        await asyncio.sleep(0.25)  # do not spin on a refusal
+
+    async def _give_back(self, msg: Msg) -> None:
+        with contextlib.suppress(nats.errors.Error):  # else redelivered after ack_wait
+            await msg.nak()
+
+    async def _deliver(self, msg: Msg, fetched_at: float) -> None:
+        bus = self._bus
+        try:
+            deliveries = msg.metadata.num_delivered or 1
+        except Exception:  # not a JetStream message: nothing to acknowledge
+            return
+        if time.monotonic() - fetched_at > self.ack_timeout / 2:
+            # It waited here behind slow handlers: keep it ours rather than
+            # have the server give it to another consumer while it is queued.
+            try:
+                await msg.in_progress()
+            except nats.errors.Error:
+                return
+        try:
+            event = decode_event(msg.data)
+        except DefinitionError as exc:
+            await bus._dead_letter(self, msg, None, f"undecodable envelope: {exc}", deliveries)
+            return
+        if deliveries > self.max_deliveries:
+            # Earlier deliveries were never acknowledged (consumers died or hung).
+            error = f"not acknowledged within {self.ack_timeout}s on {deliveries - 1} deliveries"
+            await bus._dead_letter(self, msg, event, error, deliveries - 1)
+            return
+        self._handling = True
+        try:
+            result = self.handler(event)
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled, not the handler failing
+            await self._failed(msg, event, exc, deliveries)
+        except Exception as exc:
+            await self._failed(msg, event, exc, deliveries)
+        else:
+            try:
+                await msg.ack()
+            except nats.errors.Error as exc:
+                log.warning("ack of %s failed (%s): it will come again", event.type, _error(exc))
+        finally:
+            self._handling = False
+
+    async def _failed(self, msg: Msg, event: Event, exc: BaseException, deliveries: int) -> None:
+        log.warning(
+            "handler of %s (group %r) failed on %s of saga %s, delivery %d: %s",
+            self.event_type,
+            self.group,
+            event.type,
+            event.saga_id,
+            deliveries,
+            _error(exc),
+            exc_info=exc,
+        )
+        if deliveries >= self.max_deliveries:
+            await self._bus._dead_letter(self, msg, event, _error(exc), deliveries)
+            return
+        delay = max(self.backoff, min(self.backoff * 2 ** (deliveries - 1), _MAX_BACKOFF))
+        with contextlib.suppress(nats.errors.Error):  # else redelivered after ack_wait
+            await msg.nak(delay=delay)
+
+    @property
+    def busy(self) -> bool:
+        return self._handling
+
+    async def stop(self) -> None:
+        """Finish the handler in flight, give the rest back, stop pulling."""
+        self._stopping = True
+        task = self._task
+        if task is not None and not task.done():
+            if self._handling:
+                self.wake()
+                await asyncio.wait([task])
+            else:
+                task.cancel()
+                await asyncio.wait([task])
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+        # Whatever arrived meanwhile goes back to the group.
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None and not (item[1].headers and "Status" in item[1].headers):
+                await self._give_back(item[1])
+
+    async def cancel(self) -> None:
+        """Stop this subscription's deliveries; cancelling again does nothing."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        await self._bus._unsubscribe(self)
+
+
+class NatsEventBus:
+    """An :class:`~sagakit.ports.event_bus.EventBus` on NATS JetStream (see the module doc)."""
+
+    def __init__(
+        self,
+        servers: str = "nats://127.0.0.1:4222",
+        *,
+        prefix: str = "sagakit",
+        timeout: float = 5.0,
+        batch: int = 32,
+        max_age: float = 7 * 86400.0,
+        dead_letters: int = 100_000,
+    ) -> None:
+        if not isinstance(prefix, str) or not _TOKEN.fullmatch(prefix) or len(prefix) > 64:
+            raise ConfigurationError(
+                f"NATS prefix {prefix!r} must be 1-64 characters of A-Z a-z 0-9 _ -"
+            )
+        for name, value in (("timeout", timeout), ("max_age", max_age)):
+            if not value > 0 or value == float("inf"):
+                raise ConfigurationError(f"NATS {name} must be a positive number, got {value!r}")
+        for name, count in (("batch", batch), ("dead_letters", dead_letters)):
+            if not 1 <= count <= 1_000_000:
+                raise ConfigurationError(f"NATS {name} must be 1-1000000, got {count!r}")
+        self.url = servers
+        self.prefix = prefix
+        self._timeout, self._batch, self._max_age = timeout, batch, max_age
+        self._dead_letter_limit = dead_letters
+        self._stream, self._dlq_stream = f"{prefix}-events", f"{prefix}-dlq"
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._connecting = asyncio.Lock()
+        self._subscriptions: list[_Subscription] = []
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str) -> NatsEventBus:
+        """``nats://[user:pass@]host:port[?prefix=app&timeout=5&batch=32...]`` (connects lazily)."""
+        parts = urlsplit(url)
+        scheme = {"nats": "nats", "nats+tls": "tls"}.get(parts.scheme.lower())
+        if scheme is None or not parts.hostname:
+            raise ConfigurationError(f"NATS URL {url!r} must be nats://host:port[?prefix=...]")
+        options = dict(_DEFAULTS)
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key not in _DEFAULTS:
+                known = ", ".join(sorted(_DEFAULTS))
+                raise ConfigurationError(f"NATS URL option {key!r} is unknown (known: {known})")
+            options[key] = value
+        try:
+            timeout, max_age = float(options["timeout"]), float(options["max_age"])
+            batch, dead_letters = int(options["batch"]), int(options["dead_letters"])
+        except ValueError as exc:
+            raise ConfigurationError(f"NATS URL {url!r}: {exc}") from exc
+        return cls(
+            urlunsplit((scheme, parts.netloc, "", "", "")),
+            prefix=options["prefix"],
+            timeout=timeout,
+            batch=batch,
+            max_age=max_age,
+            dead_letters=dead_letters,
+        )
+
+    @classmethod
+    async def connect(cls, url: str) -> NatsEventBus:
+        """The bus of ``url``, connected, its streams in place."""
+        bus = cls.from_url(url)
+        await bus._ready()
+        return bus
+
+    # -- connection and streams --------------------------------------------------------------
+
+    async def _ready(self) -> JetStreamContext:
+        if self._js is not None:
+            return self._js
+        if self._closed:
+            raise BackendError(self.url, "the event bus is closed")
+        async with self._connecting:
+            if self._js is not None:
+                return self._js
+            try:
+                nc = await nats.connect(
+                    self.url,
+                    name=f"sagakit-{self.prefix}-{os.getpid()}",
+                    connect_timeout=max(1, int(self._timeout)),
+                    reconnect_time_wait=0.25,
+                    max_reconnect_attempts=-1,
+                    # No buffering while reconnecting: a publish then fails at
+                    # once instead of going out later behind the caller's back.
+                    pending_size=0,
+                    error_cb=self._on_error,
+                    reconnected_cb=self._on_reconnected,
+                )
+            except Exception as exc:
+                raise _translate(self.url, "connecting", exc) from exc
+            js = nc.jetstream(timeout=self._timeout)
+            try:
+                await self._ensure_streams(js)
+            except BaseException:
+                await nc.close()
+                raise
+            self._nc, self._js = nc, js
+            return js
+
+    async def _ensure_streams(self, js: JetStreamContext) -> None:
+        p = self.prefix
+        events = StreamConfig(
+            name=self._stream,
+            description=f"sagakit events of prefix {p}",
+            subjects=[f"{p}.events.>", f"{p}.replay.>"],
+            retention=RetentionPolicy.INTEREST,
+            storage=StorageType.FILE,
+            max_age=self._max_age,
+            duplicate_window=120.0,
+        )
+        dead = StreamConfig(
+            name=self._dlq_stream,
+            description=f"sagakit dead letters of prefix {p}",
+            subjects=[f"{p}.dlq.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_msgs_per_subject=self._dead_letter_limit,
+            discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
+        )
+        for config in (events, dead):
+            try:
+                try:
+                    info = await js.stream_info(config.name or "")
+                except nats.js.errors.NotFoundError:
+                    await js.add_stream(config)
+                    continue
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != 10058:  # created meanwhile by another process
+                    raise _translate(self.url, f"creating stream {config.name}", exc) from exc
+                continue
+            except Exception as exc:
+                raise _translate(self.url, f"creating stream {config.name}", exc) from exc
+            if set(info.config.subjects or ()) != set(config.subjects or ()):
+                raise SchemaMismatch(
+                    self.url,
+                    f"stream {config.name} exists with subjects {info.config.subjects},"
+                    f" not sagakit's {config.subjects}; choose another prefix",
+                )
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS connection %s: %s", self.url, _error(exc))
+
+    async def _on_reconnected(self) -> None:
+        log.info("NATS connection %s re-established", self.url)
+        for subscription in self._subscriptions:
+            subscription.wake()
+
+    # -- the port ------------------------------------------------------------------------------
+
+    async def publish(self, event: Event) -> None:
+        if self._closed:
+            raise BackendError(self.url, f"the event bus is closed; {event.type} not published")
+        data = encode_event(event)  # a payload that is not JSON fails here, by name
+        js = self._js or await self._ready()
+        subject = f"{self.prefix}.events.{_token(event.type)}"
+        try:
+            await js.publish(subject, data, headers={"Nats-Msg-Id": event.event_id})
+        except Exception as exc:
+            raise _translate(self.url, f"publishing {event.type}", exc) from exc
+
+    async def subscribe(
+        self,
+        event_type: str,
+        handler: Handler,
+        *,
+        group: str | None = None,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+        backoff: float = DEFAULT_BACKOFF,
+    ) -> _Subscription:
+        if not isinstance(event_type, str) or not event_type:
+            raise DefinitionError("event_type", "must be a non-empty string")
+        if not callable(handler):
+            raise DefinitionError("handler", "must be a callable taking an Event")
+        if group is not None and (not isinstance(group, str) or not group):
+            raise DefinitionError("group", "must be a non-empty string, or None")
+        if type(max_deliveries) is not int or not 1 <= max_deliveries <= 1_000_000:
+            raise DefinitionError("max_deliveries", f"must be 1-1000000, got {max_deliveries!r}")
+        for name, value in (("ack_timeout", ack_timeout), ("backoff", backoff)):
+            if not isinstance(value, int | float) or not 0 < value <= 86400:
+                raise DefinitionError(name, f"must be seconds in (0, 86400], got {value!r}")
+        if backoff > 0 and ack_timeout < 0.01:
+            raise DefinitionError("ack_timeout", "must be at least 0.01 seconds")
+        if self._closed:
+            raise BackendError(self.url, "the event bus is closed")
+        await self._ready()
+        nc = self._nc
+        assert nc is not None
+        p, type_token = self.prefix, _token(event_type)
+        if group is None:
+            consumer = f"~solo-{os.urandom(8).hex()}"
+        else:
+            consumer = f"{_token(group)}~{type_token}"
+        events = f"{p}.events.>" if event_type == ALL_EVENTS else f"{p}.events.{type_token}"
+        config = ConsumerConfig(
+            name=consumer,
+            durable_name=None if group is None else consumer,
+            filter_subjects=[events, f"{p}.replay.{consumer}"],
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=float(ack_timeout),
+            max_deliver=-1,
+            max_ack_pending=max(1000, 4 * self._batch),
+            deliver_policy=DeliverPolicy.NEW,
+            inactive_threshold=_SOLO_IDLE if group is None else None,
+        )
+        await self._create_consumer(config)
+        subscription = _Subscription(
+            self,
+            event_type,
+            handler,
+            config,
+            group="" if group is None else group,
+            consumer=consumer,
+            solo=group is None,
+            max_deliveries=max_deliveries,
+            ack_timeout=float(ack_timeout),
+            backoff=float(backoff),
+        )
+        await subscription.start(nc)
+        self._subscriptions.append(subscription)
+        return subscription
+
+    async def _create_consumer(self, config: ConsumerConfig) -> None:
+        js = await self._ready()
+        try:
+            await js.add_consumer(self._stream, config)
+        except Exception as exc:
+            raise _translate(self.url, f"creating consumer {config.name}", exc) from exc
+
+    async def _unsubscribe(self, subscription: _Subscription) -> None:
+        self._subscriptions = [s for s in self._subscriptions if s is not subscription]
+        await subscription.stop()
+        if subscription.solo and self._js is not None:
+            try:
+                await self._js.delete_consumer(self._stream, subscription.consumer)
+            except Exception as exc:  # the server deletes it once idle anyway
+                log.debug("deleting consumer %s: %s", subscription.consumer, _error(exc))
+
+    async def _dead_letter(
+        self,
+        subscription: _Subscription,
+        msg: Msg,
+        event: Event | None,
+        error: str,
+        deliveries: int,
+    ) -> None:
+        """Store the event in the group's dead letters, then end its delivery."""
+        record = {
+            "v": 1,
+            "group": subscription.group,
+            "consumer": subscription.consumer,
+            "subscription": subscription.event_type,
+            "error": error,
+            "deliveries": deliveries,
+            "failed_at": time.time(),
+            "envelope": msg.data.decode("utf-8", "replace"),
+        }
+        js = self._js
+        try:
+            assert js is not None
+            await js.publish(f"{self.prefix}.dlq.{_token(subscription.group)}", _dumps(record))
+        except Exception as exc:
+            # Not stored: the event stays in the stream and comes back later.
+            log.error(
+                "dead-lettering %s for group %r failed (%s); it will be retried",
+                event.type if event else "an undecodable event",
+                subscription.group,
+                _error(exc),
+            )
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak(delay=_MAX_BACKOFF)
+            return
+        log.error(
+            "dead letter in group %r after %d deliveries: %s",
+            subscription.group,
+            deliveries,
+            error,
+        )
+        with contextlib.suppress(nats.errors.Error):  # else it comes back, is dead-lettered again
+            await msg.term()
+
+    async def drain(self) -> None:
+        task = asyncio.current_task()
+        if any(s._task is task for s in self._subscriptions):
+            raise RuntimeError("drain() inside an event handler would wait for itself")
+        if self._js is None:
+            return
+        while True:
+            subscriptions = list(self._subscriptions)
+            if not any(s.busy for s in subscriptions):
+                consumers = {s.consumer for s in subscriptions}
+                if await self._settled(consumers) and not any(s.busy for s in subscriptions):
+                    return
+            await asyncio.sleep(_DRAIN_POLL)
+
+    async def _settled(self, consumers: set[str]) -> bool:
+        js = self._js
+        if js is None:
+            return True
+        for consumer in consumers:
+            try:
+                info = await js.consumer_info(self._stream, consumer)
+            except nats.js.errors.NotFoundError:
+                continue  # cancelled meanwhile
+            except Exception as exc:
+                log.debug("drain: consumer %s: %s", consumer, _error(exc))
+                return False
+            if info.num_pending or info.num_ack_pending:
+                return False
+        return True
+
+    async def dead_letters(self, group: str, *, limit: int = 100) -> Sequence[DeadLetter]:
+        if not isinstance(group, str):
+            raise DefinitionError("group", "must be a string")
+        if type(limit) is not int or limit < 0:
+            raise DefinitionError("limit", f"must be a non-negative integer, got {limit!r}")
+        js = await self._ready()
+        subject = f"{self.prefix}.dlq.{_token(group)}"
+        found: list[DeadLetter] = []
+        seq = 1
+        while len(found) < limit:
+            try:
+                raw = await js.get_msg(self._dlq_stream, seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            except Exception as exc:
+                raise _translate(self.url, f"reading dead letters of {group!r}", exc) from exc
+            seq = (raw.seq or seq) + 1
+            letter = _read_dead_letter(str(raw.seq), raw.data or b"")
+            if letter is not None:
+                found.append(letter)
+        return found
+
+    async def replay_dead_letter(self, group: str, dead_letter_id: str) -> None:
+        js = await self._ready()
+        subject = f"{self.prefix}.dlq.{_token(group)}"
+        seq = int(dead_letter_id) if str(dead_letter_id).isdigit() else 0
+        raw = None
+        if 0 < seq < 2**63:
+            try:
+                raw = await js.get_msg(self._dlq_stream, seq)
+            except nats.js.errors.NotFoundError:
+                raw = None
+            except Exception as exc:
+                raise _translate(self.url, f"reading dead letter {dead_letter_id}", exc) from exc
+        if raw is None or raw.subject != subject:
+            raise DefinitionError(
+                "dead_letter_id", f"group {group!r} holds no dead letter {dead_letter_id!r}"
+            )
+        record = _loads_record(raw.data or b"")
+        consumer = record.get("consumer") if record else None
+        envelope = record.get("envelope") if record else None
+        if not isinstance(consumer, str) or not isinstance(envelope, str):
+            raise DefinitionError("dead_letter_id", f"dead letter {dead_letter_id} is corrupt")
+        try:
+            await js.publish(f"{self.prefix}.replay.{consumer}", envelope.encode())
+            await js.delete_msg(self._dlq_stream, seq)
+        except nats.js.errors.NotFoundError:
+            pass  # replayed and removed meanwhile by another process
+        except Exception as exc:
+            raise _translate(self.url, f"replaying dead letter {dead_letter_id}", exc) from exc
+
+    async def close(self) -> None:
+        """Stop pulling, let handlers in flight finish and acknowledge them, disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        subscriptions, self._subscriptions = self._subscriptions, []
+        await asyncio.gather(*(self._unsubscribe(s) for s in subscriptions))
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            try:
+                await nc.flush(timeout=max(1, int(self._timeout)))
+            except Exception as exc:  # acknowledgements not sent come back as redeliveries
+                log.debug("flush before close: %s", _error(exc))
+            await nc.close()
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _loads_record(data: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _read_dead_letter(letter_id: str, data: bytes) -> DeadLetter | None:
+    """A stored dead letter; one that cannot be read is shown with what it holds."""
+    record = _loads_record(data) or {}
+    envelope = record.get("envelope")
+    try:
+        event = decode_event(envelope if isinstance(envelope, str) else "")
+    except DefinitionError:
+        # Keep it visible (and replayable) even when its envelope is not ours.
+        text = envelope if isinstance(envelope, str) else data.decode("utf-8", "replace")
+        event = Event("sagakit.Undecodable", "unknown", {"envelope": text[:10_000]})
+    deliveries = record.get("deliveries")
+    failed_at = record.get("failed_at")
+    return DeadLetter(
+        id=letter_id,
+        group=str(record.get("group", "")),
+        event=event,
+        error=str(record.get("error", "")),
+        deliveries=deliveries if type(deliveries) is int else 0,
+        failed_at=float(failed_at) if isinstance(failed_at, int | float) else 0.0,
+    )
