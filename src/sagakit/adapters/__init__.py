@@ -32,6 +32,8 @@ SAGA_LOGS: dict[str, Backend] = {
 EVENT_BUSES: dict[str, Backend] = {
     "memory": Backend("sagakit.adapters.memory_bus:InMemoryEventBus.from_url"),
     "nats": Backend("sagakit.adapters.nats_bus:NatsEventBus.from_url", "nats", "nats"),
+    "redis": Backend("sagakit.adapters.redis_bus:RedisEventBus.from_url", "redis", "redis"),
+    "rediss": Backend("sagakit.adapters.redis_bus:RedisEventBus.from_url", "redis", "redis"),
 }
 
 

@@ -1,0 +1,333 @@
+"""The Redis Streams event bus on a real redis-server (tests/servers/redis.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from sagakit.adapters.redis_bus import RedisEventBus
+from sagakit.core.event import Event
+from sagakit.errors import BackendUnavailable, ConfigurationError, DefinitionError
+from sagakit.ports.event_bus import ALL_EVENTS, EventBus
+from tests.servers.redis import RedisServer
+
+TIMEOUT = 10.0
+
+
+def event(type_: str = "OrderPlaced", saga_id: str = "o-1", **payload: object) -> Event:
+    return Event(type_, saga_id, payload, timestamp=1_700_000_000)
+
+
+async def drain(bus: RedisEventBus) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+
+
+class Buses:
+    """Buses on one fresh prefix of the session's server, all closed at the end."""
+
+    def __init__(self, url: str) -> None:
+        self.prefix = f"t{uuid.uuid4().hex[:12]}"
+        self.url = url
+        self.open: list[RedisEventBus] = []
+
+    def __call__(self, **options: object) -> RedisEventBus:
+        bus = RedisEventBus(self.url, prefix=self.prefix, **options)  # type: ignore[arg-type]
+        self.open.append(bus)
+        return bus
+
+
+@pytest.fixture
+async def buses(redis_server: RedisServer) -> AsyncIterator[Buses]:
+    made = Buses(redis_server.url)
+    yield made
+    for bus in made.open:
+        async with asyncio.timeout(TIMEOUT):
+            await bus.close()
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def test_is_an_event_bus_and_delivers_id_and_body(buses: Buses) -> None:
+    bus = buses()
+    assert isinstance(bus, EventBus)
+    got: list[Event] = []
+    await bus.subscribe("OrderPlaced", got.append)  # a plain function is a handler too
+    sent = Event("OrderPlaced", "o-9", {"items": ["a", "b"], "amount": 3, "ü": "é"}, timestamp=12)
+    await bus.publish(sent)
+    await bus.publish(event("Other"))
+    await drain(bus)
+    assert [(e.event_id, e.body()) for e in got] == [(sent.event_id, sent.body())]
+
+
+async def test_star_sees_every_type_in_publish_order(buses: Buses) -> None:
+    bus = buses()
+    everything: list[Event] = []
+    await bus.subscribe(ALL_EVENTS, everything.append, group="audit")
+    sent = [event(t, n=i) for i, t in enumerate(["A", "B", "A", "C", "B"] * 4)]
+    for e in sent:
+        await bus.publish(e)
+    await drain(bus)
+    assert [e.body() for e in everything] == [e.body() for e in sent]
+
+
+async def test_groups_each_get_every_event_and_members_compete(buses: Buses) -> None:
+    one, two = buses(), buses()
+    a1: list[int] = []
+    a2: list[int] = []
+    b: list[int] = []
+    await one.subscribe("Tick", lambda e: a1.append(e["n"]), group="a")
+    await two.subscribe("Tick", lambda e: a2.append(e["n"]), group="a")
+    await one.subscribe("Tick", lambda e: b.append(e["n"]), group="b")
+    for i in range(200):
+        await one.publish(event("Tick", saga_id=f"s{i}", n=i))
+    await drain(one)
+    await drain(two)
+    assert sorted(a1 + a2) == list(range(200))  # each event once in group a
+    assert b == list(range(200))  # one consumer: publish order
+
+
+async def test_failing_handler_is_retried_then_dead_lettered_then_replayed_to_its_group(
+    buses: Buses, raw: aioredis.Redis
+) -> None:
+    bus = buses()
+    tries: list[int] = []
+    other: list[Event] = []
+    healthy = False
+
+    async def flaky(e: Event) -> None:
+        tries.append(e["n"])
+        if not healthy:
+            raise RuntimeError(f"down for {e['n']}")
+
+    await bus.subscribe("Pay", flaky, group="payment", max_deliveries=3)
+    await bus.subscribe("Pay", other.append, group="audit")
+    await bus.publish(event("Pay", n=7))
+    await drain(bus)
+    assert tries == [7, 7, 7]
+    [letter] = await bus.dead_letters("payment")
+    assert letter.group == "payment"
+    assert letter.deliveries == 3
+    assert letter.error == "RuntimeError: down for 7"
+    assert letter.event.body() == event("Pay", n=7).body()
+    assert await bus.dead_letters("audit") == []
+    assert len(other) == 1
+    # Acknowledged in the stream once dead-lettered: nothing pending.
+    assert (await raw.xpending(f"{buses.prefix}:events:Pay", "payment"))["pending"] == 0
+
+    healthy = True
+    await bus.replay_dead_letter("payment", letter.id)
+    await drain(bus)
+    assert tries == [7, 7, 7, 7]
+    assert len(other) == 1  # the replay went to its group only
+    assert await bus.dead_letters("payment") == []
+    with pytest.raises(DefinitionError):
+        await bus.replay_dead_letter("payment", letter.id)  # replayed once only
+    with pytest.raises(DefinitionError):
+        await bus.replay_dead_letter("payment", "not-an-id")
+
+
+async def test_redelivery_succeeds_before_the_limit(buses: Buses) -> None:
+    bus = buses()
+    tries = 0
+
+    def twice_down(e: Event) -> None:
+        nonlocal tries
+        tries += 1
+        if tries < 3:
+            raise ConnectionError("peer restarting")
+
+    await bus.subscribe("Pay", twice_down, group="payment")
+    await bus.publish(event("Pay"))
+    await drain(bus)
+    assert tries == 3
+    assert await bus.dead_letters("payment") == []
+
+
+async def test_a_handler_raising_cancelled_error_is_a_failed_delivery(buses: Buses) -> None:
+    bus = buses()
+    calls = 0
+
+    async def handler(e: Event) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise asyncio.CancelledError
+
+    await bus.subscribe("X", handler, group="g")
+    await bus.publish(event("X"))
+    await drain(bus)  # does not raise CancelledError here
+    assert calls == 2
+
+
+async def test_a_dead_consumer_loses_its_events_to_its_group(buses: Buses) -> None:
+    doomed, survivor = buses(), buses()
+    held = asyncio.Event()
+    got: list[int] = []
+    taken = asyncio.Event()
+
+    async def hang(e: Event) -> None:
+        held.set()
+        await asyncio.sleep(3600)
+
+    await doomed.subscribe("Job", hang, group="workers", ack_timeout=0.3)
+    await doomed.publish(event("Job", n=1))
+    async with asyncio.timeout(TIMEOUT):
+        await held.wait()
+    await doomed._abort()  # dies holding the event: no ack
+
+    def take(e: Event) -> None:
+        got.append(e["n"])
+        taken.set()
+
+    await survivor.subscribe("Job", take, group="workers", ack_timeout=0.3)
+    async with asyncio.timeout(TIMEOUT):
+        await taken.wait()
+    await drain(survivor)
+    assert got == [1]
+
+
+async def test_close_lets_handlers_in_flight_finish_and_acks_them(
+    buses: Buses, raw: aioredis.Redis
+) -> None:
+    bus = buses()
+    started = asyncio.Event()
+    finished: list[int] = []
+
+    async def slow(e: Event) -> None:
+        started.set()
+        await asyncio.sleep(0.3)
+        finished.append(e["n"])
+
+    await bus.subscribe("Job", slow, group="workers")
+    await bus.publish(event("Job", n=1))
+    async with asyncio.timeout(TIMEOUT):
+        await started.wait()
+        await bus.close()
+    assert finished == [1]
+    assert (await raw.xpending(f"{buses.prefix}:events:Job", "workers"))["pending"] == 0
+    # A consumer that holds nothing is removed with its process.
+    assert await raw.xinfo_consumers(f"{buses.prefix}:events:Job", "workers") == []
+
+
+async def test_undecodable_entries_go_to_the_dead_letters(
+    buses: Buses, raw: aioredis.Redis
+) -> None:
+    bus = buses()
+    got: list[Event] = []
+    await bus.subscribe("X", got.append, group="g")
+    await raw.xadd(f"{buses.prefix}:events:X", {"e": b"\xff not json"})
+    await raw.xadd(f"{buses.prefix}:events:X", {"other": b"field"})
+    await bus.publish(event("X"))
+    await drain(bus)
+    assert len(got) == 1
+    letters = await bus.dead_letters("g")
+    assert len(letters) == 1  # the entry without an envelope is logged as lost
+    assert "undecodable" in letters[0].error
+
+
+async def test_trim_keeps_only_what_a_group_still_needs(buses: Buses, raw: aioredis.Redis) -> None:
+    bus = buses()
+    await bus.subscribe("Tick", lambda e: None, group="g")
+    for i in range(600):
+        await bus.publish(event("Tick", saga_id=f"s{i}"))
+    await drain(bus)
+    stream = f"{buses.prefix}:events:Tick"
+    assert await raw.xlen(stream) == 600
+    await bus.trim()
+    assert await raw.xlen(stream) < 200  # whole nodes only (XTRIM ~)
+
+
+async def test_streams_are_capped_at_maxlen(buses: Buses, raw: aioredis.Redis) -> None:
+    bus = buses(maxlen=100)
+    for _ in range(1000):
+        await bus.publish(event("Nobody"))
+    assert await raw.xlen(f"{buses.prefix}:events:Nobody") < 300
+
+
+async def test_subscription_cancel_stops_deliveries(buses: Buses) -> None:
+    bus = buses()
+    got: list[Event] = []
+    subscription = await bus.subscribe("X", got.append)
+    await bus.publish(event("X"))
+    await drain(bus)
+    await subscription.cancel()
+    await subscription.cancel()
+    await bus.publish(event("X"))
+    await drain(bus)
+    assert len(got) == 1
+
+
+async def test_bad_arguments_are_refused(buses: Buses) -> None:
+    bus = buses()
+    with pytest.raises(DefinitionError):
+        await bus.subscribe("", print)
+    with pytest.raises(DefinitionError):
+        await bus.subscribe("X", print, max_deliveries=0)
+    with pytest.raises(DefinitionError):
+        await bus.subscribe("X", print, ack_timeout=float("nan"))
+    with pytest.raises(DefinitionError):
+        await bus.subscribe("X", "not callable")  # type: ignore[arg-type]
+    with pytest.raises(DefinitionError):
+        await bus.dead_letters("g", limit=0)
+
+
+def test_url_options() -> None:
+    bus = RedisEventBus.from_url("redis://127.0.0.1:1/3?prefix=shop&maxlen=50&socket_timeout=5")
+    assert (bus.prefix, bus.maxlen) == ("shop", 50)
+    assert "prefix" not in bus.url
+    assert "socket_timeout=5" in bus.url
+    with pytest.raises(ConfigurationError):
+        RedisEventBus.from_url("redis://127.0.0.1:1/0?prefix=a%20b")
+    with pytest.raises(ConfigurationError):
+        RedisEventBus.from_url("redis://127.0.0.1:1/0?maxlen=lots")
+
+
+async def test_events_accepted_before_a_restart_are_delivered_after_it(
+    redis_server: RedisServer, buses: Buses
+) -> None:
+    bus = buses()
+    got: list[int] = []
+    await bus.subscribe("Tick", lambda e: got.append(e["n"]), group="g", ack_timeout=0.5)
+    await bus.subscribe("Nobody", lambda e: None, group="g")
+    publisher = buses()
+    # The consumer stops reading: what is published now waits in the stream.
+    await publisher.publish(event("Nobody"))
+    await bus.close()
+    for i in range(20):
+        await publisher.publish(event("Tick", saga_id=f"s{i}", n=i))
+    redis_server.restart(crash=True)  # SIGKILL: only the fsynced log survives
+    again = buses()
+    await again.subscribe("Tick", lambda e: got.append(e["n"]), group="g", ack_timeout=0.5)
+    await drain(again)
+    assert sorted(got) == list(range(20))
+
+
+async def test_publish_during_an_outage_raises_backend_unavailable_then_recovers(
+    redis_server: RedisServer, buses: Buses
+) -> None:
+    if not redis_server.restartable:
+        pytest.skip("an external server is not ours to stop")
+    bus = buses()
+    got: list[int] = []
+    await bus.subscribe("Tick", lambda e: got.append(e["n"]), group="g")
+    await bus.publish(event("Tick", n=0))
+    await drain(bus)
+    redis_server.stop()
+    try:
+        with pytest.raises(BackendUnavailable):
+            await bus.publish(event("Tick", n=1))
+    finally:
+        redis_server.start()
+    await bus.publish(event("Tick", n=2))
+    await drain(bus)
+    assert got == [0, 2]
