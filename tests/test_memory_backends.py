@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 
 import pytest
 from conformance.event_bus import EventBusConformance, event, recorder
 from conformance.saga_log import SagaLogConformance, opening
 
-from sagakit.adapters import open_event_bus, open_saga_log
+from sagakit.adapters import memory_bus, open_event_bus, open_saga_log
 from sagakit.adapters.memory_bus import DeliveryFailure, InMemoryEventBus
 from sagakit.adapters.memory_log import InMemorySagaLog
 from sagakit.core.event import Event
 from sagakit.core.records import SagaFinished, SagaStatus
-from sagakit.errors import BackendError
+from sagakit.errors import BackendBusy, BackendError, ConfigurationError, DefinitionError
 from sagakit.ports.event_bus import ALL_EVENTS, EventBus
 from sagakit.ports.saga_log import SagaLog
 
@@ -45,13 +47,82 @@ class TestInMemorySagaLog(SagaLogConformance):
 
 
 class TestInMemoryEventBus(EventBusConformance):
+    """Buses of one test share a broker named after the test; kill abandons a bus."""
+
     async def make_bus(self) -> EventBus:
-        return InMemoryEventBus()
+        if not hasattr(self, "namespace"):
+            self.namespace = f"conformance-{uuid.uuid4().hex}"
+        return InMemoryEventBus(name=self.namespace)
+
+    async def kill(self, bus: EventBus) -> None:
+        assert isinstance(bus, InMemoryEventBus)
+        await bus.crash()
+
+    # --- opening ---------------------------------------------------------------------
 
     async def test_opened_by_url(self) -> None:
         bus = open_event_bus("memory://")
         assert isinstance(bus, InMemoryEventBus)
         await bus.close()
+
+    async def test_memory_urls_with_a_name_share_one_broker(self) -> None:
+        name = f"shared-{uuid.uuid4().hex}"
+        a, b = open_event_bus(f"memory://{name}"), open_event_bus(f"memory://{name}")
+        private = open_event_bus("memory://")
+        got: list[Event] = []
+        await b.subscribe("Tick", recorder(got), group="g")
+        await a.publish(event("Tick"))
+        await private.publish(event("Tick"))
+        await a.drain()
+        await private.drain()
+        assert len(got) == 1
+        for bus in (a, b, private):
+            await bus.close()
+
+    async def test_url_options(self) -> None:
+        bus = open_event_bus("memory://?capacity=3")
+        assert isinstance(bus, InMemoryEventBus)
+        assert bus._broker.capacity == 3
+        await bus.close()
+        with pytest.raises(ConfigurationError, match="unknown option"):
+            open_event_bus("memory://?capacty=3")
+        with pytest.raises(ConfigurationError, match="capacity"):
+            open_event_bus("memory://?capacity=many")
+        with pytest.raises(ConfigurationError, match="capacity"):
+            open_event_bus("memory://?capacity=0")
+
+    @pytest.mark.parametrize(
+        ("field", "kwargs"),
+        [
+            ("event_type", {"event_type": ""}),
+            ("handler", {"handler": 42}),
+            ("group", {"group": ""}),
+            ("max_deliveries", {"max_deliveries": 0}),
+            ("max_deliveries", {"max_deliveries": 2.5}),
+            ("ack_timeout", {"ack_timeout": 0}),
+            ("ack_timeout", {"ack_timeout": float("inf")}),
+            ("backoff", {"backoff": -1}),
+            ("backoff", {"backoff": float("nan")}),
+        ],
+    )
+    async def test_subscribe_names_the_bad_argument(
+        self, field: str, kwargs: dict[str, object]
+    ) -> None:
+        bus = InMemoryEventBus()
+        arguments: dict[str, object] = {"event_type": "Tick", "handler": recorder([]), **kwargs}
+        with pytest.raises(DefinitionError) as excinfo:
+            await bus.subscribe(**arguments)  # type: ignore[arg-type]
+        assert excinfo.value.field == field
+        await bus.close()
+
+    async def test_publish_refuses_what_is_not_an_event(self) -> None:
+        bus = InMemoryEventBus()
+        with pytest.raises(DefinitionError) as excinfo:
+            await bus.publish({"type": "Tick"})  # type: ignore[arg-type]
+        assert excinfo.value.field == "event"
+        await bus.close()
+
+    # --- failures ----------------------------------------------------------------------
 
     async def test_failures_record_the_failing_handler(
         self, caplog: pytest.LogCaptureFixture
@@ -61,7 +132,7 @@ class TestInMemoryEventBus(EventBusConformance):
         async def broken(e: Event) -> None:
             raise ValueError("no stock")
 
-        await bus.subscribe("OrderPlaced", broken)
+        await bus.subscribe("OrderPlaced", broken, max_deliveries=1)
         await bus.subscribe("OrderPlaced", recorder([]))
         sent = event("OrderPlaced", "o-3")
         with caplog.at_level(logging.ERROR, logger="sagakit.bus"):
@@ -70,6 +141,9 @@ class TestInMemoryEventBus(EventBusConformance):
         assert bus.failures == [DeliveryFailure(sent, broken.__qualname__, "ValueError: no stock")]
         assert "broken" in bus.failures[0].handler
         assert any("o-3" in r.getMessage() for r in caplog.records)
+        # A subscription without a group files its dead letters under "".
+        (letter,) = await bus.dead_letters("")
+        assert (letter.event, letter.deliveries) == (sent, 1)
         await bus.close()
 
     async def test_drain_inside_a_handler_raises(self) -> None:
@@ -83,7 +157,7 @@ class TestInMemoryEventBus(EventBusConformance):
                 errors.append(exc)
                 raise
 
-        await bus.subscribe("Tick", impatient)
+        await bus.subscribe("Tick", impatient, max_deliveries=1)
         await bus.publish(event("Tick"))
         await self.drain(bus)
         assert len(errors) == 1
@@ -91,7 +165,185 @@ class TestInMemoryEventBus(EventBusConformance):
         assert bus.failures[0].error.startswith("RuntimeError: ")
         await bus.close()
 
-    async def test_publish_after_close_raises_backend_error(self) -> None:
+    async def test_a_handler_raising_cancelled_error_strands_nothing(self) -> None:
+        # It used to end the dispatcher: drain() raised CancelledError in a caller
+        # nobody cancelled, and the next event was never delivered.
+        bus = InMemoryEventBus()
+        got: list[int] = []
+
+        async def rude(e: Event) -> None:
+            if e["n"] == 0:
+                raise asyncio.CancelledError
+            got.append(e["n"])
+
+        def sync_rude(e: Event) -> None:
+            if e["n"] == 0:
+                raise asyncio.CancelledError
+
+        await bus.subscribe("Tick", rude, max_deliveries=1)
+        await bus.subscribe("Tick", sync_rude, max_deliveries=1)
+        await bus.publish(event("Tick", n=0))
+        await bus.publish(event("Tick", n=1))
+        await self.drain(bus)  # does not raise
+        assert got == [1]
+        assert [f.error.split(":")[0] for f in bus.failures] == ["CancelledError"] * 2
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+        await bus.close()
+
+    async def test_a_live_consumer_holding_an_event_too_long_loses_it(self) -> None:
+        bus = InMemoryEventBus()
+        release = asyncio.Event()
+        slow: list[Event] = []
+        fast: list[Event] = []
+
+        async def holds(e: Event) -> None:
+            slow.append(e)
+            await release.wait()
+
+        await bus.subscribe("Tick", holds, group="g", ack_timeout=0.2)
+        await bus.subscribe("Tick", recorder(fast), group="g", ack_timeout=0.2)
+        sent = event("Tick")
+        await bus.publish(sent)
+        await self.drain(bus)
+        release.set()
+        assert [e.event_id for e in slow + fast] == [sent.event_id] * 2
+        assert bus.failures[0].error.startswith("TimeoutError: not acknowledged within 0.2")
+        await asyncio.sleep(0.01)
+        assert await bus.dead_letters("g") == []
+        await bus.close()
+
+    async def test_a_group_without_consumers_keeps_a_bounded_backlog(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(memory_bus, "BACKLOG_LIMIT", 3)
+        bus = InMemoryEventBus()
+        subscription = await bus.subscribe("Tick", recorder([]), group="g")
+        await subscription.cancel()
+        for i in range(5):
+            await bus.publish(event("Tick", n=i))
+        await self.drain(bus)
+        letters = await bus.dead_letters("g")
+        assert [d.event["n"] for d in letters] == [3, 4]
+        assert all(d.error.startswith("BacklogFull") for d in letters)
+        got: list[Event] = []
+        await bus.subscribe("Tick", recorder(got), group="g")
+        await self.drain(bus)
+        assert [e["n"] for e in got] == [0, 1, 2]
+        await bus.close()
+
+    async def test_dead_letters_kept_per_group_are_bounded(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(memory_bus, "DEAD_LETTERS_KEPT", 2)
+        bus = InMemoryEventBus()
+
+        def poisoned(e: Event) -> None:
+            raise ValueError(e["n"])
+
+        await bus.subscribe("Tick", poisoned, group="g", max_deliveries=1)
+        for i in range(4):
+            await bus.publish(event("Tick", n=i))
+        await self.drain(bus)
+        assert [d.event["n"] for d in await bus.dead_letters("g")] == [2, 3]
+        await bus.close()
+
+    async def test_a_replayed_dead_letter_waits_for_a_consumer_of_its_group(self) -> None:
+        bus = InMemoryEventBus()
+
+        def poisoned(e: Event) -> None:
+            raise ValueError("no")
+
+        subscription = await bus.subscribe("Tick", poisoned, group="g", max_deliveries=1)
+        await bus.publish(event("Tick"))
+        await self.drain(bus)
+        (letter,) = await bus.dead_letters("g")
+        await subscription.cancel()
+        await bus.replay_dead_letter("g", letter.id)
+        await self.drain(bus)
+        got: list[Event] = []
+        await bus.subscribe("Tick", recorder(got), group="g")
+        await self.drain(bus)
+        assert got == [letter.event]
+        await bus.close()
+
+    # --- back-pressure and a loop that is never starved ------------------------------------
+
+    async def test_a_handler_that_never_suspends_does_not_starve_the_loop(self) -> None:
+        # Each Tick publishes two more without suspending: drain() with a timeout
+        # used to never return while the queue grew without bound.
+        bus = InMemoryEventBus(capacity=100)
+
+        async def doubling(e: Event) -> None:
+            await bus.publish(event("Tick"))
+            await bus.publish(event("Tick"))
+
+        subscription = await bus.subscribe("Tick", doubling, max_deliveries=2, backoff=0.01)
+        await bus.publish(event("Tick"))
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await bus.drain()
+        assert time.monotonic() - started < 2.0
+        assert len(bus._broker.queue) <= 200
+        assert any(f.error.startswith("BackendBusy") for f in bus.failures)
+        await subscription.cancel()
+        await self.drain(bus)
+        await bus.close()
+
+    async def test_publish_waits_while_the_queue_is_full(self) -> None:
+        bus = InMemoryEventBus(capacity=5)
+        handled: list[int] = []
+        most = 0
+
+        async def slow(e: Event) -> None:
+            nonlocal most
+            most = max(most, len(bus._broker.queue))
+            await asyncio.sleep(0.002)
+            handled.append(e["n"])
+
+        await bus.subscribe("Tick", slow)
+        published = 0
+
+        async def producer() -> None:
+            nonlocal published
+            for i in range(40):
+                await bus.publish(event("Tick", n=i))
+                published += 1
+
+        task = asyncio.create_task(producer())
+        await asyncio.sleep(0.01)
+        assert published < 40, "publish did not wait for room"
+        await task
+        await self.drain(bus)
+        assert handled == list(range(40))
+        assert most <= 5
+        await bus.close()
+
+    async def test_a_handler_overfilling_its_own_queue_is_told_to_retry(self) -> None:
+        bus = InMemoryEventBus(capacity=2)
+        raised: list[BaseException] = []
+
+        async def fan_out(e: Event) -> None:
+            try:
+                for i in range(5):
+                    await bus.publish(event("Leaf", n=i))
+            except BackendBusy as exc:
+                raised.append(exc)
+                raise
+
+        leaves: list[Event] = []
+        await bus.subscribe("Root", fan_out, max_deliveries=1)
+        await bus.subscribe("Leaf", recorder(leaves))
+        await bus.publish(event("Root"))
+        await self.drain(bus)
+        assert len(raised) == 1
+        assert raised[0].retryable
+        assert len(leaves) == 4  # twice the capacity, then refused
+        await bus.close()
+
+    # --- closing -----------------------------------------------------------------------
+
+    async def test_publish_after_close_names_the_bus(self) -> None:
         bus = InMemoryEventBus()
         got: list[Event] = []
         await bus.subscribe("Tick", recorder(got))
@@ -110,12 +362,14 @@ class TestInMemoryEventBus(EventBusConformance):
         async def slow(e: Event) -> None:
             await asyncio.sleep(0.005)
             done.append(e["n"])
+            await bus.publish(event("Tock", n=e["n"]))  # in flight: still accepted
 
         await bus.subscribe("Tick", slow)
         for i in range(3):
             await bus.publish(event("Tick", n=i))
         await bus.close()
         assert done == [0, 1, 2]
+        assert bus.failures == []
 
     async def test_publish_returns_before_handlers_run(self) -> None:
         bus = InMemoryEventBus()
@@ -127,6 +381,8 @@ class TestInMemoryEventBus(EventBusConformance):
         assert len(got) == 1
         await bus.close()
 
+    # --- the deterministic order the protocol node relies on --------------------------------
+
     async def test_delivery_is_breadth_first_with_star_subscribers_first(self) -> None:
         bus = InMemoryEventBus()
         log: list[str] = []
@@ -136,7 +392,7 @@ class TestInMemoryEventBus(EventBusConformance):
             await bus.publish(event("PaymentTaken"))
 
         await bus.subscribe("OrderPlaced", placed)
-        await bus.subscribe("OrderPlaced", recorder([], "second", log))
+        await bus.subscribe("OrderPlaced", recorder([], "second", log), group="second")
         await bus.subscribe("PaymentTaken", recorder([], "paid", log))
         await bus.subscribe(ALL_EVENTS, recorder([], "star", log))
         await bus.publish(event("OrderPlaced"))

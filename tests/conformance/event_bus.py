@@ -1,29 +1,49 @@
-"""Conformance suite for event bus backends.
+"""Conformance suite for event bus backends: every point of the EventBus port, on real servers.
 
 A backend's tests subclass :class:`EventBusConformance` (not collected by pytest
-itself: its name does not start with ``Test``) and implement
-:meth:`EventBusConformance.make_bus`, returning a new, ready bus with no
-subscribers::
+itself: its name does not start with ``Test``) and implement the harness:
 
-    class TestNatsEventBus(EventBusConformance):
-        async def make_bus(self) -> EventBus:
-            return await NatsEventBus.connect(NATS_URL, subject_prefix=uuid4().hex)
+``async def make_bus(self) -> EventBus`` (required)
+    A new, ready bus with no subscribers, connected to the same backend
+    namespace as every other bus this test makes: the buses of one test share
+    the broker (two buses subscribing one group compete for its events), and
+    the namespace (stream/queue/key prefix) is unique to the test, so tests
+    never see each other's groups. pytest makes a new instance of the class for
+    each test, so a prefix created lazily on ``self`` is per test.
 
-Delivery is asynchronous on every backend, so each test publishes, then waits
-with ``drain()`` (bounded by :attr:`EventBusConformance.timeout`), then looks.
+``async def kill(self, bus: EventBus) -> None`` (required)
+    The bus's process dies holding events: its connections drop without
+    acknowledging what its handlers hold (for the in-process bus: its
+    subscriptions are abandoned unacknowledged). The suite does not close a
+    killed bus.
+
+``async def restart_server(self) -> None`` (optional)
+    Stop the broker and start it again on the same storage, returning once it
+    accepts connections. The default skips the tests that need it.
+
+Tests pass small timings (:attr:`ack_timeout`, :attr:`backoff`) to
+``subscribe`` so they run fast; a backend may raise :attr:`timeout` if its
+server is slow. Buses made by :meth:`EventBusConformance.bus` are closed after
+the test. Delivery is asynchronous on every backend: single-bus tests wait with
+``drain()``, tests spanning buses poll with :meth:`EventBusConformance.eventually`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+
+import pytest
 
 from sagakit.core.event import Event
+from sagakit.errors import BackendError, DefinitionError
 from sagakit.ports.event_bus import ALL_EVENTS, EventBus, Handler
 
-__all__ = ["EventBusConformance", "recorder"]
+__all__ = ["EventBusConformance", "bodies", "event", "recorder"]
 
 
 def recorder(into: list[Event], label: str | None = None, log: list[str] | None = None) -> Handler:
@@ -45,14 +65,55 @@ def bodies(events: list[Event]) -> list[dict[str, object]]:
     return [e.body() for e in events]
 
 
+def ids(events: list[Event]) -> list[str]:
+    return [e.event_id for e in events]
+
+
 class EventBusConformance(ABC):
     """What every :class:`~sagakit.ports.event_bus.EventBus` backend must do."""
 
-    timeout: float = 10.0
+    timeout: float = 10.0  # the longest any single wait of a test may take
+    ack_timeout: float = 1.0  # passed to subscribe where a test needs a takeover
+    backoff: float = 0.1  # passed to subscribe where a test needs a redelivery
+    settle: float = 0.3  # how long a test watches that nothing more arrives
+
+    # --- the harness a backend implements ------------------------------------------------
 
     @abstractmethod
     async def make_bus(self) -> EventBus:
-        """A new bus with no subscribers."""
+        """A new bus with no subscribers, on this test's shared backend namespace."""
+
+    @abstractmethod
+    async def kill(self, bus: EventBus) -> None:
+        """Drop the bus as a crashed process would: nothing it holds is acknowledged."""
+
+    async def restart_server(self) -> None:
+        """Restart the broker on the same storage (default: this backend cannot)."""
+        pytest.skip(f"{type(self).__name__} cannot restart its server")
+
+    # --- helpers ------------------------------------------------------------------------
+
+    @pytest.fixture(autouse=True)
+    async def _close_buses(self) -> AsyncIterator[None]:
+        self._buses: list[EventBus] = []
+        self._killed: list[EventBus] = []
+        yield
+        for bus in reversed(self._buses):
+            if any(bus is k for k in self._killed):
+                continue
+            with suppress(BackendError):
+                async with asyncio.timeout(self.timeout):
+                    await bus.close()
+
+    async def bus(self) -> EventBus:
+        """A new bus of this test, closed when the test ends."""
+        bus = await self.make_bus()
+        self._buses.append(bus)
+        return bus
+
+    async def crash(self, bus: EventBus) -> None:
+        self._killed.append(bus)
+        await self.kill(bus)
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[EventBus]:
@@ -66,6 +127,29 @@ class EventBusConformance(ABC):
     async def drain(self, bus: EventBus) -> None:
         async with asyncio.timeout(self.timeout):
             await bus.drain()
+
+    async def eventually(self, check: Callable[[], bool], what: str) -> None:
+        """Wait until ``check()`` holds, failing after :attr:`timeout` with ``what``."""
+        deadline = time.monotonic() + self.timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {self.timeout}s waiting for {what}")
+            await asyncio.sleep(0.01)
+
+    async def dead_letters_of(self, bus: EventBus, group: str, count: int) -> None:
+        """Wait until ``group`` has ``count`` dead letters, failing after :attr:`timeout`."""
+        deadline = time.monotonic() + self.timeout
+        while len(await bus.dead_letters(group)) < count:
+            if time.monotonic() > deadline:
+                found = len(await bus.dead_letters(group))
+                raise AssertionError(f"{group!r} has {found} dead letters, not {count}")
+            await asyncio.sleep(0.02)
+
+    async def quiet(self) -> None:
+        """Let a moment pass in which nothing more should arrive."""
+        await asyncio.sleep(self.settle)
+
+    # --- publishing and plain subscriptions -----------------------------------------------
 
     async def test_is_an_event_bus(self) -> None:
         async with self.opened() as bus:
@@ -98,6 +182,39 @@ class EventBusConformance(ABC):
             assert got[0].event_id == sent.event_id
             assert got[0].body() == sent.body()
             assert list(got[0].body()) == list(sent.body())
+
+    async def test_the_envelope_round_trips_every_field(self) -> None:
+        publisher, consumer = await self.bus(), await self.bus()
+        got: list[Event] = []
+        await consumer.subscribe("PaymentCharged", recorder(got), group="shipping")
+        sent = Event(
+            "PaymentCharged",
+            "order-ü-7",
+            {
+                "payment_id": "p1",
+                "amount": 99.99,
+                "items": [{"sku": "abc", "qty": 2}, None, True],
+                "note": "naïve café ✓",
+                "big": 2**53,
+            },
+            source="payment",
+            timestamp=1_700_000_123,
+            headers={
+                "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "tracestate": "vendor=x",
+            },
+        )
+        await publisher.publish(sent)
+        await self.eventually(lambda: len(got) == 1, "the event")
+        (received,) = got
+        assert received.event_id == sent.event_id
+        assert received.type == sent.type
+        assert received.saga_id == sent.saga_id
+        assert dict(received.payload) == dict(sent.payload)
+        assert received.timestamp == sent.timestamp
+        assert received.source == sent.source
+        assert dict(received.headers) == dict(sent.headers)
+        assert received.body() == sent.body()
 
     async def test_every_handler_of_a_type_receives(self) -> None:
         async with self.opened() as bus:
@@ -170,22 +287,36 @@ class EventBusConformance(ABC):
             await self.drain(bus)
             assert seen == ["OrderPlaced", "StockReserved", "PaymentTaken:o-5"]
 
-    async def test_a_raising_handler_stops_neither_others_nor_later_events(self) -> None:
+    async def test_sync_handlers_are_delivered_to(self) -> None:
         async with self.opened() as bus:
-            before: list[Event] = []
-            after: list[Event] = []
-
-            async def broken(e: Event) -> None:
-                raise ValueError(f"cannot handle {e['n']}")
-
-            await bus.subscribe("Tick", recorder(before))
-            await bus.subscribe("Tick", broken)
-            await bus.subscribe("Tick", recorder(after))
-            for i in range(3):
-                await bus.publish(event("Tick", n=i))
+            plain: list[Event] = []
+            grouped: list[Event] = []
+            await bus.subscribe("Tick", plain.append)
+            await bus.subscribe("Tick", grouped.append, group="sync")
+            sent = [event("Tick", n=i) for i in range(3)]
+            for e in sent:
+                await bus.publish(e)
             await self.drain(bus)
-            assert [e["n"] for e in before] == [0, 1, 2]
-            assert [e["n"] for e in after] == [0, 1, 2]
+            assert bodies(plain) == bodies(sent)
+            assert bodies(grouped) == bodies(sent)
+
+    async def test_events_of_many_sagas_all_arrive(self) -> None:
+        async with self.opened() as bus:
+            got: list[Event] = []
+            await bus.subscribe("OrderPlaced", recorder(got))
+            sent = [event("OrderPlaced", f"o-{i}") for i in range(20)]
+            await asyncio.gather(*(bus.publish(e) for e in sent))
+            await self.drain(bus)
+            assert sorted(e.saga_id for e in got) == sorted(e.saga_id for e in sent)
+
+    async def test_publish_after_close_raises_backend_error(self) -> None:
+        bus = await self.make_bus()
+        await bus.close()
+        with pytest.raises(BackendError) as excinfo:
+            await bus.publish(event("Tick"))
+        assert "Tick" in str(excinfo.value) or "closed" in str(excinfo.value)
+
+    # --- cancelling subscriptions ---------------------------------------------------------
 
     async def test_cancel_stops_delivery_to_that_subscription_only(self) -> None:
         async with self.opened() as bus:
@@ -245,11 +376,378 @@ class EventBusConformance(ABC):
             await self.drain(bus)
             assert len(got) == 1
 
-    async def test_events_of_many_sagas_all_arrive(self) -> None:
+    # --- consumer groups ------------------------------------------------------------------
+
+    async def test_every_group_receives_each_event_once(self) -> None:
+        a, b = await self.bus(), await self.bus()
+        inventory: list[Event] = []
+        payment: list[Event] = []
+        await a.subscribe("OrderPlaced", recorder(inventory), group="inventory")
+        await b.subscribe("OrderPlaced", recorder(payment), group="payment")
+        sent = [event("OrderPlaced", f"o-{i}", n=i) for i in range(10)]
+        for e in sent:
+            await a.publish(e)
+        await self.eventually(
+            lambda: len(inventory) >= 10 and len(payment) >= 10, "both groups to get 10 events"
+        )
+        await self.quiet()
+        assert sorted(ids(inventory)) == sorted(ids(sent))
+        assert sorted(ids(payment)) == sorted(ids(sent))
+
+    async def test_consumers_of_one_group_compete(self) -> None:
+        a, b = await self.bus(), await self.bus()
+        got_a: list[Event] = []
+        got_b: list[Event] = []
+
+        def slow(into: list[Event]) -> Handler:
+            async def handler(e: Event) -> None:
+                into.append(e)
+                await asyncio.sleep(0.02)  # long enough that the other consumer gets work
+
+            return handler
+
+        await a.subscribe("OrderPlaced", slow(got_a), group="inventory")
+        await b.subscribe("OrderPlaced", slow(got_b), group="inventory")
+        sent = [event("OrderPlaced", f"o-{i}") for i in range(30)]
+        for e in sent:
+            await a.publish(e)
+        await self.eventually(lambda: len(got_a) + len(got_b) >= 30, "30 deliveries")
+        await self.quiet()
+        delivered = ids(got_a) + ids(got_b)
+        assert sorted(delivered) == sorted(ids(sent)), "each event goes to exactly one consumer"
+        assert got_a, f"one consumer took all: {len(got_a)} and {len(got_b)}"
+        assert got_b, f"one consumer took all: {len(got_a)} and {len(got_b)}"
+
+    async def test_two_subscriptions_of_one_group_on_one_bus_compete(self) -> None:
+        bus = await self.bus()
+        first: list[Event] = []
+        second: list[Event] = []
+        await bus.subscribe("Tick", recorder(first), group="workers")
+        await bus.subscribe("Tick", recorder(second), group="workers")
+        sent = [event("Tick", n=i) for i in range(20)]
+        for e in sent:
+            await bus.publish(e)
+        await self.eventually(lambda: len(first) + len(second) >= 20, "20 deliveries")
+        await self.quiet()
+        assert sorted(ids(first) + ids(second)) == sorted(ids(sent))
+
+    async def test_grouped_and_ungrouped_subscriptions_both_receive(self) -> None:
+        bus = await self.bus()
+        grouped: list[Event] = []
+        plain: list[Event] = []
+        await bus.subscribe("Tick", recorder(grouped), group="g")
+        await bus.subscribe("Tick", recorder(plain))
+        sent = [event("Tick", n=i) for i in range(5)]
+        for e in sent:
+            await bus.publish(e)
+        await self.drain(bus)
+        await self.eventually(lambda: len(grouped) >= 5 and len(plain) >= 5, "5 events each")
+        assert ids(grouped) == ids(sent)
+        assert ids(plain) == ids(sent)
+
+    async def test_a_group_keeps_events_while_none_of_its_consumers_runs(self) -> None:
+        a = await self.bus()
+        subscription = await a.subscribe("Tick", recorder([]), group="inventory")
+        await subscription.cancel()
+        sent = [event("Tick", n=i) for i in range(3)]
+        for e in sent:
+            await a.publish(e)
+        b = await self.bus()
+        got: list[Event] = []
+        await b.subscribe("Tick", recorder(got), group="inventory")
+        await self.eventually(lambda: len(got) >= 3, "the events kept for the group")
+        await self.quiet()
+        assert ids(got) == ids(sent)
+
+    async def test_one_saga_keeps_its_order_in_a_group_with_one_consumer(self) -> None:
+        publisher, consumer = await self.bus(), await self.bus()
+        got: list[Event] = []
+        await consumer.subscribe("Step", recorder(got), group="inventory")
+        sent = [event("Step", f"o-{i % 3}", n=i) for i in range(30)]
+        for e in sent:
+            await publisher.publish(e)
+        await self.eventually(lambda: len(got) >= 30, "30 events")
+        for saga_id in ("o-0", "o-1", "o-2"):
+            assert [e["n"] for e in got if e.saga_id == saga_id] == [
+                e["n"] for e in sent if e.saga_id == saga_id
+            ]
+
+    # --- acknowledgement, redelivery, dead letters ----------------------------------------
+
+    async def test_a_raising_handler_stops_neither_others_nor_later_events(self) -> None:
         async with self.opened() as bus:
-            got: list[Event] = []
-            await bus.subscribe("OrderPlaced", recorder(got))
-            sent = [event("OrderPlaced", f"o-{i}") for i in range(20)]
-            await asyncio.gather(*(bus.publish(e) for e in sent))
+            before: list[Event] = []
+            after: list[Event] = []
+
+            async def broken(e: Event) -> None:
+                raise ValueError(f"cannot handle {e['n']}")
+
+            await bus.subscribe("Tick", recorder(before))
+            await bus.subscribe("Tick", broken, max_deliveries=2, backoff=self.backoff)
+            await bus.subscribe("Tick", recorder(after))
+            for i in range(3):
+                await bus.publish(event("Tick", n=i))
             await self.drain(bus)
-            assert sorted(e.saga_id for e in got) == sorted(e.saga_id for e in sent)
+            assert [e["n"] for e in before] == [0, 1, 2]
+            assert [e["n"] for e in after] == [0, 1, 2]
+
+    async def test_a_failed_delivery_comes_again_after_the_backoff(self) -> None:
+        bus = await self.bus()
+        tries: list[float] = []
+        done: list[Event] = []
+
+        async def flaky(e: Event) -> None:
+            tries.append(time.monotonic())
+            if len(tries) < 3:
+                raise ConnectionError(f"try {len(tries)} failed")
+            done.append(e)
+
+        await bus.subscribe(
+            "Tick",
+            flaky,
+            group="flaky",
+            max_deliveries=5,
+            backoff=self.backoff,
+            ack_timeout=self.ack_timeout,
+        )
+        sent = event("Tick")
+        await bus.publish(sent)
+        await self.eventually(lambda: len(done) == 1, "the third try to succeed")
+        assert ids(done) == [sent.event_id]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(tries)]
+        assert all(gap >= self.backoff * 0.8 for gap in gaps), gaps
+        # Acknowledged: not delivered again, even after an ack timeout, and no dead letter.
+        await asyncio.sleep(self.ack_timeout + self.settle)
+        assert len(tries) == 3
+        assert list(await bus.dead_letters("flaky")) == []
+
+    async def test_drain_waits_for_redeliveries(self) -> None:
+        async with self.opened() as bus:
+            done: list[int] = []
+            failed: set[int] = set()
+
+            async def once_broken(e: Event) -> None:
+                if e["n"] not in failed:
+                    failed.add(e["n"])
+                    raise RuntimeError("first try fails")
+                done.append(e["n"])
+
+            await bus.subscribe("Tick", once_broken, group="g", backoff=self.backoff)
+            for i in range(3):
+                await bus.publish(event("Tick", n=i))
+            await self.drain(bus)
+            assert sorted(done) == [0, 1, 2]
+
+    async def test_a_sync_handler_that_raises_is_retried(self) -> None:
+        bus = await self.bus()
+        tries: list[Event] = []
+
+        def flaky(e: Event) -> None:
+            tries.append(e)
+            if len(tries) == 1:
+                raise ValueError("first try fails")
+
+        await bus.subscribe("Tick", flaky, group="sync", backoff=self.backoff)
+        await bus.publish(event("Tick"))
+        await self.eventually(lambda: len(tries) >= 2, "a redelivery")
+        await self.quiet()
+        assert len(tries) == 2
+        assert tries[0].event_id == tries[1].event_id
+
+    async def test_a_handler_raising_cancelled_error_is_a_failed_delivery(self) -> None:
+        # Nobody cancelled the bus or the caller: a handler's own CancelledError
+        # must neither stop the consumer nor strand the events after it.
+        bus = await self.bus()
+        tries: list[int] = []
+        done: list[int] = []
+
+        async def odd(e: Event) -> None:
+            tries.append(e["n"])
+            if e["n"] == 0 and tries.count(0) == 1:
+                raise asyncio.CancelledError("a handler's own cancellation")
+            done.append(e["n"])
+
+        await bus.subscribe("Tick", odd, group="g", backoff=self.backoff)
+        for i in range(3):
+            await bus.publish(event("Tick", n=i))
+        await self.eventually(lambda: sorted(done) == [0, 1, 2], "all three handled")
+        await self.drain(bus)
+        assert tries.count(0) == 2
+
+    async def test_max_deliveries_then_a_dead_letter_with_the_last_error(self) -> None:
+        bus = await self.bus()
+        tries: list[Event] = []
+        fine: list[Event] = []
+
+        async def poisoned(e: Event) -> None:
+            tries.append(e)
+            raise ValueError(f"attempt {len(tries)}")
+
+        await bus.subscribe(
+            "OrderPlaced",
+            poisoned,
+            group="payment",
+            max_deliveries=3,
+            backoff=self.backoff,
+            ack_timeout=self.ack_timeout,
+        )
+        await bus.subscribe("OrderPlaced", recorder(fine), group="inventory")
+        sent = event("OrderPlaced", "o-13", sku="abc")
+        started = time.time()
+        await bus.publish(sent)
+
+        await self.dead_letters_of(bus, "payment", 1)
+        (letter,) = await bus.dead_letters("payment")
+        assert letter.group == "payment"
+        assert letter.deliveries == 3
+        assert letter.error == "ValueError: attempt 3"
+        assert letter.event.event_id == sent.event_id
+        assert letter.event.body() == sent.body()
+        assert started - 1 <= letter.failed_at <= time.time() + 1
+        assert isinstance(letter.id, str)
+        assert letter.id
+        await self.quiet()
+        assert len(tries) == 3, "no delivery after the dead letter"
+        assert ids(fine) == [sent.event_id]
+        assert list(await bus.dead_letters("inventory")) == []
+
+    async def test_dead_letters_are_listed_oldest_first_up_to_the_limit(self) -> None:
+        bus = await self.bus()
+
+        async def poisoned(e: Event) -> None:
+            raise KeyError(e["n"])
+
+        await bus.subscribe("Tick", poisoned, group="g", max_deliveries=1, backoff=self.backoff)
+        sent = [event("Tick", n=i) for i in range(3)]
+        for e in sent:
+            await bus.publish(e)
+
+        await self.dead_letters_of(bus, "g", 3)
+        letters = await bus.dead_letters("g")
+        assert [d.event.event_id for d in letters] == ids(sent)
+        assert all(d.deliveries == 1 and d.error.startswith("KeyError") for d in letters)
+        assert [d.event.event_id for d in await bus.dead_letters("g", limit=2)] == ids(sent[:2])
+        assert len({d.id for d in letters}) == 3
+
+    async def test_replay_delivers_to_that_group_only_and_removes_the_dead_letter(self) -> None:
+        bus, other = await self.bus(), await self.bus()
+        healed = False
+        handled: list[Event] = []
+        inventory: list[Event] = []
+
+        async def payment(e: Event) -> None:
+            if not healed:
+                raise RuntimeError("card processor down")
+            handled.append(e)
+
+        await bus.subscribe(
+            "OrderPlaced", payment, group="payment", max_deliveries=2, backoff=self.backoff
+        )
+        await other.subscribe("OrderPlaced", recorder(inventory), group="inventory")
+        sent = event("OrderPlaced", "o-21")
+        await bus.publish(sent)
+
+        await self.dead_letters_of(bus, "payment", 1)
+        (letter,) = await bus.dead_letters("payment")
+        healed = True
+        await bus.replay_dead_letter("payment", letter.id)
+        await self.eventually(lambda: len(handled) == 1, "the replayed event")
+        assert handled[0].event_id == sent.event_id
+        assert handled[0].body() == sent.body()
+        await self.quiet()
+        assert ids(inventory) == [sent.event_id], "the other group did not get it again"
+        assert list(await bus.dead_letters("payment")) == []
+        with pytest.raises(DefinitionError) as excinfo:
+            await bus.replay_dead_letter("payment", letter.id)
+        assert excinfo.value.field == "dead_letter_id"
+
+    async def test_replay_of_an_unknown_dead_letter_is_refused(self) -> None:
+        bus = await self.bus()
+        with pytest.raises(DefinitionError) as excinfo:
+            await bus.replay_dead_letter("payment", "no-such-letter")
+        assert excinfo.value.field == "dead_letter_id"
+
+    # --- consumers that die, buses that close ---------------------------------------------
+
+    async def test_a_killed_consumer_loses_its_event_to_another_after_the_ack_timeout(
+        self,
+    ) -> None:
+        dying = await self.bus()
+        held: list[Event] = []
+        release = asyncio.Event()
+
+        async def hold(e: Event) -> None:
+            held.append(e)
+            await release.wait()
+
+        await dying.subscribe("Tick", hold, group="g", ack_timeout=self.ack_timeout)
+        sent = event("Tick", n=0)
+        await dying.publish(sent)
+        try:
+            await self.eventually(lambda: len(held) == 1, "the first consumer to hold it")
+            await self.crash(dying)
+            survivor = await self.bus()
+            got: list[Event] = []
+            await survivor.subscribe("Tick", recorder(got), group="g", ack_timeout=self.ack_timeout)
+            await self.eventually(lambda: len(got) >= 1, "the survivor to take the event over")
+            assert got[0].event_id == sent.event_id
+            later = event("Tick", n=1)
+            await survivor.publish(later)
+            await self.eventually(lambda: len(got) >= 2, "the next event")
+            assert ids(got) == [sent.event_id, later.event_id]
+        finally:
+            release.set()
+
+    async def test_close_lets_a_handler_in_flight_finish_and_acknowledges_it(self) -> None:
+        first = await self.make_bus()
+        started = asyncio.Event()
+        finished: list[Event] = []
+
+        async def slow(e: Event) -> None:
+            started.set()
+            await asyncio.sleep(0.3)
+            finished.append(e)
+
+        await first.subscribe("Tick", slow, group="g", ack_timeout=self.ack_timeout)
+        sent = event("Tick")
+        await first.publish(sent)
+        async with asyncio.timeout(self.timeout):
+            await started.wait()
+            await first.close()
+        assert ids(finished) == [sent.event_id], "close returned before its handler finished"
+        second = await self.bus()
+        again: list[Event] = []
+        await second.subscribe("Tick", recorder(again), group="g", ack_timeout=self.ack_timeout)
+        await asyncio.sleep(self.ack_timeout + self.settle)
+        assert again == [], "the event finished before close was delivered again"
+
+    # --- a broker restart ----------------------------------------------------------------
+
+    async def test_published_events_survive_a_server_restart(self) -> None:
+        publisher = await self.bus()
+        subscription = await publisher.subscribe("Tick", recorder([]), group="durable")
+        await subscription.cancel()
+        sent = [event("Tick", n=i) for i in range(5)]
+        for e in sent:
+            await publisher.publish(e)
+        await self.restart_server()
+        consumer = await self.bus()
+        got: list[Event] = []
+        await consumer.subscribe("Tick", recorder(got), group="durable")
+        await self.eventually(lambda: len(got) >= 5, "the events published before the restart")
+        assert ids(got) == ids(sent)
+
+        # The old bus publishes again once the server is back (it may refuse while not).
+        after = event("Tick", n=5)
+
+        async def publish_until_accepted() -> None:
+            while True:
+                try:
+                    await publisher.publish(after)
+                    return
+                except BackendError:
+                    await asyncio.sleep(0.1)
+
+        async with asyncio.timeout(self.timeout):
+            await publish_until_accepted()
+        await self.eventually(lambda: after.event_id in ids(got), "the event after the restart")

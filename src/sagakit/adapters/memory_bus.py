@@ -1,19 +1,79 @@
-"""The in-process event bus: a FIFO queue drained by one dispatcher task."""
+"""The in-process event bus: consumer groups, acknowledgements and dead letters in memory.
+
+``memory://`` opens a bus with a broker of its own; ``memory://NAME`` opens a bus
+on the broker of that name, shared by every ``memory://NAME`` bus of the process
+while any of them is referenced (so tests can run several consumers of one group).
+``?capacity=N`` bounds the broker's queue of published events (default 10,000).
+
+How it delivers (its ordering guarantees):
+
+- One dispatcher per broker hands out the events in the order they were
+  published (FIFO), each to all its subscriptions before the next event
+  (breadth first), ``"*"`` subscriptions first, then those of the event's type,
+  in the order they first subscribed. A group is one subscription for this
+  order; its consumers take turns (round robin). Handlers run one at a time,
+  so the order, and everything a choreography prints, is the same on every run.
+- So, for one saga, one group and one consumer, publication order is kept
+  while no delivery fails. A failed delivery comes back after its backoff
+  (``backoff * 2**(n-1)``, at most 30 s) ahead of the events not yet handed
+  out, so it may overtake events published after it.
+- A handler that does not return within its ``ack_timeout`` loses the event:
+  it is handed to the next consumer of its group (the late handler keeps
+  running, its outcome is ignored). Until then, nothing else is dispatched:
+  slow handlers slow the whole bus, as they did before groups.
+- The dispatcher lets other tasks run every few deliveries, so a handler that
+  publishes without ever suspending cannot starve the event loop. ``publish``
+  waits while the queue is full (back-pressure); a handler, which would wait
+  for itself, may fill it to twice its capacity, then its ``publish`` raises
+  :class:`~sagakit.errors.BackendBusy` (its delivery fails and comes back later).
+- A group with no consumer keeps up to 100,000 events for when one subscribes;
+  beyond that, events become dead letters. Each group keeps its newest 10,000
+  dead letters.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import inspect
 import logging
+import math
+import time
+import weakref
 from collections import deque
-from typing import NamedTuple
+from collections.abc import Awaitable, Generator, Sequence
+from contextvars import ContextVar
+from itertools import count
+from types import CoroutineType
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlsplit
 
 from sagakit.core.event import Event
-from sagakit.errors import BackendError, DefinitionError
-from sagakit.ports.event_bus import ALL_EVENTS, Handler
+from sagakit.errors import BackendBusy, BackendError, ConfigurationError, DefinitionError
+from sagakit.ports.event_bus import (
+    ALL_EVENTS,
+    DEFAULT_ACK_TIMEOUT,
+    DEFAULT_BACKOFF,
+    DEFAULT_MAX_DELIVERIES,
+    DeadLetter,
+    Handler,
+)
 
 __all__ = ["DeliveryFailure", "InMemoryEventBus"]
 
 log = logging.getLogger("sagakit.bus")
+
+DEFAULT_CAPACITY = 10_000
+BACKLOG_LIMIT = 100_000
+DEAD_LETTERS_KEPT = 10_000
+FAILURES_KEPT = 1_000
+MAX_BACKOFF = 30.0
+YIELD_EVERY = 64  # deliveries between two turns given to the other tasks
+
+# The broker whose dispatcher runs the current code: a handler that waited for
+# room in its own broker's queue, or drained it, would wait for itself.
+_DELIVERING: ContextVar[_Broker | None] = ContextVar("sagakit_delivering", default=None)
+_SHARED: weakref.WeakValueDictionary[str, _Broker] = weakref.WeakValueDictionary()
 
 
 class DeliveryFailure(NamedTuple):
@@ -22,105 +82,512 @@ class DeliveryFailure(NamedTuple):
     error: str
 
 
-class _Subscription:
-    __slots__ = ("_bus", "event_type", "handler")
-
-    def __init__(self, bus: InMemoryEventBus, event_type: str, handler: Handler) -> None:
-        self._bus: InMemoryEventBus | None = bus
-        self.event_type, self.handler = event_type, handler
-
-    async def cancel(self) -> None:
-        """Stop this subscription's deliveries; cancelling again does nothing."""
-        if self._bus is not None:
-            self._bus._unsubscribe(self)
-            self._bus = None
-
-
 def _name(handler: Handler) -> str:
     return getattr(handler, "__qualname__", None) or repr(handler)
 
 
-class InMemoryEventBus:
-    """An :class:`~sagakit.ports.event_bus.EventBus` inside one process.
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
-    Events are handled one at a time in the order they were published, every
-    subscriber of an event before the next event (breadth first), with the
-    ``"*"`` subscribers first. That order is deterministic, which makes the
-    choreography of a test or of the protocol node repeatable line for line.
-    A handler that raises is logged and recorded in :attr:`failures`.
-    """
 
-    def __init__(self) -> None:
-        # Per event type: the live subscriptions, and their handlers as a tuple
-        # for dispatch, replaced rather than mutated so that a dispatch in
-        # progress keeps the subscribers it started with.
-        self._subscriptions: dict[str, list[_Subscription]] = {}
-        self._handlers: dict[str, tuple[Handler, ...]] = {}
-        self._queue: deque[Event] = deque()
-        self._dispatcher: asyncio.Task[None] | None = None
-        self._closed = False
+class _Consumer:
+    """One ``subscribe`` call: a handler in a group."""
+
+    __slots__ = ("ack_timeout", "backoff", "bus", "group", "handler", "killed", "max_deliveries")
+
+    def __init__(
+        self,
+        bus: InMemoryEventBus,
+        group: _Group,
+        handler: Handler,
+        max_deliveries: int,
+        ack_timeout: float,
+        backoff: float,
+    ) -> None:
+        self.bus, self.group, self.handler = bus, group, handler
+        self.max_deliveries, self.ack_timeout, self.backoff = max_deliveries, ack_timeout, backoff
+        self.killed = False
+
+
+class _Group:
+    """Where an event type's deliveries go: a named, durable group, or one subscription."""
+
+    __slots__ = ("backlog", "durable", "event_type", "members", "name", "turn")
+
+    def __init__(self, event_type: str, name: str, durable: bool) -> None:
+        self.event_type, self.name, self.durable = event_type, name, durable
+        self.members: list[_Consumer] = []
+        self.turn = 0
+        self.backlog: deque[tuple[Event, int]] = deque()
+
+    def pick(self) -> _Consumer | None:
+        members = self.members
+        if len(members) == 1:
+            return members[0]
+        if not members:
+            return None
+        self.turn += 1
+        return members[(self.turn - 1) % len(members)]
+
+
+class _Subscription:
+    __slots__ = ("_consumer",)
+
+    def __init__(self, consumer: _Consumer) -> None:
+        self._consumer: _Consumer | None = consumer
+
+    async def cancel(self) -> None:
+        """Stop this subscription's deliveries; cancelling again does nothing."""
+        if self._consumer is not None:
+            self._consumer.bus._broker.leave(self._consumer)
+            self._consumer = None
+
+
+class _Resume:
+    """Drive a handler's coroutine on from where its first step suspended, inside a task."""
+
+    __slots__ = ("_coro", "_yielded")
+
+    def __init__(self, coro: CoroutineType[Any, Any, Any], yielded: Any) -> None:
+        self._coro, self._yielded = coro, yielded
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, yielded = self._coro, self._yielded
+        while True:
+            try:
+                sent = yield yielded
+            except BaseException as exc:  # thrown in by the task (a cancellation)
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _resume(coro: CoroutineType[Any, Any, Any], yielded: Any) -> Any:
+    return await _Resume(coro, yielded)
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a late handler's error is not "never retrieved"
+
+
+class _Broker:
+    """The queue, the groups and the dispatcher that one or more buses share."""
+
+    def __init__(self, name: str, capacity: int) -> None:
+        self.name, self.capacity = name, capacity
+        self.queue: deque[Event] = deque()
+        self.ready: deque[tuple[Event, _Group, int]] = deque()  # (event, group, deliveries)
+        self.retries: list[tuple[float, int, Event, _Group, int]] = []
+        self.targets: dict[str, tuple[_Group, ...]] = {}
+        self.groups: dict[tuple[str, str], _Group] = {}
+        self.dead: dict[str, dict[str, tuple[DeadLetter, _Group]]] = {}
         self.failures: list[DeliveryFailure] = []
+        self.dispatcher: asyncio.Task[None] | None = None
+        self.wake: asyncio.Future[None] | None = None
+        self.space: deque[asyncio.Future[None]] = deque()
+        self.in_flight: tuple[_Consumer, asyncio.Task[Any]] | None = None
+        self.settled: asyncio.Future[None] | None = None
+        self.open_buses = 0
+        self._seq = count(1)
+
+    # --- subscriptions ---------------------------------------------------------------
+
+    def join(self, consumer: _Consumer) -> None:
+        group = consumer.group
+        group.members.append(consumer)
+        if group.backlog:
+            self.ready.extend((e, group, n) for e, n in group.backlog)
+            group.backlog.clear()
+            self.kick()
+
+    def group(self, event_type: str, name: str | None) -> _Group:
+        if name is not None:
+            group = self.groups.get((event_type, name))
+            if group is not None:
+                return group
+            group = self.groups[event_type, name] = _Group(event_type, name, durable=True)
+        else:
+            group = _Group(event_type, "", durable=False)
+        # Replaced, not mutated: a dispatch in progress keeps the groups it started with.
+        self.targets[event_type] = (*self.targets.get(event_type, ()), group)
+        return group
+
+    def leave(self, consumer: _Consumer) -> None:
+        group = consumer.group
+        # By identity: the same handler may be subscribed twice, each cancelled on its own.
+        group.members = [c for c in group.members if c is not consumer]
+        if not group.durable and not group.members:
+            self.targets[group.event_type] = tuple(
+                g for g in self.targets.get(group.event_type, ()) if g is not group
+            )
+
+    # --- publishing --------------------------------------------------------------------
+
+    async def put(self, event: Event) -> None:
+        queue = self.queue
+        if len(queue) >= self.capacity:
+            if _DELIVERING.get() is self:
+                if len(queue) >= 2 * self.capacity:
+                    raise BackendBusy(
+                        self.name,
+                        f"the queue holds {len(queue)} events; a handler publishing"
+                        f" {event.type} must wait for them (its delivery will be retried)",
+                    )
+            else:
+                while len(queue) >= self.capacity:
+                    waiter = asyncio.get_running_loop().create_future()
+                    self.space.append(waiter)
+                    self.kick()
+                    await waiter
+        queue.append(event)
+        self.kick()
+
+    def kick(self) -> None:
+        if self.dispatcher is None:
+            self.dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+        elif self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)
+
+    def _room(self) -> None:
+        space = self.space
+        while space and len(self.queue) < self.capacity:
+            waiter = space.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def pending(self) -> bool:
+        return bool(self.queue or self.ready or self.retries)
+
+    # --- dispatching -------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        _DELIVERING.set(self)  # this task's own context
+        queue, ready, retries, targets = self.queue, self.ready, self.retries, self.targets
+        loop = asyncio.get_running_loop()
+        turns = 0
+        try:
+            while True:
+                if retries and retries[0][0] <= loop.time():
+                    while retries and retries[0][0] <= loop.time():
+                        _, _, event, group, deliveries = heapq.heappop(retries)
+                        ready.append((event, group, deliveries))
+                if ready:
+                    event, group, deliveries = ready.popleft()
+                    pending = self._start(event, group, deliveries)
+                    if pending is not None:
+                        await pending
+                elif queue:
+                    event = queue.popleft()
+                    if self.space:
+                        self._room()
+                    for group in targets.get(ALL_EVENTS, ()) + targets.get(event.type, ()):
+                        pending = self._start(event, group, 0)
+                        if pending is not None:
+                            await pending
+                elif retries:
+                    self.wake = loop.create_future()
+                    await asyncio.wait((self.wake,), timeout=retries[0][0] - loop.time())
+                    self.wake = None
+                    continue
+                else:
+                    return
+                turns += 1
+                if turns == YIELD_EVERY:
+                    turns = 0
+                    await asyncio.sleep(0)
+        finally:
+            self.dispatcher = None
+            self.wake = None
+
+    def _start(self, event: Event, group: _Group, deliveries: int) -> Awaitable[None] | None:
+        """Hand the event to one consumer of the group; an awaitable if its handler suspended."""
+        consumer = group.pick()
+        if consumer is None:
+            if group.durable:
+                if len(group.backlog) < BACKLOG_LIMIT:
+                    group.backlog.append((event, deliveries))
+                else:
+                    self._bury(
+                        event,
+                        group,
+                        deliveries,
+                        f"BacklogFull: group {group.name!r}"
+                        f" has no consumer and keeps {BACKLOG_LIMIT} events",
+                    )
+            return None  # a cancelled subscription's own group: nobody to deliver to
+        deliveries += 1
+        try:
+            result = consumer.handler(event)
+            if result is None:
+                return None
+            if type(result) is not CoroutineType:
+                if not inspect.isawaitable(result):
+                    return None  # a plain function that returned something: done
+                task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(_await(result))
+                return self._settle(consumer, task, event, deliveries)
+            try:
+                yielded = result.send(None)
+            except StopIteration:
+                return None
+        except asyncio.CancelledError as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the dispatcher itself is being cancelled
+            self._failed(consumer, event, deliveries, exc)
+            return None
+        except Exception as exc:
+            self._failed(consumer, event, deliveries, exc)
+            return None
+        task = asyncio.get_running_loop().create_task(_resume(result, yielded))
+        return self._settle(consumer, task, event, deliveries)
+
+    async def _settle(
+        self, consumer: _Consumer, task: asyncio.Task[Any], event: Event, deliveries: int
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + consumer.ack_timeout
+        self.in_flight = (consumer, task)
+        try:
+            await asyncio.wait((task,), timeout=consumer.ack_timeout)
+            if consumer.killed and loop.time() < deadline:
+                await asyncio.sleep(deadline - loop.time())  # its ack died with it
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            self.in_flight = None
+            if self.settled is not None and not self.settled.done():
+                self.settled.set_result(None)
+            self.settled = None
+        if not task.done() or consumer.killed:
+            task.add_done_callback(_forget)
+            late = TimeoutError(f"not acknowledged within {consumer.ack_timeout}s")
+            # Taken over at once: the ack timeout was its wait.
+            self._failed(consumer, event, deliveries, late, retry_now=True)
+        elif task.cancelled():
+            self._failed(consumer, event, deliveries, asyncio.CancelledError("handler cancelled"))
+        elif (exc := task.exception()) is not None:
+            self._failed(consumer, event, deliveries, exc)
+
+    def _failed(
+        self,
+        consumer: _Consumer,
+        event: Event,
+        deliveries: int,
+        exc: BaseException,
+        *,
+        retry_now: bool = False,
+    ) -> None:
+        failure = DeliveryFailure(event, _name(consumer.handler), _describe(exc))
+        if len(self.failures) >= FAILURES_KEPT:
+            del self.failures[: FAILURES_KEPT // 2]
+        self.failures.append(failure)
+        group = consumer.group
+        if deliveries >= consumer.max_deliveries:
+            log.error(
+                "handler %s failed on %s of saga %s (delivery %d of %d), dead-lettered: %s",
+                failure.handler, event.type, event.saga_id, deliveries,
+                consumer.max_deliveries, failure.error, exc_info=exc,
+            )  # fmt: skip
+            self._bury(event, group, deliveries, failure.error)
+            return
+        log.error(
+            "handler %s failed on %s of saga %s (delivery %d of %d): %s",
+            failure.handler, event.type, event.saga_id, deliveries,
+            consumer.max_deliveries, failure.error, exc_info=exc,
+        )  # fmt: skip
+        if retry_now:
+            self.ready.append((event, group, deliveries))
+            return
+        delay = min(consumer.backoff * 2 ** (deliveries - 1), max(consumer.backoff, MAX_BACKOFF))
+        due = asyncio.get_running_loop().time() + delay
+        heapq.heappush(self.retries, (due, next(self._seq), event, group, deliveries))
+
+    def _bury(self, event: Event, group: _Group, deliveries: int, error: str) -> None:
+        letters = self.dead.setdefault(group.name, {})
+        if len(letters) >= DEAD_LETTERS_KEPT:
+            oldest = next(iter(letters))
+            log.error("group %r keeps %d dead letters; dropped the oldest, %s",
+                      group.name, DEAD_LETTERS_KEPT, oldest)  # fmt: skip
+            del letters[oldest]
+        letter_id = f"dl-{next(self._seq)}"
+        letter = DeadLetter(letter_id, group.name, event, error, deliveries, time.time())
+        letters[letter_id] = (letter, group)
+
+    def replay(self, group_name: str, letter_id: str) -> None:
+        found = self.dead.get(group_name, {}).pop(letter_id, None)
+        if found is None:
+            raise DefinitionError(
+                "dead_letter_id", f"group {group_name!r} holds no dead letter {letter_id!r}"
+            )
+        letter, group = found
+        self.ready.append((letter.event, group, 0))
+        self.kick()
+
+    async def drain(self) -> None:
+        if _DELIVERING.get() is self:
+            raise RuntimeError("drain() inside an event handler would wait for itself")
+        while True:
+            dispatcher = self.dispatcher
+            if dispatcher is None:
+                if not self.pending():
+                    return
+                self.kick()
+                continue
+            # wait(), not the task itself: a dispatcher that ends badly must not raise here.
+            await asyncio.wait((dispatcher,))
+
+    async def settle(self, bus: InMemoryEventBus) -> None:
+        """Wait while a handler of ``bus`` holds an event."""
+        while self.in_flight is not None and self.in_flight[0].bus is bus:
+            if self.settled is None:
+                self.settled = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self.settled)
+
+
+_OPEN, _CLOSING, _CLOSED = "open", "closing", "closed"
+
+
+class InMemoryEventBus:
+    """An :class:`~sagakit.ports.event_bus.EventBus` inside one process (see the module doc)."""
+
+    def __init__(self, *, capacity: int = DEFAULT_CAPACITY, name: str | None = None) -> None:
+        if type(capacity) is not int or capacity < 1:
+            raise DefinitionError("capacity", f"must be a positive integer, got {capacity!r}")
+        if name is None:
+            self._broker = _Broker("memory://", capacity)
+        else:
+            broker = _SHARED.get(name)
+            if broker is None:
+                broker = _SHARED[name] = _Broker(f"memory://{name}", capacity)
+            self._broker = broker
+        self._broker.open_buses += 1
+        self._state = _OPEN
+        self._consumers: list[_Consumer] = []
 
     @classmethod
     def from_url(cls, url: str) -> InMemoryEventBus:
-        return cls()
+        parts = urlsplit(url)
+        name = (parts.netloc + parts.path).strip("/") or None
+        capacity = DEFAULT_CAPACITY
+        for key, values in parse_qs(parts.query).items():
+            if key != "capacity":
+                raise ConfigurationError(f"{url}: unknown option {key!r} (known: capacity)")
+            try:
+                capacity = int(values[-1])
+            except ValueError:
+                raise ConfigurationError(f"{url}: capacity must be an integer") from None
+        try:
+            return cls(capacity=capacity, name=name)
+        except DefinitionError as exc:
+            raise ConfigurationError(f"{url}: {exc}") from exc
+
+    @property
+    def failures(self) -> list[DeliveryFailure]:
+        """The latest failed deliveries (handler errors and ack timeouts), oldest first."""
+        return self._broker.failures
 
     async def publish(self, event: Event) -> None:
-        if self._closed:
-            raise BackendError("memory://", f"the event bus is closed; {event.type} not published")
-        self._queue.append(event)
-        if self._dispatcher is None:
-            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+        if self._state is not _OPEN and not (
+            self._state is _CLOSING and _DELIVERING.get() is self._broker
+        ):
+            raise BackendError(
+                self._broker.name, f"the event bus is closed; {event.type} not published"
+            )
+        if not isinstance(event, Event):
+            raise DefinitionError("event", f"must be an Event, got {type(event).__name__}")
+        await self._broker.put(event)
 
-    async def subscribe(self, event_type: str, handler: Handler) -> _Subscription:
+    async def subscribe(
+        self,
+        event_type: str,
+        handler: Handler,
+        *,
+        group: str | None = None,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+        backoff: float = DEFAULT_BACKOFF,
+    ) -> _Subscription:
         if not isinstance(event_type, str) or not event_type:
             raise DefinitionError("event_type", "must be a non-empty string")
         if not callable(handler):
-            raise DefinitionError("handler", "must be an async callable taking an Event")
-        subscription = _Subscription(self, event_type, handler)
-        subscriptions = self._subscriptions.setdefault(event_type, [])
-        subscriptions.append(subscription)
-        self._handlers[event_type] = tuple(s.handler for s in subscriptions)
-        return subscription
-
-    def _unsubscribe(self, subscription: _Subscription) -> None:
-        subscriptions = self._subscriptions.get(subscription.event_type, [])
-        # By identity: the same handler may be subscribed twice, each cancelled on its own.
-        subscriptions[:] = [s for s in subscriptions if s is not subscription]
-        self._handlers[subscription.event_type] = tuple(s.handler for s in subscriptions)
-
-    async def _dispatch(self) -> None:
-        queue, handlers = self._queue, self._handlers
-        try:
-            while queue:
-                event = queue.popleft()
-                for handler in handlers.get(ALL_EVENTS, ()) + handlers.get(event.type, ()):
-                    try:
-                        await handler(event)
-                    except Exception as exc:
-                        self._failed(event, handler, exc)
-        finally:
-            self._dispatcher = None
-
-    def _failed(self, event: Event, handler: Handler, exc: Exception) -> None:
-        failure = DeliveryFailure(event, _name(handler), f"{type(exc).__name__}: {exc}")
-        self.failures.append(failure)
-        log.error(
-            "handler %s failed on %s of saga %s: %s",
-            failure.handler,
-            event.type,
-            event.saga_id,
-            failure.error,
-            exc_info=exc,
+            raise DefinitionError("handler", "must be a function or coroutine function")
+        if group is not None and (not isinstance(group, str) or not group):
+            raise DefinitionError("group", "must be a non-empty string, or None")
+        if type(max_deliveries) is not int or max_deliveries < 1:
+            raise DefinitionError(
+                "max_deliveries", f"must be a positive integer, got {max_deliveries!r}"
+            )
+        for field, value in (("ack_timeout", ack_timeout), ("backoff", backoff)):
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise DefinitionError(field, f"must be a finite number of seconds, got {value!r}")
+        if ack_timeout <= 0:
+            raise DefinitionError("ack_timeout", "must be more than 0 seconds")
+        if self._state is not _OPEN:
+            raise BackendError(self._broker.name, "the event bus is closed; cannot subscribe")
+        consumer = _Consumer(
+            self,
+            self._broker.group(event_type, group),
+            handler,
+            max_deliveries,
+            float(ack_timeout),
+            float(backoff),
         )
+        self._consumers.append(consumer)
+        self._broker.join(consumer)
+        return _Subscription(consumer)
 
     async def drain(self) -> None:
-        if self._dispatcher is not None and self._dispatcher is asyncio.current_task():
-            raise RuntimeError("drain() inside an event handler would wait for itself")
-        while self._dispatcher is not None:
-            await asyncio.shield(self._dispatcher)
+        await self._broker.drain()
+
+    async def dead_letters(self, group: str, *, limit: int = 100) -> Sequence[DeadLetter]:
+        if type(limit) is not int or limit < 0:
+            raise DefinitionError("limit", f"must be a non-negative integer, got {limit!r}")
+        letters = self._broker.dead.get(group, {})
+        return [letter for letter, _ in list(letters.values())[:limit]]
+
+    async def replay_dead_letter(self, group: str, dead_letter_id: str) -> None:
+        self._broker.replay(group, dead_letter_id)
 
     async def close(self) -> None:
-        """Stop accepting events, then wait for those already accepted."""
-        self._closed = True
-        await self.drain()
+        """Stop taking events; handle what was accepted if no other bus shares the broker.
+
+        Handlers running meanwhile may still publish (their work is in flight).
+        """
+        if self._state is not _OPEN:
+            return
+        self._state = _CLOSING
+        broker = self._broker
+        try:
+            if broker.open_buses == 1:
+                await broker.drain()
+            for consumer in self._consumers:
+                broker.leave(consumer)
+            await broker.settle(self)
+        finally:
+            self._consumers.clear()
+            self._state = _CLOSED
+            broker.open_buses -= 1
+
+    async def crash(self) -> None:
+        """For tests: die as a killed process would, acknowledging nothing it holds."""
+        if self._state is _CLOSED:
+            return
+        self._state = _CLOSED
+        self._broker.open_buses -= 1
+        for consumer in self._consumers:
+            consumer.killed = True
+            self._broker.leave(consumer)
+        self._consumers.clear()

@@ -6,14 +6,18 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from sagakit.errors import DefinitionError
 
-__all__ = ["Event", "new_event_id"]
+__all__ = ["NO_HEADERS", "Event", "new_event_id"]
 
 # Keys of an event's wire body that are the event's own, not its payload.
 RESERVED = frozenset({"type", "saga_id", "timestamp"})
+
+# Most events carry no headers: they share this one read-only mapping.
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 def new_event_id() -> str:
@@ -26,9 +30,10 @@ class Event:
     """Something that happened in one saga, as told by the service it happened in.
 
     The wire body (:meth:`body`) is ``{"type", "saga_id", <payload...>, "timestamp"}``,
-    the structure of the seed texts. ``event_id`` and ``source`` travel beside the
-    body (a broker's message id and sender), which is also what an inbox
-    deduplicates on.
+    the structure of the seed texts. ``event_id``, ``source`` and ``headers``
+    (trace context such as ``traceparent``: strings to strings) travel beside
+    the body; the event id is also what an inbox deduplicates on. On a broker
+    the whole event travels as one envelope (:mod:`sagakit.core.envelope`).
     """
 
     type: str
@@ -37,6 +42,7 @@ class Event:
     source: str = ""
     event_id: str = field(default_factory=new_event_id)
     timestamp: int = field(default_factory=lambda: int(time.time()))
+    headers: Mapping[str, str] = field(default_factory=lambda: NO_HEADERS)
 
     def __post_init__(self) -> None:
         if not isinstance(self.type, str) or not self.type:
@@ -54,6 +60,16 @@ class Event:
             raise DefinitionError(
                 "payload", f"keys {sorted(clash)} are the event's own and cannot be payload"
             )
+        if self.headers is not NO_HEADERS:
+            if not isinstance(self.headers, Mapping):
+                raise DefinitionError(
+                    "headers", f"must be a mapping, got {type(self.headers).__name__}"
+                )
+            for key, value in self.headers.items():
+                if not isinstance(key, str) or not isinstance(value, str):
+                    raise DefinitionError(
+                        "headers", f"names and values must be strings, got {key!r}: {value!r}"
+                    )
 
     def __getitem__(self, key: str) -> Any:
         return self.payload[key]

@@ -13,16 +13,29 @@ Semantics every backend gives (the conformance suite in
   of one group compete, each event going to one of them, so a service scales
   out by running more copies. Without a group, the subscription is the
   handler's own (it receives every event of the type, as a group of one).
+  A group is durable: once subscribed, it keeps the events published while
+  none of its consumers runs and delivers them when one subscribes again. It
+  receives the events published after its first subscription, not before.
 - Delivery is at least once, with explicit acknowledgement: a handler that
-  returns acknowledges the event; one that raises gets it again after a
-  backoff; a consumer that dies holding an event loses it to another consumer
-  of its group once ``ack_timeout`` passes.
+  returns acknowledges the event; one that raises gets it again after at least
+  ``backoff`` seconds (a backend may grow the wait for further failures); a
+  consumer that dies holding an event loses it to another consumer of its
+  group once ``ack_timeout`` passes (a backend may also take an event from a
+  live consumer that holds it that long: handlers must be idempotent).
 - After ``max_deliveries`` failed deliveries the event goes to the group's
-  dead letters with the last error and the delivery count;
+  dead letters with the last error, the group and the delivery count;
   :meth:`EventBus.dead_letters` lists them and
-  :meth:`EventBus.replay_dead_letter` publishes one again, to that group.
+  :meth:`EventBus.replay_dead_letter` delivers one again, to that group only,
+  and removes it from the dead letters. Replaying an id the group does not
+  hold raises :class:`~sagakit.errors.DefinitionError` (field
+  ``dead_letter_id``). The dead letters of a subscription without a group are
+  listed under the group ``""``.
 - ``close`` stops taking new events, lets the handlers in flight finish and
-  acknowledges what they finished.
+  acknowledges what they finished; ``publish`` after ``close`` raises
+  :class:`~sagakit.errors.BackendError`.
+- Ordering: each backend documents what it keeps (for one saga's events, in
+  one group, with one consumer, publication order is kept on every backend
+  while no delivery fails; a redelivery may overtake later events).
 
 Handlers may be coroutine functions or plain functions. The wire format of an
 event is one versioned JSON envelope, the same on every broker
@@ -39,6 +52,7 @@ from sagakit.core.event import Event
 __all__ = [
     "ALL_EVENTS",
     "DEFAULT_ACK_TIMEOUT",
+    "DEFAULT_BACKOFF",
     "DEFAULT_MAX_DELIVERIES",
     "DeadLetter",
     "EventBus",
@@ -57,6 +71,8 @@ ALL_EVENTS = "*"
 DEFAULT_MAX_DELIVERIES = 5
 # Seconds a consumer may hold an event before its group hands it to another.
 DEFAULT_ACK_TIMEOUT = 30.0
+# Seconds before an event whose handler raised is delivered again.
+DEFAULT_BACKOFF = 1.0
 
 
 class DeadLetter(NamedTuple):
@@ -88,6 +104,7 @@ class EventBus(Protocol):
         group: str | None = None,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+        backoff: float = DEFAULT_BACKOFF,
     ) -> Subscription:
         """Call ``handler`` for every event of ``event_type`` (``"*"``: every event)."""
         ...
