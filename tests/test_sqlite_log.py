@@ -1,14 +1,30 @@
-"""The SQLite saga log: the port's conformance suite on files, and what is SQLite's alone."""
+"""The SQLite saga log: the port's conformance suite on files, and what is SQLite's alone
+(URLs, the schema and its version, reopening, group commit, errors translated). Tests
+with other processes are in tests/test_sqlite_log_processes.py."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conformance.saga_log import SagaLogConformance
+from conformance.saga_log import FINISHED, SagaLogConformance, opening, typed, write
 
-from sagakit.adapters.sqlite_log import SQLiteSagaLog
-from sagakit.ports.saga_log import SagaLog
+from sagakit.adapters import open_saga_log
+from sagakit.adapters.sqlite_log import SCHEMA_VERSION, SQLiteSagaLog
+from sagakit.core.records import SagaStarted, SagaStatus, StepCompleted, StepStarted
+from sagakit.errors import (
+    BackendBusy,
+    BackendRefused,
+    BackendUnavailable,
+    ConfigurationError,
+    DefinitionError,
+    SchemaMismatch,
+)
+from sagakit.ports.saga_log import Journal, SagaLog
 
 
 class TestSQLiteSagaLog(SagaLogConformance):
@@ -21,3 +37,335 @@ class TestSQLiteSagaLog(SagaLogConformance):
 
     async def make_sibling(self, log: SagaLog) -> SagaLog | None:
         return SQLiteSagaLog(self.path)
+
+
+@pytest.fixture
+async def log(tmp_path: Path) -> Any:
+    opened = SQLiteSagaLog(tmp_path / "sagas.db")
+    yield opened
+    await opened.close()
+
+
+async def started(log: SQLiteSagaLog, saga_id: str = "o-1", **kw: Any) -> Journal:
+    journal = await log.create(saga_id, opening(), owner=kw.pop("owner", "w-1"), ttl=60, **kw)
+    assert journal is not None
+    return journal
+
+
+# --- URLs -----------------------------------------------------------------------------
+
+
+def test_url_paths_follow_sqlalchemy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = open_saga_log("sqlite:///sagas.db")
+    assert isinstance(relative, SQLiteSagaLog)
+    assert relative.path == tmp_path / "sagas.db"
+    spaced = SQLiteSagaLog.from_url("sqlite:///data/my%20sagas.db")
+    assert spaced.path == tmp_path / "data" / "my sagas.db"
+    absolute = SQLiteSagaLog.from_url(f"sqlite:///{tmp_path}/abs.db")  # "sqlite:///" "/tmp/..."
+    assert absolute.path == tmp_path / "abs.db"
+    assert not (tmp_path / "sagas.db").exists()  # created on first use, not when opened
+
+
+def test_url_options(tmp_path: Path) -> None:
+    log = SQLiteSagaLog.from_url(f"sqlite:///{tmp_path}/s.db?busy_timeout=0.5&synchronous=normal")
+    assert (log.busy_timeout, log.synchronous) == (0.5, "NORMAL")
+    default = SQLiteSagaLog.from_url(f"sqlite:///{tmp_path}/s.db")
+    assert (default.busy_timeout, default.synchronous) == (5.0, "FULL")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///:memory:",
+        "sqlite://",
+        "sqlite:///",
+        "sqlite://host/sagas.db",
+        "sqlite:///s.db?timeout=3",
+        "sqlite:///s.db?busy_timeout=soon",
+        "sqlite:///s.db?busy_timeout=-1",
+        "sqlite:///s.db?busy_timeout=nan",
+        "sqlite:///s.db?synchronous=off",
+    ],
+)
+def test_unusable_urls_are_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        open_saga_log(url)
+
+
+# --- schema ---------------------------------------------------------------------------
+
+
+async def test_the_schema_is_created_on_first_use_with_its_version(tmp_path: Path) -> None:
+    path = tmp_path / "sagas.db"
+    log = SQLiteSagaLog(path)
+    assert not path.exists()
+    assert await log.status("o-1") is None
+    await log.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    db.close()
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "sagas.db"
+    log = SQLiteSagaLog(path)
+    await started(log)
+    await log.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    db.commit()
+    db.close()
+    newer = SQLiteSagaLog(path)
+    with pytest.raises(SchemaMismatch) as excinfo:
+        await newer.read("o-1")
+    error = excinfo.value
+    assert not error.retryable
+    assert f"schema version {SCHEMA_VERSION + 1}" in str(error)
+    assert "upgrade sagakit" in str(error)
+    assert str(path) in str(error)
+    with pytest.raises(SchemaMismatch):  # and again: it never half-opens
+        await newer.create("o-2", opening(), owner=None, ttl=1)
+    await newer.close()
+
+
+async def test_a_file_that_is_not_a_saga_log_is_refused(tmp_path: Path) -> None:
+    foreign = tmp_path / "app.db"
+    db = sqlite3.connect(foreign)
+    db.execute("CREATE TABLE sagas (name TEXT)")
+    db.commit()
+    db.close()
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database, it only has the name of one" * 100)
+    for path in (foreign, junk):
+        log = SQLiteSagaLog(path)
+        with pytest.raises(SchemaMismatch) as excinfo:
+            await log.status("o-1")
+        assert not excinfo.value.retryable
+        await log.close()
+    assert junk.read_bytes().startswith(b"this is not")  # left as it was
+
+
+async def test_records_of_an_unknown_kind_are_refused_and_left_for_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "sagas.db"
+    log = SQLiteSagaLog(path)
+    for saga_id in ("new", "old-1", "old-2"):
+        await started(log, saga_id, owner=None)
+    db = sqlite3.connect(path)
+    db.execute("UPDATE records SET kind = 'saga_paused' WHERE saga_id = 'new' AND seq = 1")
+    db.commit()
+    db.close()
+    with pytest.raises(SchemaMismatch, match="saga_paused"):
+        await log.read("new")
+    with pytest.raises(SchemaMismatch):
+        await log.claim("new", owner="w-1", ttl=60)
+    with caplog.at_level(logging.WARNING, logger="sagakit.sqlite"):
+        claims = await log.claim_next(owner="w-1", ttl=60, limit=2)
+        assert [c.journal.saga_id for c in claims] == ["old-1", "old-2"]
+        assert await log.claim_next(owner="w-1", ttl=60, limit=2) == []
+    assert [r.getMessage().count("'new'") for r in caplog.records] == [1]  # warned once
+    summary = await log.status("new")
+    assert summary is not None
+    assert summary.owner is None  # not taken: a newer worker may
+    await log.close()
+
+
+# --- reopening --------------------------------------------------------------------------
+
+
+async def test_a_reopened_file_keeps_everything(tmp_path: Path) -> None:
+    path = tmp_path / "sagas.db"
+    log = SQLiteSagaLog(path)
+    held = await started(log, "held", owner="w-1")
+    await write(held, FINISHED[:2])
+    done = await started(log, "done", owner=None)
+    await write(done, FINISHED)
+    before = {s.saga_id: s for s in await log.list()}
+    history = await log.history("held")
+    await log.close()
+
+    again = SQLiteSagaLog(f"{path}")
+    assert {s.saga_id: s for s in await again.list()} == before
+    assert await again.history("held") == history
+    assert typed(await again.read("done")) == typed(opening() + FINISHED)
+    assert await again.claim("held", owner="w-2", ttl=60) is None  # the lease outlived us
+    claim = await again.claim("held", owner="w-1", ttl=60)  # its holder, restarted
+    assert claim is not None
+    assert claim.journal.lease is not None
+    assert held.lease is not None
+    assert claim.journal.lease.epoch > held.lease.epoch
+    await write(claim.journal, FINISHED[2:])
+    assert typed(await again.read("held")) == typed(opening() + FINISHED)
+    await again.close()
+
+
+# --- group commit -----------------------------------------------------------------------
+
+
+async def test_concurrent_flushes_share_commits(log: SQLiteSagaLog) -> None:
+    journals = [await started(log, f"o-{i}") for i in range(64)]
+    assert log.stats.commits == 64  # one at a time: one commit each
+    before = log.stats.commits
+    await asyncio.gather(*(write(j, [StepCompleted(0, i)]) for i, j in enumerate(journals)))
+    commits = log.stats.commits - before
+    assert 1 <= commits <= 16, commits
+    for i in range(64):
+        assert typed((await log.read(f"o-{i}"))[-1:]) == typed([StepCompleted(0, i)])
+
+
+async def test_a_request_that_fails_rolls_back_alone(log: SQLiteSagaLog) -> None:
+    """A corrupt row makes one saga's flush fail inside a shared transaction; the others
+    in that transaction commit."""
+    journals = [await started(log, f"o-{i}") for i in range(4)]
+    db = sqlite3.connect(log.path)
+    # A stray record where o-0's next one goes: its insert will violate the primary key.
+    db.execute(
+        "INSERT INTO records VALUES ('o-0', 2, 'step_started', 1, '{\"step\":5,\"attempt\":1}', 0)"
+    )
+    db.commit()
+    db.close()
+    results = await asyncio.gather(
+        *(write(j, [StepCompleted(0, "x")]) for j in journals), return_exceptions=True
+    )
+    assert isinstance(results[0], BackendRefused)
+    assert results[1:] == [None, None, None]
+    assert len(await log.read("o-1")) == 3
+    summary = await log.status("o-0")
+    assert summary is not None
+    assert summary.records == 2  # the failed flush left its counter alone
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+async def test_a_write_lock_held_elsewhere_is_busy_and_a_retry_succeeds(tmp_path: Path) -> None:
+    path = tmp_path / "sagas.db"
+    log = SQLiteSagaLog(path, busy_timeout=0.1)
+    journal = await started(log)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        journal.stage(FINISHED[:1])
+        with pytest.raises(BackendBusy) as excinfo:
+            await journal.flush()
+        assert excinfo.value.retryable
+        assert isinstance(excinfo.value.__cause__, sqlite3.OperationalError)
+        assert journal.version == 3  # kept, to flush again
+        assert typed(await log.read("o-1")) == typed(opening())  # reads go on meanwhile
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await journal.flush()
+    assert typed(await log.read("o-1")) == typed(opening() + FINISHED[:1])
+    await log.close()
+
+
+async def test_a_file_that_cannot_be_opened_is_unavailable_until_it_can(tmp_path: Path) -> None:
+    log = SQLiteSagaLog(tmp_path / "missing" / "sagas.db")
+    with pytest.raises(BackendUnavailable) as excinfo:
+        await log.create("o-1", opening(), owner=None, ttl=60)
+    assert excinfo.value.retryable
+    assert "missing" in str(excinfo.value)
+    (tmp_path / "missing").mkdir()
+    assert await log.create("o-1", opening(), owner=None, ttl=60) is not None
+    await log.close()
+
+
+async def test_a_closed_log_refuses_and_finishes_what_it_accepted(log: SQLiteSagaLog) -> None:
+    journals = [await started(log, f"o-{i}") for i in range(8)]
+    tasks = [asyncio.create_task(write(j, FINISHED)) for j in journals]
+    await asyncio.sleep(0)  # each task has queued its flush
+    await log.close()
+    await asyncio.gather(*tasks)
+    await log.close()  # twice is fine
+    with pytest.raises(BackendRefused, match="closed"):
+        await log.read("o-1")
+    reopened = SQLiteSagaLog(log.path)
+    finished = await reopened.list(status=SagaStatus.COMPLETED)
+    assert len(finished) == 8
+    await reopened.close()
+
+
+async def test_a_cancelled_flush_still_lands_and_the_journal_knows(log: SQLiteSagaLog) -> None:
+    journal = await started(log)
+    journal.stage(FINISHED[:2])
+    task = asyncio.create_task(journal.flush())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await write(journal, FINISHED[2:])  # waits for the first, then writes after it
+    assert typed(await log.read("o-1")) == typed(opening() + FINISHED)
+    assert journal.version == 6
+
+
+# --- hostile input ----------------------------------------------------------------------
+
+
+async def test_odd_saga_ids_and_large_values_round_trip(log: SQLiteSagaLog) -> None:
+    big = {"blob": "x" * 5_000_000, "deep": [[[[[[[[1]]]]]]]]}
+    for saga_id in ("a\x00b", "\u2603 \U0001f600", "x" * 10_000, "'; DROP TABLE sagas; --"):
+        records = [SagaStarted("order", ("a",), big), StepStarted(0)]
+        journal = await log.create(saga_id, records, owner=None, ttl=60)
+        assert journal is not None
+        assert typed(await log.read(saga_id)) == typed(records)
+    assert await log.read("a") == []
+    assert len(await log.list()) == 4
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda log: log.create("", opening(), owner=None, ttl=1), "saga_id"),
+        (lambda log: log.create("\ud800", opening(), owner=None, ttl=1), "saga_id"),
+        (lambda log: log.create(7, opening(), owner=None, ttl=1), "saga_id"),
+        (lambda log: log.create("o", [StepStarted(0)], owner=None, ttl=1), "opening"),
+        (lambda log: log.create("o", [], owner=None, ttl=1), "opening"),
+        (lambda log: log.create("o", opening(), owner="", ttl=1), "owner"),
+        (lambda log: log.claim("o", owner="w", ttl=0), "ttl"),
+        (lambda log: log.claim("o", owner="w", ttl=float("nan")), "ttl"),
+        (lambda log: log.claim("o", owner="w", ttl=float("inf")), "ttl"),
+        (lambda log: log.claim_next(owner="w", ttl=-1, limit=1), "ttl"),
+        (lambda log: log.claim_next(owner="w", ttl=1, limit=-1), "limit"),
+        (lambda log: log.list(limit=-1), "limit"),
+    ],
+)
+async def test_bad_arguments_are_refused_before_any_work(
+    log: SQLiteSagaLog, call: Any, field: str
+) -> None:
+    with pytest.raises(DefinitionError) as excinfo:
+        await call(log)
+    assert excinfo.value.field == field
+    assert log.stats.requests == 0
+
+
+async def test_a_journal_of_another_log_is_refused(log: SQLiteSagaLog, tmp_path: Path) -> None:
+    other = SQLiteSagaLog(tmp_path / "other.db")
+    theirs = await started(other)
+    with pytest.raises(TypeError):
+        await log.renew([theirs], ttl=60)
+    with pytest.raises(TypeError):
+        await log.release(theirs)
+    await other.close()
+
+
+async def test_leases_follow_the_injected_clock(tmp_path: Path) -> None:
+    now = [1_000.0]
+    log = SQLiteSagaLog(tmp_path / "sagas.db", clock=lambda: now[0])
+    journal = await started(log)
+    assert journal.lease is not None
+    assert journal.lease.expires_at == 1_060.0
+    assert await log.claim("o-1", owner="w-2", ttl=60) is None
+    now[0] = 1_060.0
+    claim = await log.claim("o-1", owner="w-2", ttl=60)
+    assert claim is not None
+    assert claim.journal.lease is not None
+    assert claim.journal.lease.expires_at == 1_120.0
+    assert [e.recorded_at for e in await log.history("o-1")] == [1_000.0, 1_000.0]
+    now[0] = 1_100.0
+    assert await log.renew([claim.journal], ttl=60) == []
+    assert claim.journal.lease.expires_at == 1_160.0
+    await log.close()

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import queue
 import sqlite3
@@ -79,6 +80,7 @@ from sagakit.ports.saga_log import Claim, Lease, LoggedRecord, SagaLog, SagaSumm
 __all__ = ["SCHEMA_VERSION", "SQLiteJournal", "SQLiteSagaLog", "SQLiteStats"]
 
 _NO_OWNER = "(no owner)"
+_logger = logging.getLogger("sagakit.sqlite")
 
 
 @dataclass
@@ -254,6 +256,7 @@ class SQLiteSagaLog:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._unreadable: set[str] = set()  # warned about once each (a bounded set)
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteSagaLog:
@@ -424,7 +427,15 @@ class SQLiteSagaLog:
         _check_limit(limit)
         if limit == 0:
             return []
-        taken = await self._call(store.claim_next, owner, ttl, limit)
+        taken, unreadable = await self._call(store.claim_next, owner, ttl, limit)
+        for saga_id in unreadable:
+            if saga_id not in self._unreadable and len(self._unreadable) < 1000:
+                self._unreadable.add(saga_id)
+                _logger.warning(
+                    "saga %r in %s has records this sagakit cannot read; left for a newer worker",
+                    saga_id,
+                    self.path,
+                )
         return [self._claimed(saga_id, owner, *rest) for saga_id, *rest in taken]
 
     def _claimed(

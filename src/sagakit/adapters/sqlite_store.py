@@ -266,12 +266,13 @@ def read_records(db: sqlite3.Connection, saga_id: str) -> list[SagaRecord]:
 def take(
     db: sqlite3.Connection, now: float, saga_id: str, owner: str, ttl: float
 ) -> tuple[int, float, list[SagaRecord]]:
+    records = read_records(db, saga_id)  # first: a log this sagakit cannot read is not taken
     db.execute(
         "UPDATE sagas SET owner = ?, epoch = epoch + 1, lease_expires_at = ? WHERE saga_id = ?",
         (owner, now + ttl, saga_id),
     )
     (epoch,) = db.execute("SELECT epoch FROM sagas WHERE saga_id = ?", (saga_id,)).fetchone()
-    return epoch, now + ttl, read_records(db, saga_id)
+    return epoch, now + ttl, records
 
 
 def claim(
@@ -287,13 +288,27 @@ def claim(
 
 def claim_next(
     db: sqlite3.Connection, now: float, owner: str, ttl: float, limit: int
-) -> list[tuple[str, int, float, list[SagaRecord]]]:
-    free = db.execute(
-        "SELECT saga_id FROM sagas WHERE status IN (?, ?)"
-        " AND (owner IS NULL OR lease_expires_at <= ?) ORDER BY id LIMIT ?",
-        (*UNFINISHED, now, limit),
-    ).fetchall()
-    return [(saga_id, *take(db, now, saga_id, owner, ttl)) for (saga_id,) in free]
+) -> tuple[list[tuple[str, int, float, list[SagaRecord]]], list[str]]:
+    """The sagas taken, and those passed over because their log is newer than this sagakit
+    (left for a worker that can read them, and never in the way of the ones behind)."""
+    taken: list[tuple[str, int, float, list[SagaRecord]]] = []
+    unreadable: list[str] = []
+    after = -1
+    while len(taken) < limit:
+        page = db.execute(
+            "SELECT id, saga_id FROM sagas WHERE status IN (?, ?) AND id > ?"
+            " AND (owner IS NULL OR lease_expires_at <= ?) ORDER BY id LIMIT ?",
+            (*UNFINISHED, after, now, limit - len(taken)),
+        ).fetchall()
+        if not page:
+            break
+        after = page[-1][0]
+        for _id, saga_id in page:
+            try:
+                taken.append((saga_id, *take(db, now, saga_id, owner, ttl)))
+            except SchemaMismatch:
+                unreadable.append(saga_id)
+    return taken, unreadable
 
 
 def renew(
