@@ -109,7 +109,7 @@ async def test_failing_handler_is_retried_then_dead_lettered_then_replayed_to_it
         if not healthy:
             raise RuntimeError(f"down for {e['n']}")
 
-    await bus.subscribe("Pay", flaky, group="payment", max_deliveries=3)
+    await bus.subscribe("Pay", flaky, group="payment", max_deliveries=3, backoff=0.01)
     await bus.subscribe("Pay", other.append, group="audit")
     await bus.publish(event("Pay", n=7))
     await drain(bus)
@@ -146,7 +146,7 @@ async def test_redelivery_succeeds_before_the_limit(buses: Buses) -> None:
         if tries < 3:
             raise ConnectionError("peer restarting")
 
-    await bus.subscribe("Pay", twice_down, group="payment")
+    await bus.subscribe("Pay", twice_down, group="payment", backoff=0.01)
     await bus.publish(event("Pay"))
     await drain(bus)
     assert tries == 3
@@ -163,7 +163,7 @@ async def test_a_handler_raising_cancelled_error_is_a_failed_delivery(buses: Bus
         if calls == 1:
             raise asyncio.CancelledError
 
-    await bus.subscribe("X", handler, group="g")
+    await bus.subscribe("X", handler, group="g", backoff=0.01)
     await bus.publish(event("X"))
     await drain(bus)  # does not raise CancelledError here
     assert calls == 2
@@ -331,3 +331,27 @@ async def test_publish_during_an_outage_raises_backend_unavailable_then_recovers
     await bus.publish(event("Tick", n=2))
     await drain(bus)
     assert got == [0, 2]
+
+
+async def test_dead_letters_of_subscriptions_without_a_group_are_under_the_empty_group(
+    buses: Buses,
+) -> None:
+    bus = buses()
+    tries: list[str] = []
+    healthy = False
+
+    def handler(e: Event) -> None:
+        tries.append(e.saga_id)
+        if not healthy:
+            raise ValueError("no")
+
+    await bus.subscribe("X", handler, max_deliveries=2, backoff=0.01)
+    await bus.publish(event("X", "s-1"))
+    await drain(bus)
+    [letter] = await bus.dead_letters("")
+    assert (letter.group, letter.deliveries, letter.error) == ("", 2, "ValueError: no")
+    healthy = True
+    await bus.replay_dead_letter("", letter.id)
+    await drain(bus)
+    assert tries == ["s-1"] * 3
+    assert await bus.dead_letters("") == []

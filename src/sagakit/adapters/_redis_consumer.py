@@ -1,0 +1,364 @@
+"""The consumer half of the Redis Streams bus: one reader per (stream, group).
+
+Split from :mod:`sagakit.adapters.redis_bus` (whose docstring tells the
+design) to keep each module readable; nothing here is public.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from redis import exceptions as rexc
+
+from sagakit.core.envelope import decode_event
+from sagakit.core.event import Event
+from sagakit.errors import (
+    BackendBusy,
+    BackendError,
+    BackendRefused,
+    BackendUnavailable,
+    DefinitionError,
+)
+from sagakit.ports.event_bus import (
+    DEFAULT_ACK_TIMEOUT,
+    DEFAULT_BACKOFF,
+    DEFAULT_MAX_DELIVERIES,
+    Handler,
+)
+
+if TYPE_CHECKING:
+    from sagakit.adapters.redis_bus import RedisEventBus
+
+log = logging.getLogger("sagakit.bus.redis")
+
+BATCH = 256  # entries per read: enough for many sagas in flight, bounded memory
+MAX_BLOCK = 2.0  # seconds a read blocks before the consumer looks at its timers
+
+
+def retry_delay(backoff: float, deliveries: int) -> float:
+    # Doubling per failed delivery, at most a minute: a flapping peer gets
+    # time to recover, a poisoned event reaches the dead letters in bounded time.
+    return float(min(backoff * 2 ** (deliveries - 1), max(backoff, 60.0)))
+
+
+def sid(raw: bytes | str) -> tuple[int, int]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def translate(exc: BaseException, backend: str, what: str) -> BackendError:
+    message = f"{what}: {exc}"
+    if isinstance(exc, rexc.AuthenticationError | rexc.NoPermissionError):
+        return BackendRefused(backend, message)
+    if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError | OSError):
+        return BackendUnavailable(backend, message)
+    text = str(exc)
+    if text.startswith(("LOADING", "MASTERDOWN", "TRYAGAIN", "READONLY", "BUSY ")):
+        return BackendUnavailable(backend, message)
+    if text.startswith("OOM"):
+        return BackendBusy(backend, message)
+    return BackendRefused(backend, message)
+
+
+async def _call(handler: Handler, event: Event) -> None:
+    result = handler(event)
+    if inspect.isawaitable(result):
+        await result
+
+
+class Subscription:
+    def __init__(
+        self,
+        bus: RedisEventBus,
+        event_type: str,
+        handler: Handler,
+        group: str,
+        anonymous: bool,
+        max_deliveries: int,
+        ack_timeout: float,
+        backoff: float,
+    ) -> None:
+        self.bus, self.event_type, self.handler, self.group = bus, event_type, handler, group
+        self.anonymous, self.max_deliveries = anonymous, max_deliveries
+        self.ack_timeout, self.backoff = ack_timeout, backoff
+        self.reader: Reader | None = None
+
+    async def cancel(self) -> None:
+        """Stop this subscription's deliveries; what it holds goes back to its group."""
+        await self.bus._unsubscribe(self)
+
+
+# One delivery: entry id, envelope bytes (None when the stream lost it), delivery count.
+_Entry = tuple[bytes, bytes | None, int]
+
+
+class Reader:
+    """One consumer of one (stream, group): reads, hands to handlers, acks, retries, sweeps."""
+
+    def __init__(
+        self,
+        bus: RedisEventBus,
+        stream: str,
+        group: str,
+        route: Callable[[Event], Subscription | None],
+        *,
+        delete_acked: bool = False,
+    ) -> None:
+        self.bus, self.stream, self.group, self.route = bus, stream, group, route
+        self.delete_acked = delete_acked  # retry streams: one group, so delete what it acked
+        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # RESP2 whatever the URL says: the replies below are parsed by hand.
+        kwargs = {k: v for k, v in bus._pool.connection_kwargs.items() if "maint" not in k}
+        kwargs["protocol"] = 2
+        self.conn: Any = bus._pool.connection_class(**kwargs)
+        self.client_id: int | None = None
+        self.blocked = False
+        self.stopping = False
+        self.busy = False  # a batch is being handled
+        self.ack_timeout = DEFAULT_ACK_TIMEOUT
+        # failed entry -> (retry time, deliveries so far, its backoff in ms)
+        self.due: dict[bytes, tuple[float, int, int]] = {}
+        self.next_sweep = 0.0
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.run(), name=f"redis:{self.stream}")
+
+    async def _command(self, *args: Any) -> Any:
+        await self.conn.send_command(*args)
+        return await self.conn.read_response(timeout=math.inf)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        pause = 0.05
+        acks: list[bytes] = []
+        recover = True
+        while not self.stopping:
+            try:
+                if not self.conn.is_connected:
+                    await self.conn.connect()
+                    self.client_id = int(await self._command("CLIENT", "ID"))
+                if recover:
+                    # Entries read just before a lost connection are ours in the
+                    # pending list, and no one else's until ack_timeout.
+                    await self._claim_pending(0, mine=True)
+                    recover = False
+                now = loop.time()
+                if self.due and min(t for t, _, _ in self.due.values()) <= now:
+                    await self._retry_due(now)
+                if now >= self.next_sweep:
+                    self.next_sweep = now + min(max(self.ack_timeout / 2, 0.05), 5.0)
+                    await self._claim_pending(int(self.ack_timeout * 1000), mine=False)
+                wake = min([self.next_sweep, *(t for t, _, _ in self.due.values())])
+                block = max(1, int(min(wake - loop.time(), MAX_BLOCK) * 1000))
+                entries = await self._read(acks, block)
+                acks = await self._handle(entries) if entries else []
+                pause = 0.05
+            except rexc.ResponseError as exc:
+                await self.conn.disconnect()
+                if str(exc).startswith("NOGROUP"):
+                    # The stream was deleted (FLUSHALL, a server without persistence):
+                    # start the group again rather than stop delivering.
+                    await self.bus._create_group(self.stream, self.group, "$")
+                    continue
+                log.warning("redis consumer %s on %s: %s", self.group, self.stream, exc)
+                await asyncio.sleep(pause)
+            except (rexc.ConnectionError, rexc.TimeoutError, OSError, BackendError) as exc:
+                await self.conn.disconnect()
+                recover = True
+                log.warning("redis consumer %s on %s: %s; retrying", self.group, self.stream, exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+            except Exception:
+                # Never let one bad reply end a consumer: log it, start afresh.
+                await self.conn.disconnect()
+                recover = True
+                log.exception("redis consumer %s on %s failed; restarting", self.group, self.stream)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+        if acks:
+            with contextlib.suppress(Exception):
+                await self._ack(acks)
+        await self.conn.disconnect()
+
+    async def _read(self, acks: list[bytes], block: int) -> list[_Entry]:
+        # The previous batch's XACK travels with the next read: one round trip.
+        commands: list[tuple[Any, ...]] = []
+        if acks and not self.delete_acked:
+            commands.append(("XACK", self.stream, self.group, *acks))
+        elif acks:
+            await self._ack(acks)
+        read = ("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", BATCH)
+        commands.append((*read, "BLOCK", block, "STREAMS", self.stream, ">"))
+        await self.conn.send_packed_command(self.conn.pack_commands(commands))
+        self.blocked = True
+        try:
+            replies = [await self.conn.read_response(timeout=math.inf) for _ in commands]
+        finally:
+            self.blocked = False
+        reply = replies[-1]
+        if not reply:
+            return []
+        return [(eid, _field(fields), 1) for eid, fields in reply[0][1]]
+
+    async def _ack(self, ids: list[bytes]) -> None:
+        if self.delete_acked:
+            await self.bus._ack_delete(keys=[self.stream], args=[self.group, *ids])
+        else:
+            await self.bus._redis.xack(self.stream, self.group, *ids)
+
+    async def _claim(self, ids: list[bytes], min_idle_ms: int, counts: dict[bytes, int]) -> None:
+        reply = await self._command(
+            "XCLAIM", self.stream, self.group, self.consumer, min_idle_ms, *ids
+        )
+        entries: list[_Entry] = []
+        for item in reply or ():
+            if item is None:
+                continue
+            eid, fields = item
+            entries.append((eid, _field(fields) if fields is not None else None, counts[eid] + 1))
+        acks = await self._handle(entries) if entries else []
+        if acks:
+            await self._ack(acks)
+
+    async def _retry_due(self, now: float) -> None:
+        ready = {eid: (n, wait) for eid, (t, n, wait) in self.due.items() if t <= now}
+        for eid in ready:
+            del self.due[eid]
+        # The entry has been idle at least its backoff since this consumer got
+        # it, unless another consumer's sweep took it meanwhile: then its idle
+        # time restarted, and this min-idle makes XCLAIM leave it to that one.
+        by_idle: dict[int, dict[bytes, int]] = {}
+        for eid, (n, wait) in ready.items():
+            by_idle.setdefault(max(0, wait - 10), {})[eid] = n
+        for min_idle, counts in by_idle.items():
+            await self._claim(list(counts), min_idle, counts)
+
+    async def _claim_pending(self, min_idle_ms: int, *, mine: bool) -> None:
+        args: list[Any] = [
+            "XPENDING",
+            self.stream,
+            self.group,
+            "IDLE",
+            min_idle_ms,
+            "-",
+            "+",
+            BATCH,
+        ]
+        if mine:
+            args.append(self.consumer)
+        pending = await self._command(*args)
+        counts = {eid: int(n) for eid, _c, _idle, n in pending or () if eid not in self.due}
+        if counts:
+            await self._claim(list(counts), min_idle_ms, counts)
+
+    async def _handle(self, entries: list[_Entry]) -> list[bytes]:
+        """Run the handlers of a batch: a task per saga, each saga's events in order."""
+        self.busy = True
+        try:
+            by_saga: dict[str, list[tuple[bytes, Event | None, bytes | None, int]]] = {}
+            for eid, data, n in entries:
+                event: Event | None = None
+                if data is not None:
+                    try:
+                        event = decode_event(data)
+                    except (ValueError, KeyError, TypeError, DefinitionError) as exc:
+                        await self.bus._dead_letter(self, eid, data, f"undecodable: {exc!r}", n)
+                        continue
+                key = event.saga_id if event is not None else ""
+                by_saga.setdefault(key, []).append((eid, event, data, n))
+            acks: list[bytes] = []
+            chains = [self._chain(chain, acks) for chain in by_saga.values()]
+            if len(chains) == 1:
+                await chains[0]
+            else:
+                await asyncio.gather(*chains)
+            return acks
+        finally:
+            self.busy = False
+            self.bus._signal()
+
+    async def _chain(
+        self, chain: list[tuple[bytes, Event | None, bytes | None, int]], acks: list[bytes]
+    ) -> None:
+        for eid, event, data, n in chain:
+            if event is None or data is None:
+                log.error(
+                    "redis stream %s lost entry %s before %s handled it (trimmed at maxlen?)",
+                    self.stream,
+                    eid.decode(),
+                    self.group,
+                )
+                acks.append(eid)
+                continue
+            subscription = self.route(event)
+            if subscription is None:
+                # Only a retry stream can hold a type this process's copy of the
+                # group does not handle: count it as a failed delivery.
+                reason = f"no handler for {event.type} in group {self.group} here"
+                if n >= DEFAULT_MAX_DELIVERIES:
+                    await self.bus._dead_letter(self, eid, data, reason, n)
+                else:
+                    self._later(eid, n, DEFAULT_BACKOFF)
+                continue
+            if n > subscription.max_deliveries:
+                # Taken over from consumers that never acknowledged it, as many
+                # times as the group allows: a poisoned event that kills its consumer.
+                reason = f"not acknowledged within {subscription.ack_timeout}s, {n - 1} times"
+                await self.bus._dead_letter(self, eid, data, reason, n - 1)
+                continue
+            try:
+                await _call(subscription.handler, event)
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                error: BaseException = exc
+            except Exception as exc:
+                error = exc
+            else:
+                acks.append(eid)
+                continue
+            reason = f"{type(error).__name__}: {error}"
+            if n >= subscription.max_deliveries:
+                await self.bus._dead_letter(self, eid, data, reason, n)
+            else:
+                log.info(
+                    "redis %s: %s failed delivery %d of %s: %s",
+                    self.group,
+                    event.type,
+                    n,
+                    eid.decode(),
+                    reason,
+                )
+                self._later(eid, n, subscription.backoff)
+
+    def _later(self, eid: bytes, deliveries: int, backoff: float) -> None:
+        wait = retry_delay(backoff, deliveries)
+        self.due[eid] = (asyncio.get_running_loop().time() + wait, deliveries, int(wait * 1000))
+
+    async def stop(self) -> None:
+        self.stopping = True
+        while self.task is not None and not self.task.done():
+            if self.blocked and self.client_id is not None:
+                with contextlib.suppress(Exception):
+                    await self.bus._redis.execute_command("CLIENT", "UNBLOCK", self.client_id)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.task), 0.05)
+
+
+def _field(fields: list[bytes]) -> bytes | None:
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == b"e":
+            return fields[i + 1]
+    return None
