@@ -369,3 +369,20 @@ async def test_leases_follow_the_injected_clock(tmp_path: Path) -> None:
     assert await log.renew([claim.journal], ttl=60) == []
     assert claim.journal.lease.expires_at == 1_160.0
     await log.close()
+
+
+async def test_a_failing_clock_fails_the_call_not_the_log(tmp_path: Path) -> None:
+    broken = [True]
+
+    def clock() -> float:
+        if broken[0]:
+            raise OSError("no time")
+        return 1_000.0
+
+    log = SQLiteSagaLog(tmp_path / "sagas.db", clock=clock)
+    with pytest.raises(OSError, match="no time"):
+        await log.create("o-1", opening(), owner=None, ttl=60)
+    broken[0] = False
+    assert await log.status("o-1") is None  # nothing half-written
+    assert await log.create("o-1", opening(), owner=None, ttl=60) is not None
+    await log.close()

@@ -68,7 +68,6 @@ from sagakit.core.records import (
     status_after,
 )
 from sagakit.errors import (
-    BackendError,
     BackendRefused,
     ConfigurationError,
     DefinitionError,
@@ -201,9 +200,7 @@ class SQLiteJournal:
             self._lost = True  # epochs only grow: it will never be current again
 
     def _renewed(self, expires_at: float | None) -> None:
-        if expires_at is None:
-            self._lost = True
-        elif self.lease is not None:
+        if expires_at is not None and self.lease is not None:
             self.lease = self.lease._replace(expires_at=expires_at)
 
 
@@ -325,13 +322,16 @@ class SQLiteSagaLog:
                 stop = item is None
                 if not batch:
                     continue
-                if connection is None:
-                    try:
+                try:
+                    if connection is None:
                         connection = open_connection(self.path, self.busy_timeout, self.synchronous)
-                    except BackendError as exc:
-                        self._answer([(r, None, exc) for r in batch])
-                        continue
-                self._answer(self._run(connection, batch))
+                    done = self._run(connection, batch)
+                except Exception as exc:  # a failing clock, a bug: never a caller left waiting
+                    if connection is not None and connection.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            connection.execute("ROLLBACK")
+                    done = [(r, None, exc) for r in batch]
+                self._answer(done)
         finally:
             if connection is not None:
                 connection.close()
