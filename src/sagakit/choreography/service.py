@@ -7,11 +7,18 @@ from typing import Any, ClassVar, TypeVar
 
 from sagakit.core.event import Event
 from sagakit.errors import DefinitionError
-from sagakit.ports.event_bus import EventBus, Subscription
+from sagakit.ports.event_bus import (
+    DEFAULT_ACK_TIMEOUT,
+    DEFAULT_BACKOFF,
+    DEFAULT_MAX_DELIVERIES,
+    EventBus,
+    Subscription,
+)
 
 __all__ = ["Service", "handles"]
 
-F = TypeVar("F", bound=Callable[..., Awaitable[None]])
+# Handlers may be coroutine functions or plain functions, as the bus accepts both.
+F = TypeVar("F", bound=Callable[..., Awaitable[None] | None])
 
 _HANDLES = "__sagakit_handles__"
 
@@ -32,12 +39,22 @@ class Service:
     """Base of a choreographed service.
 
     Subclasses mark handler methods with :func:`handles`; :meth:`attach`
-    subscribes them to a bus. A service only ever talks to others through the
-    events it publishes: no service holds a reference to another.
+    subscribes them to a bus in the consumer group named after the service, so
+    copies of one service compete for its events (it scales out) while every
+    other service gets them too. A service only ever talks to others through
+    the events it publishes: no service holds a reference to another.
+
+    At-least-once buses deliver some events twice, and out of order when a
+    delivery is retried: handlers must be idempotent per saga. The delivery
+    settings (``max_deliveries``, ``ack_timeout``, ``backoff``) may be set per
+    class or per instance before :meth:`attach`.
     """
 
     name: ClassVar[str] = ""
     _handled: ClassVar[tuple[tuple[str, str], ...]] = ()
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    ack_timeout: float = DEFAULT_ACK_TIMEOUT
+    backoff: float = DEFAULT_BACKOFF
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -61,12 +78,21 @@ class Service:
         return self._bus
 
     async def attach(self, bus: EventBus) -> None:
-        """Subscribe this service's handlers to ``bus``."""
+        """Subscribe this service's handlers to ``bus``, in the group named after it."""
         if self._bus is not None:
             raise RuntimeError(f"service {self.name!r} is already attached")
         self._bus = bus
+        group = self.name or None  # an unnamed service: subscriptions of its own
         for event_type, attr in self._handled:
-            self._subscriptions.append(await bus.subscribe(event_type, getattr(self, attr)))
+            subscription = await bus.subscribe(
+                event_type,
+                getattr(self, attr),
+                group=group,
+                max_deliveries=self.max_deliveries,
+                ack_timeout=self.ack_timeout,
+                backoff=self.backoff,
+            )
+            self._subscriptions.append(subscription)
 
     async def detach(self) -> None:
         for subscription in self._subscriptions:

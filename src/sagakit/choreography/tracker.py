@@ -20,11 +20,23 @@ class TrackedSaga:
     seen: set[str] = field(default_factory=set, repr=False)  # event ids, for redeliveries
 
 
+# Running, then compensating, then finished; the first final status seen stays.
+_RANK = {
+    SagaStatus.RUNNING: 0,
+    SagaStatus.COMPENSATING: 1,
+    SagaStatus.COMPLETED: 2,
+    SagaStatus.COMPENSATED: 2,
+    SagaStatus.FAILED: 2,
+}
+
+
 class SagaTracker:
     """Keeps each saga's events in arrival order, and its status.
 
     ``status_after`` maps event types to the status a saga has once that event
-    is seen; other events leave the status as it was. A choreography has no
+    is seen; other events leave the status as it was, and so do events that
+    would move it back (a late event cannot reopen a finished saga). Events
+    seen twice (same event id) are kept once. A choreography has no
     coordinator to ask, so this mapping is where its meaning lives.
     """
 
@@ -50,8 +62,10 @@ class SagaTracker:
         saga.seen.add(event.event_id)
         saga.events.append(event)
         status = self._status_after.get(event.type)
-        # A finished saga stays finished: a late or repeated event must not reopen it.
-        if status is not None and not saga.status.is_final:
+        # A status only moves forward: a late or repeated event (at-least-once
+        # buses redeliver, and a retried delivery may arrive after later
+        # events) must not reopen a finished saga or undo a compensation.
+        if status is not None and _RANK[status] > _RANK[saga.status]:
             saga.status = status
 
     def __getitem__(self, saga_id: str) -> TrackedSaga:
