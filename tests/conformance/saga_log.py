@@ -33,13 +33,20 @@ in ``flush``; :func:`write` does both, and the tests expect the error from it.
 from __future__ import annotations
 
 import asyncio
-from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
+from conformance.saga_log_base import (
+    EVERY_KIND,
+    FINISHED,
+    LONG_TTL,
+    SagaLogHarness,
+    opening,
+    typed,
+    write,
+)
+from conformance.saga_log_leases import SagaLogLeaseTests
 from sagakit.core.records import (
     CompensationCompleted,
     CompensationFailed,
@@ -53,106 +60,21 @@ from sagakit.core.records import (
     StepStarted,
 )
 from sagakit.errors import LeaseLost, SagaError
-from sagakit.ports.saga_log import Claim, Journal, Lease, SagaLog
+from sagakit.ports.saga_log import Journal, Lease, SagaLog
 
-__all__ = ["EVERY_KIND", "FINISHED", "SagaLogConformance", "opening", "typed", "write"]
-
-LONG_TTL = 60.0  # a lease that does not expire during a test
-
-
-def typed(records: Sequence[Any]) -> list[tuple[str, Any]]:
-    """Records with their kind: dataclasses of different kinds never compare equal, but a
-    backend handing back a dict or a tuple must still fail."""
-    return [(type(r).__name__, r) for r in records]
-
-
-def opening(saga: str = "order", data: dict[str, Any] | None = None) -> list[SagaRecord]:
-    return [SagaStarted(saga, ("reserve", "charge"), data or {"amount": 3}), StepStarted(0)]
-
-
-FINISHED: list[SagaRecord] = [
-    StepCompleted(0, {"id": "r-1"}),
-    StepStarted(1),
-    StepCompleted(1, 42),
-    SagaFinished(SagaStatus.COMPLETED),
-]
-
-EVERY_KIND: list[SagaRecord] = [
-    SagaStarted("order", ("reserve", "charge", "ship"), {"amount": 3, "items": ["a", "b"]}),
-    StepStarted(0),
-    StepCompleted(0, {"id": "r-1", "nested": {"n": [1, 2.5, None, True, -(2**63)]}}),
-    StepStarted(1, attempt=2),
-    StepCompleted(1),
-    StepStarted(2),
-    StepFailed(2, "Boom: out of stock", attempt=3),
-    CompensationStarted(1),
-    CompensationCompleted(1),
-    CompensationStarted(0, attempt=2),
-    CompensationFailed(0, "RuntimeError: cannot undo \u00e9\u00e8 \u2603 \U0001f600", attempt=4),
-    SagaFinished(SagaStatus.FAILED),
+__all__ = [
+    "EVERY_KIND",
+    "FINISHED",
+    "SagaLogConformance",
+    "SagaLogHarness",
+    "opening",
+    "typed",
+    "write",
 ]
 
 
-async def write(journal: Journal, records: Sequence[SagaRecord]) -> None:
-    """Stage then flush: what the driver does for one decision."""
-    journal.stage(records)
-    await journal.flush()
-
-
-class SagaLogConformance(ABC):
+class SagaLogConformance(SagaLogLeaseTests):
     """What every :class:`~sagakit.ports.saga_log.SagaLog` backend must do."""
-
-    short_ttl: float = 0.2  # a lease the test lets expire
-    clock_slack: float = 0.15  # added to short_ttl when letting it expire
-
-    @abstractmethod
-    async def make_log(self) -> SagaLog:
-        """A new, empty saga log."""
-
-    async def make_sibling(self, log: SagaLog) -> SagaLog | None:
-        """A second log on the same store as ``log`` (another process would open the
-        same), or None when the backend cannot share its store (``memory://``)."""
-        return None
-
-    async def advance_clock(self, log: SagaLog, seconds: float) -> None:
-        """Let ``seconds`` pass on the log's clock (for real, unless overridden)."""
-        await asyncio.sleep(seconds)
-
-    async def expire_short_leases(self, log: SagaLog) -> None:
-        await self.advance_clock(log, self.short_ttl + self.clock_slack)
-
-    @asynccontextmanager
-    async def opened(self) -> AsyncIterator[SagaLog]:
-        log = await self.make_log()
-        try:
-            yield log
-        finally:
-            await log.close()
-
-    @asynccontextmanager
-    async def sibling(self, log: SagaLog) -> AsyncIterator[SagaLog]:
-        other = await self.make_sibling(log)
-        if other is None:
-            pytest.skip("this backend cannot open a second log on the same store")
-        try:
-            yield other
-        finally:
-            await other.close()
-
-    async def started(
-        self,
-        log: SagaLog,
-        saga_id: str,
-        records: Sequence[SagaRecord] | None = None,
-        *,
-        owner: str | None = "w-1",
-        ttl: float = LONG_TTL,
-    ) -> Journal:
-        journal = await log.create(
-            saga_id, opening() if records is None else records, owner=owner, ttl=ttl
-        )
-        assert journal is not None
-        return journal
 
     # --- shape ----------------------------------------------------------------------
 
@@ -445,209 +367,6 @@ class SagaLogConformance(ABC):
             for i in range(8):
                 assert typed(await log.read(f"o-{i}")) == typed(opening() + FINISHED)
             assert typed(await log.read("fenced")) == typed(opening())
-
-    # --- claims ---------------------------------------------------------------------
-
-    async def test_claim_hands_back_the_log_and_a_journal_to_go_on_with(self) -> None:
-        async with self.opened() as log:
-            first = await self.started(log, "o-1", owner=None)
-            await write(first, FINISHED[:2])
-            claim = await log.claim("o-1", owner="w-2", ttl=30.0)
-            assert isinstance(claim, Claim)
-            assert typed(claim.records) == typed(opening() + FINISHED[:2])
-            journal = claim.journal
-            assert (journal.saga_id, journal.version) == ("o-1", 4)
-            assert journal.lease is not None
-            assert journal.lease.owner == "w-2"
-            summary = await log.status("o-1")
-            assert summary is not None
-            assert summary.owner == "w-2"
-            assert summary.lease_expires_at == pytest.approx(journal.lease.expires_at)
-            assert journal.lease.expires_at - 30.0 == pytest.approx(summary.updated_at, abs=5.0)
-            await write(journal, FINISHED[2:])
-            assert typed(await log.read("o-1")) == typed(opening() + FINISHED)
-
-    async def test_a_live_lease_is_not_claimed_an_expired_one_is(self) -> None:
-        async with self.opened() as log:
-            await self.started(log, "o-1", owner="w-1", ttl=self.short_ttl)
-            assert await log.claim("o-1", owner="w-2", ttl=LONG_TTL) is None
-            await self.expire_short_leases(log)
-            claim = await log.claim("o-1", owner="w-2", ttl=LONG_TTL)
-            assert claim is not None
-            assert claim.journal.lease is not None
-            assert claim.journal.lease.owner == "w-2"
-            assert await log.claim("o-1", owner="w-3", ttl=LONG_TTL) is None
-
-    async def test_a_finished_saga_is_never_claimed(self) -> None:
-        async with self.opened() as log:
-            for i, end in enumerate(
-                [
-                    SagaStatus.COMPLETED,
-                    SagaStatus.COMPENSATED,
-                    SagaStatus.FAILED,
-                ]
-            ):
-                journal = await self.started(log, f"o-{i}", owner="w-1", ttl=self.short_ttl)
-                await write(journal, [SagaFinished(end)])
-            await self.expire_short_leases(log)
-            for i in range(3):
-                assert await log.claim(f"o-{i}", owner="w-1", ttl=LONG_TTL) is None
-                assert await log.claim(f"o-{i}", owner="w-2", ttl=LONG_TTL) is None
-            assert await log.claim_next(owner="w-2", ttl=LONG_TTL, limit=10) == []
-
-    async def test_concurrent_claims_of_one_saga_one_wins(self) -> None:
-        async with self.opened() as log:
-            await self.started(log, "o-1", owner=None)
-            claims = await asyncio.gather(
-                *(log.claim("o-1", owner=f"w-{i}", ttl=LONG_TTL) for i in range(8))
-            )
-            won = [c for c in claims if c is not None]
-            assert len(won) == 1
-            summary = await log.status("o-1")
-            assert summary is not None
-            assert won[0].journal.lease is not None
-            assert summary.owner == won[0].journal.lease.owner
-
-    async def test_claim_next_takes_the_oldest_unleased_sagas_first(self) -> None:
-        async with self.opened() as log:
-            for saga_id in ("c", "a", "d", "b", "e"):
-                await self.started(log, saga_id, owner=None)
-            await self.started(log, "held", owner="w-9")
-            done = await self.started(log, "done", owner=None)
-            await write(done, FINISHED)
-            first = await log.claim_next(owner="w-1", ttl=LONG_TTL, limit=3)
-            assert [c.journal.saga_id for c in first] == ["c", "a", "d"]
-            for claim in first:
-                assert typed(claim.records) == typed(opening())
-                assert claim.journal.version == 2
-                assert claim.journal.lease is not None
-                assert claim.journal.lease.owner == "w-1"
-            # Live leases, the claimer's own included, are not taken again.
-            rest = await log.claim_next(owner="w-1", ttl=LONG_TTL, limit=10)
-            assert [c.journal.saga_id for c in rest] == ["b", "e"]
-            assert await log.claim_next(owner="w-2", ttl=LONG_TTL, limit=10) == []
-
-    async def test_claim_next_takes_expired_leases_and_respects_limit(self) -> None:
-        async with self.opened() as log:
-            stale = [
-                await self.started(log, f"o-{i}", owner="gone", ttl=self.short_ttl)
-                for i in range(4)
-            ]
-            await self.expire_short_leases(log)
-            assert await log.claim_next(owner="w-1", ttl=LONG_TTL, limit=0) == []
-            claims = await log.claim_next(owner="w-1", ttl=LONG_TTL, limit=2)
-            assert [c.journal.saga_id for c in claims] == ["o-0", "o-1"]
-            with pytest.raises(LeaseLost):
-                await write(stale[0], FINISHED)
-            await write(stale[3], [StepCompleted(0, "still mine")])  # not claimed: not fenced
-            later = await log.claim_next(owner="w-2", ttl=LONG_TTL, limit=5)
-            assert [c.journal.saga_id for c in later] == ["o-2", "o-3"]
-            assert typed(later[1].records) == typed([*opening(), StepCompleted(0, "still mine")])
-
-    async def test_concurrent_claim_next_never_shares_a_saga(self) -> None:
-        async with self.opened() as log:
-            ids = [f"o-{i:02}" for i in range(40)]
-            for saga_id in ids:
-                await self.started(log, saga_id, owner=None)
-            batches = await asyncio.gather(
-                *(log.claim_next(owner=f"w-{i}", ttl=LONG_TTL, limit=3) for i in range(10))
-            )
-            await self._assert_claimed_apart(log, ids, batches)
-
-    async def test_two_logs_on_one_store_never_share_a_saga(self) -> None:
-        async with self.opened() as log, self.sibling(log) as other:
-            ids = [f"o-{i:02}" for i in range(40)]
-            for saga_id in ids:
-                await self.started(log, saga_id, owner=None)
-            batches = await asyncio.gather(
-                *(
-                    (log if i % 2 else other).claim_next(owner=f"w-{i}", ttl=LONG_TTL, limit=3)
-                    for i in range(10)
-                )
-            )
-            await self._assert_claimed_apart(log, ids, batches)
-            # What one log writes, the other reads; and its fencing holds across them.
-            claim = batches[0][0]
-            theirs = await log.claim(claim.journal.saga_id, owner="w-0", ttl=LONG_TTL)
-            assert theirs is not None
-            with pytest.raises(LeaseLost):
-                await write(claim.journal, FINISHED)
-            await write(theirs.journal, FINISHED)
-            assert typed(await other.read(claim.journal.saga_id)) == typed(opening() + FINISHED)
-
-    async def _assert_claimed_apart(
-        self, log: SagaLog, ids: list[str], batches: Sequence[list[Claim]]
-    ) -> None:
-        taken = [c.journal.saga_id for batch in batches for c in batch]
-        assert len(taken) == len(set(taken))
-        rest = await log.claim_next(owner="late", ttl=LONG_TTL, limit=100)
-        assert sorted(taken + [c.journal.saga_id for c in rest]) == ids
-        assert len(taken) == 30  # ten claimers of three each, forty sagas to take
-        for i, batch in enumerate(batches):
-            for claim in batch:
-                summary = await log.status(claim.journal.saga_id)
-                assert summary is not None
-                assert summary.owner == f"w-{i}"
-
-    # --- renew and release -----------------------------------------------------------
-
-    async def test_renew_extends_a_lease(self) -> None:
-        async with self.opened() as log:
-            journal = await self.started(log, "o-1", owner="w-1", ttl=self.short_ttl)
-            before = await log.status("o-1")
-            assert before is not None
-            assert before.lease_expires_at is not None
-            assert await log.renew([journal], ttl=LONG_TTL) == []
-            after = await log.status("o-1")
-            assert after is not None
-            assert after.lease_expires_at is not None
-            assert after.lease_expires_at > before.lease_expires_at + LONG_TTL / 2
-            await self.expire_short_leases(log)
-            assert await log.claim("o-1", owner="w-2", ttl=LONG_TTL) is None
-            await write(journal, FINISHED)
-            assert len(await log.read("o-1")) == 6
-
-    async def test_renew_reports_the_leases_lost(self) -> None:
-        async with self.opened() as log:
-            kept = await self.started(log, "kept", owner="w-1")
-            taken = await self.started(log, "taken", owner="w-1", ttl=self.short_ttl)
-            finished = await self.started(log, "finished", owner="w-1")
-            await write(finished, FINISHED)
-            await self.expire_short_leases(log)
-            assert await log.claim("taken", owner="w-2", ttl=LONG_TTL) is not None
-            lost = await log.renew([kept, taken, finished], ttl=LONG_TTL)
-            assert sorted(lost) == ["finished", "taken"]
-            assert await log.renew([], ttl=LONG_TTL) == []
-            summary = await log.status("taken")
-            assert summary is not None
-            assert summary.owner == "w-2"  # the renewal did not steal it back
-
-    async def test_release_lets_another_worker_claim_at_once(self) -> None:
-        async with self.opened() as log:
-            journal = await self.started(log, "o-1", owner="w-1", ttl=LONG_TTL)
-            await write(journal, FINISHED[:1])
-            await log.release(journal)
-            summary = await log.status("o-1")
-            assert summary is not None
-            assert (summary.owner, summary.lease_expires_at) == (None, None)
-            assert summary.status is SagaStatus.RUNNING
-            claims = await log.claim_next(owner="w-2", ttl=LONG_TTL, limit=10)
-            assert [c.journal.saga_id for c in claims] == ["o-1"]
-            assert typed(claims[0].records) == typed(opening() + FINISHED[:1])
-            with pytest.raises(LeaseLost):
-                await write(journal, FINISHED[1:])
-
-    async def test_release_of_a_lost_lease_leaves_the_new_holder_alone(self) -> None:
-        async with self.opened() as log:
-            stale = await self.started(log, "o-1", owner="w-1", ttl=self.short_ttl)
-            await self.expire_short_leases(log)
-            claim = await log.claim("o-1", owner="w-2", ttl=LONG_TTL)
-            assert claim is not None
-            await log.release(stale)
-            summary = await log.status("o-1")
-            assert summary is not None
-            assert summary.owner == "w-2"
-            await write(claim.journal, FINISHED)
 
     # --- status, list, history --------------------------------------------------------
 

@@ -1,0 +1,340 @@
+"""The PostgreSQL saga log: the port's conformance suite on a real server, and what is
+PostgreSQL's alone (URLs, the schema and its version, group commit, two pools racing,
+the server restarted under the log, errors translated).
+
+The server is the session's private PostgreSQL (tests/servers/postgres.py) or the one
+``SAGAKIT_TEST_POSTGRES_URL`` names; each test has a database of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+from conformance.saga_log import FINISHED, SagaLogConformance, opening, typed, write
+
+from sagakit.adapters import open_saga_log
+from sagakit.adapters.postgres_log import PostgresSagaLog
+from sagakit.core.records import SagaStatus, StepCompleted, StepStarted
+from sagakit.errors import (
+    BackendRefused,
+    BackendUnavailable,
+    ConfigurationError,
+    LeaseLost,
+    SagaError,
+    SchemaMismatch,
+)
+from sagakit.ports.saga_log import Journal, SagaLog
+from tests.servers import free_port
+from tests.servers.postgres import PrivatePostgres, database_url
+
+
+class TestPostgresSagaLog(SagaLogConformance):
+    @pytest.fixture(autouse=True)
+    def _database(self, postgres_url: str) -> None:
+        self.url = postgres_url
+
+    async def make_log(self) -> SagaLog:
+        return open_saga_log(self.url)
+
+    async def make_sibling(self, log: SagaLog) -> SagaLog | None:
+        return open_saga_log(self.url)  # a second pool, as another process would have
+
+
+@pytest.fixture
+async def log(postgres_url: str) -> AsyncIterator[PostgresSagaLog]:
+    opened = PostgresSagaLog.from_url(postgres_url)
+    yield opened
+    await opened.close()
+
+
+async def started(log: SagaLog, saga_id: str = "o-1", owner: str = "w-1") -> Journal:
+    journal = await log.create(saga_id, opening(), owner=owner, ttl=60)
+    assert journal is not None
+    return journal
+
+
+async def sql(url: str, query: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
+def as_role(url: str, role: str) -> str:
+    """``url`` for another role (trust authentication: no password)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+
+
+# --- URLs -----------------------------------------------------------------------------
+
+
+def test_both_schemes_open_a_postgres_log() -> None:
+    for url in ("postgresql://u@h:5/db", "postgres://u@h:5/db", "postgresql+asyncpg://u@h/db"):
+        assert isinstance(open_saga_log(url), PostgresSagaLog)  # nothing connects yet
+
+
+def test_url_options_are_taken_out_and_the_rest_left_to_asyncpg() -> None:
+    log = PostgresSagaLog.from_url(
+        "postgres://u@h/db?pool_size=3&command_timeout=2.5&search_path=sagas&connect_timeout=1"
+    )
+    assert (log._pool_size, log._command_timeout, log._connect_timeout) == (3, 2.5, 1.0)
+    assert log._dsn == "postgresql://u@h/db?search_path=sagas"
+
+
+@pytest.mark.parametrize(
+    "query", ["pool_size=0", "pool_size=2.5", "pool_size=x", "command_timeout=-1", "pool_size=nan"]
+)
+def test_bad_url_options_are_refused(query: str) -> None:
+    with pytest.raises(ConfigurationError, match=query.split("=")[0]):
+        PostgresSagaLog.from_url(f"postgresql://u@h/db?{query}")
+
+
+# --- schema ---------------------------------------------------------------------------
+
+
+async def test_schema_is_created_on_first_use_with_its_version(
+    log: PostgresSagaLog, postgres_url: str
+) -> None:
+    assert await sql(postgres_url, "SELECT to_regclass('sagakit_sagas')") == [(None,)]
+    await started(log)
+    rows = await sql(postgres_url, "SELECT version FROM sagakit_schema_version")
+    assert [r["version"] for r in rows] == [1]
+
+
+async def test_a_newer_schema_is_refused(postgres_url: str) -> None:
+    first = PostgresSagaLog.from_url(postgres_url)
+    await started(first)
+    await first.close()
+    await sql(postgres_url, "INSERT INTO sagakit_schema_version (version) VALUES (99)")
+    newer = PostgresSagaLog.from_url(postgres_url)
+    try:
+        with pytest.raises(SchemaMismatch, match="version 99") as raised:
+            await newer.read("o-1")
+        assert not raised.value.retryable
+        with pytest.raises(SchemaMismatch):  # and again: nothing was half set up
+            await newer.create("o-2", opening(), owner=None, ttl=1)
+    finally:
+        await newer.close()
+
+
+async def test_concurrent_first_use_creates_the_schema_once(postgres_url: str) -> None:
+    logs = [PostgresSagaLog.from_url(postgres_url) for _ in range(6)]
+    try:
+        journals = await asyncio.gather(
+            *(log.create(f"o-{i}", opening(), owner="w", ttl=60) for i, log in enumerate(logs))
+        )
+        assert all(journal is not None for journal in journals)
+    finally:
+        await asyncio.gather(*(log.close() for log in logs))
+    rows = await sql(postgres_url, "SELECT count(*) AS n FROM sagakit_schema_version")
+    assert rows[0]["n"] == 1
+
+
+async def test_a_record_written_by_a_newer_sagakit_is_refused(
+    log: PostgresSagaLog, postgres_url: str
+) -> None:
+    await started(log)
+    await sql(postgres_url, "UPDATE sagakit_records SET version = 9 WHERE seq = 1")
+    with pytest.raises(SchemaMismatch, match="schema version 9"):
+        await log.read("o-1")
+
+
+async def test_tables_follow_the_search_path(postgres_url: str) -> None:
+    await sql(postgres_url, "CREATE SCHEMA sagas")
+    url = postgres_url + "?search_path=sagas"
+    log = PostgresSagaLog.from_url(url)
+    try:
+        await started(log)
+    finally:
+        await log.close()
+    rows = await sql(postgres_url, "SELECT to_regclass('sagas.sagakit_sagas') IS NOT NULL AS x")
+    assert rows[0]["x"]
+
+
+# --- values -----------------------------------------------------------------------------
+
+
+async def test_json_text_is_kept_as_written(log: PostgresSagaLog) -> None:
+    """json, not jsonb: key order kept, NUL in a string accepted (jsonb refuses both)."""
+    journal = await started(log)
+    result = {"z": 1, "a": "nul\u0000byte", "m": [1.5, 10**18]}
+    await write(journal, [StepCompleted(0, result)])
+    records = await log.read("o-1")
+    assert records[-1] == StepCompleted(0, result)
+    assert list(records[-1].result) == ["z", "a", "m"]
+
+
+async def test_a_result_that_is_not_json_fails_stage_and_names_the_step(
+    log: PostgresSagaLog,
+) -> None:
+    journal = await started(log)
+    with pytest.raises(SagaError, match="step 0"):
+        journal.stage([StepCompleted(0, {1, 2})])
+    assert journal.version == 2
+    await journal.flush()
+    assert len(await log.read("o-1")) == 2
+
+
+# --- group commit -----------------------------------------------------------------------
+
+
+async def test_64_concurrent_flushes_take_far_fewer_commits(log: PostgresSagaLog) -> None:
+    journals = [await started(log, f"o-{i}") for i in range(64)]
+    before = log.stats.commits
+
+    async def step(journal: Journal) -> None:
+        await write(journal, [StepCompleted(0, {"n": 1}), StepStarted(1)])
+
+    await asyncio.gather(*(step(j) for j in journals))
+    commits = log.stats.commits - before
+    assert commits <= 8, commits
+    for i in range(64):
+        assert len(await log.read(f"o-{i}")) == 4
+
+
+async def test_creates_share_commits_too(log: PostgresSagaLog) -> None:
+    await started(log, "warm-up")
+    before = log.stats.commits
+    journals = await asyncio.gather(
+        *(log.create(f"o-{i}", opening(), owner="w", ttl=60) for i in range(64))
+    )
+    assert all(j is not None for j in journals)
+    assert log.stats.commits - before <= 8
+
+
+async def test_a_lost_lease_fails_only_its_own_flush_in_a_batch(
+    log: PostgresSagaLog, postgres_url: str
+) -> None:
+    journals = [await started(log, f"o-{i}") for i in range(10)]
+    other = PostgresSagaLog.from_url(postgres_url)
+    try:
+        await sql(postgres_url, "UPDATE sagakit_sagas SET lease_expires_at = now() - interval '1s'")
+        assert await other.claim("o-3", owner="w-2", ttl=60) is not None
+    finally:
+        await other.close()
+    results = await asyncio.gather(
+        *(write(j, [StepCompleted(0, 1)]) for j in journals), return_exceptions=True
+    )
+    assert isinstance(results[3], LeaseLost)
+    assert "epoch 2" in str(results[3])
+    assert [r for i, r in enumerate(results) if i != 3] == [None] * 9
+    assert len(await log.read("o-3")) == 2
+
+
+# --- two pools ---------------------------------------------------------------------------
+
+
+async def test_two_logs_racing_claim_next_never_share_a_saga(postgres_url: str) -> None:
+    first, second = (PostgresSagaLog.from_url(postgres_url) for _ in range(2))
+    try:
+        for i in range(200):
+            await first.create(f"o-{i:03}", opening(), owner=None, ttl=0)
+
+        async def worker(log: PostgresSagaLog, owner: str) -> list[str]:
+            taken: list[str] = []
+            while True:
+                claims = await log.claim_next(owner=owner, ttl=60, limit=7)
+                if not claims:
+                    return taken
+                taken += [claim.journal.saga_id for claim in claims]
+
+        results = await asyncio.gather(
+            *(worker(log, f"w-{n}-{i}") for n, log in enumerate((first, second)) for i in range(3))
+        )
+    finally:
+        await first.close()
+        await second.close()
+    every = [saga_id for taken in results for saga_id in taken]
+    assert sorted(every) == [f"o-{i:03}" for i in range(200)]  # each once, none lost
+    assert sum(1 for taken in results if taken) >= 2  # the work was shared
+
+
+# --- the server restarted ------------------------------------------------------------------
+
+
+async def test_the_log_rides_out_a_server_restart(
+    private_postgres: PrivatePostgres, private_postgres_url: str
+) -> None:
+    log = PostgresSagaLog.from_url(private_postgres_url + "?connect_timeout=2")
+    try:
+        journal = await started(log)
+        await write(journal, [StepCompleted(0, "before")])
+        with private_postgres.stopped():
+            with pytest.raises(BackendUnavailable) as raised:
+                await log.read("o-1")
+            assert raised.value.retryable
+            journal.stage([StepStarted(1)])
+            with pytest.raises(BackendUnavailable):
+                await journal.flush()
+            assert journal.version == 4  # the staged record is kept for the next flush
+            with pytest.raises(BackendUnavailable):
+                await log.create("o-2", opening(), owner="w-1", ttl=60)
+        # Up again: the same log object, no reopening.
+        await journal.flush()
+        await write(journal, [StepCompleted(1, "after"), *FINISHED[-1:]])
+        expected = [*opening(), StepCompleted(0, "before"), StepStarted(1)]
+        expected += [StepCompleted(1, "after"), *FINISHED[-1:]]
+        assert typed(await log.read("o-1")) == typed(expected)
+        assert (await log.status("o-1")).status is SagaStatus.COMPLETED  # type: ignore[union-attr]
+    finally:
+        await log.close()
+
+
+async def test_an_immediate_shutdown_loses_nothing_committed(
+    private_postgres: PrivatePostgres, private_postgres_url: str
+) -> None:
+    log = PostgresSagaLog.from_url(private_postgres_url)
+    try:
+        journals = [await started(log, f"o-{i}") for i in range(20)]
+        await asyncio.gather(*(write(j, [StepCompleted(0, i)]) for i, j in enumerate(journals)))
+        private_postgres.restart(mode="immediate")  # no checkpoint: recovery from the WAL
+        for i in range(20):
+            assert (await log.read(f"o-{i}"))[-1] == StepCompleted(0, i)
+    finally:
+        await log.close()
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+async def test_nothing_listening_is_unavailable() -> None:
+    log = PostgresSagaLog.from_url(f"postgresql://u@127.0.0.1:{free_port()}/db?connect_timeout=2")
+    with pytest.raises(BackendUnavailable) as raised:
+        await log.status("o-1")
+    assert raised.value.retryable
+    assert isinstance(raised.value.__cause__, OSError)
+
+
+async def test_an_unknown_database_or_role_is_refused(postgres_url: str) -> None:
+    for url in (database_url(postgres_url, "no_such_database"), as_role(postgres_url, "nobody_")):
+        log = PostgresSagaLog.from_url(url)
+        with pytest.raises(BackendRefused) as raised:
+            await log.read("o-1")
+        assert not raised.value.retryable
+
+
+async def test_missing_privileges_are_refused(postgres_url: str) -> None:
+    role = "sagakit_reader"
+    await sql(postgres_url, f"DROP ROLE IF EXISTS {role}")
+    await sql(postgres_url, f"CREATE ROLE {role} LOGIN")
+    try:
+        owner = PostgresSagaLog.from_url(postgres_url)
+        await started(owner)
+        await owner.close()
+        await sql(postgres_url, f"REVOKE ALL ON SCHEMA public FROM {role}")
+        log = PostgresSagaLog.from_url(as_role(postgres_url, role))
+        try:
+            with pytest.raises(BackendRefused, match="permission denied"):
+                await log.read("o-1")
+        finally:
+            await log.close()
+    finally:
+        await sql(postgres_url, f"DROP OWNED BY {role}")
+        await sql(postgres_url, f"DROP ROLE {role}")
