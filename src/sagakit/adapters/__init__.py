@@ -28,6 +28,8 @@ class Backend(NamedTuple):
 SAGA_LOGS: dict[str, Backend] = {
     "memory": Backend("sagakit.adapters.memory_log:InMemorySagaLog.from_url"),
     "sqlite": Backend("sagakit.adapters.sqlite_log:SQLiteSagaLog.from_url"),
+    "postgresql": Backend("sagakit.adapters.postgres_log:from_url", "postgres", "asyncpg"),
+    "postgres": Backend("sagakit.adapters.postgres_log:from_url", "postgres", "asyncpg"),
 }
 EVENT_BUSES: dict[str, Backend] = {
     "memory": Backend("sagakit.adapters.memory_bus:InMemoryEventBus.from_url"),
