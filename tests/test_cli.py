@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -213,3 +216,147 @@ def test_help_lists_the_commands() -> None:
     assert done.returncode == 0
     assert "demo" in done.stdout
     assert "node" in done.stdout
+
+
+# --- sagakit dlq, and the demo on a named bus ---------------------------------------------
+
+
+def _dead_letters_on(url: str, count: int) -> list[str]:
+    """Leave ``count`` dead letters in group "payment" of the shared bus ``url``; their ids."""
+    from sagakit import Event, open_event_bus
+
+    async def fill() -> list[str]:
+        bus = open_event_bus(url)
+
+        def decline(event: Event) -> None:
+            raise RuntimeError(f"card declined\nfor {event.saga_id}")
+
+        subscription = await bus.subscribe(
+            "PaymentRequested", decline, group="payment", max_deliveries=2, backoff=0.0
+        )
+        for i in range(count):
+            await bus.publish(Event("PaymentRequested", f"o-{i}", {"n": i}, source="shop"))
+        await bus.drain()
+        await subscription.cancel()
+        _KEEP.append(bus)  # the named broker lives while a bus refers to it
+        return [d.id for d in await bus.dead_letters("payment")]
+
+    return asyncio.run(fill())
+
+
+_KEEP: list[object] = []
+
+
+def _cli(*args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from sagakit.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_dlq_list_shows_each_dead_letter() -> None:
+    url = f"memory://dlq-{uuid.uuid4().hex}"
+    ids = _dead_letters_on(url, 2)
+    done = _cli("dlq", "list", "--bus", url, "--group", "payment")
+    assert done.exit_code == 0, done.output
+    out = done.output
+    assert "2 dead letter(s) in group 'payment'" in out
+    for letter_id, saga_id in zip(ids, ("o-0", "o-1"), strict=True):
+        assert f"{letter_id}  PaymentRequested  saga {saga_id}" in out
+    assert "after 2 deliveries from shop" in out
+    assert "error: RuntimeError: card declined for o-0" in out  # one line, whatever the error
+    limited = _cli("dlq", "list", "--bus", url, "--group", "payment", "--limit", "1")
+    assert "1 dead letter(s)" in limited.output
+
+
+def test_dlq_list_json_lines() -> None:
+    url = f"memory://dlq-{uuid.uuid4().hex}"
+    ids = _dead_letters_on(url, 2)
+    done = _cli("dlq", "list", "--bus", url, "--group", "payment", "--json")
+    assert done.exit_code == 0, done.output
+    entries = [json.loads(line) for line in done.output.splitlines()]
+    assert [e["id"] for e in entries] == ids
+    assert entries[0]["group"] == "payment"
+    assert entries[0]["deliveries"] == 2
+    assert entries[0]["event"]["v"] == 1
+    assert entries[0]["event"]["saga_id"] == "o-0"
+    assert entries[0]["event"]["payload"] == {"n": 0}
+
+
+def test_dlq_list_of_an_empty_group() -> None:
+    done = _cli("dlq", "list", "--bus", "memory://", "--group", "payment")
+    assert done.exit_code == 0
+    assert "no dead letters in group 'payment' on memory://" in done.output
+
+
+def test_dlq_replay_delivers_again_and_removes() -> None:
+    from sagakit import Event, open_event_bus
+
+    url = f"memory://dlq-{uuid.uuid4().hex}"
+    first, second = _dead_letters_on(url, 2)
+    done = _cli("dlq", "replay", "--bus", url, "--group", "payment", first)
+    assert done.exit_code == 0, done.output
+    assert f"replayed {first} to group 'payment'" in done.output
+
+    async def consume() -> tuple[list[Event], list[str]]:
+        bus = open_event_bus(url)
+        got: list[Event] = []
+        await bus.subscribe("PaymentRequested", got.append, group="payment")
+        await bus.drain()
+        left = [d.id for d in await bus.dead_letters("payment")]
+        await bus.close()
+        return got, left
+
+    got, left = asyncio.run(consume())
+    assert [e.saga_id for e in got] == ["o-0"]
+    assert left == [second]
+    again = _cli("dlq", "replay", "--bus", url, "--group", "payment", "--all")
+    assert again.exit_code == 0, again.output
+    assert f"replayed {second}" in again.output
+    assert _cli("dlq", "replay", "--bus", url, "--group", "payment", "--all").output.startswith(
+        "no dead letters"
+    )
+
+
+def test_dlq_replay_of_an_unknown_id_fails() -> None:
+    done = run("dlq", "replay", "--bus", "memory://", "--group", "payment", "dl-404")
+    assert done.returncode == 1
+    assert "dead_letter_id" in done.stderr
+    assert "dl-404" in done.stderr
+
+
+def test_dlq_replay_needs_ids_or_all() -> None:
+    assert _cli("dlq", "replay", "--bus", "memory://", "--group", "g").exit_code == 2
+    both = _cli("dlq", "replay", "--bus", "memory://", "--group", "g", "--all", "dl-1")
+    assert both.exit_code == 2
+
+
+def test_dlq_with_an_unusable_bus_says_why() -> None:
+    done = run("dlq", "list", "--bus", "carrier-pigeon://coop", "--group", "g")
+    assert done.returncode == 2
+    assert "no event bus backend for carrier-pigeon://" in done.stderr
+
+
+def test_urls_are_printed_without_their_password() -> None:
+    from sagakit.cli.dlq import redact
+
+    assert redact("amqp://guest:s3cret@host:5672/vh") == "amqp://guest:***@host:5672/vh"
+    assert redact("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+    assert "s3cret" not in redact("redis://:s3cret@h/0")
+
+
+def test_demo_on_a_named_bus_prints_the_same_choreography(demo: DemoRun) -> None:
+    console = Console(record=True, width=120, file=io.StringIO())
+    url = f"memory://demo-{uuid.uuid4().hex}"
+    run_demo(console, bus_url=url)
+    text = console.export_text()
+    assert "services over an in-memory bus" in text
+    for saga_id in ("order-ok", "order-declined", "order-unshippable"):
+        assert DemoRun([], text).section(saga_id) == demo.section(saga_id)
+
+
+def test_demo_with_an_unusable_bus_says_why() -> None:
+    done = run("demo", "--bus", "carrier-pigeon://coop")
+    assert done.returncode == 2
+    assert "sagakit demo: no event bus backend for carrier-pigeon://" in done.stderr

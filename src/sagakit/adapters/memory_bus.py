@@ -254,7 +254,9 @@ class _Broker:
         self.kick()
 
     def kick(self) -> None:
-        if self.dispatcher is None:
+        # A dispatcher that is done without having cleared itself was cancelled
+        # before it ran (its event loop ended: a named broker outlives loops).
+        if self.dispatcher is None or self.dispatcher.done():
             self.dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
         elif self.wake is not None and not self.wake.done():
             self.wake.set_result(None)
@@ -441,7 +443,8 @@ class _Broker:
             raise RuntimeError("drain() inside an event handler would wait for itself")
         while True:
             dispatcher = self.dispatcher
-            if dispatcher is None:
+            if dispatcher is None or dispatcher.done():
+                self.dispatcher = None
                 if not self.pending():
                     return
                 self.kick()

@@ -48,11 +48,28 @@ def _root(
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    bus: Annotated[
+        str,
+        typer.Option(
+            "--bus", help="The event bus the choreographed orders run on, e.g. nats://host:4222."
+        ),
+    ] = "memory://",
+) -> None:
     """Run orchestrated and choreographed sagas in memory and show how each one went."""
     from sagakit.cli.demo import run_demo
+    from sagakit.errors import SagakitError
 
-    run_demo()
+    try:
+        run_demo(bus_url=bus)
+    except SagakitError as exc:
+        typer.echo(f"sagakit demo: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+from sagakit.cli.dlq import dlq_app  # noqa: E402  (a sub-app: defined beside its commands)
+
+app.add_typer(dlq_app, name="dlq")
 
 
 @app.command()

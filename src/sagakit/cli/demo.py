@@ -4,11 +4,14 @@ Two trips are booked by an orchestrator (one runs out of cars and is undone
 step by step), and three orders go through the e-commerce choreography (one
 paid for, one declined by payment, one that no carrier will ship). No servers,
 no flags, no randomness in what is shown: every run prints the same thing.
+``sagakit demo --bus URL`` runs the choreographed orders on that event bus
+(a broker) instead of in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from itertools import count
 from typing import Any
@@ -16,8 +19,10 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from sagakit.adapters.memory_bus import InMemoryEventBus
-from sagakit.choreography.ecommerce import STATUS_AFTER, open_shop
+from sagakit.adapters import open_event_bus
+from sagakit.adapters.memory_bus import DeliveryFailure
+from sagakit.choreography.ecommerce import STATUS_AFTER, Shop, open_shop
+from sagakit.cli.dlq import redact
 from sagakit.cli.render import (
     Role,
     SummaryRow,
@@ -30,6 +35,7 @@ from sagakit.cli.render import (
 )
 from sagakit.core.saga import SagaDefinition, Step, StepContext
 from sagakit.orchestration import Orchestrator
+from sagakit.ports.event_bus import EventBus
 
 __all__ = ["NoCarsAvailable", "SummaryRow", "TravelAgency", "run_demo"]
 
@@ -136,21 +142,53 @@ async def _orchestration(console: Console, symbols: Symbols) -> list[SummaryRow]
     return rows
 
 
-async def _choreography(console: Console, symbols: Symbols) -> list[SummaryRow]:
-    bus = InMemoryEventBus()
-    shop = await open_shop(bus)
-    for saga_id, failing in ORDERS:
-        if failing is not None:
-            shop.faults.fail(saga_id, failing)
-    # All orders are placed before any is handled, as concurrent customers would:
-    # the bus interleaves their events, and the tracker sorts them out per saga.
-    for saga_id, _ in ORDERS:
-        await shop.order(saga_id, "book-42")
-    await bus.drain()
-    await bus.close()
+# How long the choreography may take on a broker before the demo gives up waiting.
+SETTLE_TIMEOUT = 30.0
+
+
+async def _settle(bus: EventBus, shop: Shop) -> list[str]:
+    """Wait until every order's saga is finished; the ids of those that did not."""
+
+    def unfinished() -> list[str]:
+        sagas = shop.tracker.sagas
+        return [s for s, _ in ORDERS if s not in sagas or not sagas[s].status.is_final]
+
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(SETTLE_TIMEOUT):
+            await bus.drain()
+            # A broker's deliveries may still be on their way when drain returns,
+            # and the tracker has no event to wait on: look again shortly.
+            while unfinished():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    return unfinished()
+
+
+async def _choreography(
+    console: Console, symbols: Symbols, bus_url: str = "memory://"
+) -> list[SummaryRow]:
+    bus = open_event_bus(bus_url)
+    try:
+        shop = await open_shop(bus)
+        for saga_id, failing in ORDERS:
+            if failing is not None:
+                shop.faults.fail(saga_id, failing)
+        # All orders are placed before any is handled, as concurrent customers would:
+        # the bus interleaves their events, and the tracker sorts them out per saga.
+        for saga_id, _ in ORDERS:
+            await shop.order(saga_id, "book-42")
+        stuck = await _settle(bus, shop)
+    finally:
+        await bus.close()
+    for saga_id in stuck:
+        console.print(
+            Text(f"{saga_id} did not finish within {SETTLE_TIMEOUT:.0f}s on {redact(bus_url)}"),
+            style="bold red",
+        )
 
     rows = []
     for saga_id, _ in ORDERS:
+        if saga_id not in shop.tracker.sagas:
+            continue
         tracked = shop.tracker[saga_id]
         events = classify(tracked.events, STATUS_AFTER)
         console.print(choreography_timeline(saga_id, "order", events, tracked.status, symbols))
@@ -165,7 +203,9 @@ async def _choreography(console: Console, symbols: Symbols) -> list[SummaryRow]:
             )
         )
     # A handler that raised is a bug in a service, not a business failure: say so.
-    for failure in bus.failures:
+    # (A broker bus logs its handlers' failures instead.)
+    failures: list[DeliveryFailure] = getattr(bus, "failures", [])
+    for failure in failures:
         console.print(
             Text(f"handler {failure.handler} failed on {failure.event.type}: {failure.error}"),
             style="bold red",
@@ -173,24 +213,29 @@ async def _choreography(console: Console, symbols: Symbols) -> list[SummaryRow]:
     return rows
 
 
-async def _demo(console: Console) -> list[SummaryRow]:
+async def _demo(console: Console, bus_url: str = "memory://") -> list[SummaryRow]:
     symbols = symbols_for(console)
-    console.print(
-        Text.assemble(
-            ("sagakit demo", "bold"),
-            ": five sagas, all in memory; no servers to start.",
-        )
+    in_memory = bus_url.startswith("memory:")
+    where = (
+        ": five sagas, all in memory; no servers to start."
+        if in_memory
+        else f": five sagas, the orchestrated in memory, the choreographed over {redact(bus_url)}."
     )
+    console.print(Text.assemble(("sagakit demo", "bold"), where))
     console.print()
     console.rule("Orchestration: booking a trip (Orchestrator over memory://)", style="cyan")
     rows = await _orchestration(console, symbols)
     console.print()
-    console.rule("Choreography: placing an order (services over an in-memory bus)", style="cyan")
-    rows += await _choreography(console, symbols)
+    over = "an in-memory bus" if in_memory else redact(bus_url)
+    console.rule(f"Choreography: placing an order (services over {over})", style="cyan")
+    rows += await _choreography(console, symbols, bus_url)
     console.print(summary_table(rows, symbols))
     return rows
 
 
-def run_demo(console: Console | None = None) -> list[SummaryRow]:
-    """Run the demo's five sagas, print their timelines and summary, and return the summary."""
-    return asyncio.run(_demo(console or Console()))
+def run_demo(console: Console | None = None, bus_url: str = "memory://") -> list[SummaryRow]:
+    """Run the demo's five sagas, print their timelines and summary, and return the summary.
+
+    ``bus_url`` names the event bus the choreographed orders run on.
+    """
+    return asyncio.run(_demo(console or Console(), bus_url))
