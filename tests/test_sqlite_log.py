@@ -64,6 +64,8 @@ def test_url_paths_follow_sqlalchemy(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert spaced.path == tmp_path / "data" / "my sagas.db"
     absolute = SQLiteSagaLog.from_url(f"sqlite:///{tmp_path}/abs.db")  # "sqlite:///" "/tmp/..."
     assert absolute.path == tmp_path / "abs.db"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert SQLiteSagaLog.from_url("sqlite:///~/home.db").path == tmp_path / "home.db"
     assert not (tmp_path / "sagas.db").exists()  # created on first use, not when opened
 
 
@@ -170,6 +172,12 @@ async def test_records_of_an_unknown_kind_are_refused_and_left_for_others(
     summary = await log.status("new")
     assert summary is not None
     assert summary.owner is None  # not taken: a newer worker may
+    db = sqlite3.connect(path)
+    db.execute("UPDATE sagas SET status = 'paused' WHERE saga_id = 'new'")
+    db.commit()
+    db.close()
+    with pytest.raises(SchemaMismatch, match="paused"):
+        await log.status("new")
     await log.close()
 
 

@@ -234,7 +234,7 @@ def flush(
     ).fetchone()
     if found is None or found[0] != epoch:
         raise LeaseLost(saga_id, owner, epoch, "claimed by another")
-    if SagaStatus(found[2]).is_final:
+    if found[2] not in UNFINISHED:
         raise LeaseLost(saga_id, owner, epoch, "the saga is finished")
     if found[1] != version:  # one writer per epoch: only a corrupt log gets here
         raise SagaLogConflict(saga_id, version, found[1])
@@ -361,6 +361,10 @@ def list_sagas(
 
 def summary(row: tuple[Any, ...]) -> SagaSummary:
     saga_id, saga, status, version, owner, expires_at, created_at, updated_at = row
-    return SagaSummary(
-        saga_id, saga, SagaStatus(status), version, owner, expires_at, created_at, updated_at
-    )
+    try:
+        known = SagaStatus(status)
+    except ValueError:
+        raise SchemaMismatch(
+            "sqlite", f"saga {saga_id!r} has status {status!r}: written by a newer sagakit?"
+        ) from None
+    return SagaSummary(saga_id, saga, known, version, owner, expires_at, created_at, updated_at)
