@@ -23,6 +23,7 @@ standard library otherwise (the two read each other's output).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -66,11 +67,29 @@ def encode_event(event: Event) -> bytes:
         "headers": dict(event.headers),
     }
     try:
-        return _dumps(envelope)
+        data = _dumps(envelope)
     except _ENCODE_ERRORS as exc:
         raise DefinitionError(
             "payload", f"event {event.type} of saga {event.saga_id} is not JSON: {exc}"
         ) from exc
+    # orjson writes NaN and infinities as null: a value would change on the way.
+    # Only a text with a null in it can hide one, so only such texts are looked at.
+    if b"null" in data and _has_non_finite(envelope["payload"]):
+        raise DefinitionError(
+            "payload",
+            f"event {event.type} of saga {event.saga_id} is not JSON: NaN or infinity",
+        )
+    return data
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    return False
 
 
 def _field(envelope: Mapping[str, Any], name: str, kind: type, what: str) -> Any:
