@@ -18,4 +18,4 @@ if __name__ == "__main__":
 
     from sagakit.node.runner import exit_now, main
 
-    exit_now(main())
+    exit_now(main(sys.argv[1:]))

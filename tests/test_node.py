@@ -213,10 +213,8 @@ GOOD = {"type": "execute", "msg_id": 9, "saga_id": "s", "steps": ["a", "b"]}
         ({"saga_id": None}, "saga_id"),
         ({"saga_id": 5}, "saga_id"),
         ({"steps": "a"}, "steps"),
-        ({"steps": []}, "steps"),
         ({"steps": None}, "steps"),
         ({"steps": ["a", 3]}, "steps"),
-        ({"fail_step": "z"}, "fail_step"),
         ({"fail_step": 1}, "fail_step"),
     ],
 )

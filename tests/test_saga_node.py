@@ -43,25 +43,39 @@ async def test_a_saga_told_to_fail_keeps_no_input_in_the_log() -> None:
 async def test_a_long_step_list_builds_a_definition_only_for_each_failure_asked_for() -> None:
     out: list[str] = []
     host = Host(default_registry(), out.append)
-    steps = [f"step-{i}" for i in range(500)]
+    steps = [f"step-{i}" for i in range(SagaNode.MAX_CACHED_STEPS)]
     await host.dispatch(execute(1, "s1", steps, fail_step="step-7"))
     await host.dispatch(execute(2, "s2", steps, fail_step="step-7"))
     await host.dispatch(execute(3, "s3", steps))
     await host.dispatch(execute(4, "s4", steps, fail_step="nope"))
     node = host.nodes["saga"]
     assert isinstance(node, SagaNode)
-    # One list of steps, built twice over: no failure, and a failure at step-7.
+    # One list of steps, built twice over: no failure, and a failure at step-7
+    # (a fail_step naming no step runs the one failing nowhere, and is not kept).
     assert sorted(map(str, node._definitions[tuple(steps)])) == ["None", "step-7"]
     bodies = [json.loads(line)["body"] for line in out]
     assert [b["type"] for b in bodies] == [
         "saga_compensated",
         "saga_compensated",
         "saga_completed",
-        "error",
+        "saga_completed",  # a fail_step naming no step fails nothing
     ]
     assert bodies[0]["compensated_steps"] == [f"step-{i}" for i in reversed(range(7))]
-    assert bodies[3]["code"] == 12
-    assert bodies[3]["text"].startswith("fail_step: 'nope'")
+    assert bodies[3]["completed_steps"] == len(steps)
+
+
+async def test_a_step_list_too_long_to_cache_is_built_per_request() -> None:
+    out: list[str] = []
+    host = Host(default_registry(), out.append)
+    steps = [f"step-{i}" for i in range(SagaNode.MAX_CACHED_STEPS + 1)]
+    await host.dispatch(execute(1, "s1", steps, fail_step="step-3"))
+    await host.dispatch(execute(2, "s2", steps))
+    node = host.nodes["saga"]
+    assert isinstance(node, SagaNode)
+    assert node._definitions == {}
+    bodies = [json.loads(line)["body"] for line in out]
+    assert bodies[0]["compensated_steps"] == ["step-2", "step-1", "step-0"]
+    assert bodies[1]["completed_steps"] == len(steps)
 
 
 @pytest.fixture

@@ -66,6 +66,10 @@ class Faults:
     def reason(self, saga_id: str, service: str) -> str | None:
         return self._planned.get((saga_id, service))
 
+    def forget(self, saga_id: str) -> None:
+        for service in SERVICES:
+            self._planned.pop((saga_id, service), None)
+
 
 class _Counter:
     """Ids such as r1, r2... as the seeds number them."""
@@ -124,13 +128,21 @@ class Inventory(Service):
         if self.stock is not None:
             self.stock[sku] -= quantity
         reservation = self.reservations[saga_id] = Reservation(saga_id, self._ids(), sku, quantity)
-        await self.publish(
-            "InventoryReserved",
-            saga_id,
-            reservation_id=reservation.reservation_id,
-            sku=sku,
-            quantity=quantity,
-        )
+        try:
+            await self.publish(
+                "InventoryReserved",
+                saga_id,
+                reservation_id=reservation.reservation_id,
+                sku=sku,
+                quantity=quantity,
+            )
+        except BaseException:
+            # Not published, so no saga: undo the reservation, or a retry would
+            # find it and answer "reserved" for a saga that never runs.
+            del self.reservations[saga_id]
+            if self.stock is not None:
+                self.stock[sku] += quantity
+            raise
         return reservation
 
     @handles("PaymentFailed", "PaymentRefunded")
@@ -249,6 +261,21 @@ class Shop:
     async def order(self, saga_id: str, sku: str, quantity: int = 1) -> Reservation:
         """Start one order saga; its choreography then runs on the bus."""
         return await self.inventory.reserve(saga_id, sku, quantity)
+
+    def forget(self, saga_id: str) -> None:
+        """Drop every record of a finished saga (a bounded host keeps only the newest)."""
+        for records in (
+            self.inventory.reservations,
+            self.payment.charges,
+            self.payment.declined,
+            self.shipping.shipments,
+            self.shipping.failed,
+            self.tracker.sagas,
+        ):
+            records.pop(saga_id, None)
+        self.inventory.released.discard(saga_id)
+        self.payment.refunded.discard(saga_id)
+        self.faults.forget(saga_id)
 
 
 async def open_shop(

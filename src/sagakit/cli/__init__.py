@@ -78,7 +78,7 @@ def node() -> None:
     from sagakit.node.runner import exit_now
     from sagakit.node.runner import main as serve_node
 
-    exit_now(serve_node())
+    exit_now(serve_node([]))
 
 
 @app.command()
@@ -188,11 +188,11 @@ def sagas_show(
 
 def main() -> None:
     # Running any command through typer loads its pydantic-based parameter
-    # machinery, which costs more than starting the node itself; a bare
-    # ``sagakit node`` has no parameters to parse, so it skips all of that.
-    if sys.argv[1:] == ["node"]:
+    # machinery, which costs more than starting the node itself; ``sagakit
+    # node`` parses its few options itself (those of ``python3 main.py``).
+    if sys.argv[1:2] == ["node"]:
         from sagakit.node.runner import exit_now
         from sagakit.node.runner import main as serve_node
 
-        exit_now(serve_node())
+        exit_now(serve_node(sys.argv[2:]))
     app(prog_name="sagakit")

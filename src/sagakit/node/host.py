@@ -7,10 +7,13 @@ so a new protocol is a new kind registered by name; the router never changes.
 from __future__ import annotations
 
 import logging
+import reprlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from sagakit.errors import DefinitionError
+from sagakit.node.framing import MAX_LINE
 from sagakit.node.protocol import (
     BadInput,
     Encoded,
@@ -21,14 +24,36 @@ from sagakit.node.protocol import (
     msg_id_of,
 )
 
-__all__ = ["Host", "Node", "Registry"]
+__all__ = ["Host", "Node", "NodeSettings", "Registry"]
 
 log = logging.getLogger("sagakit.node")
+
+# Bad input is quoted in the log, never whole: a message can be megabytes long
+# or nested hundreds deep (a plain repr would recurse as deep).
+_quote = reprlib.Repr()
+_quote.maxlevel, _quote.maxstring, _quote.maxother = 3, 200, 200
+_quote.maxdict = _quote.maxlist = 8
 
 Body = dict[str, Any]
 Reply = Body | Encoded | None
 RequestHandler = Callable[[str, Body], Awaitable[Reply]]
 N = TypeVar("N", bound="type[Node]")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """The node's limits (``python3 main.py --help`` names the options and variables).
+
+    ``max_sagas``: the finished sagas each node kind keeps to answer a retry
+    from its record (the saga node's log, the shop's reservations); beyond it
+    the oldest is forgotten, and a request naming a forgotten saga id runs as
+    a new saga. ``max_line``: the longest line (or value over several lines)
+    read, in characters. ``max_plain_nodes``: nodes of unregistered names kept.
+    """
+
+    max_sagas: int = 100_000
+    max_line: int = MAX_LINE
+    max_plain_nodes: int = 4096
 
 
 class Node:
@@ -37,9 +62,14 @@ class Node:
 
     Every node answers ``init``. Its ``msg_id`` counter numbers the messages it
     sends that carry one (``init_ok``), from 0.
+
+    ``settles``: the host awaits :meth:`settle` after each request to this
+    kind, before it reads the next one (a kind whose requests set off work
+    that goes on after the reply, such as events on a bus).
     """
 
     _handlers: ClassVar[dict[str, str]] = {}
+    settles: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -74,6 +104,9 @@ class Node:
             raise RequestError(ErrorCode.MALFORMED_REQUEST, "node_ids: must be a list of strings")
         self.node_id, self.node_ids = node_id, node_ids
         return {"type": "init_ok", "in_reply_to": msg_id_of(body), "msg_id": self.next_msg_id()}
+
+    async def settle(self) -> None:
+        """Complete the work the last request set off (only for kinds that ``settles``)."""
 
     async def finish(self) -> None:
         """Called at end of input: complete the work still in flight."""
@@ -116,18 +149,39 @@ class Host:
 
     Nodes of one kind can share state through :meth:`shared` (the e-commerce
     services share one bus, say) without the router knowing about it.
+
+    A name no kind is registered for gets a node of the default kind only when
+    a request it handles (``init``) names it, and the host keeps at most
+    ``max_plain_nodes`` of those, dropping the longest-kept first: a dropped
+    node's ``msg_id`` counter starts again from 0. Any number of distinct
+    ``dest`` names thus costs bounded memory.
     """
 
-    def __init__(self, registry: Registry, write: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        write: Callable[[str], None],
+        settings: NodeSettings | None = None,
+    ) -> None:
         self.registry = registry
         self._write = write
+        self.settings = settings or NodeSettings()
         self.nodes: dict[str, Node] = {}
+        self._plain: dict[str, None] = {}  # default-kind node names, oldest first
+        self._max_plain = max(1, self.settings.max_plain_nodes)
         self._shared: dict[str, Any] = {}
 
     def node(self, name: str) -> Node:
         node = self.nodes.get(name)
         if node is None:
-            node = self.nodes[name] = self.registry.kind_of(name)(name, self)
+            kind = self.registry.kind_of(name)
+            node = self.nodes[name] = kind(name, self)
+            if kind is self.registry.default and name not in self.registry.kinds:
+                if len(self._plain) >= self._max_plain:
+                    oldest = next(iter(self._plain))
+                    del self._plain[oldest]
+                    del self.nodes[oldest]
+                self._plain[name] = None
         return node
 
     def shared(self, key: str, make: Callable[[], Any]) -> Any:
@@ -137,21 +191,26 @@ class Host:
         return value
 
     def send(self, src: str, dest: str, body: Body | Encoded) -> None:
-        self._write(encode(src, dest, body))
+        try:
+            line = encode(src, dest, body)
+        except (ValueError, TypeError, RecursionError) as exc:
+            # A value JSON cannot carry (NaN, infinity): printing it would put
+            # a line on stdout that no client can parse.
+            log.error("dropped a message from %s to %s that is not JSON: %s", src, dest, exc)
+            return
+        self._write(line)
 
     async def dispatch(self, message: Any) -> None:
         """Handle one decoded input value. Never raises for bad input."""
         if type(message) is not dict:
             if type(message) is BadInput:
-                log.warning(
-                    "skipped input that is not JSON: %s: %.200s", message.reason, message.text
-                )
+                log.warning("skipped input that is not JSON: %s: %s", message.reason, message.text)
             else:
                 log.warning("skipped a JSON %s: messages are objects", type(message).__name__)
             return
         src, dest, body = message.get("src"), message.get("dest"), message.get("body")
         if type(src) is not str or type(dest) is not str:
-            log.warning("skipped a message without string src and dest: %.200s", message)
+            log.warning("skipped a message without string src and dest: %s", _quote.repr(message))
             return
         if type(body) is not dict:
             self.send(
@@ -168,10 +227,16 @@ class Host:
                 ),
             )
             return
-        handler = (self.nodes.get(dest) or self.node(dest)).handlers.get(msg_type)
+        node = self.nodes.get(dest)
+        if node is None:
+            if msg_type not in self.registry.kind_of(dest)._handlers:
+                # Answered without making a node: a request may name any dest.
+                self._not_supported(dest, src, msg_type, body)
+                return
+            node = self.node(dest)
+        handler = node.handlers.get(msg_type)
         if handler is None:
-            text = f"node {dest!r} does not support {msg_type!r}"
-            self.send(dest, src, error_body(msg_id_of(body), ErrorCode.NOT_SUPPORTED, text))
+            self._not_supported(dest, src, msg_type, body)
             return
         try:
             reply = await handler(src, body)
@@ -184,7 +249,22 @@ class Host:
             log.exception("node %s crashed on %s", dest, msg_type)
             reply = error_body(msg_id_of(body), ErrorCode.CRASH, f"{type(exc).__name__}: {exc}")
         if reply is not None:
-            self._write(encode(dest, src, reply))
+            try:
+                line = encode(dest, src, reply)
+            except (ValueError, TypeError, RecursionError) as exc:
+                log.error(
+                    "node %s replied to %s with a body that is not JSON: %s", dest, msg_type, exc
+                )
+                line = encode(
+                    dest, src, error_body(msg_id_of(body), ErrorCode.CRASH, "reply is not JSON")
+                )
+            self._write(line)
+        if node.settles:
+            await node.settle()
+
+    def _not_supported(self, dest: str, src: str, msg_type: str, body: Body) -> None:
+        text = f"node {dest!r} does not support {msg_type[:200]!r}"
+        self.send(dest, src, error_body(msg_id_of(body), ErrorCode.NOT_SUPPORTED, text))
 
     async def finish(self) -> None:
         for node in list(self.nodes.values()):

@@ -12,9 +12,10 @@ import os
 import stat
 import sys
 import threading
+from collections.abc import Mapping
 from typing import BinaryIO, NoReturn, Protocol
 
-from sagakit.node.host import Host, Registry
+from sagakit.node.host import Host, NodeSettings, Registry
 from sagakit.node.kinds import default_registry
 from sagakit.node.protocol import Decoder
 
@@ -130,42 +131,107 @@ class _Output:
         try:
             self._stream.write(data)
             self._stream.flush()
-        except (BrokenPipeError, ValueError):
-            log.error("stdout is closed; dropping output from here on")
+        except (OSError, ValueError) as exc:
+            # Closed (EPIPE, or a closed file: ValueError), full (ENOSPC),
+            # opened read-only (EBADF): nobody will read a reply again.
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            log.error("stdout is closed or cannot be written (%s); the node stops", reason)
             self.broken = True
 
 
-async def serve(stdin: BinaryIO, stdout: BinaryIO, registry: Registry | None = None) -> bool:
+async def serve(
+    stdin: BinaryIO,
+    stdout: BinaryIO,
+    registry: Registry | None = None,
+    settings: NodeSettings | None = None,
+) -> bool:
     """Serve messages from ``stdin`` until it ends, then finish all work in flight.
+
+    One message at a time, in input order: a message is handled, and the work
+    it sets off (the events of a choreography) is finished, before the next
+    is read, so the output depends only on the input's bytes, not on how
+    they arrive (in what pieces, after what pauses).
 
     Returns False when stdout was closed under the node: nobody can read a
     reply any more, so it stops reading instead of working for no one.
     """
     loop = asyncio.get_running_loop()
+    settings = settings or NodeSettings()
     output = _Output(stdout, loop)
-    host = Host(registry or default_registry(), output.write)
-    decoder = Decoder()
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    host = Host(registry or default_registry(), output.write, settings)
+    decoder = Decoder(settings.max_line)
+    # utf-8-sig: a byte order mark at the very start is dropped, not an error.
+    text = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
     chunks = _input_chunks(stdin, loop)
     dispatch = host.dispatch
     while True:
         chunk = await chunks.get()
         for message in decoder.feed(text.decode(chunk, final=not chunk)):
-            await dispatch(message)
+            try:
+                await dispatch(message)
+            except Exception:  # a bug, not bad input: the next message still gets served
+                log.exception("internal error while handling a message; skipped")
         output.flush()
         if output.broken:
             return False
         if not chunk:
             break
     for message in decoder.close():
-        await dispatch(message)
+        try:
+            await dispatch(message)
+        except Exception:
+            log.exception("internal error while handling a message; skipped")
     await host.finish()
     output.flush()
     return not output.broken
 
 
-def main() -> int:
-    """Entry point of ``python3 main.py`` and ``sagakit node``."""
+def _positive(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SystemExit(f"sagakit node: {name} must be a whole number >= 1, got {raw!r}")
+    return value
+
+
+def parse_settings(argv: list[str], environ: Mapping[str, str]) -> NodeSettings:
+    """The node's settings from its arguments, then its environment, then the defaults."""
+    defaults = NodeSettings()
+    max_sagas = environ.get("SAGAKIT_MAX_SAGAS")
+    max_line = environ.get("SAGAKIT_MAX_LINE")
+    if argv:
+        import argparse
+
+        parser = argparse.ArgumentParser(
+            prog="python3 main.py",
+            description="The protocol node: JSON messages on stdin, replies on stdout.",
+        )
+        parser.add_argument(
+            "--max-sagas",
+            metavar="N",
+            help="finished sagas kept to answer retries, per node kind "
+            f"(env SAGAKIT_MAX_SAGAS; default {defaults.max_sagas})",
+        )
+        parser.add_argument(
+            "--max-line",
+            metavar="CHARS",
+            help="longest input line or value, in characters "
+            f"(env SAGAKIT_MAX_LINE; default {defaults.max_line})",
+        )
+        args = parser.parse_args(argv)
+        max_sagas = args.max_sagas or max_sagas
+        max_line = args.max_line or max_line
+    return NodeSettings(
+        max_sagas=defaults.max_sagas if max_sagas is None else _positive("max-sagas", max_sagas),
+        max_line=defaults.max_line if max_line is None else _positive("max-line", max_line),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python3 main.py`` and ``sagakit node``: ``argv`` are their options."""
+    settings = parse_settings(argv or [], os.environ)
     logging.basicConfig(
         stream=sys.stderr,
         level=os.environ.get("SAGAKIT_LOG", "WARNING").upper(),
@@ -179,8 +245,12 @@ def main() -> int:
     # off while it imports): out of the collector's sight for good, then on.
     gc.freeze()
     gc.enable()
+    if sys.stdout is None or sys.stdin is None:
+        # Started with descriptor 0 or 1 closed: the interpreter leaves the stream None.
+        log.error("stdin or stdout is closed; the node stops")
+        return 1
     try:
-        served = asyncio.run(serve(sys.stdin.buffer, sys.stdout.buffer))
+        served = asyncio.run(serve(sys.stdin.buffer, sys.stdout.buffer, settings=settings))
     except KeyboardInterrupt:
         return 130
     if not served:

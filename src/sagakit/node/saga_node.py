@@ -54,20 +54,23 @@ class _Variants(dict[str | None, SagaDefinition]):
     def __init__(self, steps: tuple[str, ...]) -> None:
         super().__init__()
         self.steps = steps
-        self[None] = self._build(None)
+        self[None] = build(steps, None)
 
-    def add(self, fail_step: str) -> SagaDefinition | None:
-        """The variant failing at ``fail_step``; None when that is not one of the steps."""
+    def add(self, fail_step: str) -> SagaDefinition:
+        """The variant failing at ``fail_step``; the one failing nowhere when that is not
+        one of the steps (the seed protocol reads ``fail_step`` as "simulate a failure
+        here": naming no step, it fails nothing)."""
         if fail_step not in self.steps:
-            return None
-        definition = self[fail_step] = self._build(fail_step)
+            return self[None]  # not kept: a client may name any number of such steps
+        definition = self[fail_step] = build(self.steps, fail_step)
         return definition
 
-    def _build(self, fail_step: str | None) -> SagaDefinition:
-        return SagaDefinition(
-            "execute",
-            [Step(s, _step_refused if s == fail_step else _step_done, _undone) for s in self.steps],
-        )
+
+def build(steps: tuple[str, ...], fail_step: str | None) -> SagaDefinition:
+    return SagaDefinition(
+        "execute",
+        [Step(s, _step_refused if s == fail_step else _step_done, _undone) for s in steps],
+    )
 
 
 class SagaNode(Node):
@@ -80,15 +83,22 @@ class SagaNode(Node):
     """
 
     MAX_CACHED_STEP_LISTS = 4096
+    # Longer step lists are built for each request instead of kept: a cache
+    # of a few thousand lists of any length would hold any amount of memory.
+    MAX_CACHED_STEPS = 64
 
     def __init__(self, name: str, host: Host) -> None:
         super().__init__(name, host)
-        self.orchestrator = Orchestrator("memory://")
+        # The log answers retries; it keeps the newest max_sagas finished
+        # sagas. An evicted saga id is new again: an execute naming it runs.
+        self.orchestrator = Orchestrator(f"memory://?max_finished={host.settings.max_sagas}")
         # Requests repeat the same step lists; building definitions per request
         # would cost more than running the saga.
         self._definitions: dict[tuple[str, ...], _Variants] = {}
 
-    def _variants_of(self, body: Body) -> _Variants:
+    def _variants_of(self, body: Body) -> _Variants | tuple[str, ...]:
+        """The cached variants of the request's step list, or the checked list when it
+        is too long to cache."""
         steps = body.get("steps")
         if type(steps) is list:
             try:
@@ -98,11 +108,15 @@ class SagaNode(Node):
                 variants = None
             if variants is not None:
                 return variants
+        if steps == []:
+            return ()
         key = tuple(require_str_list(body, "steps"))
         variants = self._definitions.get(key)
         if variants is None:
             if len(set(key)) != len(key):
                 raise RequestError(ErrorCode.MALFORMED_REQUEST, "steps: step names must be unique")
+            if len(key) > self.MAX_CACHED_STEPS:
+                return key
             if len(self._definitions) >= self.MAX_CACHED_STEP_LISTS:
                 self._definitions.clear()
             try:
@@ -113,17 +127,18 @@ class SagaNode(Node):
         return variants
 
     @staticmethod
-    def _failing_variant(variants: _Variants, body: Body, saga_id: str) -> SagaDefinition:
-        """The variant for a ``fail_step`` not asked for before, or the error that names it."""
+    def _definition(variants: _Variants | tuple[str, ...], body: Body) -> SagaDefinition | None:
+        """The definition for a request the cached variants do not answer at once."""
         fail_step = optional_str(body, "fail_step")
-        definition = None if fail_step is None else variants.add(fail_step)
-        if definition is None:
-            raise RequestError(
-                ErrorCode.MALFORMED_REQUEST,
-                f"fail_step: {fail_step!r} is not one of steps",
-                saga_id=saga_id,
-            )
-        return definition
+        if type(variants) is _Variants:
+            return variants.add(fail_step) if fail_step is not None else variants[None]
+        steps: tuple[str, ...] = variants  # type: ignore[assignment]
+        try:
+            return build(steps, fail_step)
+        except DefinitionError as exc:  # a name the core refuses, such as a blank one
+            if not steps:
+                return None  # a core that wants a step: the node completes it itself
+            raise RequestError(ErrorCode.MALFORMED_REQUEST, f"steps: {exc}") from exc
 
     async def on_execute(self, src: str, body: Body) -> Encoded:
         # Checked inline on the way every request takes; the helpers, which
@@ -138,10 +153,18 @@ class SagaNode(Node):
         fail_step = body.get("fail_step")
         # type() first: an unhashable value cannot be looked up.
         definition = (
-            variants.get(fail_step) if fail_step is None or type(fail_step) is str else None
+            variants.get(fail_step)
+            if type(variants) is _Variants and (fail_step is None or type(fail_step) is str)
+            else None
         )
         if definition is None:
-            definition = self._failing_variant(variants, body, saga_id)
+            try:
+                definition = self._definition(variants, body)
+            except RequestError as exc:
+                exc.extra.setdefault("saga_id", saga_id)
+                raise
+            if definition is None:
+                return self._completed(msg_id, saga_id, 0)
         try:
             outcome = await self.orchestrator.run(definition, saga_id)
         except SagaIdConflict as exc:
@@ -150,11 +173,7 @@ class SagaNode(Node):
         # give for the seed's dict: this runs once per request, and encoding a
         # dict cost about a tenth of the node's time.
         if outcome.state is SagaStatus.COMPLETED:
-            return Encoded(
-                f'{{"type": "saga_completed", "in_reply_to": {msg_id}, '
-                f'"saga_id": {json_string(saga_id)}, "state": "completed", '
-                f'"completed_steps": {len(outcome.completed_steps)}}}'
-            )
+            return self._completed(msg_id, saga_id, len(outcome.completed_steps))
         # A compensation cannot fail here (they are simulated), but if one did
         # the saga would be half undone, and the reply must not say otherwise.
         kind = "saga_compensated" if outcome.state is SagaStatus.COMPENSATED else "saga_failed"
@@ -163,4 +182,12 @@ class SagaNode(Node):
             f'{{"type": "{kind}", "in_reply_to": {msg_id}, '
             f'"saga_id": {json_string(saga_id)}, "state": "{outcome.state}", '
             f'"compensated_steps": [{compensated}]}}'
+        )
+
+    @staticmethod
+    def _completed(msg_id: int, saga_id: str, steps: int) -> Encoded:
+        return Encoded(
+            f'{{"type": "saga_completed", "in_reply_to": {msg_id}, '
+            f'"saga_id": {json_string(saga_id)}, "state": "completed", '
+            f'"completed_steps": {steps}}}'
         )

@@ -1,0 +1,298 @@
+"""Framing: a stream of text, fed in any pieces, into JSON values, in time linear in its size.
+
+Input may be one value per line (the fast path), values pretty-printed over
+several lines, or values written back to back. Framing is by lines: a line is
+looked at once it is complete (or at end of input), and every character is
+scanned a bounded number of times, however the text is cut into pieces, so
+the values (and the bad input reported) do not depend on where the cuts fall.
+
+Nothing the input holds can stop the decoder: a value that any parser refuses
+(too deep, a number past the interpreter's digit limit, ``NaN``, a float that
+overflows, a lone surrogate orjson refuses and json.loads accepts is kept) is
+one :class:`BadInput`, and decoding goes on with the next line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+__all__ = ["MAX_LINE", "BadInput", "Decoder", "loads_exact"]
+
+# A line (or a value over several lines) longer than this is refused whole:
+# the node would otherwise hold any amount of input waiting for a newline.
+MAX_LINE = 16 * 1024 * 1024
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} overflows a float")
+    return value
+
+
+# The standard library's parser, strict: no NaN or Infinity (they would come
+# back out as invalid JSON), no float that overflows to infinity.
+_strict = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+loads_exact: Callable[[str], Any] = _strict.decode
+_raw_decode = _strict.raw_decode
+
+loads: Callable[[str], Any]
+try:  # orjson parses several times faster; the node must still run without it.
+    from orjson import loads
+except ImportError:  # pragma: no cover - exercised by running main.py on a bare python
+    loads = loads_exact
+
+# orjson reads integers past 64 bits as floats, silently; json.loads keeps them
+# exact. Text with a run of 19 digits goes to json.loads. The scan maps every
+# digit to "0" and looks for nineteen of them: a regex would cost more than
+# parsing the text (sre has no literal to skip ahead by).
+_DIGITS_TO_ZERO = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_NINETEEN_DIGITS = b"0" * 19
+
+
+def _has_long_number(text: str) -> bool:
+    return (
+        text.encode("utf-8", "surrogatepass").translate(_DIGITS_TO_ZERO).find(_NINETEEN_DIGITS)
+        != -1
+    )
+
+
+def _loads_any(text: str) -> Any:
+    """orjson, then the exact parser for what orjson refuses (lone surrogate escapes).
+
+    Raises ValueError or RecursionError (or MemoryError) for text neither takes.
+    """
+    if _has_long_number(text):
+        return loads_exact(text)
+    try:
+        return loads(text)
+    except ValueError:
+        return loads_exact(text)
+
+
+class BadInput(NamedTuple):
+    """Input that is not a JSON value; reported, then skipped.
+
+    ``text`` is the start of it only: a refused value can be megabytes long.
+    """
+
+    text: str
+    reason: str
+
+
+def _bad(text: str, reason: str) -> BadInput:
+    return BadInput(text.strip()[:200], reason)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    text = getattr(exc, "msg", None) or str(exc)
+    return text[:200]
+
+
+_WS = " \t\r\n"
+_STRUCTURE = re.compile(r'[{}\[\]"]')
+# The rest of a string after its opening quote, to the closing one (unrolled:
+# no alternation per character, so a string of megabytes is one quick match).
+_STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+
+
+class Decoder:
+    """Turns a stream of text, fed in any pieces, into JSON values and BadInput."""
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self._max = max_line
+        self._tail: list[str] = []  # the text after the last newline, in pieces
+        self._tail_size = 0
+        self._skipping = False  # dropping the rest of a line already refused as too long
+        self._value: list[str] | None = None  # lines of a value still open at its last line
+        self._value_size = 0
+        self._depth = 0  # brackets open at the end of the open value's last line
+
+    def feed(self, text: str, *, final: bool = False) -> list[Any]:
+        """Values (and BadInput items) completed by ``text``; ``final`` marks end of input."""
+        out: list[Any] = []
+        exact = _has_long_number(text)
+        lines = text.split("\n")
+        last = lines.pop()  # the text after the last newline: not known to be whole yet
+        if lines:
+            if self._skipping:
+                self._skipping = False
+                del lines[0]  # the end of the line refused as too long
+            elif self._tail:
+                self._tail.append(lines[0])
+                lines[0] = "".join(self._tail)
+                self._tail.clear()
+                self._tail_size = 0
+                if len(lines[0]) > self._max:
+                    out.append(_bad(lines[0], f"a line over {self._max} characters"))
+                    del lines[0]
+                elif not exact:
+                    # A long number may straddle the cut between two pieces.
+                    exact = _has_long_number(lines[0])
+            if lines:
+                self._lines(lines, len(text) > self._max, exact, out)
+        if last and not self._tail and self._value is None and last[-1] in "}]":
+            # A whole value without its newline yet (an interactive client may
+            # send no more): an object or array is closed by its bracket, so
+            # nothing that follows can change it. Tried on a single piece only,
+            # hence once per piece: a long line in many pieces stays linear.
+            try:
+                value = loads(last) if not exact else loads_exact(last)
+            except Exception:
+                pass
+            else:
+                out.append(value)
+                last = ""
+        if last and not self._skipping:
+            self._tail.append(last)
+            self._tail_size += len(last)
+            if self._tail_size > self._max:
+                out.append(_bad(self._tail[0], f"a line over {self._max} characters"))
+                self._tail.clear()
+                self._tail_size = 0
+                self._skipping = True
+        if final:
+            if self._tail:
+                line = "".join(self._tail)
+                self._tail.clear()
+                self._tail_size = 0
+                self._lines([line], False, _has_long_number(line), out)
+            self._skipping = False
+            if self._value is not None:
+                out.append(_bad("\n".join(self._value), "input ended inside a JSON value"))
+                self._value = None
+        return out
+
+    def close(self) -> list[Any]:
+        """Whatever the end of input leaves: an unfinished value is BadInput."""
+        return self.feed("", final=True)
+
+    def _lines(self, lines: list[str], check_size: bool, exact: bool, out: list[Any]) -> None:
+        """Decode whole lines. The common case first: every line one whole value."""
+        if check_size:
+            for i, line in enumerate(lines):
+                if len(line) > self._max:
+                    lines[i] = ""
+                    out.append(_bad(line, f"a line over {self._max} characters"))
+        fast = loads_exact if exact else loads
+        append = out.append
+        it = iter(lines)
+        line = ""
+        while True:
+            if self._value is None:
+                try:
+                    for line in it:
+                        append(fast(line))
+                    return
+                except Exception:
+                    # Anything the fast parser refuses, a RecursionError or the
+                    # digit limit's ValueError included: the line, alone, goes the slow way.
+                    self._slow_line(line, out)
+                    continue
+            for line in it:
+                self._slow_line(line, out)
+                if self._value is None:
+                    break
+            else:
+                return
+
+    def _slow_line(self, line: str, out: list[Any]) -> None:
+        """A line that is not one whole value: part of one, several, or bad input."""
+        pos = 0
+        if self._value is not None:
+            if line.lstrip().startswith("{"):
+                message = _envelope(line)
+                if message is not None:
+                    # Resynchronise: the open value was truncated, and this line
+                    # is a whole message. Without this, one broken line would
+                    # swallow every message after it.
+                    broken = "\n".join(self._value)
+                    out.append(_bad(broken, "an unfinished JSON value followed by a new message"))
+                    self._value = None
+                    out.append(message)
+                    return
+            end = self._scan(line, 0)
+            self._value.append(line if end == -1 else line[:end])
+            self._value_size += len(line) + 1
+            if end == -1:
+                if self._value_size > self._max:
+                    out.append(_bad(self._value[0], f"a value over {self._max} characters"))
+                    self._value = None
+                return
+            text = "\n".join(self._value)
+            self._value = None
+            self._decode(text, out)
+            pos = end
+        n = len(line)
+        while True:
+            while pos < n and line[pos] in _WS:
+                pos += 1
+            if pos >= n:
+                return
+            if line[pos] in "{[":
+                self._depth = 0
+                end = self._scan(line, pos)
+                if end == -1:
+                    self._value = [line[pos:]]
+                    self._value_size = n - pos
+                    return
+                self._decode(line[pos:end], out)
+                pos = end
+                continue
+            try:
+                value, pos = _raw_decode(line, pos)
+            except Exception as exc:
+                out.append(_bad(line[pos:], f"not JSON ({_why(exc)})"))
+                return
+            out.append(value)
+
+    def _scan(self, line: str, pos: int) -> int:
+        """Index just past the bracket that closes the open value; -1 if it stays open.
+
+        Carries the depth over lines in ``self._depth``. A string cannot span
+        lines in JSON: one left open runs to the end of its line (the value is
+        refused when parsed).
+        """
+        depth = self._depth
+        find = _STRUCTURE.search
+        while (m := find(line, pos)) is not None:
+            ch = m.group()
+            if ch == '"':
+                s = _STRING_REST.match(line, m.end())
+                if s is None:
+                    break
+                pos = s.end()
+                continue
+            pos = m.end()
+            depth += 1 if ch in "{[" else -1
+            if depth <= 0:
+                self._depth = 0
+                return pos
+        self._depth = depth
+        return -1
+
+    @staticmethod
+    def _decode(text: str, out: list[Any]) -> None:
+        try:
+            out.append(_loads_any(text))
+        except Exception as exc:
+            out.append(_bad(text, f"not JSON ({_why(exc)})"))
+
+
+def _envelope(line: str) -> dict[str, Any] | None:
+    """The line as a message, if it is a whole one by itself (an object with a body)."""
+    try:
+        value = _loads_any(line)
+    except Exception:
+        return None
+    return value if type(value) is dict and "body" in value else None
