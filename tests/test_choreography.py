@@ -14,6 +14,7 @@ from conformance.choreography import ChoreographyConformance, types
 
 from sagakit import Event, InMemoryEventBus, SagaStatus, Service, handles
 from sagakit.choreography.ecommerce import Faults, Shop, open_shop
+from sagakit.errors import BackendError
 from sagakit.ports.event_bus import EventBus
 
 
@@ -155,6 +156,31 @@ async def test_an_unnamed_service_does_not_keep_events_while_detached() -> None:
     await bus.publish(Event("A", "s2"))
     await bus.drain()
     assert anonymous.seen == ["A"]
+
+
+async def test_attach_is_all_or_nothing() -> None:
+    class Refusing(InMemoryEventBus):
+        """A bus whose broker refuses the second subscription (a connection lost midway)."""
+
+        calls = 0
+
+        async def subscribe(self, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls == 2:
+                raise BackendError("memory://", "connection lost")
+            return await super().subscribe(*args, **kwargs)
+
+    bus, audit = Refusing(), Audit()
+    with pytest.raises(BackendError):
+        await audit.attach(bus)
+    with pytest.raises(RuntimeError):
+        audit.bus  # noqa: B018
+    await bus.publish(Event("A", "s1"))
+    await bus.drain()
+    assert audit.seen == []  # the first subscription was cancelled
+    await audit.attach(bus)  # and it can attach again; its group kept the event meanwhile
+    await bus.drain()
+    assert audit.seen == ["letters:A"]
 
 
 async def test_attach_twice_is_refused() -> None:

@@ -135,3 +135,10 @@ def test_body_is_unchanged_by_headers() -> None:
         **SENT.payload,
         "timestamp": 1_700_000_000,
     }
+
+
+def test_an_event_cannot_be_of_type_star() -> None:
+    # "*" subscribes to every type; an event of that type would reach its subscribers twice.
+    with pytest.raises(DefinitionError) as excinfo:
+        Event("*", "s1")
+    assert excinfo.value.field == "type"

@@ -371,6 +371,23 @@ class TestInMemoryEventBus(EventBusConformance):
         assert done == [0, 1, 2]
         assert bus.failures == []
 
+    async def test_a_handler_may_close_its_own_bus(self) -> None:
+        bus = InMemoryEventBus()
+        got: list[int] = []
+
+        async def last(e: Event) -> None:
+            got.append(e["n"])
+            await bus.close()
+
+        await bus.subscribe("Tick", last)
+        await bus.publish(event("Tick", n=0))
+        await bus.publish(event("Tick", n=1))
+        await self.drain(bus)
+        assert got == [0]
+        assert bus.failures == []
+        with pytest.raises(BackendError):
+            await bus.publish(event("Tick"))
+
     async def test_publish_returns_before_handlers_run(self) -> None:
         bus = InMemoryEventBus()
         got: list[Event] = []

@@ -156,6 +156,9 @@ class _Resume:
         while True:
             try:
                 sent = yield yielded
+            except GeneratorExit:  # the task was destroyed unfinished: end the handler too
+                coro.close()
+                raise
             except BaseException as exc:  # thrown in by the task (a cancellation)
                 try:
                     yielded = coro.throw(exc)
@@ -573,12 +576,15 @@ class InMemoryEventBus:
             return
         self._state = _CLOSING
         broker = self._broker
+        # A handler closing its own bus cannot wait for the handlers, itself among them.
+        waits = _DELIVERING.get() is not broker
         try:
-            if broker.open_buses == 1:
+            if waits and broker.open_buses == 1:
                 await broker.drain()
             for consumer in self._consumers:
                 broker.leave(consumer)
-            await broker.settle(self)
+            if waits:
+                await broker.settle(self)
         finally:
             self._consumers.clear()
             self._state = _CLOSED

@@ -83,16 +83,21 @@ class Service:
             raise RuntimeError(f"service {self.name!r} is already attached")
         self._bus = bus
         group = self.name or None  # an unnamed service: subscriptions of its own
-        for event_type, attr in self._handled:
-            subscription = await bus.subscribe(
-                event_type,
-                getattr(self, attr),
-                group=group,
-                max_deliveries=self.max_deliveries,
-                ack_timeout=self.ack_timeout,
-                backoff=self.backoff,
-            )
-            self._subscriptions.append(subscription)
+        try:
+            for event_type, attr in self._handled:
+                subscription = await bus.subscribe(
+                    event_type,
+                    getattr(self, attr),
+                    group=group,
+                    max_deliveries=self.max_deliveries,
+                    ack_timeout=self.ack_timeout,
+                    backoff=self.backoff,
+                )
+                self._subscriptions.append(subscription)
+        except BaseException:
+            # All or nothing: a service half attached would miss some of its events.
+            await self.detach()
+            raise
 
     async def detach(self) -> None:
         for subscription in self._subscriptions:

@@ -47,6 +47,8 @@ class Event:
     def __post_init__(self) -> None:
         if not isinstance(self.type, str) or not self.type:
             raise DefinitionError("type", "an event type must be a non-empty string")
+        if self.type == "*":
+            raise DefinitionError("type", '"*" stands for every event type when subscribing')
         if not isinstance(self.saga_id, str) or not self.saga_id:
             raise DefinitionError("saga_id", "must be a non-empty string")
         if type(self.timestamp) is not int:
