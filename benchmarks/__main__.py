@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import choreography, durable, growth, node, orchestration
+from benchmarks import bus_redis, choreography, durable, growth, node, orchestration
 from benchmarks.report import environment, table, write_json
 from benchmarks.timing import BenchmarkError, Comparison, Config
 
@@ -17,6 +17,7 @@ SUITES: dict[str, Callable[[Config], list[Comparison]]] = {
     "choreography": choreography.run,
     "durable": durable.run,
     "growth": growth.run,
+    "bus_redis": bus_redis.run,
 }
 
 

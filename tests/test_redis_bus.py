@@ -13,6 +13,7 @@ from sagakit.adapters.redis_bus import RedisEventBus
 from sagakit.core.event import Event
 from sagakit.errors import BackendUnavailable, ConfigurationError, DefinitionError
 from sagakit.ports.event_bus import ALL_EVENTS, EventBus
+from tests.conformance.choreography import ChoreographyConformance
 from tests.servers.redis import RedisServer
 
 TIMEOUT = 10.0
@@ -355,3 +356,14 @@ async def test_dead_letters_of_subscriptions_without_a_group_are_under_the_empty
     await drain(bus)
     assert tries == ["s-1"] * 3
     assert await bus.dead_letters("") == []
+
+
+class TestChoreographyOnRedis(ChoreographyConformance):
+    """The e-commerce scenarios, each service on a bus of its own (as processes would be)."""
+
+    @pytest.fixture(autouse=True)
+    def _namespace(self, redis_server: RedisServer) -> None:
+        self._url, self._prefix = redis_server.url, f"c{uuid.uuid4().hex[:12]}"
+
+    async def make_bus(self) -> EventBus:
+        return RedisEventBus(self._url, prefix=self._prefix)

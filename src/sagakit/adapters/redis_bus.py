@@ -58,10 +58,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
-from sagakit.adapters._redis_consumer import Reader, Subscription, sid, translate
+from sagakit.adapters._redis_consumer import Pipeliner, Reader, Subscription, sid, translate
 from sagakit.core.envelope import decode_event, encode_event
 from sagakit.core.event import Event
-from sagakit.errors import BackendError, ConfigurationError, DefinitionError
+from sagakit.errors import BackendError, BackendUnavailable, ConfigurationError, DefinitionError
 from sagakit.ports.event_bus import (
     ALL_EVENTS,
     DEFAULT_ACK_TIMEOUT,
@@ -135,7 +135,7 @@ class RedisEventBus:
             raise ConfigurationError(f"redis bus URL {url!r}: {exc}") from exc
         # Typed Any: redis-py's stubs type replies as unions the caller narrows anyway.
         self._redis: Any = aioredis.Redis(connection_pool=self._pool)
-        self._publish = self._redis.register_script(_PUBLISH)
+        self._publisher = Pipeliner(self._pool, _PUBLISH)
         self._dead_letter_script = self._redis.register_script(_DEAD_LETTER)
         self._replay = self._redis.register_script(_REPLAY)
         self._ack_delete = self._redis.register_script(_ACK_DELETE)
@@ -195,8 +195,8 @@ class RedisEventBus:
             raise BackendError(self._name, f"the event bus is closed; {event.type} not published")
         keys = [self._stream(event.type), self._stream(ALL_EVENTS)]
         try:
-            ids = await self._publish(keys=keys, args=[self.maxlen, encode_event(event)])
-        except rexc.RedisError as exc:
+            ids = await self._publisher.call(2, *keys, self.maxlen, encode_event(event))
+        except (rexc.RedisError, OSError) as exc:
             raise translate(exc, self._name, f"publishing {event.type}") from exc
         for key, eid in zip(keys, ids, strict=True):
             added = sid(eid)
@@ -411,11 +411,15 @@ class RedisEventBus:
             self._progress.clear()
             published = dict(self._published)
             readers = [*self._readers, *self._retry_readers.values()]
-            if (
-                not any(r.busy or r.due for r in readers)
-                and await self._settled(readers, targets, published)
-                and published == self._published
-            ):
+            try:
+                settled = not any(r.busy or r.due for r in readers) and await self._settled(
+                    readers, targets, published
+                )
+            except BackendUnavailable as exc:
+                # An outage delays the handling, it does not end the wait.
+                log.info("redis bus drain: %s; waiting", exc)
+                settled = False
+            if settled and published == self._published:
                 return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), 0.02)
@@ -474,6 +478,7 @@ class RedisEventBus:
         self._readers.clear()
         self._retry_readers.clear()
         self._closed = True
+        await self._publisher.close()
         await self._redis.aclose()
         await self._pool.disconnect()
 
@@ -488,6 +493,7 @@ class RedisEventBus:
         await asyncio.gather(*tasks, return_exceptions=True)
         for reader in [*self._readers, *self._retry_readers.values()]:
             await reader.conn.disconnect()
+        await self._publisher.conn.disconnect()
         await self._pool.disconnect()
 
     # Housekeeping ----------------------------------------------------------------
