@@ -14,6 +14,7 @@ from sagakit.core.event import Event
 from sagakit.errors import BackendUnavailable, ConfigurationError, DefinitionError
 from sagakit.ports.event_bus import ALL_EVENTS, EventBus
 from tests.conformance.choreography import ChoreographyConformance
+from tests.conformance.event_bus import EventBusConformance
 from tests.servers.redis import RedisServer
 
 TIMEOUT = 10.0
@@ -367,3 +368,23 @@ class TestChoreographyOnRedis(ChoreographyConformance):
 
     async def make_bus(self) -> EventBus:
         return RedisEventBus(self._url, prefix=self._prefix)
+
+
+class TestRedisEventBusConformance(EventBusConformance):
+    """The port's conformance suite on the session's redis-server, a key prefix per test."""
+
+    @pytest.fixture(autouse=True)
+    def _namespace(self, redis_server: RedisServer) -> None:
+        self._server, self._prefix = redis_server, f"k{uuid.uuid4().hex[:12]}"
+
+    async def make_bus(self) -> EventBus:
+        return RedisEventBus(self._server.url, prefix=self._prefix)
+
+    async def kill(self, bus: EventBus) -> None:
+        assert isinstance(bus, RedisEventBus)
+        await bus._abort()
+
+    async def restart_server(self) -> None:
+        if not self._server.restartable:
+            pytest.skip("an external server (SAGAKIT_TEST_REDIS_URL) is not ours to restart")
+        await asyncio.to_thread(self._server.restart)
