@@ -21,9 +21,11 @@ from sagakit.adapters import open_saga_log
 from sagakit.adapters.postgres_log import PostgresSagaLog
 from sagakit.core.records import SagaStatus, StepCompleted, StepStarted
 from sagakit.errors import (
+    BackendError,
     BackendRefused,
     BackendUnavailable,
     ConfigurationError,
+    DefinitionError,
     LeaseLost,
     SagaError,
     SchemaMismatch,
@@ -182,6 +184,42 @@ async def test_a_result_that_is_not_json_fails_stage_and_names_the_step(
     assert len(await log.read("o-1")) == 2
 
 
+@pytest.mark.parametrize(
+    "saga_id", ["", "nul\x00inside", "lone \ud800 surrogate", "x" * 1025, "\u00e9" * 513]
+)
+async def test_a_saga_id_postgres_cannot_keep_is_refused_alone(
+    log: PostgresSagaLog, saga_id: str
+) -> None:
+    with pytest.raises(DefinitionError, match="saga_id"):
+        await log.create(saga_id, opening(), owner="w-1", ttl=60)
+    assert await log.read(saga_id) == []
+    assert await log.status(saga_id) is None
+    assert await log.claim(saga_id, owner="w-1", ttl=60) is None
+    await started(log, "x" * 1024)  # the longest id that fits
+
+
+@pytest.mark.parametrize("owner", ["", "a\x00b", "\udfff"])
+async def test_an_owner_postgres_cannot_keep_is_refused(log: PostgresSagaLog, owner: str) -> None:
+    with pytest.raises(DefinitionError, match="owner"):
+        await log.create("o-1", opening(), owner=owner, ttl=60)
+    with pytest.raises(DefinitionError, match="owner"):
+        await log.claim_next(owner=owner, ttl=60, limit=1)
+
+
+@pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf"), True, "5"])
+async def test_a_bad_ttl_is_refused(log: PostgresSagaLog, ttl: Any) -> None:
+    with pytest.raises(DefinitionError, match="ttl"):
+        await log.create("o-1", opening(), owner="w", ttl=ttl)
+    assert await log.read("o-1") == []
+
+
+async def test_a_huge_ttl_is_capped_not_an_overflow(log: PostgresSagaLog) -> None:
+    journal = await log.create("o-1", opening(), owner="w", ttl=1e300)
+    assert journal is not None
+    assert journal.lease is not None
+    assert journal.lease.expires_at > 1e9
+
+
 # --- group commit -----------------------------------------------------------------------
 
 
@@ -228,6 +266,83 @@ async def test_a_lost_lease_fails_only_its_own_flush_in_a_batch(
     assert len(await log.read("o-3")) == 2
 
 
+async def test_bad_data_in_one_operation_does_not_fail_the_batch(log: PostgresSagaLog) -> None:
+    """Past the checks at the boundary (here: by hand), the batch is split up."""
+    from sagakit.adapters._postgres_group import Create, encode
+
+    journals = [await started(log, f"o-{i}") for i in range(5)]
+    rows = [encode("bad", record) for record in opening()]
+    bad = Create("bad\x00id", "order", rows, SagaStatus.RUNNING, "w", 60.0)
+    writes = [write(j, [StepCompleted(0, i)]) for i, j in enumerate(journals)]
+    results = await asyncio.gather(
+        *writes, asyncio.shield(log._committer.create(bad)), return_exceptions=True
+    )
+    assert results[:5] == [None] * 5
+    assert isinstance(results[5], BackendError)
+    assert not results[5].retryable
+    for i in range(5):
+        assert (await log.read(f"o-{i}"))[-1] == StepCompleted(0, i)
+
+
+async def test_a_commit_whose_reply_was_lost_is_not_written_twice(
+    log: PostgresSagaLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch commits, then the connection drops before the reply: the flush fails
+    as unavailable, and the next flush finds its own records in place."""
+    journal = await started(log)
+    execute = PostgresSagaLog._execute_batch
+
+    async def reply_lost(self: PostgresSagaLog, args: list[Any], n: int) -> list[Any]:
+        await execute(self, args, n)
+        raise BackendUnavailable("postgresql", "connection lost after COMMIT")
+
+    monkeypatch.setattr(PostgresSagaLog, "_execute_batch", reply_lost)
+    journal.stage([StepCompleted(0, "once")])
+    with pytest.raises(BackendUnavailable):
+        await journal.flush()
+    monkeypatch.undo()
+    journal.stage([StepStarted(1)])  # more staged meanwhile, as a driver may
+    await journal.flush()
+    assert typed(await log.read("o-1")) == typed(
+        [*opening(), StepCompleted(0, "once"), StepStarted(1)]
+    )
+    assert journal.version == 4
+    await write(journal, [StepCompleted(1, 2)])
+    assert len(await log.read("o-1")) == 5
+
+
+async def test_a_cancelled_flush_still_lands_and_the_journal_knows(log: PostgresSagaLog) -> None:
+    journal = await started(log)
+    journal.stage([StepCompleted(0, "x")])
+    task = asyncio.create_task(journal.flush())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await log._committer.drain()
+    assert (await log.read("o-1"))[-1] == StepCompleted(0, "x")
+    await write(journal, [StepStarted(1)])  # the journal's count is still right
+    assert len(await log.read("o-1")) == 4
+
+
+async def test_claim_next_passes_over_a_saga_it_cannot_read(
+    log: PostgresSagaLog, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    for i in range(3):
+        await log.create(f"o-{i}", opening(), owner=None, ttl=60)
+    await sql(postgres_url, "UPDATE sagakit_records SET version = 9 WHERE saga_id = 'o-0'")
+    claims = await log.claim_next(owner="w", ttl=60, limit=2)
+    assert [c.journal.saga_id for c in claims] == ["o-1", "o-2"]
+    assert "o-0" in caplog.text
+    # Its lease was given back at once, for a worker that can read it.
+    summary = await log.status("o-0")
+    assert summary is not None
+    assert summary.owner is None
+    assert await log.claim_next(owner="w", ttl=60, limit=5) == []
+    with pytest.raises(SchemaMismatch):
+        await log.claim("o-0", owner="w", ttl=60)
+
+
 # --- two pools ---------------------------------------------------------------------------
 
 
@@ -235,7 +350,7 @@ async def test_two_logs_racing_claim_next_never_share_a_saga(postgres_url: str) 
     first, second = (PostgresSagaLog.from_url(postgres_url) for _ in range(2))
     try:
         for i in range(200):
-            await first.create(f"o-{i:03}", opening(), owner=None, ttl=0)
+            await first.create(f"o-{i:03}", opening(), owner=None, ttl=60)
 
         async def worker(log: PostgresSagaLog, owner: str) -> list[str]:
             taken: list[str] = []

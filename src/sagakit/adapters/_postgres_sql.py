@@ -109,6 +109,7 @@ CLAIM_NEXT = f"""
 WITH free AS (
     SELECT saga_id FROM sagakit_sagas
     WHERE status IN {UNFINISHED} AND (owner IS NULL OR lease_expires_at <= now())
+        AND saga_id <> ALL($4::text[])  -- those this worker cannot read
     ORDER BY id
     LIMIT $3
     FOR UPDATE SKIP LOCKED

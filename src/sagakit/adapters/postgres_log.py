@@ -52,6 +52,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -59,33 +61,28 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
-from sagakit.core.records import (
-    SagaRecord,
-    SagaStarted,
-    SagaStatus,
-    decode_record,
-    encode_record,
-    status_after,
-)
+from sagakit.core.records import SagaRecord, SagaStarted, SagaStatus, decode_record, status_after
 from sagakit.errors import (
     BackendBusy,
     BackendError,
     BackendRefused,
     BackendUnavailable,
     ConfigurationError,
-    LeaseLost,
-    SagaError,
+    DefinitionError,
     SchemaMismatch,
 )
 from sagakit.ports.saga_log import Claim, Lease, LoggedRecord, SagaLog, SagaSummary
 
 from . import _postgres_sql as sql
+from ._postgres_group import Committer, Create, PostgresJournal, encode, status_of
 
-__all__ = ["PostgresSagaLog", "PostgresStats", "from_url"]
+__all__ = ["MAX_ID_BYTES", "PostgresJournal", "PostgresSagaLog", "PostgresStats", "from_url"]
 
 BACKEND = "postgresql"
-_MAX_BATCH = 512  # operations per group commit: bounded statements, bounded memory
-_BUSY_RETRIES = 3  # a batch that hit a deadlock or serialization failure is tried again
+# A saga id is a primary key: a btree entry holds at most about 2,700 bytes.
+MAX_ID_BYTES = 1024
+_MAX_UNREADABLE = 1000  # sagas passed over by claim_next, remembered per log
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,11 +107,13 @@ def _translate(exc: BaseException) -> BackendError:
     state = getattr(exc, "sqlstate", None) or ""
     message = f"{type(exc).__name__}: {exc}"
     error: BackendError
-    if isinstance(exc, asyncpg.PostgresConnectionError) or state in _UNAVAILABLE_STATES:
-        error = BackendUnavailable(BACKEND, message)
-    elif isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
-        # Refused, reset, DNS, timeouts; InterfaceError: "connection is closed".
-        error = BackendUnavailable(BACKEND, message)
+    if (
+        isinstance(exc, asyncpg.PostgresConnectionError | OSError | TimeoutError)
+        or state in _UNAVAILABLE_STATES
+        # asyncpg's "connection is closed", "pool is closing"
+        or (isinstance(exc, asyncpg.InterfaceError) and "clos" in str(exc))
+    ):
+        error = BackendUnavailable(BACKEND, message)  # OSError: refused, reset, no route, DNS
     elif state in _BUSY_STATES or state.startswith(("40", "53")):
         error = BackendBusy(BACKEND, message)
     elif state.startswith(("28", "42501", "3D")):
@@ -128,329 +127,43 @@ def _translate(exc: BaseException) -> BackendError:
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
-# --- journals -------------------------------------------------------------------------
+# --- checks at the boundary: bad input fails its own call, never a shared batch ------------
 
 
-class _Pending:
-    """Records staged, encoded at once (a value that is not JSON fails ``stage``)."""
-
-    __slots__ = ("rows", "status")
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, int, str]] = []  # (kind, version, payload)
-        self.status: list[SagaStatus | None] = []  # the status after each row, if it changes
-
-
-class _Journal:
-    """Writes one saga's records under one epoch; see the port."""
-
-    def __init__(
-        self, log: PostgresSagaLog, saga_id: str, epoch: int, version: int, lease: Lease | None
-    ) -> None:
-        self._log = log
-        self.saga_id = saga_id
-        self.epoch = epoch
-        self.lease = lease
-        self.durable_version = version
-        self.pending = _Pending()
-        self.lost: str | None = None  # why this journal may not write any more
-        self.final_staged = False
-        # The last batch carrying this journal was cut off: it may have committed.
-        self.uncertain = False
-
-    @property
-    def version(self) -> int:
-        return self.durable_version + len(self.pending.rows)
-
-    def _lease_lost(self, detail: str) -> LeaseLost:
-        owner = self.lease.owner if self.lease is not None else "(no owner)"
-        return LeaseLost(self.saga_id, owner, self.epoch, detail)
-
-    def stage(self, records: Sequence[SagaRecord]) -> None:
-        if self.lost is not None:
-            raise self._lease_lost(self.lost)
-        if self.final_staged:
-            raise self._lease_lost("the saga is finished")
-        encoded = [_encode(self.saga_id, record) for record in records]
-        self.pending.rows += encoded
-        for record in records:
-            status = status_after(record)
-            self.pending.status.append(status)
-            if status is not None and status.is_final:
-                self.final_staged = True
-
-    async def flush(self) -> None:
-        while self.pending.rows:
-            if self.lost is not None:
-                raise self._lease_lost(self.lost)
-            # Shielded: a cancelled caller stops waiting, the batch goes on.
-            await asyncio.shield(self._log._committer.flush(self))
-
-
-def _encode(saga_id: str, record: SagaRecord) -> tuple[str, int, str]:
+def _text_ok(value: object) -> bool:
+    if not isinstance(value, str) or not value or "\x00" in value:
+        return False
     try:
-        kind, version, payload = encode_record(record)
-    except (TypeError, ValueError) as exc:
-        if isinstance(record, SagaStarted):
-            raise SagaError(saga_id, f"its input is not a JSON value: {exc}") from exc
-        step = getattr(record, "step", None)
-        raise SagaError(
-            saga_id, f"the result of step {step} is not a JSON value: {exc}", step=str(step)
-        ) from exc
-    return kind, version, payload.decode()
+        return len(value.encode()) <= MAX_ID_BYTES
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
 
 
-def _status_of(statuses: Sequence[SagaStatus | None]) -> SagaStatus | None:
-    for status in reversed(statuses):
-        if status is not None:
-            return status
-    return None
-
-
-# --- group commit -----------------------------------------------------------------------
-
-
-class _Create:
-    __slots__ = ("future", "owner", "rows", "saga", "saga_id", "status", "ttl")
-
-    def __init__(
-        self, saga_id: str, saga: str, rows: list[tuple[str, int, str]], status: SagaStatus
-    ) -> None:
-        self.saga_id = saga_id
-        self.saga = saga
-        self.rows = rows
-        self.status = status
-        self.owner: str | None = None
-        self.ttl = 0.0
-        # (created, lease expiry): not created when the saga id is taken.
-        self.future: asyncio.Future[tuple[bool, float | None]] = (
-            asyncio.get_running_loop().create_future()
+def _check_text(field: str, value: object) -> None:
+    if not _text_ok(value):
+        raise DefinitionError(
+            field,
+            f"must be non-empty Unicode text without NUL, at most {MAX_ID_BYTES} bytes"
+            f" in UTF-8, not {value!r:.100}",
         )
 
 
-class _Committer:
-    """Gathers creates and flushes; one batch at a time, each in one statement."""
-
-    def __init__(self, log: PostgresSagaLog) -> None:
-        self._log = log
-        self._creates: list[_Create] = []
-        self._flushes: dict[_Journal, asyncio.Future[None]] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    def _kick(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def flush(self, journal: _Journal) -> asyncio.Future[None]:
-        future = self._flushes.get(journal)
-        if future is None:
-            future = self._flushes[journal] = asyncio.get_running_loop().create_future()
-            self._kick()
-        return future
-
-    def create(self, op: _Create) -> asyncio.Future[tuple[bool, float | None]]:
-        self._creates.append(op)
-        self._kick()
-        return op.future
-
-    async def drain(self) -> None:
-        while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
-
-    async def _run(self) -> None:
-        while self._creates or self._flushes:
-            creates, flushes = self._take()
-            try:
-                await self._commit(creates, flushes)
-            except BaseException as exc:  # never leave a caller waiting for ever
-                error = (
-                    exc if isinstance(exc, Exception) else BackendUnavailable(BACKEND, "stopped")
-                )
-                for op in creates:
-                    _fail(op.future, error)
-                for future in flushes.values():
-                    _fail(future, error)
-                if not isinstance(exc, Exception):
-                    raise
-
-    def _take(self) -> tuple[list[_Create], dict[_Journal, asyncio.Future[None]]]:
-        """The next batch: at most one operation per saga (a later one waits its turn)."""
-        seen: set[str] = set()
-        creates: list[_Create] = []
-        flushes: dict[_Journal, asyncio.Future[None]] = {}
-        rest: list[_Create] = []
-        for op in self._creates:
-            if op.saga_id in seen or len(seen) >= _MAX_BATCH:
-                rest.append(op)
-            else:
-                seen.add(op.saga_id)
-                creates.append(op)
-        self._creates = rest
-        for journal in list(self._flushes):
-            if journal.saga_id in seen or len(seen) >= _MAX_BATCH:
-                continue
-            seen.add(journal.saga_id)
-            flushes[journal] = self._flushes.pop(journal)
-        return creates, flushes
-
-    async def _commit(
-        self, creates: list[_Create], flushes: dict[_Journal, asyncio.Future[None]]
-    ) -> None:
-        log = self._log
-        sizes: dict[_Journal, int] = {}
-        for journal, future in list(flushes.items()):
-            if journal.lost is not None:
-                _fail(future, journal._lease_lost(journal.lost))
-                del flushes[journal]
-            elif not journal.pending.rows:
-                _done(future, None)
-                del flushes[journal]
-            else:
-                sizes[journal] = len(journal.pending.rows)
-        if not creates and not sizes:
-            return
-        args = _batch_arguments(creates, sizes)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                rows = await log._execute_batch(args, len(creates) + len(sizes))
-                break
-            except BackendError as error:
-                if isinstance(error, BackendBusy) and attempt < _BUSY_RETRIES:
-                    await asyncio.sleep(0.005 * attempt)
-                    continue
-                for op in creates:
-                    _fail(op.future, _copy(error))
-                for journal in sizes:
-                    journal.uncertain = journal.uncertain or isinstance(error, BackendUnavailable)
-                    _fail(flushes[journal], _copy(error))
-                return
-        written = {row["saga_id"]: row["expires_at"] for row in rows}
-        for op in creates:
-            _done(op.future, (op.saga_id in written, written.get(op.saga_id)))
-        failed: list[_Journal] = []
-        for journal, n in sizes.items():
-            if journal.saga_id in written:
-                _advance(journal, n)
-                _done(flushes[journal], None)
-            else:
-                failed.append(journal)
-        if failed:
-            await self._settle(failed, sizes, flushes)
-
-    async def _settle(
-        self,
-        failed: list[_Journal],
-        sizes: dict[_Journal, int],
-        flushes: dict[_Journal, asyncio.Future[None]],
-    ) -> None:
-        """Why these journals failed their check: a lost lease, or their own earlier write."""
-        try:
-            rows = await self._log._fetch(sql.SAGA_STATES, [j.saga_id for j in failed])
-        except BackendError as error:
-            for journal in failed:
-                _fail(flushes[journal], _copy(error))
-            return
-        states = {row["saga_id"]: row for row in rows}
-        for journal in failed:
-            row = states.get(journal.saga_id)
-            future = flushes[journal]
-            if row is None:
-                journal.lost = "the saga is no longer in the log"
-            elif row["epoch"] != journal.epoch:
-                journal.lost = f"claimed by another worker (epoch {row['epoch']})"
-            else:
-                landed = row["version"] - journal.durable_version
-                if journal.uncertain and 0 < landed <= sizes[journal]:
-                    # The cut-off batch did commit: those records are ours, in place.
-                    _advance(journal, landed)
-                    _done(future, None)
-                    continue
-                if SagaStatus(row["status"]).is_final:
-                    journal.lost = "the saga is finished"
-                else:
-                    journal.lost = (
-                        f"the log holds {row['version']} records, "
-                        f"this journal expected {journal.durable_version}"
-                    )
-            _fail(future, journal._lease_lost(journal.lost))
+def _check_ttl(ttl: object) -> float:
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+        raise DefinitionError("ttl", f"must be a positive number of seconds, not {ttl!r}")
+    # The server's intervals reach 178,000,000 years; a lease need not.
+    return min(float(ttl), 1e9)
 
 
-def _advance(journal: _Journal, n: int) -> None:
-    journal.durable_version += n
-    pending = journal.pending
-    del pending.rows[:n]
-    del pending.status[:n]
-    journal.uncertain = False
-    if journal.final_staged and not pending.rows:
-        journal.lost = "the saga is finished"
-
-
-def _batch_arguments(creates: list[_Create], sizes: dict[_Journal, int]) -> list[Any]:
-    c_ids, c_sagas, c_status, c_versions, c_owners, c_ttls = [], [], [], [], [], []
-    r_ids: list[str] = []
-    r_seqs: list[int] = []
-    r_kinds: list[str] = []
-    r_versions: list[int] = []
-    r_payloads: list[str] = []
-
-    def records(saga_id: str, first: int, rows: Sequence[tuple[str, int, str]]) -> None:
-        for offset, (kind, version, payload) in enumerate(rows):
-            r_ids.append(saga_id)
-            r_seqs.append(first + offset)
-            r_kinds.append(kind)
-            r_versions.append(version)
-            r_payloads.append(payload)
-
-    for op in creates:
-        c_ids.append(op.saga_id)
-        c_sagas.append(op.saga)
-        c_status.append(str(op.status))
-        c_versions.append(len(op.rows))
-        c_owners.append(op.owner)
-        c_ttls.append(op.ttl)
-        records(op.saga_id, 0, op.rows)
-    a_ids, a_epochs, a_expected, a_after, a_status = [], [], [], [], []
-    # Saga order: concurrent batches lock rows in the same order, so never deadlock.
-    for journal in sorted(sizes, key=lambda j: j.saga_id):
-        n = sizes[journal]
-        status = _status_of(journal.pending.status[:n])
-        a_ids.append(journal.saga_id)
-        a_epochs.append(journal.epoch)
-        a_expected.append(journal.durable_version)
-        a_after.append(journal.durable_version + n)
-        a_status.append(None if status is None else str(status))
-        records(journal.saga_id, journal.durable_version, journal.pending.rows[:n])
-    return [
-        *(c_ids, c_sagas, c_status, c_versions, c_owners, c_ttls),
-        *(a_ids, a_epochs, a_expected, a_after, a_status),
-        *(r_ids, r_seqs, r_kinds, r_versions, r_payloads),
-    ]
-
-
-def _done(future: asyncio.Future[Any], value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
-        # Read here so that an abandoned future (its caller cancelled) is not reported.
-        future.exception()
-
-
-def _copy(error: BackendError) -> BackendError:
-    """A fresh exception per waiter: one raised from many tasks would share a traceback."""
-    fresh = type(error)(error.backend, str(error).removeprefix(f"{error.backend}: "))
-    fresh.__cause__ = error.__cause__
-    return fresh
+def _check_limit(limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise DefinitionError("limit", f"must be a whole number >= 0, not {limit!r}")
+    return min(limit, 2**31 - 1)
 
 
 # --- the log ----------------------------------------------------------------------------
 
-_OPTIONS = {"pool_size": 10.0, "connect_timeout": 10.0, "command_timeout": 60.0}
+_OPTIONS = ("pool_size", "connect_timeout", "command_timeout")
 
 
 class PostgresSagaLog:
@@ -474,17 +187,18 @@ class PostgresSagaLog:
         self._ready = False
         self._closed = False
         self._lock: asyncio.Lock | None = None
-        self._committer = _Committer(self)
+        self._committer = Committer(self)
+        self._unreadable: set[str] = set()
         self.stats = PostgresStats()
 
     @classmethod
     def from_url(cls, url: str) -> PostgresSagaLog:
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
-        options = {k: v for k, v in query if k in _OPTIONS}
-        rest = [(k, v) for k, v in query if k not in _OPTIONS]
         values: dict[str, float] = {}
-        for name, raw in options.items():
+        for name, raw in query:
+            if name not in _OPTIONS:
+                continue
             try:
                 value = float(raw)
             except ValueError:
@@ -494,7 +208,8 @@ class PostgresSagaLog:
                     f"saga log URL: {name} must be a positive number, got {raw!r}"
                 )
             values[name] = value
-        dsn = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(rest)))
+        rest = urlencode([(k, v) for k, v in query if k not in _OPTIONS])
+        dsn = urlunsplit(parts._replace(scheme="postgresql", query=rest))
         return cls(
             dsn,
             pool_size=int(values.get("pool_size", 10)),
@@ -504,11 +219,11 @@ class PostgresSagaLog:
 
     # --- connections --------------------------------------------------------------------
 
-    async def _open(self) -> Any:
+    async def _open(self) -> None:
         if self._closed:
             raise BackendUnavailable(BACKEND, "the saga log is closed")
         if self._ready:
-            return self._pool
+            return
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
@@ -529,7 +244,6 @@ class PostgresSagaLog:
                 async with self._connection() as conn:
                     await self._ensure_schema(conn)
                 self._ready = True
-        return self._pool
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
@@ -604,21 +318,27 @@ class PostgresSagaLog:
         *,
         owner: str | None,
         ttl: float,
-    ) -> _Journal | None:
+    ) -> PostgresJournal | None:
+        _check_text("saga_id", saga_id)
+        if owner is not None:
+            _check_text("owner", owner)
+        seconds = _check_ttl(ttl)
         started = opening[0] if opening else None
         if not isinstance(started, SagaStarted):
-            raise ValueError(f"a saga's log opens with SagaStarted, not {started!r}")
-        rows = [_encode(saga_id, record) for record in opening]
-        status = _status_of([status_after(record) for record in opening]) or SagaStatus.RUNNING
+            raise DefinitionError(
+                "opening", f"a saga's log opens with SagaStarted, not {started!r:.100}"
+            )
+        _check_text("saga", started.saga)
+        rows = [encode(saga_id, record) for record in opening]
+        status = status_of([status_after(record) for record in opening]) or SagaStatus.RUNNING
         await self._open()
-        op = _Create(saga_id, started.saga, rows, status)
-        op.owner, op.ttl = owner, float(ttl)
+        op = Create(saga_id, started.saga, rows, status, owner, seconds)
         created, expires_at = await asyncio.shield(self._committer.create(op))
         if not created:
             return None
         epoch = 0 if owner is None else 1
         lease = None if owner is None or expires_at is None else Lease(owner, 1, expires_at)
-        journal = _Journal(self, saga_id, epoch, len(rows), lease)
+        journal = PostgresJournal(self, saga_id, epoch, len(rows), lease)
         if status.is_final:
             journal.lost = "the saga is finished"
         return journal
@@ -626,45 +346,80 @@ class PostgresSagaLog:
     # --- leases -------------------------------------------------------------------------
 
     async def claim(self, saga_id: str, *, owner: str, ttl: float) -> Claim | None:
-        rows = await self._write(sql.CLAIM, saga_id, owner, float(ttl))
+        _check_text("owner", owner)
+        seconds = _check_ttl(ttl)
+        if not _text_ok(saga_id):
+            return None  # no such saga can be in the log
+        rows = await self._write(sql.CLAIM, saga_id, owner, seconds)
         if not rows:
             return None
-        claims = await self._claims(owner, rows)
+        claims, unreadable = await self._claims(owner, rows)
+        if unreadable:
+            raise unreadable[0][1]
         return claims[0]
 
     async def claim_next(self, *, owner: str, ttl: float, limit: int) -> list[Claim]:
-        if limit <= 0:
-            return []
-        rows = await self._write(sql.CLAIM_NEXT, owner, float(ttl), int(limit))
-        return await self._claims(owner, sorted(rows, key=lambda row: row["id"]))
+        _check_text("owner", owner)
+        seconds = _check_ttl(ttl)
+        wanted = _check_limit(limit)
+        claims: list[Claim] = []
+        while len(claims) < wanted:
+            rows = await self._write(
+                sql.CLAIM_NEXT, owner, seconds, wanted - len(claims), list(self._unreadable)
+            )
+            got, unreadable = await self._claims(owner, sorted(rows, key=lambda r: r["id"]))
+            claims += got
+            if not unreadable:
+                break
+            # Left for a worker that can read them, and never again in this one's way.
+            for saga_id, error in unreadable:
+                if len(self._unreadable) < _MAX_UNREADABLE:
+                    self._unreadable.add(saga_id)
+                _logger.warning("saga %r passed over: %s", saga_id, error)
+        return claims
 
-    async def _claims(self, owner: str, rows: list[Any]) -> list[Claim]:
+    async def _claims(
+        self, owner: str, rows: list[Any]
+    ) -> tuple[list[Claim], list[tuple[str, SchemaMismatch]]]:
+        """Journals for the sagas just claimed, and those whose log this sagakit cannot read
+        (their leases given back at once)."""
+        if not rows:
+            return [], []
         # Read after the claim committed: any write of an older epoch is in, or refused.
         found = await self._fetch(sql.READ_MANY, [row["saga_id"] for row in rows])
         records: dict[str, list[SagaRecord]] = {row["saga_id"]: [] for row in rows}
-        for record in found:
-            records[record["saga_id"]].append(
-                decode_record(record["kind"], record["version"], record["payload"])
-            )
+        unreadable: dict[str, SchemaMismatch] = {}
+        for row in found:
+            saga_id = row["saga_id"]
+            if saga_id in unreadable:
+                continue
+            try:
+                records[saga_id].append(decode_record(row["kind"], row["version"], row["payload"]))
+            except SchemaMismatch as exc:
+                unreadable[saga_id] = exc
         claims = []
         for row in rows:
             saga_id = row["saga_id"]
+            if saga_id in unreadable:
+                await self._write(sql.RELEASE, saga_id, row["epoch"])
+                continue
             lease = Lease(owner, row["epoch"], row["expires_at"])
-            journal = _Journal(self, saga_id, row["epoch"], len(records[saga_id]), lease)
+            journal = PostgresJournal(self, saga_id, row["epoch"], len(records[saga_id]), lease)
             claims.append(Claim(records[saga_id], journal))
-        return claims
+        return claims, list(unreadable.items())
 
-    def _mine(self, journal: object) -> _Journal:
-        if not isinstance(journal, _Journal) or journal._log is not self:
-            raise TypeError(f"not a journal of this log: {journal!r}")
+    def _mine(self, journal: object) -> PostgresJournal:
+        if not isinstance(journal, PostgresJournal) or journal.log is not self:
+            raise TypeError(f"not a journal of this saga log: {journal!r}")
         return journal
 
     async def renew(self, journals: Sequence[object], *, ttl: float) -> list[str]:
+        seconds = _check_ttl(ttl)
         mine = sorted((self._mine(j) for j in journals), key=lambda j: j.saga_id)
         if not mine:
             return []
         rows = await self._write(
-            sql.RENEW, [j.saga_id for j in mine], [j.epoch for j in mine], float(ttl)
+            sql.RENEW, [j.saga_id for j in mine], [j.epoch for j in mine], seconds
         )
         renewed = {row["saga_id"]: row["expires_at"] for row in rows}
         lost = []
@@ -683,10 +438,11 @@ class PostgresSagaLog:
     # --- reading ------------------------------------------------------------------------
 
     async def read(self, saga_id: str) -> list[SagaRecord]:
-        rows = await self._fetch(sql.READ, saga_id)
-        return [decode_record(row["kind"], row["version"], row["payload"]) for row in rows]
+        return [entry.record for entry in await self.history(saga_id)]
 
     async def history(self, saga_id: str) -> list[LoggedRecord]:
+        if not _text_ok(saga_id):
+            return []
         rows = await self._fetch(sql.HISTORY, saga_id)
         return [
             LoggedRecord(
@@ -698,21 +454,27 @@ class PostgresSagaLog:
         ]
 
     async def status(self, saga_id: str) -> SagaSummary | None:
+        if not _text_ok(saga_id):
+            return None
         rows = await self._fetch(sql.STATUS, saga_id)
         return _summary(rows[0]) if rows else None
 
     async def list(
         self, *, status: SagaStatus | Sequence[SagaStatus] | None = None, limit: int = 100
     ) -> list[SagaSummary]:
-        if limit <= 0:
-            return []
+        wanted = _check_limit(limit)
         if status is None:
-            rows = await self._fetch(sql.LIST, int(limit))
+            statuses = None
+        elif isinstance(status, str):
+            statuses = [SagaStatus(status).value]
         else:
-            wanted = [status] if isinstance(status, str) else list(status)
-            rows = await self._fetch(
-                sql.LIST_STATUS, [str(SagaStatus(s)) for s in wanted], int(limit)
-            )
+            statuses = sorted({SagaStatus(s).value for s in status})
+        if wanted == 0 or statuses == []:
+            return []
+        if statuses is None:
+            rows = await self._fetch(sql.LIST, wanted)
+        else:
+            rows = await self._fetch(sql.LIST_STATUS, statuses, wanted)
         return [_summary(row) for row in rows]
 
     async def close(self) -> None:
