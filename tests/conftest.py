@@ -2,6 +2,7 @@
 
 # Each backend's module adds its fixtures here as it lands.
 pytest_plugins: list[str] = [
+    "tests.servers.amqp",
     "tests.servers.nats",
     "tests.servers.postgres",
     "tests.servers.redis",

@@ -36,6 +36,8 @@ EVENT_BUSES: dict[str, Backend] = {
     "nats": Backend("sagakit.adapters.nats_bus:NatsEventBus.from_url", "nats", "nats"),
     "redis": Backend("sagakit.adapters.redis_bus:RedisEventBus.from_url", "redis", "redis"),
     "rediss": Backend("sagakit.adapters.redis_bus:RedisEventBus.from_url", "redis", "redis"),
+    "amqp": Backend("sagakit.adapters.amqp_bus:AmqpEventBus.from_url", "rabbitmq", "aio_pika"),
+    "amqps": Backend("sagakit.adapters.amqp_bus:AmqpEventBus.from_url", "rabbitmq", "aio_pika"),
 }
 
 

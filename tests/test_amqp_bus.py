@@ -1,0 +1,434 @@
+"""The RabbitMQ event bus: the conformance suite on a real RabbitMQ, and its faults.
+
+The server is the one of tests/servers/amqp.py (SAGAKIT_TEST_AMQP_URL, else
+this machine's); connection loss is injected from the server's side with
+``rabbitmqctl close_connection``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aio_pika
+import pytest
+
+from sagakit.adapters import open_event_bus
+from sagakit.adapters.amqp_bus import AmqpEventBus
+from sagakit.core.event import Event
+from sagakit.errors import (
+    BackendError,
+    BackendRefused,
+    BackendUnavailable,
+    ConfigurationError,
+    DefinitionError,
+    SchemaMismatch,
+)
+from sagakit.ports.event_bus import EventBus
+from tests.conformance.event_bus import EventBusConformance, event, ids, recorder
+from tests.servers.amqp import AmqpServer
+
+TIMEOUT = 10.0
+
+
+class TestAmqpEventBus(EventBusConformance):
+    @pytest.fixture(autouse=True)
+    async def _namespace(self, amqp_server: AmqpServer) -> AsyncIterator[None]:
+        self.server = amqp_server
+        self.prefix = amqp_server.new_prefix()
+        self._mine: list[AmqpEventBus] = []
+        yield
+        # The suite closes its buses after this teardown may run: close them first
+        # (closing twice does nothing), then delete what the test declared.
+        for bus in self._mine:
+            with contextlib.suppress(BackendError, TimeoutError):
+                async with asyncio.timeout(TIMEOUT):
+                    await bus.close()
+        await amqp_server.delete_namespace(self.prefix)
+
+    async def make_bus(self) -> EventBus:
+        bus = await AmqpEventBus.connect(self.server.bus_url(self.prefix))
+        self._mine.append(bus)
+        return bus
+
+    async def kill(self, bus: EventBus) -> None:
+        assert isinstance(bus, AmqpEventBus)
+        # The process is gone: its handlers stop unacknowledged and nothing reconnects;
+        # then the broker, not the client, closes the connection.
+        bus._abandon()
+        closed = await self.server.close_connections(bus.connection_name)
+        assert closed == 1, f"{closed} connections named {bus.connection_name!r}"
+
+    async def restart_server(self) -> None:
+        await self.server.restart()
+
+
+# --- the bus's own behaviour on RabbitMQ --------------------------------------------------
+
+
+class Buses:
+    """Buses on one fresh prefix of the server, closed at the end."""
+
+    def __init__(self, server: AmqpServer, prefix: str) -> None:
+        self.server, self.prefix = server, prefix
+        self.open: list[AmqpEventBus] = []
+
+    async def __call__(self, **options: object) -> AmqpEventBus:
+        bus = await AmqpEventBus.connect(self.server.bus_url(self.prefix, **options))
+        self.open.append(bus)
+        return bus
+
+
+@pytest.fixture
+async def buses(amqp_server: AmqpServer, amqp_namespace: str) -> AsyncIterator[Buses]:
+    made = Buses(amqp_server, amqp_namespace)
+    yield made
+    for bus in made.open:
+        with contextlib.suppress(BackendError):
+            async with asyncio.timeout(TIMEOUT):
+                await bus.close()
+
+
+async def wait_for(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {TIMEOUT}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_the_url_names_server_prefix_and_options() -> None:
+    bus = open_event_bus("amqp://u:secret@127.0.0.1:5673/shop?prefix=app&prefetch=8&timeout=2.5")
+    assert isinstance(bus, AmqpEventBus)
+    assert (bus.prefix, bus._prefetch, bus._timeout) == ("app", 8, 2.5)
+    assert bus.exchange_name == "app.events"
+    assert "secret" not in bus.where
+    assert bus.dead_letter_queue("payment") == "app.payment.dlq"
+    assert bus.dead_letter_queue("") == "app.dlq"
+    assert isinstance(open_event_bus("amqps://h/"), AmqpEventBus)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://h/?prefix=",
+        "amqp://h/?prefix=a.b",
+        "amqp://h/?prefix=a:b",
+        "amqp://h/?prefetch=0",
+        "amqp://h/?prefetch=many",
+        "amqp://h/?timeout=-1",
+        "amqp://h/?timeout=nan",
+        "amqp://h:notaport/",
+    ],
+)
+def test_bad_urls_are_refused_naming_the_option(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        open_event_bus(url)
+
+
+async def test_no_server_is_backend_unavailable(amqp_namespace: str) -> None:
+    from tests.servers import free_port
+
+    bus = AmqpEventBus(f"amqp://guest:guest@127.0.0.1:{free_port()}/?timeout=1")
+    with pytest.raises(BackendUnavailable):
+        await bus.publish(event())
+    await bus.close()
+
+
+async def test_wrong_credentials_are_refused(amqp_server: AmqpServer) -> None:
+    url = amqp_server.url.replace("guest:guest@", "guest:wrong@")
+    if url == amqp_server.url:
+        pytest.skip("the server's URL has no guest credentials to spoil")
+    with pytest.raises(BackendRefused):
+        await AmqpEventBus.connect(f"{url}?timeout=5")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"event_type": ""}, "event_type"),
+        ({"event_type": "Order.*"}, "event_type"),
+        ({"event_type": "Order#"}, "event_type"),
+        ({"group": "a:b"}, "group"),
+        ({"group": ""}, "group"),
+        ({"group": "x" * 65}, "group"),
+        ({"max_deliveries": 0}, "max_deliveries"),
+        ({"ack_timeout": 0}, "ack_timeout"),
+        ({"backoff": float("inf")}, "backoff"),
+        ({"event_type": "T" * 300}, "event_type"),
+    ],
+)
+async def test_bad_subscriptions_are_refused(
+    buses: Buses, kwargs: dict[str, object], field: str
+) -> None:
+    bus = await buses()
+    arguments: dict[str, object] = {"event_type": "Tick", **kwargs}
+    event_type = arguments.pop("event_type")
+    with pytest.raises(DefinitionError) as excinfo:
+        await bus.subscribe(event_type, recorder([]), **arguments)  # type: ignore[arg-type]
+    assert excinfo.value.field == field
+
+
+async def test_an_event_type_too_long_for_a_routing_key_is_refused(buses: Buses) -> None:
+    bus = await buses()
+    with pytest.raises(BackendRefused):
+        await bus.publish(event("T" * 256))
+    await bus.publish(event("T" * 255))  # the longest that fits
+
+
+async def test_a_saga_id_too_long_for_a_correlation_id_still_keeps_its_lane(
+    buses: Buses,
+) -> None:
+    bus = await buses()
+    got: list[Event] = []
+    await bus.subscribe("Tick", recorder(got), group="g")
+    saga_id = "s" * 10_000
+    sent = [event("Tick", saga_id, n=i) for i in range(5)]
+    for e in sent:
+        await bus.publish(e)
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+    assert ids(got) == ids(sent)
+    assert got[0].saga_id == saga_id
+
+
+async def test_a_message_that_is_not_an_envelope_is_dead_lettered_not_fatal(
+    buses: Buses,
+) -> None:
+    bus = await buses()
+    got: list[Event] = []
+    await bus.subscribe("Tick", recorder(got), group="g")
+    # Another producer's message on our exchange, with our routing key.
+    connection = await aio_pika.connect(bus._driver_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(bus.exchange_name)
+        for body in (b"\xff not json", b"[1, 2]", b'{"v": 99, "id": "x"}'):
+            await exchange.publish(aio_pika.Message(body, type="Tick"), routing_key="Tick")
+    finally:
+        await connection.close()
+    good = event("Tick")
+    await bus.publish(good)
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+    assert ids(got) == [good.event_id]
+    letters = await bus.dead_letters("g")
+    assert len(letters) == 3
+    assert all("undecodable" in d.error for d in letters)
+    assert "newer than this sagakit" in letters[2].error
+    assert letters[0].event.payload["raw"].endswith("not json")
+
+
+async def test_a_queue_declared_with_other_settings_is_a_schema_mismatch(
+    buses: Buses,
+) -> None:
+    bus = await buses()
+    # A classic queue where sagakit would declare a quorum one.
+    connection = await aio_pika.connect(bus._driver_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(f"{bus.prefix}.g:Tick", durable=True)
+    finally:
+        await connection.close()
+    with pytest.raises(SchemaMismatch):
+        await bus.subscribe("Tick", recorder([]), group="g")
+    # The bus goes on working for other subscriptions.
+    got: list[Event] = []
+    await bus.subscribe("Tock", recorder(got), group="g")
+    await bus.publish(event("Tock"))
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+    assert len(got) == 1
+
+
+async def test_drain_inside_a_handler_is_refused(buses: Buses) -> None:
+    bus = await buses()
+    errors: list[BaseException] = []
+
+    async def handler(e: Event) -> None:
+        try:
+            await bus.drain()
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    await bus.subscribe("Tick", handler, group="g")
+    await bus.publish(event("Tick"))
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+    assert len(errors) == 1
+
+
+async def test_a_handler_past_its_ack_timeout_is_cancelled_and_retried(buses: Buses) -> None:
+    bus = await buses()
+    tries: list[float] = []
+    cancelled: list[bool] = []
+    done: list[Event] = []
+
+    async def stuck_once(e: Event) -> None:
+        tries.append(asyncio.get_running_loop().time())
+        if len(tries) == 1:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+        done.append(e)
+
+    await bus.subscribe("Tick", stuck_once, group="g", ack_timeout=0.3, backoff=0.05)
+    await bus.publish(event("Tick"))
+    await wait_for(lambda: len(done) == 1, "the second try")
+    assert cancelled == [True]
+    assert tries[1] - tries[0] >= 0.3
+
+
+async def test_dead_letters_of_subscriptions_without_a_group_are_under_the_empty_group(
+    buses: Buses,
+) -> None:
+    bus = await buses()
+
+    def broken(e: Event) -> None:
+        raise ValueError("no")
+
+    await bus.subscribe("Tick", broken, max_deliveries=2, backoff=0.01)
+    sent = event("Tick")
+    await bus.publish(sent)
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+    (letter,) = await bus.dead_letters("")
+    assert (letter.group, letter.deliveries, letter.error) == ("", 2, "ValueError: no")
+    assert letter.event.event_id == sent.event_id
+
+
+async def test_listing_dead_letters_leaves_them_in_place(buses: Buses) -> None:
+    bus = await buses()
+
+    async def poisoned(e: Event) -> None:
+        raise KeyError(e["n"])
+
+    poisoned_subscription = await bus.subscribe("Tick", poisoned, group="g", max_deliveries=1)
+    sent = [event("Tick", n=i) for i in range(5)]
+    for e in sent:
+        await bus.publish(e)
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+    other = await buses()  # another process looks at the same dead letters
+    for _ in range(3):
+        assert [d.event.event_id for d in await other.dead_letters("g")] == ids(sent)
+    assert await bus.dead_letters("g", limit=0) == []
+    assert await bus.dead_letters("nobody") == []
+    with pytest.raises(DefinitionError):
+        await bus.dead_letters("g", limit=-1)
+    with pytest.raises(DefinitionError):
+        await bus.dead_letters("a:b")
+    # Replaying one removes that one only, and an unknown id leaves the rest alone.
+    letters = await bus.dead_letters("g")
+    with pytest.raises(DefinitionError):
+        await bus.replay_dead_letter("g", "nope")
+    replayed: list[Event] = []
+    await poisoned_subscription.cancel()
+    await other.subscribe("Tick", recorder(replayed), group="g")
+    await bus.replay_dead_letter("g", letters[2].id)
+    await wait_for(lambda: len(replayed) == 1, "the replayed event")
+    assert ids(replayed) == [sent[2].event_id]
+    remaining = [d.event.event_id for d in await bus.dead_letters("g")]
+    assert remaining == ids(sent[:2] + sent[3:])
+
+
+async def test_replay_to_a_queue_deleted_since_is_refused_and_kept(
+    buses: Buses, amqp_server: AmqpServer
+) -> None:
+    bus = await buses()
+
+    def broken(e: Event) -> None:
+        raise ValueError("no")
+
+    subscription = await bus.subscribe("Tick", broken, group="g", max_deliveries=1)
+    await bus.publish(event("Tick"))
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+    await subscription.cancel()
+    connection = await aio_pika.connect(bus._driver_url)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(f"{bus.prefix}.g:Tick")
+    finally:
+        await connection.close()
+    (letter,) = await bus.dead_letters("g")
+    with pytest.raises(BackendRefused):
+        await bus.replay_dead_letter("g", letter.id)
+    assert [d.id for d in await bus.dead_letters("g")] == [letter.id]
+
+
+# --- connection loss from the server's side ---------------------------------------------
+
+
+async def test_a_publisher_whose_connection_the_server_closed_reconnects(
+    buses: Buses, amqp_server: AmqpServer
+) -> None:
+    publisher = await buses()
+    consumer = await buses()
+    got: list[Event] = []
+    await consumer.subscribe("Tick", recorder(got), group="g")
+    sent = [event("Tick", n=i) for i in range(10)]
+    for e in sent[:5]:
+        await publisher.publish(e)
+    assert await amqp_server.close_connections(publisher.connection_name) == 1
+    accepted: list[Event] = []
+    for e in sent[5:]:
+        # Accepted (after the reconnection) or refused with BackendUnavailable: never lost.
+        for _ in range(50):
+            try:
+                await publisher.publish(e)
+            except BackendUnavailable:
+                await asyncio.sleep(0.1)
+            else:
+                accepted.append(e)
+                break
+    assert ids(accepted) == ids(sent[5:])
+    await wait_for(lambda: len(set(ids(got))) >= 10, "every accepted event")
+    assert set(ids(got)) == set(ids(sent))
+
+
+async def test_a_consumer_whose_connection_the_server_closed_resubscribes(
+    buses: Buses, amqp_server: AmqpServer
+) -> None:
+    bus = await buses()
+    publisher = await buses()
+    got: list[Event] = []
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(e: Event) -> None:
+        if e["n"] == 0 and not held.is_set():
+            held.set()
+            await release.wait()  # holds it while the connection goes
+        got.append(e)
+
+    await bus.subscribe("Tick", handler, group="g")
+    await publisher.publish(event("Tick", n=0))
+    await wait_for(held.is_set, "the event to be held")
+    assert await amqp_server.close_connections(bus.connection_name) == 1
+    release.set()
+    # The broker gave event 0 back; the bus reconnects and gets it again.
+    await publisher.publish(event("Tick", n=1))
+    await wait_for(
+        lambda: [e["n"] for e in got].count(0) >= 1 and 1 in [e["n"] for e in got],
+        "both events after the reconnection",
+    )
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+    # Event 0 ran twice (at least once), its first, unacknowledged run was not lost.
+    assert sorted({e["n"] for e in got}) == [0, 1]
+
+
+async def test_publish_waits_for_the_reconnection_then_gives_up(
+    buses: Buses, amqp_server: AmqpServer
+) -> None:
+    bus = await buses(timeout=1)
+    await bus.publish(event())
+    bus._driver_url = bus._driver_url.replace(f":{amqp_server.port}/", ":1/")  # nowhere
+    assert await amqp_server.close_connections(bus.connection_name) == 1
+    with pytest.raises(BackendUnavailable):
+        await bus.publish(event())
