@@ -394,3 +394,25 @@ async def test_a_failing_clock_fails_the_call_not_the_log(tmp_path: Path) -> Non
     assert await log.status("o-1") is None  # nothing half-written
     assert await log.create("o-1", opening(), owner=None, ttl=60) is not None
     await log.close()
+
+
+async def test_claims_whose_caller_was_cancelled_are_given_back(log: SQLiteSagaLog) -> None:
+    for i in range(3):
+        await log.create(f"o-{i}", opening(), owner=None, ttl=60)
+    for call in (
+        log.claim_next(owner="w-1", ttl=60, limit=10),
+        log.claim("o-0", owner="w-1", ttl=60),
+        log.create("o-new", opening(), owner="w-1", ttl=60),
+    ):
+        task = asyncio.create_task(call)
+        await asyncio.sleep(0)  # queued on the writer thread
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(50):
+            if all(s.owner is None for s in await log.list()):
+                break
+            await asyncio.sleep(0.01)
+        assert [s.owner for s in await log.list()] == [None] * len(await log.list())
+    claims = await log.claim_next(owner="w-2", ttl=60, limit=10)
+    assert [c.journal.saga_id for c in claims] == ["o-0", "o-1", "o-2", "o-new"]

@@ -125,6 +125,12 @@ def _settle(done: list[tuple[_Request, Any, BaseException | None]]) -> None:
             future.set_exception(error)
 
 
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve a result nobody awaits (a failed give-back: those leases expire instead)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class SQLiteJournal:
     """Writes one saga's records under one epoch; see :class:`SQLiteSagaLog`."""
 
@@ -304,6 +310,34 @@ class SQLiteSagaLog:
     async def _call(self, run: Callable[..., Any], *args: Any, writes: bool = True) -> Any:
         return await self._request(run, args, writes=writes).future
 
+    async def _leasing(
+        self,
+        held: Callable[[Any], list[tuple[str, int]]],
+        run: Callable[..., Any],
+        *args: Any,
+    ) -> Any:
+        """A call that takes leases; ``held`` names them (saga id, epoch) in its result."""
+        request = self._request(run, args, writes=True)
+        try:
+            return await asyncio.shield(request.future)
+        except asyncio.CancelledError:
+            # The leases are taken all the same, and nobody will drive those sagas:
+            # give them back as soon as they are known, not when they expire.
+            request.future.add_done_callback(lambda future: self._give_back(future, held))
+            raise
+
+    def _give_back(
+        self, future: asyncio.Future[Any], held: Callable[[Any], list[tuple[str, int]]]
+    ) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        leases = held(future.result())
+        if not leases:
+            return
+        with contextlib.suppress(BackendRefused):  # closed meanwhile: they expire instead
+            request = self._request(store.release_all, (leases,), writes=True)
+            request.future.add_done_callback(_consume)
+
     def _serve(self) -> None:
         connection: sqlite3.Connection | None = None
         stop = False
@@ -408,7 +442,16 @@ class SQLiteSagaLog:
             )
         rows, statuses = _encode(saga_id, opening)
         status = next((s for s in reversed(statuses) if s is not None), SagaStatus.RUNNING)
-        made = await self._call(store.create, saga_id, started.saga, rows, status, owner, ttl)
+        made = await self._leasing(
+            lambda made: [] if made is None or owner is None else [(saga_id, made[0])],
+            store.create,
+            saga_id,
+            started.saga,
+            rows,
+            status,
+            owner,
+            ttl,
+        )
         if made is None:
             return None
         epoch, expires_at = made
@@ -418,7 +461,13 @@ class SQLiteSagaLog:
     async def claim(self, saga_id: str, *, owner: str, ttl: float) -> Claim | None:
         _check_owner(owner)
         _check_ttl(ttl)
-        taken = await self._call(store.claim, saga_id, owner, ttl)
+        taken = await self._leasing(
+            lambda taken: [] if taken is None else [(saga_id, taken[0])],
+            store.claim,
+            saga_id,
+            owner,
+            ttl,
+        )
         return None if taken is None else self._claimed(saga_id, owner, *taken)
 
     async def claim_next(self, *, owner: str, ttl: float, limit: int) -> list[Claim]:
@@ -427,7 +476,13 @@ class SQLiteSagaLog:
         _check_limit(limit)
         if limit == 0:
             return []
-        taken, unreadable = await self._call(store.claim_next, owner, ttl, limit)
+        taken, unreadable = await self._leasing(
+            lambda result: [(saga_id, epoch) for saga_id, epoch, *_ in result[0]],
+            store.claim_next,
+            owner,
+            ttl,
+            limit,
+        )
         for saga_id in unreadable:
             if saga_id not in self._unreadable and len(self._unreadable) < 1000:
                 self._unreadable.add(saga_id)

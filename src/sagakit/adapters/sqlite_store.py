@@ -332,6 +332,11 @@ def release(db: sqlite3.Connection, now: float, saga_id: str, epoch: int) -> Non
     )
 
 
+def release_all(db: sqlite3.Connection, now: float, leases: list[tuple[str, int]]) -> None:
+    for saga_id, epoch in leases:
+        release(db, now, saga_id, epoch)
+
+
 def history(db: sqlite3.Connection, now: float, saga_id: str) -> list[tuple[int, Any, float]]:
     return [
         (seq, decode_record(kind, v, payload), at)
