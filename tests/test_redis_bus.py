@@ -359,6 +359,65 @@ async def test_dead_letters_of_subscriptions_without_a_group_are_under_the_empty
     assert await bus.dead_letters("") == []
 
 
+async def test_concurrent_subscribes_of_a_new_group_leave_no_consumer_running(
+    buses: Buses,
+) -> None:
+    bus = buses()
+    got: list[str] = []
+    await asyncio.gather(
+        *(bus.subscribe(t, lambda e: got.append(e.type), group="g") for t in "ABCDE")
+    )
+    for t in "ABCDE":
+        await bus.publish(event(t))
+    await drain(bus)
+    assert sorted(got) == list("ABCDE")
+    await bus.close()
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("redis:")] == []
+
+
+async def test_a_consumer_keeps_reading_across_a_server_crash(
+    redis_server: RedisServer, buses: Buses
+) -> None:
+    if not redis_server.restartable:
+        pytest.skip("an external server is not ours to restart")
+    bus = buses()
+    got: list[int] = []
+    await bus.subscribe("Tick", lambda e: got.append(e["n"]), group="g")
+    await bus.publish(event("Tick", n=1))
+    await drain(bus)
+    redis_server.restart(crash=True)
+    # The first publish meets a connection the server closed: retried once, it succeeds.
+    await bus.publish(event("Tick", n=2))
+    await drain(bus)
+    assert got == [1, 2]
+
+
+async def test_a_deleted_stream_is_recreated_by_its_consumer(
+    buses: Buses, raw: aioredis.Redis
+) -> None:
+    bus = buses()
+    got: list[int] = []
+    await bus.subscribe("Tick", lambda e: got.append(e["n"]), group="g")
+    await raw.delete(f"{buses.prefix}:events:Tick")
+    # The consumer meets NOGROUP on its next read and makes the group again.
+    for _ in range(200):
+        if await raw.exists(f"{buses.prefix}:events:Tick"):
+            break
+        await asyncio.sleep(0.05)
+    await bus.publish(event("Tick", n=1))
+    await drain(bus)
+    assert got == [1]
+
+
+async def test_publish_refuses_a_payload_that_is_not_json_before_sending(buses: Buses) -> None:
+    bus = buses()
+    with pytest.raises(DefinitionError):
+        await bus.publish(Event("X", "s", {"when": object()}))
+    with pytest.raises(DefinitionError):
+        await bus.publish(Event("\ud800", "s"))
+    await bus.publish(event("X"))  # the bus still works
+
+
 class TestChoreographyOnRedis(ChoreographyConformance):
     """The e-commerce scenarios, each service on a bus of its own (as processes would be)."""
 

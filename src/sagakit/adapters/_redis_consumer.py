@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import inspect
 import logging
-import math
 import os
 import socket
 import uuid
@@ -43,6 +42,7 @@ log = logging.getLogger("sagakit.bus.redis")
 
 BATCH = 256  # entries per read: enough for many sagas in flight, bounded memory
 MAX_BLOCK = 2.0  # seconds a read blocks before the consumer looks at its timers
+COMMAND_TIMEOUT = 30.0  # seconds without a reply after which the connection is given up
 
 
 def retry_delay(backoff: float, deliveries: int) -> float:
@@ -134,7 +134,7 @@ class Reader:
 
     async def _command(self, *args: Any) -> Any:
         await self.conn.send_command(*args)
-        return await self.conn.read_response(timeout=math.inf)
+        return await self.conn.read_response(timeout=COMMAND_TIMEOUT)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -201,7 +201,10 @@ class Reader:
         await self.conn.send_packed_command(self.conn.pack_commands(commands))
         self.blocked = True
         try:
-            replies = [await self.conn.read_response(timeout=math.inf) for _ in commands]
+            # Beyond the block, a server that says nothing is gone (a half-open
+            # connection): reconnect rather than wait forever.
+            wait = block / 1000 + COMMAND_TIMEOUT
+            replies = [await self.conn.read_response(timeout=wait) for _ in commands]
         finally:
             self.blocked = False
         reply = replies[-1]
@@ -376,7 +379,7 @@ class Pipeliner:
     costs what a plain call does.
     """
 
-    def __init__(self, pool: Any, script: str, timeout: float = 30.0) -> None:
+    def __init__(self, pool: Any, script: str, timeout: float = COMMAND_TIMEOUT) -> None:
         self.conn = raw_connection(pool)
         self.script = script
         self.sha = hashlib.sha1(script.encode()).hexdigest()

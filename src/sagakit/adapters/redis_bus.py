@@ -193,7 +193,8 @@ class RedisEventBus:
             raise DefinitionError("event", f"must be an Event, got {type(event).__name__}")
         if self._closed:
             raise BackendError(self._name, f"the event bus is closed; {event.type} not published")
-        keys = [self._stream(event.type), self._stream(ALL_EVENTS)]
+        # An event whose type is "*" goes to events:* (no one reads it), not twice to all.
+        keys = [f"{self.prefix}:events:{event.type}", self._stream(ALL_EVENTS)]
         try:
             ids = await self._publisher.call(2, *keys, self.maxlen, encode_event(event))
         except (rexc.RedisError, OSError) as exc:
@@ -248,6 +249,11 @@ class RedisEventBus:
         await self._create_group(stream, name, "$")
         if name not in self._retry_readers:
             await self._create_group(self._retry_stream(name), name, "0")
+        if self._closing:
+            raise BackendError(self._name, "the event bus closed; cannot subscribe")
+        # From here on nothing awaits: two subscribes of one new group at once
+        # start one retry consumer, not two.
+        if name not in self._retry_readers:
             retry = Reader(
                 self, self._retry_stream(name), name, self._router(name), delete_acked=True
             )
