@@ -5,6 +5,7 @@
     python3 scripts/dev.py test    # lint, types and the whole test suite
     python3 scripts/dev.py bench   # the benchmarks (extra arguments are passed on)
     python3 scripts/dev.py node    # the protocol node on stdin/stdout
+    python3 scripts/dev.py fuzz    # fuzz the node's decoder and router (seconds: 60)
     python3 scripts/dev.py setup   # only the environment
 
 Works on a fresh Debian or Ubuntu with nothing but Python 3.11+: where the
@@ -30,7 +31,7 @@ VENV = Path(os.environ.get("SAGAKIT_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / "python"
 STAMP = VENV / ".sagakit-installed"
-LINTED = ["src", "tests", "benchmarks", "examples", "scripts", "main.py"]
+LINTED = ["src", "tests", "benchmarks", "examples", "scripts", "fuzz", "main.py"]
 
 
 def say(message: str) -> None:
@@ -95,6 +96,31 @@ def setup_bench() -> None:
         run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev,bench]")
 
 
+def fuzz(args: list[str]) -> int:
+    """The node's coverage-guided fuzzer for a bounded time (default 60 s), on its corpus."""
+    if run(PYTHON, "-c", "import atheris", check=False) != 0:
+        say("installing the fuzzer (the [fuzz] extra)")
+        run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev,fuzz]")
+    scratch = Path(tempfile.gettempdir()) / "sagakit-fuzz-corpus"
+    scratch.mkdir(exist_ok=True)
+    seconds = args[0] if args and args[0].isdigit() else "60"
+    rest = args[1:] if args and args[0].isdigit() else args
+    return run(
+        PYTHON,
+        ROOT / "fuzz" / "node_fuzz.py",
+        # New inputs go to the first directory: a scratch one, so that the
+        # checked-in corpus only changes on purpose.
+        scratch,
+        ROOT / "fuzz" / "corpus" / "node",
+        f"-max_total_time={seconds}",
+        "-max_len=8192",
+        # Findings (crash-*) land in a scratch directory, not in the checkout.
+        f"-artifact_prefix={tempfile.gettempdir()}/sagakit-fuzz-",
+        *rest,
+        check=False,
+    )
+
+
 def test(args: list[str]) -> int:
     steps = [
         [BIN / "ruff", "check", *LINTED],
@@ -119,6 +145,7 @@ def main(argv: list[str]) -> int:
         "test": lambda: test(args),
         "bench": lambda: setup_bench() or run(PYTHON, "-m", "benchmarks", *args, check=False),
         "node": lambda: run(BIN / "sagakit", "node", *args, check=False),
+        "fuzz": lambda: fuzz(args),
     }
     if task not in tasks:
         print(__doc__, file=sys.stderr)

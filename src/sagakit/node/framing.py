@@ -157,7 +157,7 @@ class Decoder:
             self._tail.append(last)
             self._tail_size += len(last)
             if self._tail_size > self._max:
-                out.append(_bad(self._tail[0], f"a line over {self._max} characters"))
+                out.append(_bad("".join(self._tail), f"a line over {self._max} characters"))
                 self._tail.clear()
                 self._tail_size = 0
                 self._skipping = True
@@ -179,11 +179,13 @@ class Decoder:
 
     def _lines(self, lines: list[str], check_size: bool, exact: bool, out: list[Any]) -> None:
         """Decode whole lines. The common case first: every line one whole value."""
-        if check_size:
-            for i, line in enumerate(lines):
+        if check_size:  # rare: a piece longer than the cap
+            for line in lines:
                 if len(line) > self._max:
-                    lines[i] = ""
                     out.append(_bad(line, f"a line over {self._max} characters"))
+                else:
+                    self._lines([line], False, exact, out)
+            return
         fast = loads_exact if exact else loads
         append = out.append
         it = iter(lines)
