@@ -418,6 +418,39 @@ async def test_publish_refuses_a_payload_that_is_not_json_before_sending(buses: 
     await bus.publish(event("X"))  # the bus still works
 
 
+async def test_an_event_that_kills_every_consumer_ends_in_the_dead_letters(buses: Buses) -> None:
+    """A poisoned event whose handler never returns: a dead letter after max_deliveries."""
+    calls = 0
+    held = asyncio.Event()
+
+    async def hang(e: Event) -> None:
+        nonlocal calls
+        calls += 1
+        held.set()
+        await asyncio.sleep(3600)
+
+    first = buses()
+    await first.subscribe("Job", hang, group="w", max_deliveries=2, ack_timeout=0.2)
+    await first.publish(event("Job"))
+    for _ in range(2):
+        async with asyncio.timeout(TIMEOUT):
+            await held.wait()
+        held.clear()
+        dying = buses.open[-1]
+        await dying._abort()
+        buses.open.remove(dying)
+        successor = buses()
+        await successor.subscribe("Job", hang, group="w", max_deliveries=2, ack_timeout=0.2)
+    for _ in range(200):
+        if await successor.dead_letters("w"):
+            break
+        await asyncio.sleep(0.05)
+    [letter] = await successor.dead_letters("w")
+    assert calls == 2
+    assert letter.deliveries == 2
+    assert "not acknowledged" in letter.error
+
+
 class TestChoreographyOnRedis(ChoreographyConformance):
     """The e-commerce scenarios, each service on a bus of its own (as processes would be)."""
 
