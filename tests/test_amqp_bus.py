@@ -27,6 +27,7 @@ from sagakit.errors import (
     SchemaMismatch,
 )
 from sagakit.ports.event_bus import EventBus
+from tests.conformance.choreography import ChoreographyConformance
 from tests.conformance.event_bus import EventBusConformance, event, ids, recorder
 from tests.servers.amqp import AmqpServer
 
@@ -63,6 +64,27 @@ class TestAmqpEventBus(EventBusConformance):
 
     async def restart_server(self) -> None:
         await self.server.restart()
+
+
+class TestChoreographyOnAmqp(ChoreographyConformance):
+    """The e-commerce scenarios, each service on a bus of its own (as processes would be)."""
+
+    @pytest.fixture(autouse=True)
+    async def _namespace(self, amqp_server: AmqpServer) -> AsyncIterator[None]:
+        self.server = amqp_server
+        self.prefix = amqp_server.new_prefix()
+        self._mine: list[AmqpEventBus] = []
+        yield
+        for bus in self._mine:
+            with contextlib.suppress(BackendError, TimeoutError):
+                async with asyncio.timeout(TIMEOUT):
+                    await bus.close()
+        await amqp_server.delete_namespace(self.prefix)
+
+    async def make_bus(self) -> EventBus:
+        bus = await AmqpEventBus.connect(self.server.bus_url(self.prefix))
+        self._mine.append(bus)
+        return bus
 
 
 # --- the bus's own behaviour on RabbitMQ --------------------------------------------------
