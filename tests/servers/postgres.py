@@ -153,6 +153,8 @@ class PrivatePostgres(PostgresServer):
         }
         self._user = self._unprivileged_user()
         self._process: subprocess.Popen[bytes] | None = None
+        _reap_orphans()
+        (root / "owner.pid").write_text(str(os.getpid()))  # see _reap_orphans
         self._initdb()
         super().__init__(f"postgresql://postgres@127.0.0.1:{self.port}/postgres")
         self.start()
@@ -294,6 +296,41 @@ class PrivatePostgres(PostgresServer):
 
     def close(self) -> None:
         self.stop("fast")
+
+
+def _reap_orphans() -> None:
+    """Stop and delete the private servers of test runs that were killed (a CI timeout,
+    SIGKILL): without this, each would leave a postgres running for good."""
+    for owner in Path(tempfile.gettempdir()).glob("sagakit-pg-*/owner.pid"):
+        try:
+            alive = _alive(int(owner.read_text()))
+        except (OSError, ValueError):
+            continue
+        if alive:
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int((owner.parent / "data" / "postmaster.pid").read_text().split()[0])
+            if _alive(pid):
+                os.kill(pid, signal.SIGQUIT)
+                for _ in range(100):
+                    if not _alive(pid):
+                        break
+                    time.sleep(0.05)
+        shutil.rmtree(owner.parent, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z"):
+            return False
+    return True
 
 
 # --- fixtures --------------------------------------------------------------------------
