@@ -34,9 +34,7 @@ async def main(path, owner, go):
         claims = await log.claim_next(owner=owner, ttl=600, limit=3)
         got += [c.journal.saga_id for c in claims]
         idle = 0 if claims else idle + 1
-        # A worker drives what it claimed before it claims more. (Without a pause, the
-        # process holding SQLite's write lock takes it again before the waiting ones,
-        # whose busy handler sleeps, wake up: SQLite's lock is not fair.)
+        # A worker drives what it claimed before it claims more.
         await asyncio.sleep(0.005)
     await log.close()
     print(json.dumps(got), flush=True)

@@ -28,7 +28,10 @@ version in that transaction; one that fails (``LeaseLost``) fails alone.
 
 Several processes may open the same file: every write, claims included, runs
 in ``BEGIN IMMEDIATE``, so SQLite's write lock serialises them and
-``claim_next`` never hands one saga to two processes. Leases are measured on
+``claim_next`` never hands one saga to two processes. A process waits for that
+lock up to ``busy_timeout`` (then :class:`~sagakit.errors.BackendBusy`), trying
+again every fraction of a millisecond rather than with SQLite's own growing
+sleeps, so that busy processes share the file instead of starving each other. Leases are measured on
 ``clock`` (default :func:`time.time`), which processes of one machine share.
 
 The schema is created on first use and its version kept in ``schema_version``;
@@ -57,6 +60,7 @@ from sagakit.adapters.sqlite_store import (
     SCHEMA_VERSION,
     Row,
     backend_name,
+    begin_write,
     open_connection,
     translate,
 )
@@ -376,7 +380,10 @@ class SQLiteSagaLog:
         writes = any(r.writes for r in batch)
         done: list[tuple[_Request, Any, BaseException | None]] = []
         try:
-            db.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+            if writes:
+                begin_write(db, self.busy_timeout)
+            else:
+                db.execute("BEGIN")
             now = self._clock()  # one moment per transaction: a batch's records share it
             for request in batch:
                 if len(batch) > 1:
@@ -431,10 +438,10 @@ class SQLiteSagaLog:
         owner: str | None,
         ttl: float,
     ) -> SQLiteJournal | None:
-        _check_id(saga_id)
+        store.check_id(saga_id)
         if owner is not None:
-            _check_owner(owner)
-        _check_ttl(ttl)
+            store.check_owner(owner)
+        store.check_ttl(ttl)
         started = opening[0] if opening else None
         if type(started) is not SagaStarted:
             raise DefinitionError(
@@ -459,8 +466,8 @@ class SQLiteSagaLog:
         return SQLiteJournal(self, saga_id, epoch, len(rows), lease)
 
     async def claim(self, saga_id: str, *, owner: str, ttl: float) -> Claim | None:
-        _check_owner(owner)
-        _check_ttl(ttl)
+        store.check_owner(owner)
+        store.check_ttl(ttl)
         taken = await self._leasing(
             lambda taken: [] if taken is None else [(saga_id, taken[0])],
             store.claim,
@@ -471,9 +478,9 @@ class SQLiteSagaLog:
         return None if taken is None else self._claimed(saga_id, owner, *taken)
 
     async def claim_next(self, *, owner: str, ttl: float, limit: int) -> list[Claim]:
-        _check_owner(owner)
-        _check_ttl(ttl)
-        _check_limit(limit)
+        store.check_owner(owner)
+        store.check_ttl(ttl)
+        store.check_limit(limit)
         if limit == 0:
             return []
         taken, unreadable = await self._leasing(
@@ -500,7 +507,7 @@ class SQLiteSagaLog:
         return Claim(records, SQLiteJournal(self, saga_id, epoch, len(records), lease))
 
     async def renew(self, journals: Sequence[Any], *, ttl: float) -> list[str]:
-        _check_ttl(ttl)
+        store.check_ttl(ttl)
         mine = [self._mine(journal) for journal in journals]
         if not mine:
             return []
@@ -540,7 +547,7 @@ class SQLiteSagaLog:
     async def list(
         self, *, status: SagaStatus | Sequence[SagaStatus] | None = None, limit: int = 100
     ) -> list[SagaSummary]:
-        _check_limit(limit)
+        store.check_limit(limit)
         wanted: list[str] | None
         if status is None:
             wanted = None
@@ -566,35 +573,11 @@ class SQLiteSagaLog:
             await asyncio.to_thread(thread.join)
 
 
-# --- checks at the boundary ------------------------------------------------------------
+# --- errors -----------------------------------------------------------------------------
 
 
 def _as_error(exc: Exception, path: Path) -> BaseException:
     return translate(exc, path) if isinstance(exc, sqlite3.Error) else exc
-
-
-def _check_id(saga_id: object) -> None:
-    if not isinstance(saga_id, str) or not saga_id:
-        raise DefinitionError("saga_id", f"must be a non-empty string, not {saga_id!r}")
-    try:
-        saga_id.encode()
-    except UnicodeEncodeError:
-        raise DefinitionError("saga_id", f"{saga_id!r} is not valid Unicode text") from None
-
-
-def _check_owner(owner: object) -> None:
-    if not isinstance(owner, str) or not owner:
-        raise DefinitionError("owner", f"must be a non-empty string, not {owner!r}")
-
-
-def _check_ttl(ttl: object) -> None:
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
-        raise DefinitionError("ttl", f"must be a positive number of seconds, not {ttl!r}")
-
-
-def _check_limit(limit: object) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise DefinitionError("limit", f"must be a whole number >= 0, not {limit!r}")
 
 
 if TYPE_CHECKING:  # the port, checked by mypy

@@ -7,7 +7,10 @@ writer thread) so that each stays short. Everything here runs on that writer thr
 
 from __future__ import annotations
 
+import math
+import random
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +20,21 @@ from sagakit.errors import (
     BackendError,
     BackendRefused,
     BackendUnavailable,
+    DefinitionError,
     LeaseLost,
     SagaLogConflict,
     SchemaMismatch,
 )
 from sagakit.ports.saga_log import SagaSummary
 
-__all__ = ["SCHEMA_VERSION", "Row", "backend_name", "open_connection", "translate"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Row",
+    "backend_name",
+    "begin_write",
+    "open_connection",
+    "translate",
+]
 
 Row = tuple[str, int, str]  # (kind, schema version, JSON payload) as stored
 UNFINISHED = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
@@ -94,6 +105,8 @@ def open_connection(path: Path, busy_timeout: float, synchronous: str) -> sqlite
             )
         db.execute(f"PRAGMA synchronous = {synchronous}")
         _ensure_schema(db, path)
+        # From here on, waits for the write lock are begin_write's.
+        db.execute("PRAGMA busy_timeout = 0")
     except BaseException as exc:
         db.close()
         if isinstance(exc, sqlite3.Error):
@@ -146,6 +159,30 @@ def _ensure_schema(db: sqlite3.Connection, path: Path) -> None:
             db.execute("ROLLBACK")
 
 
+def begin_write(db: sqlite3.Connection, busy_timeout: float) -> None:
+    """``BEGIN IMMEDIATE``, trying for the write lock again every fraction of a millisecond.
+
+    SQLite's own busy handler sleeps longer and longer between tries (up to 100 ms),
+    while a process that holds the lock takes it again microseconds after each commit:
+    with several busy processes on one file, one could wait for seconds. Short random
+    sleeps catch the gaps between the other processes' transactions.
+    """
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if _primary(exc) not in (_BUSY, _LOCKED) or time.monotonic() >= deadline:
+                raise
+        time.sleep(random.uniform(0.0, 0.0005))
+
+
+def _primary(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
 # SQLite's primary result codes (https://sqlite.org/rescode.html).
 _PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT = 3, 5, 6, 8, 10, 11
 _FULL, _CANTOPEN, _PROTOCOL, _AUTH, _NOTADB = 13, 14, 15, 23, 26
@@ -153,9 +190,8 @@ _FULL, _CANTOPEN, _PROTOCOL, _AUTH, _NOTADB = 13, 14, 15, 23, 26
 
 def translate(exc: sqlite3.Error, path: Path) -> BackendError:
     """The sagakit error for a driver error; it keeps the driver's as ``__cause__``."""
-    code = getattr(exc, "sqlite_errorcode", None)
     name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
-    primary = code & 0xFF if isinstance(code, int) else None
+    primary = _primary(exc)
     message = f"{exc} ({name})"
     where = backend_name(path)
     error: BackendError
@@ -373,3 +409,30 @@ def summary(row: tuple[Any, ...]) -> SagaSummary:
             "sqlite", f"saga {saga_id!r} has status {status!r}: written by a newer sagakit?"
         ) from None
     return SagaSummary(saga_id, saga, known, version, owner, expires_at, created_at, updated_at)
+
+
+# --- arguments, checked on the caller's side before any work --------------------------
+
+
+def check_id(saga_id: object) -> None:
+    if not isinstance(saga_id, str) or not saga_id:
+        raise DefinitionError("saga_id", f"must be a non-empty string, not {saga_id!r}")
+    try:
+        saga_id.encode()
+    except UnicodeEncodeError:
+        raise DefinitionError("saga_id", f"{saga_id!r} is not valid Unicode text") from None
+
+
+def check_owner(owner: object) -> None:
+    if not isinstance(owner, str) or not owner:
+        raise DefinitionError("owner", f"must be a non-empty string, not {owner!r}")
+
+
+def check_ttl(ttl: object) -> None:
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+        raise DefinitionError("ttl", f"must be a positive number of seconds, not {ttl!r}")
+
+
+def check_limit(limit: object) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise DefinitionError("limit", f"must be a whole number >= 0, not {limit!r}")
