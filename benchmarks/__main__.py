@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import bus_redis, choreography, durable, growth, node, orchestration
+from benchmarks import bus_amqp, bus_redis, choreography, durable, growth, node, orchestration
 from benchmarks.report import environment, table, write_json
 from benchmarks.timing import BenchmarkError, Comparison, Config
 
@@ -18,6 +18,7 @@ SUITES: dict[str, Callable[[Config], list[Comparison]]] = {
     "durable": durable.run,
     "growth": growth.run,
     "bus_redis": bus_redis.run,
+    "bus_amqp": bus_amqp.run,
 }
 
 
