@@ -105,8 +105,6 @@ def open_connection(path: Path, busy_timeout: float, synchronous: str) -> sqlite
             )
         db.execute(f"PRAGMA synchronous = {synchronous}")
         _ensure_schema(db, path)
-        # From here on, waits for the write lock are begin_write's.
-        db.execute("PRAGMA busy_timeout = 0")
     except BaseException as exc:
         db.close()
         if isinstance(exc, sqlite3.Error):
@@ -168,14 +166,18 @@ def begin_write(db: sqlite3.Connection, busy_timeout: float) -> None:
     sleeps catch the gaps between the other processes' transactions.
     """
     deadline = time.monotonic() + busy_timeout
-    while True:
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if _primary(exc) not in (_BUSY, _LOCKED) or time.monotonic() >= deadline:
-                raise
-        time.sleep(random.uniform(0.0, 0.0005))
+    db.execute("PRAGMA busy_timeout = 0")  # this loop waits instead; reads keep SQLite's
+    try:
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if _primary(exc) not in (_BUSY, _LOCKED) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(random.uniform(0.0, 0.0005))
+    finally:
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
 
 
 def _primary(exc: sqlite3.Error) -> int | None:
