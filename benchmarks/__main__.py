@@ -7,12 +7,24 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import bus_amqp, bus_redis, choreography, durable, growth, node, orchestration
+from benchmarks import (
+    bus_amqp,
+    bus_redis,
+    choreography,
+    durable,
+    growth,
+    node,
+    node_scaling,
+    orchestration,
+)
 from benchmarks.report import environment, table, write_json
 from benchmarks.timing import BenchmarkError, Comparison, Config
 
 SUITES: dict[str, Callable[[Config], list[Comparison]]] = {
     "node": node.run,
+    "node-lines": node_scaling.run_lines,
+    "node-steps": node_scaling.run_steps,
+    "node-memory": node_scaling.run_memory,
     "orchestration": orchestration.run,
     "choreography": choreography.run,
     "durable": durable.run,
