@@ -231,6 +231,31 @@ class SagaLogConformance(SagaLogLeaseTests):
             assert summary is not None
             assert summary.records == 6
 
+    async def test_readers_never_see_part_of_a_batch(self) -> None:
+        async with self.opened() as log:
+            journal = await self.started(log, "o-1")
+            seen: set[int] = set()
+            writing = True
+
+            async def reader() -> None:
+                while writing:
+                    seen.add(len(await log.read("o-1")))
+                    summary = await log.status("o-1")
+                    assert summary is not None
+                    seen.add(summary.records)
+                    await asyncio.sleep(0)
+
+            task = asyncio.create_task(reader())
+            for step in range(30):
+                await write(
+                    journal,
+                    [StepCompleted(step, step), StepStarted(step + 1), StepFailed(step + 1, "x")],
+                )
+            writing = False
+            await task
+            assert all(count % 3 == 2 for count in seen), sorted(seen)
+            assert len(await log.read("o-1")) == 92
+
     async def test_a_staged_sequence_is_not_kept_by_reference(self) -> None:
         async with self.opened() as log:
             batch = list(opening())
