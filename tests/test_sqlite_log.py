@@ -416,3 +416,20 @@ async def test_claims_whose_caller_was_cancelled_are_given_back(log: SQLiteSagaL
         assert [s.owner for s in await log.list()] == [None] * len(await log.list())
     claims = await log.claim_next(owner="w-2", ttl=60, limit=10)
     assert [c.journal.saga_id for c in claims] == ["o-0", "o-1", "o-2", "o-new"]
+
+
+@pytest.mark.parametrize(("url_option", "expected"), [("", 2), ("?synchronous=normal", 1)])
+async def test_the_connection_runs_wal_with_the_synchronous_level_asked(
+    tmp_path: Path, url_option: str, expected: int
+) -> None:
+    log = SQLiteSagaLog.from_url(f"sqlite:///{tmp_path}/sagas.db{url_option}")
+
+    def settings(db: sqlite3.Connection, now: float) -> tuple[Any, ...]:
+        return tuple(
+            db.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("journal_mode", "synchronous", "busy_timeout")
+        )
+
+    # Private, on purpose: what the writer thread's own connection runs with.
+    assert await log._call(settings, writes=False) == ("wal", expected, 5000)
+    await log.close()
