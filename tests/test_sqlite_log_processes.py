@@ -34,8 +34,9 @@ async def main(path, owner, go):
         claims = await log.claim_next(owner=owner, ttl=600, limit=3)
         got += [c.journal.saga_id for c in claims]
         idle = 0 if claims else idle + 1
-        # A worker drives what it claimed before it claims more.
-        await asyncio.sleep(0.005)
+        # Flat out, with no pause: processes waiting for the write lock must still get
+        # their turn (SQLite's own busy handler would let this one take every saga).
+        await asyncio.sleep(0)
     await log.close()
     print(json.dumps(got), flush=True)
 
@@ -105,7 +106,7 @@ async def test_processes_racing_claim_next_never_share_a_saga(tmp_path: Path) ->
         mine: list[str] = []
         while claims := await log.claim_next(owner="here", ttl=600, limit=3):
             mine += [c.journal.saga_id for c in claims]
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0)
         taken = {"here": mine}
         for i, claimer in enumerate(claimers):
             out, err = claimer.communicate(timeout=60)
@@ -117,7 +118,7 @@ async def test_processes_racing_claim_next_never_share_a_saga(tmp_path: Path) ->
             claimer.wait()
     every = [saga_id for got in taken.values() for saga_id in got]
     assert sorted(every) == ids  # each saga claimed exactly once
-    assert sum(1 for got in taken.values() if got) >= 2, taken  # it was a race
+    assert sum(1 for got in taken.values() if got) >= 3, taken  # the lock was shared
     for owner, got in taken.items():
         for saga_id in got[:5]:
             summary = await log.status(saga_id)
