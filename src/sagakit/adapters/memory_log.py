@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from sagakit.core.records import (
+    CompensationStarted,
+    SagaFinished,
     SagaRecord,
     SagaStarted,
     SagaStatus,
     StepCompleted,
+    StepFailed,
     check_json,
-    status_after,
 )
 from sagakit.errors import ConfigurationError, LeaseLost, SagaError
 from sagakit.ports.saga_log import Claim, Lease, LoggedRecord, SagaLog, SagaSummary
@@ -42,6 +44,12 @@ __all__ = ["DEFAULT_MAX_FINISHED", "InMemorySagaLog"]
 DEFAULT_MAX_FINISHED = 100_000
 
 _RUNNING = SagaStatus.RUNNING
+# The status a record of each kind leaves a saga in (SagaFinished: its own).
+_STATUS_OF: dict[type[Any], SagaStatus] = {
+    SagaStarted: SagaStatus.RUNNING,
+    StepFailed: SagaStatus.COMPENSATING,
+    CompensationStarted: SagaStatus.COMPENSATING,
+}
 
 
 class _Saga:
@@ -51,6 +59,7 @@ class _Saga:
         "created_at",
         "epoch",
         "expires_at",
+        "final",
         "owner",
         "records",
         "saga_id",
@@ -67,6 +76,7 @@ class _Saga:
         # When each record was written; one float object shared by a batch.
         self.stamps: list[float] = []
         self.status = _RUNNING
+        self.final = False
         self.owner: str | None = None
         self.epoch = 0
         self.expires_at = 0.0
@@ -76,14 +86,22 @@ class _Saga:
 class _Journal:
     """Writes one saga's records under one epoch."""
 
-    __slots__ = ("_entry", "_epoch", "_log", "lease", "saga_id")
+    __slots__ = ("_entry", "_epoch", "_log", "_owner", "saga_id")
 
-    def __init__(self, log: InMemorySagaLog, entry: _Saga, lease: Lease | None) -> None:
+    def __init__(self, log: InMemorySagaLog, entry: _Saga, owner: str | None) -> None:
         self._log = log
         self._entry = entry
         self._epoch = entry.epoch
+        self._owner = owner
         self.saga_id = entry.saga_id
-        self.lease = lease
+
+    @property
+    def lease(self) -> Lease | None:
+        if self._owner is None:
+            return None
+        entry = self._entry
+        expires_at = entry.expires_at if entry.epoch == self._epoch else 0.0
+        return Lease(self._owner, self._epoch, expires_at)
 
     @property
     def version(self) -> int:
@@ -91,16 +109,11 @@ class _Journal:
 
     def stage(self, records: Sequence[SagaRecord]) -> None:
         entry = self._entry
-        if entry.epoch != self._epoch or entry.status.is_final:
-            owner = self.lease.owner if self.lease is not None else "(no owner)"
-            detail = "the saga is finished" if entry.status.is_final else "claimed by another"
-            raise LeaseLost(self.saga_id, owner, self._epoch, detail)
-        if not records:
-            return
-        for record in records:
-            if type(record) is StepCompleted:
-                _check_result(entry, record)
-        self._log._append(entry, records)
+        if entry.epoch != self._epoch or entry.final:
+            detail = "the saga is finished" if entry.final else "claimed by another"
+            raise LeaseLost(self.saga_id, self._owner or "(no owner)", self._epoch, detail)
+        if records:
+            self._log._append(entry, records)
 
     async def flush(self) -> None:
         return None  # stage wrote already
@@ -196,28 +209,40 @@ class InMemorySagaLog:
                 raise SagaError(saga_id, f"its input is not a JSON value: {exc}") from exc
         now = self._clock()
         entry = sagas[saga_id] = _Saga(saga_id, started, now)
-        lease = None
         if owner is not None:
             entry.owner, entry.epoch, entry.expires_at = owner, 1, now + ttl
-            lease = Lease(owner, 1, entry.expires_at)
         self._unfinished[saga_id] = entry
-        journal = _Journal(self, entry, lease)
-        journal.stage(opening)
+        journal = _Journal(self, entry, owner)
+        try:
+            self._append(entry, opening)
+        except BaseException:
+            del sagas[saga_id], self._unfinished[saga_id]
+            raise
         return journal
 
     def _append(self, entry: _Saga, records: Sequence[SagaRecord]) -> None:
+        status = None
+        for record in records:  # checked whole before any is written
+            kind = type(record)
+            if kind is StepCompleted:
+                if record.result is not None:  # type: ignore[union-attr]
+                    _check_result(entry, record)  # type: ignore[arg-type]
+            elif kind in _STATUS_OF:
+                status = _STATUS_OF[kind]
+            elif kind is SagaFinished:
+                status = record[0]  # type: ignore[assignment]
         now = self._clock()
         entry.records += records
+        # One stamp per record, all of a batch the same float object.
         entry.stamps += [now] * len(records)
         entry.updated_at = now
-        for record in records:
-            status = status_after(record)
-            if status is not None:
-                entry.status = status
-        if entry.status.is_final:
-            self._finish(entry)
+        if status is not None:
+            entry.status = status
+            if status.is_final:
+                self._finish(entry)
 
     def _finish(self, entry: _Saga) -> None:
+        entry.final = True
         entry.owner, entry.expires_at = None, 0.0
         saga_id = entry.saga_id
         self._unfinished.pop(saga_id, None)
@@ -233,8 +258,7 @@ class InMemorySagaLog:
     def _take(self, entry: _Saga, owner: str, ttl: float, now: float) -> Claim:
         entry.epoch += 1
         entry.owner, entry.expires_at = owner, now + ttl
-        journal = _Journal(self, entry, Lease(owner, entry.epoch, entry.expires_at))
-        return Claim(list(entry.records), journal)
+        return Claim(list(entry.records), _Journal(self, entry, owner))
 
     async def claim(self, saga_id: str, *, owner: str, ttl: float) -> Claim | None:
         entry = self._unfinished.get(saga_id)
@@ -261,23 +285,17 @@ class InMemorySagaLog:
             if not isinstance(journal, _Journal) or journal._log is not self:
                 raise TypeError(f"not a journal of this log: {journal!r}")
             entry = journal._entry
-            if (
-                entry.epoch != journal._epoch
-                or entry.status.is_final
-                or self._sagas.get(entry.saga_id) is not entry
-            ):
+            if entry.epoch != journal._epoch or entry.final or entry.owner is None:
                 lost.append(journal.saga_id)
                 continue
             entry.expires_at = now + ttl
-            if entry.owner is not None:
-                journal.lease = Lease(entry.owner, entry.epoch, entry.expires_at)
         return lost
 
     async def release(self, journal: object) -> None:
         if not isinstance(journal, _Journal):
             raise TypeError(f"not a journal of this log: {journal!r}")
         entry = journal._entry
-        if entry.epoch == journal._epoch and not entry.status.is_final:
+        if entry.epoch == journal._epoch and not entry.final:
             entry.owner, entry.expires_at = None, 0.0
 
     # --- reading ---------------------------------------------------------------------

@@ -1,9 +1,22 @@
-"""The saga state machine: pure functions from (state, outcome) to (state, command).
+"""The saga state machine: ``decide(plan, state, event, now) -> Decision``, and ``replay``.
 
-The orchestrator executes commands and feeds their outcomes back; the saga log
-records the outcomes and the intents (``StepStarted``...). Replaying a log
-through :func:`replay` gives back the state and the command to carry on with,
-which is all that resuming a saga after a crash needs.
+Pure: no I/O, no clock (time comes in as ``now``), no randomness. A driver
+feeds it events (a saga begins, a step's action succeeded or raised, a
+compensation did, a saga is resumed from its log) and carries out what the
+:class:`Decision` says: write ``records`` to the saga's journal, make them
+durable first when ``flush`` is set, then run ``commands``.
+
+Every change of state is a record: ``decide`` works out the records an event
+produces and folds them into the state with :func:`evolve`, the same function
+that :func:`replay` folds a saga's log with. So the state replay rebuilds is
+the state the driver had, attempts included.
+
+State keeps a status per step (:meth:`SagaState.step_status`) and the attempt
+of each step's action and compensation (:meth:`SagaState.attempt_of`). Steps run
+in order, so those are kept compactly: how many steps completed, how far the
+compensations have got, the one command in flight, and the attempts above the
+first (rare: only a resumed or retried command has one). Each transition costs
+the same whatever the saga's length.
 
 Invariants (property-tested): on a failure at step k, exactly the compensable
 steps among 0..k-1 are compensated, newest first; the failing step is not
@@ -12,21 +25,42 @@ compensated, because it never completed; on success nothing is compensated.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 from functools import partial
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from sagakit.errors import DefinitionError, InvalidTransition
+from sagakit.core.records import (
+    CompensationCompleted,
+    CompensationFailed,
+    CompensationStarted,
+    SagaFinished,
+    SagaRecord,
+    SagaStarted,
+    SagaStatus,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+)
+from sagakit.errors import InvalidTransition
 
+# The records live in sagakit.core.records; they are named here too for the
+# modules that read a log through the machine.
 __all__ = [
+    "Begin",
     "Command",
     "CompensationCompleted",
     "CompensationFailed",
+    "CompensationRaised",
     "CompensationStarted",
+    "CompensationSucceeded",
+    "Decision",
+    "Event",
     "Finish",
-    "Outcome",
+    "Plan",
     "Replay",
+    "Resume",
     "RunCompensation",
     "RunStep",
     "SagaFinished",
@@ -36,96 +70,149 @@ __all__ = [
     "SagaStatus",
     "StepCompleted",
     "StepFailed",
+    "StepRaised",
     "StepStarted",
+    "StepStatus",
+    "StepSucceeded",
     "decide",
-    "forward_path",
-    "intent_of",
+    "evolve",
+    "initial_state",
     "replay",
-    "start",
 ]
 
 
-class SagaStatus(StrEnum):
-    RUNNING = "running"
-    COMPENSATING = "compensating"
-    COMPLETED = "completed"
-    COMPENSATED = "compensated"
-    # A compensation failed: the saga is stuck half-undone and needs an operator.
-    FAILED = "failed"
+class Plan(NamedTuple):
+    """What the machine knows of a saga definition: its name, steps, and which can be undone."""
 
-    @property
-    def is_final(self) -> bool:
-        return self in _FINAL
-
-
-_FINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED})
-
-
-# --- records: what a saga log holds -------------------------------------------------
-# NamedTuples: cheap to build on the hot path, and plainly data.
-
-
-class SagaStarted(NamedTuple):
-    saga: str
+    name: str
     steps: tuple[str, ...]
+    compensable: tuple[bool, ...]
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"  # its action was announced, and no outcome is recorded yet
+    COMPLETED = "completed"
+    FAILED = "failed"  # its action raised: the saga compensates the steps before it
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    COMPENSATION_FAILED = "compensation_failed"
+
+
+_NO_ATTEMPTS: Mapping[int, int] = MappingProxyType({})
+
+
+class SagaState(NamedTuple):
+    """Where a saga stands (see the module docstring for how it is kept)."""
+
+    status: SagaStatus
+    done: int = 0  # steps 0..done-1 completed
+    active: int | None = None  # the step whose action or compensation is announced
+    failed_step: int | None = None
+    error: str | None = None  # why failed_step failed
+    # Compensable steps in undone_from..done-1 have been compensated.
+    undone_from: int = 0
+    stuck_step: int | None = None  # the step whose compensation failed
+    stuck_error: str | None = None
+    # Attempts above the first: step -> attempt, for actions and compensations.
+    attempts: Mapping[int, int] = _NO_ATTEMPTS
+    undo_attempts: Mapping[int, int] = _NO_ATTEMPTS
+
+    def attempt_of(self, step: int, *, compensation: bool = False) -> int:
+        """The attempt of the step's action (or compensation) last announced; 0 for none."""
+        if compensation:
+            announced = self.failed_step is not None and (
+                self.undone_from <= step < self.done
+                or step == self.stuck_step
+                or (step == self.active and self.status is SagaStatus.COMPENSATING)
+            )
+            return self.undo_attempts.get(step, 1) if announced else 0
+        announced = (
+            step < self.done
+            or step == self.failed_step
+            or (step == self.active and self.status is SagaStatus.RUNNING)
+        )
+        return self.attempts.get(step, 1) if announced else 0
+
+    def step_status(self, step: int, compensable: bool = True) -> StepStatus:
+        """The status of step ``step`` (``compensable``: whether it has a compensation)."""
+        if step == self.failed_step:
+            return StepStatus.FAILED
+        if step >= self.done:
+            if step == self.done and self.active == step and self.status is SagaStatus.RUNNING:
+                return StepStatus.RUNNING
+            return StepStatus.PENDING
+        if self.failed_step is None or not compensable:
+            return StepStatus.COMPLETED
+        if step == self.stuck_step:
+            return StepStatus.COMPENSATION_FAILED
+        if step == self.active:
+            return StepStatus.COMPENSATING
+        if step >= self.undone_from:
+            return StepStatus.COMPENSATED
+        return StepStatus.COMPLETED
+
+    def compensated(self, plan: Plan) -> list[int]:
+        """The steps compensated so far, in the order they were, newest step first."""
+        if self.failed_step is None:
+            return []
+        return [i for i in range(self.done - 1, self.undone_from - 1, -1) if plan.compensable[i]]
+
+
+def initial_state() -> SagaState:
+    """The state of a saga before its log opens."""
+    return _INITIAL
+
+
+_INITIAL = SagaState(SagaStatus.RUNNING)
+
+
+# --- events: what happened -----------------------------------------------------------
+
+
+class Begin(NamedTuple):
+    """A new saga, with its input."""
+
     data: Mapping[str, Any]
 
 
-class StepStarted(NamedTuple):
-    step: int
-    attempt: int = 1
+class Resume(NamedTuple):
+    """A saga taken over from its log: announce again what was in flight, or go on."""
 
 
-class StepCompleted(NamedTuple):
+class StepSucceeded(NamedTuple):
     step: int
     result: Any = None
 
 
-class StepFailed(NamedTuple):
-    step: int
-    error: str
-    attempt: int = 1
-
-
-class CompensationStarted(NamedTuple):
-    step: int
-
-
-class CompensationCompleted(NamedTuple):
-    step: int
-
-
-class CompensationFailed(NamedTuple):
+class StepRaised(NamedTuple):
     step: int
     error: str
 
 
-class SagaFinished(NamedTuple):
-    status: SagaStatus
+class CompensationSucceeded(NamedTuple):
+    step: int
 
 
-Outcome = StepCompleted | StepFailed | CompensationCompleted | CompensationFailed
-SagaRecord = (
-    SagaStarted
-    | StepStarted
-    | StepCompleted
-    | StepFailed
-    | CompensationStarted
-    | CompensationCompleted
-    | CompensationFailed
-    | SagaFinished
-)
+class CompensationRaised(NamedTuple):
+    step: int
+    error: str
 
 
-# --- commands: what the driver must do next -----------------------------------------
+Event = Begin | Resume | StepSucceeded | StepRaised | CompensationSucceeded | CompensationRaised
+
+
+# --- commands: what the driver does next ---------------------------------------------
 
 
 class RunStep(NamedTuple):
     step: int
+    attempt: int = 1
 
 
 class RunCompensation(NamedTuple):
     step: int
+    attempt: int = 1
 
 
 class Finish(NamedTuple):
@@ -135,232 +222,285 @@ class Finish(NamedTuple):
 Command = RunStep | RunCompensation | Finish
 
 
-def _same_kind_eq(self: tuple[Any, ...], other: object) -> bool:
-    return type(self) is type(other) and tuple.__eq__(self, other)
+class Decision(NamedTuple):
+    """The state after an event, the records to write, and the commands to run.
+
+    ``flush``: the records must be durable before any command runs (an intent
+    before the action it announces; an outcome before the saga's end is
+    reported). False only when there is nothing to write.
+    """
+
+    state: SagaState
+    records: tuple[SagaRecord, ...]
+    commands: tuple[Command, ...]
+    flush: bool
 
 
-def _same_kind_ne(self: tuple[Any, ...], other: object) -> bool:
-    return not _same_kind_eq(self, other)
+# --- evolve: one record's effect on the state ----------------------------------------
+# States, records and commands are built from all their fields with
+# tuple.__new__, not by calling the class or _replace (which cost several times
+# as much): a saga makes a few per step.
 
-
-# NamedTuples compare as plain tuples, so RunStep(1) would equal
-# RunCompensation(1) and StepStarted(1) CompensationStarted(1): a record or
-# command equals only one of its own kind.
-for _kind in (
-    SagaStarted,
-    StepStarted,
-    StepCompleted,
-    StepFailed,
-    CompensationStarted,
-    CompensationCompleted,
-    CompensationFailed,
-    SagaFinished,
-    RunStep,
-    RunCompensation,
-    Finish,
-):
-    _kind.__eq__ = _same_kind_eq  # type: ignore[method-assign]
-    _kind.__ne__ = _same_kind_ne  # type: ignore[assignment,method-assign]
-    # Defining __eq__ drops the inherited hash. The tuple's own serves: a
-    # RunStep and a RunCompensation of one step share it, and still differ.
-    _kind.__hash__ = tuple.__hash__  # type: ignore[method-assign]
-
-
-class SagaState(NamedTuple):
-    """Where a saga stands. Completed steps are always the prefix ``0..done-1``."""
-
-    status: SagaStatus
-    done: int = 0
-    failed_step: int | None = None
-    compensated: tuple[int, ...] = ()  # in the order they ran, newest step first
-    error: str | None = None  # why failed_step failed
-    stuck_step: int | None = None  # the step whose compensation failed (status FAILED)
-    stuck_error: str | None = None
-
-
-# Calling a NamedTuple class goes through its Python-level __new__, which
-# costs about as much as the rest of a transition; the hot path builds these
-# tuples directly from all their fields instead.
-_new_state: Callable[[tuple[Any, ...]], SagaState] = partial(tuple.__new__, SagaState)
-_new_step_completed: Callable[[tuple[int, Any]], StepCompleted] = partial(
-    tuple.__new__, StepCompleted
-)
-new_saga_started: Callable[[tuple[str, tuple[str, ...], Mapping[str, Any]]], SagaStarted] = partial(
-    tuple.__new__, SagaStarted
-)
-
-# Commands and intents are immutable: the common ones are built once, not per saga.
-_CACHED = 64
-_RUN_STEP = tuple(RunStep(i) for i in range(_CACHED))
-_RUN_COMPENSATION = tuple(RunCompensation(i) for i in range(_CACHED))
-_STEP_STARTED = tuple(StepStarted(i) for i in range(_CACHED))
-_COMPENSATION_STARTED = tuple(CompensationStarted(i) for i in range(_CACHED))
-# Outcomes too, where they carry nothing but the step: a saga log may keep its
-# records for as long as the process lives, and a record shared costs no memory.
-_STEP_COMPLETED_NONE = tuple(StepCompleted(i) for i in range(_CACHED))
-_COMPENSATION_COMPLETED = tuple(CompensationCompleted(i) for i in range(_CACHED))
+_state: Callable[[tuple[Any, ...]], SagaState] = partial(tuple.__new__, SagaState)
+_RUNNING, _COMPENSATING = SagaStatus.RUNNING, SagaStatus.COMPENSATING
+_COMPLETED, _COMPENSATED, _FAILED = SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED
+# Values with nothing but a status: one of each.
 _FINISH = {status: Finish(status) for status in SagaStatus}
 _FINISHED = {status: SagaFinished(status) for status in SagaStatus}
-_RUNNING, _COMPENSATING = SagaStatus.RUNNING, SagaStatus.COMPENSATING
-_COMPLETED, _COMPENSATED = SagaStatus.COMPLETED, SagaStatus.COMPENSATED
 
 
-def step_completed(index: int, result: Any) -> StepCompleted:
-    """The record of step ``index`` completing with ``result``."""
-    if result is None and 0 <= index < _CACHED:
-        return _STEP_COMPLETED_NONE[index]
-    return _new_step_completed((index, result))
-
-
-def compensation_completed(index: int) -> CompensationCompleted:
-    """The record of step ``index``'s compensation completing."""
-    if 0 <= index < _CACHED:
-        return _COMPENSATION_COMPLETED[index]
-    return CompensationCompleted(index)
-
-
-def _run_step(index: int) -> RunStep:
-    return _RUN_STEP[index] if 0 <= index < _CACHED else RunStep(index)
-
-
-# States are immutable, and on the way every saga takes (no failure yet) they
-# differ only in how many steps are done: those are built once, not per step.
-_RUNNING_STATES = tuple(SagaState(_RUNNING, done) for done in range(_CACHED))
-_COMPLETED_STATES = tuple(SagaState(_COMPLETED, done) for done in range(_CACHED))
-_FINISH_COMPLETED = _FINISH[_COMPLETED]
-# Every saga starts the same way: one start serves all.
-_INITIAL: tuple[SagaState, Command] = (_RUNNING_STATES[0], _RUN_STEP[0])
-
-
-def start(compensable: Sequence[bool]) -> tuple[SagaState, Command]:
-    """The state and first command of a new saga with these steps."""
-    if not compensable:
-        raise DefinitionError("steps", "a saga needs at least one step")
-    return _INITIAL
-
-
-def _new_intent(command: Command) -> SagaRecord:
-    kind = type(command)
-    if kind is RunStep:
-        i = command.step  # type: ignore[union-attr]
-        return _STEP_STARTED[i] if 0 <= i < _CACHED else StepStarted(i)
-    if kind is RunCompensation:
-        i = command.step  # type: ignore[union-attr]
-        return _COMPENSATION_STARTED[i] if 0 <= i < _CACHED else CompensationStarted(i)
-    return _FINISHED[command.status]  # type: ignore[union-attr]
-
-
-class _Intents(dict[Command, SagaRecord]):
-    """The intents of the common commands, built once; any other is built when asked for."""
-
-    def __missing__(self, command: Command) -> SagaRecord:
-        return _new_intent(command)
-
-
-_INTENTS = _Intents(
-    [(_RUN_STEP[i], _STEP_STARTED[i]) for i in range(_CACHED)]
-    + [(_RUN_COMPENSATION[i], _COMPENSATION_STARTED[i]) for i in range(_CACHED)]
-    + [(_FINISH[status], _FINISHED[status]) for status in SagaStatus]
-)
-
-# intent_of(command): the record that announces a command before the driver
-# carries it out. A dict lookup, not a function: the driver asks once per transition.
-intent_of: Callable[[Command], SagaRecord] = _INTENTS.__getitem__
-
-
-# The record of a step completing with no result, then decide's state, command and intent.
-Advance = tuple[StepCompleted, SagaState, Command, SagaRecord]
-
-
-def forward_path(compensable: Sequence[bool]) -> tuple[Advance, ...]:
-    """For each step ``i``: the record of step ``i`` completing with no result,
-    and the state, command and intent that :func:`decide` gives when step
-    ``i`` completes (whatever its result) on a saga running forward.
-
-    Those are the same for every saga of a definition, which keeps them, so
-    that a driver looks the commonest transition up instead of asking for
-    it. Valid only where the command was ``RunStep(i)``: the machine issues
-    that only to a running saga with ``i`` steps done.
-    """
-    path = []
-    for i in range(len(compensable)):
-        completed = step_completed(i, None)
-        state, command = decide(compensable, _running(i), completed)
-        path.append((completed, state, command, intent_of(command)))
-    return tuple(path)
-
-
-def _running(done: int) -> SagaState:
-    return _RUNNING_STATES[done] if done < _CACHED else SagaState(_RUNNING, done)
-
-
-def _completed(done: int) -> SagaState:
-    return _COMPLETED_STATES[done] if done < _CACHED else SagaState(_COMPLETED, done)
-
-
-def _compensable_before(compensable: Sequence[bool], step: int) -> int:
-    """The newest step before ``step`` that has a compensation, or -1."""
-    index = step - 1
-    while index >= 0 and not compensable[index]:
-        index -= 1
-    return index
-
-
-def _pending_compensation(compensable: Sequence[bool], state: SagaState) -> int:
+def _pending_compensation(compensable: tuple[bool, ...], undone_from: int) -> int:
     """The step whose compensation runs next, or -1 when none is left."""
-    return _compensable_before(
-        compensable, state.compensated[-1] if state.compensated else state.done
-    )
+    step = undone_from - 1
+    while step >= 0 and not compensable[step]:
+        step -= 1
+    return step
 
 
-def _next_compensation(state: SagaState, index: int) -> tuple[SagaState, Command]:
-    """Compensate step ``index`` next, or finish compensated when it is -1."""
-    if index >= 0:
-        return state, _RUN_COMPENSATION[index] if index < _CACHED else RunCompensation(index)
-    _, done, failed_step, compensated, error, _, _ = state
-    final = _new_state((_COMPENSATED, done, failed_step, compensated, error, None, None))
-    return final, _FINISH[_COMPENSATED]
+def _misfit(record: object, state: SagaState) -> InvalidTransition:
+    return InvalidTransition(f"{record!r} does not fit {state}")
 
 
-def decide(
-    compensable: Sequence[bool], state: SagaState, outcome: Outcome
-) -> tuple[SagaState, Command]:
-    """The next state and command after ``outcome``; raises InvalidTransition otherwise.
+def _with_attempt(attempts: Mapping[int, int], step: int, attempt: int) -> Mapping[int, int]:
+    if attempt <= 1 and step not in attempts:
+        return attempts
+    return MappingProxyType({**attempts, step: attempt})
 
-    ``compensable[i]`` tells whether step ``i`` has a compensation.
-    """
-    kind = type(outcome)
-    status = state.status
-    if status is _RUNNING and outcome.step == state.done:
-        # States built directly, not with _replace: replay and the forward path ask this often.
-        if kind is StepCompleted:
-            done = state.done + 1
-            if done == len(compensable):
-                return _completed(done), _FINISH_COMPLETED
-            return _running(done), _run_step(done)
-        if kind is StepFailed:
-            error = outcome.error  # type: ignore[union-attr]
-            failing = _new_state((_COMPENSATING, state.done, outcome.step, (), error, None, None))
-            return _next_compensation(failing, _compensable_before(compensable, state.done))
-    elif (
-        status is _COMPENSATING
-        and outcome.step >= 0
-        and outcome.step == _pending_compensation(compensable, state)
-    ):
-        if kind is CompensationCompleted:
-            _, done, failed_step, compensated, error, _, _ = state
-            step = outcome.step
-            compensated = (*compensated, step)
-            undoing = _new_state((_COMPENSATING, done, failed_step, compensated, error, None, None))
-            return _next_compensation(undoing, _compensable_before(compensable, step))
-        if kind is CompensationFailed:
-            stuck = state._replace(
-                status=SagaStatus.FAILED,
-                stuck_step=outcome.step,
-                stuck_error=outcome.error,  # type: ignore[union-attr]
+
+def evolve(plan: Plan, state: SagaState, record: SagaRecord) -> SagaState:
+    """The state once ``record`` is in the saga's log; InvalidTransition when it does not fit."""
+    status, done, active, failed, error, undone_from, stuck, stuck_error, tries, undo_tries = state
+    match record:
+        case StepStarted(step, attempt):
+            if status is _RUNNING and step == done < len(plan.steps) and active in (None, step):
+                tries = _with_attempt(tries, step, attempt)
+                return _state((_RUNNING, done, step, None, None, 0, None, None, tries, undo_tries))
+        case StepCompleted(step, _):
+            if status is _RUNNING and step == active:
+                return _state(
+                    (_RUNNING, step + 1, None, None, None, 0, None, None, tries, undo_tries)
+                )
+        case StepFailed(step, why, _):
+            if status is _RUNNING and step == active:
+                return _state(
+                    (_COMPENSATING, done, None, step, why, done, None, None, tries, undo_tries)
+                )
+        case CompensationStarted(step, attempt):
+            if (
+                status is _COMPENSATING
+                and stuck is None
+                and active in (None, step)
+                and step >= 0
+                and step == _pending_compensation(plan.compensable, undone_from)
+            ):
+                undo_tries = _with_attempt(undo_tries, step, attempt)
+                return _state(
+                    (
+                        _COMPENSATING,
+                        done,
+                        step,
+                        failed,
+                        error,
+                        undone_from,
+                        None,
+                        None,
+                        tries,
+                        undo_tries,
+                    )
+                )
+        case CompensationCompleted(step):
+            if status is _COMPENSATING and step == active:
+                return _state(
+                    (_COMPENSATING, done, None, failed, error, step, None, None, tries, undo_tries)
+                )
+        case CompensationFailed(step, why, _):
+            if status is _COMPENSATING and step == active:
+                return _state(
+                    (
+                        _COMPENSATING,
+                        done,
+                        None,
+                        failed,
+                        error,
+                        undone_from,
+                        step,
+                        why,
+                        tries,
+                        undo_tries,
+                    )
+                )
+        case SagaFinished(final):
+            if active is None and final is _final_status(plan, state):
+                return _state(
+                    (
+                        final,
+                        done,
+                        None,
+                        failed,
+                        error,
+                        undone_from,
+                        stuck,
+                        stuck_error,
+                        tries,
+                        undo_tries,
+                    )
+                )
+        case SagaStarted():
+            if state == _INITIAL:
+                return state
+    raise _misfit(record, state)
+
+
+def _final_status(plan: Plan, state: SagaState) -> SagaStatus | None:
+    """How the saga ends now, or None when it has more to do."""
+    if state.status is _RUNNING:
+        return _COMPLETED if state.done == len(plan.steps) else None
+    if state.status is _COMPENSATING:
+        if state.stuck_step is not None:
+            return _FAILED
+        if _pending_compensation(plan.compensable, state.undone_from) < 0:
+            return _COMPENSATED
+    return None
+
+
+# --- decide ----------------------------------------------------------------------------
+
+
+_decision: Callable[[tuple[Any, ...]], Decision] = partial(tuple.__new__, Decision)
+_step_completed: Callable[[tuple[int, Any]], StepCompleted] = partial(tuple.__new__, StepCompleted)
+_step_started: Callable[[tuple[int, int]], StepStarted] = partial(tuple.__new__, StepStarted)
+_run_step: Callable[[tuple[int, int]], RunStep] = partial(tuple.__new__, RunStep)
+
+
+def _announce(plan: Plan, state: SagaState, outcome: SagaRecord | None) -> Decision:
+    """The decision once ``outcome`` left the saga in ``state``, nothing in flight:
+    the intent of what comes next (or the saga's end), and the command to run it."""
+    status, done, _, failed, error, undone_from, stuck, stuck_error, tries, undo_tries = state
+    intent: SagaRecord
+    command: Command
+    if status is _RUNNING:
+        if done < len(plan.steps):
+            if tries is _NO_ATTEMPTS:  # the common case: nothing ran twice
+                attempt = 1
+            else:
+                attempt = tries.get(done, 0) + 1
+                tries = _with_attempt(tries, done, attempt)
+            intent, command = _step_started((done, attempt)), _run_step((done, attempt))
+            after = _state((_RUNNING, done, done, None, None, 0, None, None, tries, undo_tries))
+        else:
+            intent, command = _FINISHED[_COMPLETED], _FINISH[_COMPLETED]
+            after = _state((_COMPLETED, done, None, None, None, 0, None, None, tries, undo_tries))
+    else:
+        step = -1 if stuck is not None else _pending_compensation(plan.compensable, undone_from)
+        if step >= 0:
+            if undo_tries is _NO_ATTEMPTS:
+                attempt = 1
+            else:
+                attempt = undo_tries.get(step, 0) + 1
+                undo_tries = _with_attempt(undo_tries, step, attempt)
+            intent = CompensationStarted(step, attempt)
+            command = RunCompensation(step, attempt)
+            active: int | None = step
+        else:
+            status = _COMPENSATED if stuck is None else _FAILED
+            intent, command, active = _FINISHED[status], _FINISH[status], None
+        after = _state(
+            (
+                status,
+                done,
+                active,
+                failed,
+                error,
+                undone_from,
+                stuck,
+                stuck_error,
+                tries,
+                undo_tries,
             )
-            return stuck, _FINISH[SagaStatus.FAILED]
-    raise InvalidTransition(f"{kind.__name__}(step={outcome.step}) does not fit {state}")
+        )
+    records = (intent,) if outcome is None else (outcome, intent)
+    return _decision((after, records, (command,), True))
+
+
+def decide(plan: Plan, state: SagaState, event: Event, now: float = 0.0) -> Decision:
+    """What ``event`` makes of a saga in ``state``; InvalidTransition when it does not fit.
+
+    ``now`` is the driver's clock, for the deadlines later rules will have; no
+    rule reads it yet.
+
+    Each state is worked out directly, not by folding the decision's records
+    with :func:`evolve` (which costs several times as much); the two agree
+    (property-tested). Events are told apart by ``type()``, ahead of any
+    ``match``, whose class patterns would cost more than the rest of this.
+    """
+    kind = type(event)
+    status, done, active, failed, error, undone_from, _, _, tries, undo_tries = state
+    if kind is StepSucceeded:
+        step, result = event  # type: ignore[misc]
+        if status is _RUNNING and step == active:
+            after = _state((_RUNNING, step + 1, None, None, None, 0, None, None, tries, undo_tries))
+            return _announce(plan, after, _step_completed((step, result)))
+        raise _misfit(StepCompleted(step, result), state)
+    if kind is StepRaised:
+        step, why = event  # type: ignore[misc]
+        outcome: SagaRecord = StepFailed(step, why, tries.get(step, 1))
+        if status is _RUNNING and step == active:
+            after = _state(
+                (_COMPENSATING, done, None, step, why, done, None, None, tries, undo_tries)
+            )
+            return _announce(plan, after, outcome)
+        raise _misfit(outcome, state)
+    if kind is CompensationSucceeded:
+        step = event.step  # type: ignore[union-attr]
+        if status is _COMPENSATING and step == active:
+            after = _state(
+                (_COMPENSATING, done, None, failed, error, step, None, None, tries, undo_tries)
+            )
+            return _announce(plan, after, CompensationCompleted(step))
+        raise _misfit(CompensationCompleted(step), state)
+    if kind is CompensationRaised:
+        step, why = event  # type: ignore[misc]
+        attempt = undo_tries.get(step, 1)
+        outcome = CompensationFailed(step, why, attempt)
+        if status is _COMPENSATING and step == active:
+            after = _state(
+                (
+                    _COMPENSATING,
+                    done,
+                    None,
+                    failed,
+                    error,
+                    undone_from,
+                    step,
+                    why,
+                    tries,
+                    undo_tries,
+                )
+            )
+            return _announce(plan, after, outcome)
+        raise _misfit(outcome, state)
+    if kind is Begin:
+        if state != _INITIAL:
+            raise _misfit(event, state)
+        data = event.data  # type: ignore[union-attr]
+        return _announce(plan, state, SagaStarted(plan.name, plan.steps, data))
+    if kind is Resume:
+        if status.is_final:
+            return _decision((state, (), (_FINISH[status],), False))
+        if active is None:
+            return _announce(plan, state, None)
+        # Announced and never answered: it may or may not have run, so it runs
+        # again (at least once), as its next attempt.
+        again: SagaRecord
+        command: Command
+        if status is _RUNNING:
+            attempt = tries.get(active, 1) + 1
+            again, command = StepStarted(active, attempt), RunStep(active, attempt)
+        else:
+            attempt = undo_tries.get(active, 1) + 1
+            again, command = CompensationStarted(active, attempt), RunCompensation(active, attempt)
+        return _decision((evolve(plan, state, again), (again,), (command,), True))
+    raise InvalidTransition(f"not an event: {event!r}")
 
 
 class Replay(NamedTuple):
@@ -368,29 +508,24 @@ class Replay(NamedTuple):
 
     started: SagaStarted
     state: SagaState
-    command: Command
     results: dict[str, Any]
 
 
-def replay(compensable: Sequence[bool], records: Iterable[SagaRecord]) -> Replay:
-    """Fold a saga's log back into its state and the command to carry on with.
+def replay(plan: Plan, records: Iterable[SagaRecord]) -> Replay:
+    """Fold a saga's log back into its state and its steps' results.
 
-    A ``StepStarted`` without its outcome leaves ``RunStep`` as the command: the
-    step may or may not have run before the crash, so it runs again (actions
-    must be idempotent, as in any at-least-once system).
+    The log must open with ``SagaStarted``; whether that names ``plan``'s saga
+    is the caller's to check. Carry on with ``decide(plan, state, Resume())``.
     """
     it = iter(records)
-    first = next(it, None)
-    if type(first) is not SagaStarted:
-        raise InvalidTransition(f"a saga log must open with SagaStarted, not {first!r}")
-    state, command = start(compensable)
+    started = next(it, None)
+    if type(started) is not SagaStarted:
+        raise InvalidTransition(f"a saga log must open with SagaStarted, not {started!r}")
+    state = initial_state()
     results: dict[str, Any] = {}
+    steps = plan.steps
     for record in it:
-        kind = type(record)
-        if kind is StepStarted or kind is CompensationStarted or kind is SagaFinished:
-            continue
-        # decide() first: it rejects a step index the saga does not have.
-        state, command = decide(compensable, state, record)  # type: ignore[arg-type]
-        if kind is StepCompleted:
-            results[first.steps[record.step]] = record.result  # type: ignore[union-attr]
-    return Replay(first, state, command, results)
+        state = evolve(plan, state, record)
+        if type(record) is StepCompleted:
+            results[steps[record.step]] = record.result
+    return Replay(started, state, results)

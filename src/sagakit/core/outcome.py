@@ -6,7 +6,8 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
-from sagakit.core.machine import SagaState, SagaStatus
+from sagakit.core.machine import Plan, SagaState
+from sagakit.core.records import SagaStatus
 
 __all__ = ["SagaOutcome", "outcome_of"]
 
@@ -39,18 +40,21 @@ _new_outcome: Callable[[tuple[Any, ...]], SagaOutcome] = partial(tuple.__new__, 
 
 
 def outcome_of(
-    saga_id: str, step_names: tuple[str, ...], state: SagaState, results: Mapping[str, Any]
+    saga_id: str, plan: Plan, state: SagaState, results: Mapping[str, Any]
 ) -> SagaOutcome:
-    # Built as a tuple (see machine._new_state): this runs once per saga.
+    """The outcome of a saga in ``state`` (final, or as far as it got)."""
+    steps = plan.steps
     return _new_outcome(
         (
             saga_id,
             state.status,
-            step_names[: state.done],
-            tuple([step_names[i] for i in state.compensated]) if state.compensated else (),
-            None if state.failed_step is None else step_names[state.failed_step],
+            steps[: state.done],
+            tuple([steps[i] for i in state.compensated(plan)])
+            if state.failed_step is not None
+            else (),
+            None if state.failed_step is None else steps[state.failed_step],
             state.error,
-            None if state.stuck_step is None else step_names[state.stuck_step],
+            None if state.stuck_step is None else steps[state.stuck_step],
             state.stuck_error,
             results,
         )

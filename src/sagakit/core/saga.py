@@ -7,25 +7,18 @@ plain data, so that a saga log can record them and a later process can resume.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from inspect import iscoroutinefunction
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from sagakit.core.machine import (
-    Advance,
-    SagaRecord,
-    SagaStarted,
-    forward_path,
-    intent_of,
-    new_saga_started,
-    start,
-)
+from sagakit.core.machine import Plan
+from sagakit.core.records import to_json
 from sagakit.errors import DefinitionError
 
-__all__ = ["NO_INPUT", "SagaDefinition", "Step", "StepAction", "StepContext"]
+__all__ = ["NO_INPUT", "SagaDefinition", "Step", "StepAction", "StepContext", "fingerprint"]
 
 # The input of every saga that has none: one shared, read-only mapping, since a
 # saga log may keep each saga's input for as long as the process lives.
@@ -45,18 +38,25 @@ class StepContext(NamedTuple):
     step: str
     data: Mapping[str, Any]
     results: Mapping[str, Any]
-    attempt: int = 1
+    attempt: int = 1  # runs of this action (or compensation), re-runs after a crash included
+    compensating: bool = False  # True in a compensation
 
     @property
     def result(self) -> Any:
         """The result of this context's step (meaningful in a compensation)."""
         return self.results.get(self.step)
 
+    @property
+    def idempotency_key(self) -> str:
+        """A stable key for this step's action (or compensation) in this saga.
 
-# One is built per step; see machine._new_state for why not by calling the class.
-new_step_context: Callable[
-    [tuple[str, str, Mapping[str, Any], Mapping[str, Any], int]], StepContext
-] = partial(tuple.__new__, StepContext)
+        The same on every run of it, re-runs after a crash included, and
+        different for any other saga id, step, or action versus compensation:
+        hand it to a downstream service so that the effect happens once. A
+        SHA-256 in hex (64 characters) of the three, unambiguously encoded.
+        """
+        kind = "compensation" if self.compensating else "action"
+        return hashlib.sha256(to_json([self.saga_id, self.step, kind])).hexdigest()
 
 
 # An action or compensation may be a coroutine function or a plain function.
@@ -102,37 +102,23 @@ class Step:
 PLAIN_RESULTS = frozenset({type(None), dict, list, tuple, str, int, float, bool, bytes})
 
 
-# What a driver needs to call a step's action or compensation: the step's name,
-# the callable (None: no compensation) and whether it is a coroutine function.
-Call = tuple[str, StepAction | None, bool]
-
-
 @dataclass(frozen=True, slots=True, init=False)
 class SagaDefinition:
-    """A named, ordered list of steps. Step names are unique within a saga."""
+    """A named, ordered list of steps. Step names are unique within a saga.
+
+    A saga of no steps is allowed: it completes as soon as it starts.
+    """
 
     name: str
     steps: tuple[Step, ...]
-    # Derived once here so the state machine and the orchestrator's hot loop
-    # never recompute them per saga.
-    step_names: tuple[str, ...] = field(repr=False, compare=False)
-    compensable: tuple[bool, ...] = field(repr=False, compare=False)
-    forward: tuple[Advance, ...] = field(repr=False, compare=False)
-    actions: tuple[Call, ...] = field(repr=False, compare=False)
-    compensations: tuple[Call, ...] = field(repr=False, compare=False)
-    # The opening record of a saga with no input, and the whole log of one whose
-    # steps then all complete with no result: the same for every such saga, so
-    # built once here, and kept once by a log that keeps records as given.
-    no_input_start: SagaStarted = field(repr=False, compare=False)
-    happy_path_log: tuple[SagaRecord, ...] = field(repr=False, compare=False)
+    # What the state machine needs, derived once.
+    plan: Plan = field(repr=False, compare=False)
 
     def __init__(self, name: str, steps: Iterable[Step]) -> None:
         _check_name(name, "name")
         if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
             raise DefinitionError("steps", f"must be an iterable of Step, got {steps!r}")
         steps = tuple(steps)
-        if not steps:
-            raise DefinitionError("steps", f"saga {name!r} needs at least one step")
         seen: set[str] = set()
         for i, step in enumerate(steps):
             if not isinstance(step, Step):
@@ -142,25 +128,32 @@ class SagaDefinition:
             seen.add(step.name)
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "steps", steps)
-        object.__setattr__(self, "step_names", tuple(s.name for s in steps))
-        object.__setattr__(self, "compensable", tuple(s.compensation is not None for s in steps))
-        object.__setattr__(self, "forward", forward_path(self.compensable))
-        object.__setattr__(
-            self, "actions", tuple((s.name, s.action, s.action_is_async) for s in steps)
-        )
         object.__setattr__(
             self,
-            "compensations",
-            tuple((s.name, s.compensation, s.compensation_is_async) for s in steps),
+            "plan",
+            Plan(
+                name, tuple(s.name for s in steps), tuple(s.compensation is not None for s in steps)
+            ),
         )
-        opening = new_saga_started((name, self.step_names, NO_INPUT))
-        happy: list[SagaRecord] = [opening, intent_of(start(self.compensable)[1])]
-        for completed, _, _, intent in self.forward:
-            happy += (completed, intent)
-        object.__setattr__(self, "no_input_start", opening)
-        object.__setattr__(self, "happy_path_log", tuple(happy))
+
+    @property
+    def step_names(self) -> tuple[str, ...]:
+        return self.plan.steps
+
+    @property
+    def compensable(self) -> tuple[bool, ...]:
+        return self.plan.compensable
 
     @property
     def fingerprint(self) -> str:
-        """What identifies the definition in a saga log: its name and step names."""
-        return f"{self.name}({', '.join(self.step_names)})"
+        """What identifies the definition in a saga log: its name and step names.
+
+        JSON, so that no two definitions share one (steps ``["a, b"]`` and
+        ``["a", "b"]`` differ).
+        """
+        return fingerprint(self.name, self.step_names)
+
+
+def fingerprint(name: str, steps: Iterable[str]) -> str:
+    """The fingerprint of a saga named ``name`` with these step names."""
+    return to_json([name, list(steps)]).decode()

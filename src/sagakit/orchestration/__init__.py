@@ -1,0 +1,669 @@
+"""The orchestrator: runs saga definitions, recording every transition in a saga log.
+
+Workers that share a log share the work: each saga is driven by the one
+worker holding its lease, which it renews while it runs and gives up on a
+clean stop. See :class:`Orchestrator`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from sagakit.core.machine import (
+    Begin,
+    Plan,
+    Resume,
+    decide,
+    initial_state,
+    replay,
+)
+from sagakit.core.outcome import SagaOutcome, outcome_of
+from sagakit.core.records import (
+    CompensationStarted,
+    SagaRecord,
+    SagaStarted,
+    SagaStatus,
+    check_json,
+    from_json,
+    to_json,
+)
+from sagakit.core.saga import NO_INPUT, SagaDefinition, fingerprint
+from sagakit.errors import (
+    BackendError,
+    DefinitionError,
+    InvalidTransition,
+    LeaseLost,
+    SagaError,
+    SagaIdConflict,
+)
+from sagakit.orchestration.driver import drive
+from sagakit.ports.saga_log import Claim, Journal, SagaLog, SagaSummary
+
+__all__ = ["Orchestrator", "Recovered"]
+
+log = logging.getLogger("sagakit.orchestrator")
+
+T = TypeVar("T")
+
+_INITIAL = initial_state()
+
+DEFAULT_LEASE_TTL = 30.0
+
+
+class _RunnerCancelled(Exception):
+    """Told to the callers waiting for a run whose own caller was cancelled."""
+
+
+class Recovered(list[SagaOutcome]):
+    """What :meth:`Orchestrator.recover` carried on: the outcomes, in the order they ended.
+
+    ``missing`` maps the id of each unfinished saga left alone, because this
+    orchestrator has no definition of that name, to the name; ``errors`` maps
+    the id of each saga that could not be carried on to why.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.missing: dict[str, str] = {}
+        self.errors: dict[str, BaseException] = {}
+
+
+class _Run:
+    """A saga this orchestrator is driving, and the callers waiting for it."""
+
+    __slots__ = ("data", "saga", "waiters")
+
+    def __init__(self, saga: SagaDefinition, data: Mapping[str, Any]) -> None:
+        self.saga = saga
+        self.data = data
+        self.waiters: list[asyncio.Future[SagaOutcome]] | None = None
+
+
+def _default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _same_input(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> bool:
+    if recorded == requested:
+        return True
+    try:  # a durable log hands back JSON: a tuple given is a list recorded
+        return bool(from_json(to_json(dict(requested))) == from_json(to_json(dict(recorded))))
+    except (TypeError, ValueError):
+        return False
+
+
+def _shown(data: Mapping[str, Any]) -> str:
+    try:
+        text = to_json(dict(data)).decode()
+    except (TypeError, ValueError):
+        text = repr(data)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _inferred_plan(started: SagaStarted, records: Iterable[SagaRecord]) -> Plan:
+    """The plan of a logged saga whose definition is not at hand (for reporting it):
+    the steps it compensated are the ones that have a compensation."""
+    undone = {r.step for r in records if type(r) is CompensationStarted}
+    return Plan(started.saga, started.steps, tuple(i in undone for i in range(len(started.steps))))
+
+
+class Orchestrator:
+    """Runs sagas step by step and compensates the completed steps when one fails.
+
+    ``log``: a saga log or its URL (``memory://`` by default). ``sagas``: the
+    definitions this orchestrator can carry on by name (for :meth:`recover`,
+    :meth:`serve` and sagas :meth:`start`\\ ed elsewhere). ``owner``: the name
+    its leases carry (default: host, process id and a random suffix).
+    ``lease_ttl``: how long a lease lasts unless renewed (renewed every third
+    of it). ``retry_for``: how long a flush, claim or renewal that failed with a
+    retryable :class:`~sagakit.errors.BackendError` is retried, with backoff,
+    before the error is raised (workers ride out a database restart).
+
+    Every intent is recorded before the work it announces (and made durable
+    first on a durable log), so a saga interrupted anywhere can be carried on
+    from its log. Running a saga id the log already finished returns the
+    recorded outcome and runs nothing; running one that is in flight here waits
+    for that run's outcome; running one another worker holds waits for its
+    outcome, and takes the saga over if that worker's lease expires. If the
+    caller of a run is cancelled, a caller still waiting carries the saga on.
+
+    A compensation that raises leaves the saga ``failed`` (half undone): the
+    remaining compensations do not run, since older steps may depend on the
+    newer ones being undone first.
+    """
+
+    def __init__(
+        self,
+        log: SagaLog | str = "memory://",
+        *,
+        sagas: Iterable[SagaDefinition] = (),
+        owner: str | None = None,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        retry_for: float = 30.0,
+        poll_interval: float = 1.0,
+    ) -> None:
+        if isinstance(log, str):
+            # Imported here: the orchestrator depends on the SagaLog port, and
+            # reaches the adapters only to honour a URL (the composition root's job).
+            from sagakit.adapters import open_saga_log
+
+            log = open_saga_log(log)
+        if not (isinstance(lease_ttl, (int, float)) and lease_ttl > 0):
+            raise DefinitionError("lease_ttl", f"must be a positive number, got {lease_ttl!r}")
+        if owner is not None and (type(owner) is not str or not owner):
+            raise DefinitionError("owner", f"must be a non-empty string, got {owner!r}")
+        self._log: SagaLog = log
+        self._durable = bool(log.durable)
+        self.owner = owner or _default_owner()
+        self.lease_ttl = float(lease_ttl)
+        self.retry_for = retry_for
+        self.poll_interval = poll_interval
+        self._definitions: dict[str, SagaDefinition] = {}
+        for saga in sagas:
+            self.register(saga)
+        self._running: dict[str, _Run] = {}
+        # Leases held (one journal per saga driven here), those the renewer
+        # found lost, and the renewer itself while any is held.
+        self._held: dict[str, Journal] = {}
+        self._lost: set[str] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        self._server: asyncio.Task[None] | None = None
+        self._served: set[asyncio.Task[Any]] = set()
+        self._flush = self._flush_journal if self._durable else None
+
+    @property
+    def log(self) -> SagaLog:
+        return self._log
+
+    def register(self, saga: SagaDefinition) -> None:
+        """Know ``saga`` by its name, to carry on sagas of it that others started."""
+        if not isinstance(saga, SagaDefinition):
+            raise DefinitionError("sagas", f"must be SagaDefinitions, got {type(saga).__name__}")
+        known = self._definitions.get(saga.name)
+        if known is not None and known.fingerprint != saga.fingerprint:
+            raise DefinitionError("sagas", f"two definitions named {saga.name!r}")
+        self._definitions[saga.name] = saga
+
+    # --- running a saga ----------------------------------------------------------------
+
+    async def run(
+        self, saga: SagaDefinition, saga_id: str, data: Mapping[str, Any] | None = None
+    ) -> SagaOutcome:
+        """Run ``saga`` as ``saga_id`` with input ``data`` to its end, and report how it ended."""
+        data = self._checked(saga, saga_id, data)
+        running = self._running.get(saga_id)
+        if running is not None:
+            return await self._join(saga, saga_id, running, data)
+        run = self._running[saga_id] = _Run(saga, data)
+        try:
+            # Optimistic start: a new saga costs one create and no read; only a saga
+            # id the log already holds is read back (to resume or report it).
+            decision = decide(saga.plan, _INITIAL, Begin(data), time.time())
+            journal = await self._create(saga_id, decision.records)
+            if journal is None:
+                outcome = await self._existing(saga, saga_id, data)
+            else:
+                outcome = await self._drive(saga, saga_id, data, journal, decision, {})
+        except BaseException as exc:
+            for waiter in run.waiters or ():
+                if waiter.done():  # that caller was cancelled while it waited
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    # The caller that ran it was cancelled, not the ones waiting.
+                    waiter.set_exception(_RunnerCancelled())
+                else:
+                    waiter.set_exception(exc)
+            raise
+        finally:
+            del self._running[saga_id]
+        for waiter in run.waiters or ():
+            if not waiter.done():
+                waiter.set_result(outcome)
+        return outcome
+
+    def _checked(
+        self, saga: SagaDefinition, saga_id: str, data: Mapping[str, Any] | None
+    ) -> Mapping[str, Any]:
+        """The saga's input as it will be recorded, once the arguments are checked."""
+        if not isinstance(saga, SagaDefinition):
+            raise DefinitionError("saga", f"must be a SagaDefinition, got {type(saga).__name__}")
+        if type(saga_id) is not str or not saga_id:
+            raise DefinitionError("saga_id", f"must be a non-empty string, got {saga_id!r}")
+        if not data:
+            if data is not None and not isinstance(data, Mapping):
+                raise DefinitionError("data", f"must be a mapping, got {type(data).__name__}")
+            return NO_INPUT
+        if not isinstance(data, Mapping):
+            raise DefinitionError("data", f"must be a mapping, got {type(data).__name__}")
+        # Copied: the log records the input, which the caller may go on changing.
+        data = dict(data)
+        try:
+            check_json(data)
+        except (TypeError, ValueError) as exc:
+            raise SagaError(saga_id, f"its input is not a JSON value: {exc}") from exc
+        return data
+
+    def _create(self, saga_id: str, opening: Sequence[SagaRecord]) -> Awaitable[Journal | None]:
+        if self._durable:  # retried through an outage (the in-memory log has none)
+            return self._retrying(
+                lambda: self._log.create(saga_id, opening, owner=self.owner, ttl=self.lease_ttl)
+            )
+        return self._log.create(saga_id, opening, owner=self.owner, ttl=self.lease_ttl)
+
+    async def _drive(
+        self,
+        saga: SagaDefinition,
+        saga_id: str,
+        data: Mapping[str, Any],
+        journal: Journal,
+        decision: Any,
+        results: dict[str, Any],
+    ) -> SagaOutcome:
+        """Drive the saga under ``journal``'s lease; give the lease up if it stops unfinished."""
+        self._hold(journal)
+        ended = False
+        try:
+            outcome = await drive(
+                saga, saga_id, data, journal, decision, results, self._flush, self._lost
+            )
+            ended = True  # its last record ended the lease too
+            return outcome
+        except LeaseLost:
+            ended = True  # nothing of ours to give up
+            raise
+        finally:
+            if self._held.pop(saga_id, None) is not None and not ended:
+                try:
+                    await self._log.release(journal)  # a clean stop: another may take it now
+                except Exception:
+                    log.exception("saga %s: could not give its lease up", saga_id)
+            if self._lost:
+                self._lost.discard(saga_id)
+
+    async def _existing(
+        self, saga: SagaDefinition, saga_id: str, data: Mapping[str, Any]
+    ) -> SagaOutcome:
+        """The saga id is in the log: report it, carry it on, or wait for its holder."""
+        while True:
+            records = await self._log.read(saga_id)
+            if not records:  # forgotten since (a capped in-memory log): run it anew
+                decision = decide(saga.plan, _INITIAL, Begin(data), time.time())
+                journal = await self._create(saga_id, decision.records)
+                if journal is not None:
+                    return await self._drive(saga, saga_id, data, journal, decision, {})
+                continue
+            _, state, results = self._replayed(saga, saga_id, data, records)
+            if state.status.is_final:
+                return outcome_of(saga_id, saga.plan, state, results)
+            claim = await self._retrying(
+                lambda: self._log.claim(saga_id, owner=self.owner, ttl=self.lease_ttl)
+            )
+            if claim is not None:
+                try:
+                    return await self._resume(saga, saga_id, claim)
+                except LeaseLost:
+                    log.warning("saga %s: lease lost; waiting for its new holder", saga_id)
+            await self._wait_for_holder(saga_id)
+
+    def _replayed(
+        self,
+        saga: SagaDefinition,
+        saga_id: str,
+        data: Mapping[str, Any] | None,
+        records: list[SagaRecord],
+    ) -> tuple[SagaStarted, Any, dict[str, Any]]:
+        started = records[0]
+        if type(started) is not SagaStarted:
+            raise SagaError(saga_id, f"log opens with {started!r}, not SagaStarted")
+        if started.saga != saga.name or tuple(started.steps) != saga.step_names:
+            raise SagaIdConflict(
+                saga_id, fingerprint(started.saga, started.steps), saga.fingerprint
+            )
+        if data is not None and not _same_input(started.data, data):
+            raise SagaIdConflict(
+                saga_id,
+                f"{saga.fingerprint} with input {_shown(started.data)}",
+                f"{saga.fingerprint} with input {_shown(data)}",
+            )
+        try:
+            _, state, results = replay(saga.plan, records)
+        except InvalidTransition as exc:
+            raise SagaError(saga_id, f"its log cannot be replayed: {exc}") from exc
+        return started, state, results
+
+    async def _resume(self, saga: SagaDefinition, saga_id: str, claim: Claim) -> SagaOutcome:
+        started, state, results = self._replayed(saga, saga_id, None, claim.records)
+        journal = claim.journal
+        try:
+            decision = decide(saga.plan, state, Resume(), time.time())
+        except InvalidTransition as exc:
+            await self._log.release(journal)
+            raise SagaError(saga_id, f"its log cannot be carried on: {exc}") from exc
+        if decision.records:
+            log.info("resuming saga %s with %s", saga_id, decision.commands)
+            try:
+                journal.stage(decision.records)
+                if self._flush is not None:
+                    await self._flush(journal)
+            except BaseException:
+                await self._log.release(journal)
+                raise
+        return await self._drive(saga, saga_id, started.data, journal, decision, results)
+
+    async def _wait_for_holder(self, saga_id: str) -> None:
+        """Wait until the saga is finished, or its holder's lease expired or was given up."""
+        delay = 0.01
+        while True:
+            summary = await self._retrying(lambda: self._log.status(saga_id))
+            if summary is None or summary.status.is_final or summary.owner is None:
+                return
+            if summary.lease_expires_at is not None and summary.lease_expires_at <= time.time():
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.poll_interval)
+
+    async def _join(
+        self, saga: SagaDefinition, saga_id: str, running: _Run, data: Mapping[str, Any]
+    ) -> SagaOutcome:
+        theirs = running.saga
+        if theirs.name != saga.name or theirs.step_names != saga.step_names:
+            raise SagaIdConflict(saga_id, theirs.fingerprint, saga.fingerprint)
+        if not _same_input(running.data, data):
+            raise SagaIdConflict(
+                saga_id,
+                f"{saga.fingerprint} with input {_shown(running.data)}",
+                f"{saga.fingerprint} with input {_shown(data)}",
+            )
+        waiter: asyncio.Future[SagaOutcome] = asyncio.get_running_loop().create_future()
+        if running.waiters is None:
+            running.waiters = []
+        running.waiters.append(waiter)
+        try:
+            return await waiter
+        except _RunnerCancelled:
+            # Its log shows where it stopped: carry it on from there, for this
+            # caller (and any other waiter, which joins this run in turn).
+            log.info("saga %s: its runner was cancelled; carrying it on", saga_id)
+            return await self.run(saga, saga_id, data)
+
+    # --- starting, waiting, reading ------------------------------------------------------
+
+    async def start(
+        self, saga: SagaDefinition, saga_id: str, data: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Record the saga durably, for a worker to run, and return at once.
+
+        True when it was recorded now; False when the saga id was already
+        recorded for this definition and input (nothing changes). Raises
+        SagaIdConflict when it was recorded for another. The definition is
+        registered here, so that this orchestrator's :meth:`serve` runs it.
+        """
+        data = self._checked(saga, saga_id, data)
+        self.register(saga)
+        opening = [SagaStarted(saga.name, saga.step_names, data)]
+        journal = await self._retrying(
+            lambda: self._log.create(saga_id, opening, owner=None, ttl=self.lease_ttl)
+        )
+        if journal is not None:
+            return True
+        records = await self._log.read(saga_id)
+        if records:
+            self._replayed(saga, saga_id, data, records)
+        return False
+
+    async def result(self, saga_id: str, timeout: float | None = None) -> SagaOutcome:  # noqa: ASYNC109 - the API the issue names
+        """Wait for the saga's outcome (TimeoutError after ``timeout`` seconds).
+
+        SagaError when the saga id is unknown.
+        """
+        async with asyncio.timeout(timeout):
+            delay = 0.01
+            while True:
+                running = self._running.get(saga_id)
+                if running is not None:
+                    return await asyncio.shield(self._join_quietly(saga_id, running))
+                records = await self._retrying(lambda: self._log.read(saga_id))
+                if not records:
+                    raise SagaError(saga_id, "no such saga in the log")
+                outcome = self._outcome_of(saga_id, records)
+                if outcome.state.is_final:
+                    return outcome
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.poll_interval)
+
+    async def _join_quietly(self, saga_id: str, running: _Run) -> SagaOutcome:
+        return await self._join(running.saga, saga_id, running, running.data)
+
+    def _outcome_of(self, saga_id: str, records: list[SagaRecord]) -> SagaOutcome:
+        """How far a logged saga got, with or without its definition at hand."""
+        started = records[0]
+        if type(started) is not SagaStarted:
+            raise SagaError(saga_id, f"log opens with {started!r}, not SagaStarted")
+        saga = self._definitions.get(started.saga)
+        if saga is not None and saga.step_names == tuple(started.steps):
+            plan = saga.plan
+        else:
+            plan = _inferred_plan(started, records)
+        try:
+            _, state, results = replay(plan, records)
+        except InvalidTransition as exc:
+            raise SagaError(saga_id, f"its log cannot be replayed: {exc}") from exc
+        return outcome_of(saga_id, plan, state, results)
+
+    async def status(self, saga_id: str) -> SagaSummary | None:
+        """The saga as the log lists it (status, lease, counts), or None when unknown."""
+        return await self._log.status(saga_id)
+
+    async def list(
+        self, status: SagaStatus | Iterable[SagaStatus] | None = None, limit: int = 100
+    ) -> list[SagaSummary]:
+        """Sagas in the log, newest first, of the given status(es) or all."""
+        wanted = status if status is None or isinstance(status, SagaStatus) else list(status)
+        return await self._log.list(status=wanted, limit=limit)
+
+    # --- recovery and serving --------------------------------------------------------
+
+    async def recover(
+        self, sagas: Mapping[str, SagaDefinition] | Iterable[SagaDefinition] | None = None
+    ) -> Recovered:
+        """Claim every unfinished saga whose lease expired (or was given up) and carry it on.
+
+        ``sagas``: definitions to know besides the registered ones (a mapping
+        of names to definitions, or definitions). A saga whose definition is
+        unknown here is left to others and reported in ``missing``; one that
+        cannot be carried on (a corrupt log) in ``errors``; neither stops the rest.
+        """
+        definitions = dict(self._definitions)
+        if sagas is not None:
+            given = sagas.values() if isinstance(sagas, Mapping) else sagas
+            definitions.update((saga.name, saga) for saga in given)
+        recovered = Recovered()
+        skipped: list[Journal] = []
+        try:
+            while True:
+                claims = await self._retrying(
+                    lambda: self._log.claim_next(owner=self.owner, ttl=self.lease_ttl, limit=64)
+                )
+                if not claims:
+                    break
+                runnable = []
+                for claim in claims:
+                    saga_id = claim.journal.saga_id
+                    started = claim.records[0] if claim.records else None
+                    name = started.saga if type(started) is SagaStarted else "?"
+                    saga = definitions.get(name)
+                    if saga is None:
+                        # Held until the end of this recovery, so that the next
+                        # claim_next does not hand it back; then given up.
+                        log.warning(
+                            "saga %s: no definition of %r here; left to others", saga_id, name
+                        )
+                        recovered.missing[saga_id] = name
+                        skipped.append(claim.journal)
+                    else:
+                        runnable.append((saga, claim))
+                ended = await asyncio.gather(
+                    *(self._carry_on(saga, claim) for saga, claim in runnable),
+                    return_exceptions=True,
+                )
+                for (_, claim), result in zip(runnable, ended, strict=True):
+                    if isinstance(result, SagaOutcome):
+                        recovered.append(result)
+                    elif isinstance(result, Exception):
+                        log.error("saga %s: not recovered: %s", claim.journal.saga_id, result)
+                        recovered.errors[claim.journal.saga_id] = result
+                    else:
+                        raise result
+        finally:
+            for journal in skipped:
+                await self._log.release(journal)
+        return recovered
+
+    async def _carry_on(self, saga: SagaDefinition, claim: Claim) -> SagaOutcome:
+        saga_id = claim.journal.saga_id
+        if saga_id in self._running:  # claimed back from a run of ours that lost it
+            await self._log.release(claim.journal)
+            raise SagaError(saga_id, "already running here")
+        started = claim.records[0]
+        data = started.data if type(started) is SagaStarted else NO_INPUT
+        run = self._running[saga_id] = _Run(saga, data)
+        try:
+            outcome = await self._resume(saga, saga_id, claim)
+        except BaseException as exc:
+            for waiter in run.waiters or ():
+                if not waiter.done():
+                    waiter.set_exception(
+                        _RunnerCancelled() if isinstance(exc, asyncio.CancelledError) else exc
+                    )
+            raise
+        finally:
+            del self._running[saga_id]
+        for waiter in run.waiters or ():
+            if not waiter.done():
+                waiter.set_result(outcome)
+        return outcome
+
+    async def serve(self, *, concurrency: int = 64) -> None:
+        """Run sagas from the log until cancelled: those others started, and those
+        whose worker died (lease expired). Polls with backoff while there is none."""
+        delay = 0.01
+        try:
+            while True:
+                free = concurrency - len(self._served)
+                claims: list[Claim] = []
+                if free > 0:
+                    try:
+                        claims = await self._retrying(
+                            lambda free=free: self._log.claim_next(  # type: ignore[misc]
+                                owner=self.owner, ttl=self.lease_ttl, limit=free
+                            )
+                        )
+                    except BackendError as exc:
+                        log.error("claiming sagas failed: %s", exc)
+                for claim in claims:
+                    self._spawn(claim)
+                if claims:
+                    delay = 0.01
+                    await asyncio.sleep(0)
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.poll_interval)
+        finally:
+            tasks = list(self._served)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, claim: Claim) -> None:
+        saga_id = claim.journal.saga_id
+        started = claim.records[0] if claim.records else None
+        name = started.saga if type(started) is SagaStarted else "?"
+        saga = self._definitions.get(name)
+        if saga is None:
+            log.warning("saga %s: no definition of %r here; left to others", saga_id, name)
+            task: asyncio.Task[Any] = asyncio.ensure_future(self._log.release(claim.journal))
+        else:
+            task = asyncio.ensure_future(self._carry_on(saga, claim))
+        self._served.add(task)
+        task.add_done_callback(self._served_done)
+
+    def _served_done(self, task: asyncio.Task[Any]) -> None:
+        self._served.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            if isinstance(exc, LeaseLost):
+                log.warning("%s", exc)
+            else:
+                log.error("a saga this worker served failed: %s", exc)
+
+    async def __aenter__(self) -> Orchestrator:
+        if self._server is None or self._server.done():
+            self._server = asyncio.ensure_future(self.serve())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop serving: in-flight sagas served here stop and give their leases up."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.cancel()
+            await asyncio.gather(server, return_exceptions=True)
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+
+    # --- leases ----------------------------------------------------------------------
+
+    def _hold(self, journal: Journal) -> None:
+        self._held[journal.saga_id] = journal
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.ensure_future(self._renew())
+
+    async def _renew(self) -> None:
+        """Renew every held lease each third of the lease's life, while any is held."""
+        interval = self.lease_ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            if not self._held:
+                return
+            held = list(self._held.values())
+            try:
+                lost = await self._log.renew(held, ttl=self.lease_ttl)
+            except BackendError as exc:
+                # Tried again next round, sooner; a lease that runs out meanwhile is
+                # found lost at the next write (the epoch is checked on every one).
+                log.warning("renewing leases failed: %s", exc)
+                interval = max(self.lease_ttl / 10, 0.01)
+                continue
+            interval = self.lease_ttl / 3
+            for saga_id in lost:
+                if saga_id in self._held:
+                    log.warning("saga %s: its lease was lost; stopping its driver", saga_id)
+                    self._lost.add(saga_id)
+
+    async def _flush_journal(self, journal: Journal) -> None:
+        await self._retrying(journal.flush)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, tried again with backoff while it fails with a retryable BackendError,
+        for up to ``retry_for`` seconds."""
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except BackendError as exc:
+                if not exc.retryable or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s; retrying in %.2fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)

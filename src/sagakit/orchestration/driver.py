@@ -1,0 +1,164 @@
+"""The driver of one saga: decide, stage, flush when the log is durable, dispatch, await.
+
+It knows nothing of leases being renewed or of other callers; the
+:class:`~sagakit.orchestration.Orchestrator` around it does. It runs a saga's
+commands one at a time, in the order the state machine gives them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from time import time
+from typing import Any
+
+from sagakit.core.machine import (
+    CompensationRaised,
+    CompensationSucceeded,
+    Decision,
+    Event,
+    RunCompensation,
+    RunStep,
+    StepRaised,
+    StepSucceeded,
+    decide,
+)
+from sagakit.core.outcome import SagaOutcome, outcome_of
+from sagakit.core.records import check_json
+from sagakit.core.saga import PLAIN_RESULTS, SagaDefinition, Step, StepContext
+from sagakit.errors import InvalidTransition, LeaseLost, SagaError
+from sagakit.ports.saga_log import Journal
+
+__all__ = ["describe", "drive"]
+
+log = logging.getLogger("sagakit.orchestrator")
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` for an exception, whatever its ``__str__`` does."""
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not leave the saga unfinished
+        return f"{name}: (its message could not be read)"
+    return f"{name}: {text}" if text else name
+
+
+async def drive(
+    saga: SagaDefinition,
+    saga_id: str,
+    data: Mapping[str, Any],
+    journal: Journal,
+    decision: Decision,
+    results: dict[str, Any],
+    flush: Callable[[Journal], Awaitable[None]] | None,
+    lost: set[str],
+) -> SagaOutcome:
+    """Carry the saga on from ``decision``, whose records are staged and flushed.
+
+    ``flush``: how to make staged records durable (None on a log that is not
+    durable). ``lost``: the ids of sagas whose lease the renewer found lost; the
+    driver stops, raising LeaseLost, before its next action when its saga is
+    among them.
+    """
+    plan, steps = saga.plan, saga.steps
+    while True:
+        state = decision.state
+        for command in decision.commands:
+            if lost and saga_id in lost:
+                lease = journal.lease
+                raise LeaseLost(saga_id, lease.owner if lease else "?", lease.epoch if lease else 0)
+            event: Event
+            # Dispatched on type(), not with match: the class patterns of a match
+            # cost more than running a step that does nothing.
+            kind = type(command)
+            if kind is RunStep:
+                index, attempt = command  # type: ignore[misc]
+                step = steps[index]
+                name = step.name
+                # Called here, not in a helper coroutine: most steps do not
+                # suspend, and a coroutine per step would cost more than the step.
+                try:
+                    value = step.action(_context((saga_id, name, data, results, attempt, False)))
+                    if value is not None and (
+                        step.action_is_async
+                        or (type(value) not in PLAIN_RESULTS and hasattr(type(value), "__await__"))
+                    ):
+                        value = await value
+                except Exception as exc:
+                    event = _step_raised(saga_id, name, index, exc)
+                else:
+                    event = _step_succeeded(saga_id, name, index, value, results)
+            elif kind is RunCompensation:
+                index, attempt = command  # type: ignore[misc]
+                event = await _run_compensation(
+                    saga_id, steps[index], index, attempt, data, results
+                )
+            else:  # Finish
+                return outcome_of(saga_id, plan, state, results)
+        try:
+            decision = decide(plan, state, event, time())
+        except InvalidTransition as exc:  # a bug, not the saga's fault: say which saga
+            raise SagaError(saga_id, f"cannot carry on: {exc}") from exc
+        if decision.records:
+            journal.stage(decision.records)
+            if flush is not None and decision.flush:
+                await flush(journal)
+
+
+_context: Callable[[tuple[Any, ...]], StepContext] = partial(tuple.__new__, StepContext)
+
+
+def _step_raised(saga_id: str, name: str, index: int, exc: Exception) -> Event:
+    error = describe(exc)
+    log.info("saga %s: step %s failed: %s", saga_id, name, error)
+    return StepRaised(index, error)
+
+
+def _step_succeeded(
+    saga_id: str, name: str, index: int, value: Any, results: dict[str, Any]
+) -> Event:
+    if value is not None:
+        try:
+            check_json(value)
+        except (TypeError, ValueError) as exc:
+            # The result cannot be recorded, so the saga cannot carry it on: the
+            # step counts as failed, and the steps before it are compensated.
+            error = describe(SagaError(saga_id, f"step {name!r} returned a non-JSON value: {exc}"))
+            log.error("%s", error)
+            return StepRaised(index, error)
+    results[name] = value
+    return _succeeded((index, value))
+
+
+_succeeded: Callable[[tuple[int, Any]], StepSucceeded] = partial(tuple.__new__, StepSucceeded)
+
+
+def _awaitable(value: Any, is_async: bool) -> bool:
+    # None first: what a synchronous step most often returns.
+    return value is not None and (
+        is_async or (type(value) not in PLAIN_RESULTS and hasattr(type(value), "__await__"))
+    )
+
+
+async def _run_compensation(
+    saga_id: str,
+    step: Step,
+    index: int,
+    attempt: int,
+    data: Mapping[str, Any],
+    results: dict[str, Any],
+) -> Event:
+    # The machine decides a compensation only for a step that has one.
+    compensation = step.compensation
+    assert compensation is not None
+    try:
+        value = compensation(_context((saga_id, step.name, data, results, attempt, True)))
+        if _awaitable(value, step.compensation_is_async):
+            await value
+    except Exception as exc:
+        error = describe(exc)
+        log.error("saga %s: compensation of %s failed: %s", saga_id, step.name, error)
+        return CompensationRaised(index, error)
+    return CompensationSucceeded(index)
