@@ -17,6 +17,7 @@ import pytest
 
 from sagakit.node.host import Host, NodeSettings
 from sagakit.node.kinds import default_registry
+from sagakit.node.protocol import MAX_ID
 from sagakit.node.runner import parse_settings, serve
 from sagakit.node.shop_node import MAX_QUANTITY, InventoryNode
 from tests.test_node import INIT, MAIN, REPO, Run, execute, msg, reserve, run_node
@@ -337,3 +338,24 @@ def test_main_py_refuses_nothing_python_dash_s_accepts() -> None:
     )
     assert proc.returncode == 0
     assert [json.loads(line)["body"]["in_reply_to"] for line in proc.stdout.splitlines()] == [1, 5]
+
+
+@pytest.mark.parametrize("field", ["saga_id", "sku"])
+def test_an_id_over_the_limit_is_refused(field: str) -> None:
+    long = "x" * (MAX_ID + 1)
+    if field == "saga_id":
+        run = run_node(execute(7, long, ["a"]) + INIT + reserve(2, long))
+        assert (run.reply(7)["code"], run.reply(2, "c1")["code"]) == (12, 12)
+    else:
+        run = run_node(INIT + reserve(2, "s", sku=long))
+        assert run.reply(2, "c1")["code"] == 12
+    assert run.event_types() == []
+
+
+def test_a_long_dest_is_answered_but_not_kept_for_reuse() -> None:
+    from sagakit.node import protocol
+
+    dest = "d" * 100_000
+    line = protocol.encode(dest, "c", {"type": "x"})
+    assert json.loads(line)["src"] == dest
+    assert (dest, "c") not in protocol._prefixes

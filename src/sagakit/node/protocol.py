@@ -17,6 +17,7 @@ from typing import Any
 from sagakit.node.framing import BadInput, Decoder
 
 __all__ = [
+    "MAX_ID",
     "BadInput",
     "Decoder",
     "Encoded",
@@ -28,6 +29,7 @@ __all__ = [
     "msg_id_of",
     "optional_bool",
     "optional_str",
+    "require_id",
     "require_msg_id",
     "require_str",
     "require_str_list",
@@ -107,10 +109,11 @@ def encode(src: str, dest: str, body: dict[str, Any] | Encoded) -> str:
         return json.dumps({"src": src, "dest": dest, "body": body}, allow_nan=False)
     prefix = _prefixes.get((src, dest))
     if prefix is None:
-        if len(_prefixes) >= 4096:
-            _prefixes.clear()
         prefix = f'{{"src": {_escape(src)}, "dest": {_escape(dest)}, "body": '
-        _prefixes[src, dest] = prefix
+        if len(prefix) <= 512:  # a name of megabytes is not worth keeping
+            if len(_prefixes) >= 4096:
+                _prefixes.clear()
+            _prefixes[src, dest] = prefix
     if type(body) is Encoded:
         return prefix + body + "}"
     return prefix + "".join(_encoder(body, 0)) + "}"
@@ -151,6 +154,18 @@ def require_str(body: dict[str, Any], name: str) -> str:
     value = body.get(name)
     if type(value) is not str or not value:
         raise _malformed(name, "required, a non-empty string")
+    return value
+
+
+# Ids a node keeps (saga ids, SKUs): long enough for any real one, short
+# enough that the records kept to answer retries stay small.
+MAX_ID = 1024
+
+
+def require_id(body: dict[str, Any], name: str) -> str:
+    value = require_str(body, name)
+    if len(value) > MAX_ID:
+        raise _malformed(name, f"at most {MAX_ID} characters, got {len(value)}")
     return value
 
 

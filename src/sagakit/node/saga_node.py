@@ -7,13 +7,14 @@ from sagakit.core.saga import SagaDefinition, Step, StepContext
 from sagakit.errors import DefinitionError, SagaIdConflict
 from sagakit.node.host import Body, Host, Node
 from sagakit.node.protocol import (
+    MAX_ID,
     Encoded,
     ErrorCode,
     RequestError,
     json_string,
     optional_str,
+    require_id,
     require_msg_id,
-    require_str,
     require_str_list,
 )
 from sagakit.orchestration import Orchestrator
@@ -147,8 +148,8 @@ class SagaNode(Node):
         if type(msg_id) is not int:
             msg_id = require_msg_id(body)
         saga_id = body.get("saga_id")
-        if type(saga_id) is not str or not saga_id:
-            saga_id = require_str(body, "saga_id")
+        if type(saga_id) is not str or not saga_id or len(saga_id) > MAX_ID:
+            saga_id = require_id(body, "saga_id")
         variants = self._variants_of(body)
         fail_step = body.get("fail_step")
         # type() first: an unhashable value cannot be looked up.

@@ -17,8 +17,8 @@ from sagakit.node.protocol import (
     ErrorCode,
     RequestError,
     optional_bool,
+    require_id,
     require_msg_id,
-    require_str,
 )
 
 __all__ = ["EventBusNode", "InventoryNode", "ShopNode"]
@@ -105,9 +105,9 @@ class InventoryNode(ShopNode):
 
     async def on_reserve_inventory(self, src: str, body: Body) -> Body | None:
         msg_id = require_msg_id(body)
-        saga_id = require_str(body, "saga_id")
+        saga_id = require_id(body, "saga_id")
         try:
-            sku = require_str(body, "sku")
+            sku = require_id(body, "sku")
             quantity = body.get("quantity", 1)
             if type(quantity) is not int or not 1 <= quantity <= MAX_QUANTITY:
                 raise RequestError(
