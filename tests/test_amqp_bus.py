@@ -454,3 +454,64 @@ async def test_publish_waits_for_the_reconnection_then_gives_up(
     assert await amqp_server.close_connections(bus.connection_name) == 1
     with pytest.raises(BackendUnavailable):
         await bus.publish(event())
+
+
+async def test_a_group_queue_deleted_under_a_subscription_is_declared_again(
+    buses: Buses,
+) -> None:
+    bus = await buses()
+    got: list[Event] = []
+    await bus.subscribe("Tick", recorder(got), group="g")
+    connection = await aio_pika.connect(bus._driver_url)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(f"{bus.prefix}.g:Tick")  # the broker cancels our consumer
+    finally:
+        await connection.close()
+    sent = event("Tick")
+
+    async def delivered() -> None:
+        # Events published before the queue is back are not kept (no queue took them).
+        while not got:
+            await bus.publish(sent)
+            await asyncio.sleep(0.1)
+
+    async with asyncio.timeout(TIMEOUT):
+        await delivered()
+    assert got[0].event_id == sent.event_id
+
+
+async def test_a_consumer_channel_the_broker_closed_consumes_again(buses: Buses) -> None:
+    bus = await buses()
+    got: list[Event] = []
+    subscription = await bus.subscribe("Tick", recorder(got), group="g")
+    consumer = subscription._consumer
+    channel = consumer.channel
+    assert channel is not None
+    # An acknowledgement of a delivery that does not exist: the broker closes the channel.
+    underlay = await channel.get_underlay_channel()
+    await underlay.basic_ack(delivery_tag=999_999)
+    await wait_for(lambda: consumer.channel is not channel, "a new channel")
+    sent = [event("Tick", n=i) for i in range(3)]
+    for e in sent:
+        await bus.publish(e)
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+    assert ids(got) == ids(sent)
+
+
+async def test_event_types_that_amqp_names_refuse_are_hashed_into_queue_names(
+    buses: Buses,
+) -> None:
+    bus = await buses()
+    got: list[Event] = []
+    other: list[Event] = []
+    await bus.subscribe("Commande passée ✓", recorder(got), group="g")
+    await bus.subscribe("Commande passée ✗", recorder(other), group="g")
+    sent = event("Commande passée ✓")
+    await bus.publish(sent)
+    await bus.publish(event("Commande passée ✗"))
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+    assert ids(got) == [sent.event_id]
+    assert len(other) == 1

@@ -76,13 +76,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import logging
 import math
 import os
 import re
-import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -93,21 +90,28 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
     AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
 )
-from pamqp.common import FieldTable
 
-from sagakit.core.envelope import decode_event, encode_event
+from sagakit.adapters._amqp_delivery import (
+    DEAD_LETTER_HEADERS,
+    H_ID,
+    H_QUEUE,
+    MAX_RECONNECT_PAUSE,
+    Browse,
+    Consumer,
+    Subscription,
+    dead_letter_of,
+    short,
+    translate,
+)
+from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
-    BackendBusy,
     BackendError,
     BackendRefused,
     BackendUnavailable,
     ConfigurationError,
     DefinitionError,
-    SchemaMismatch,
 )
 from sagakit.ports.event_bus import (
     ALL_EVENTS,
@@ -126,51 +130,6 @@ _PREFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # No ":" in a group: it separates the group from the type in a queue's name.
 _GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _TYPE_IN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,120}")
-_QUORUM: FieldTable = {"x-queue-type": "quorum"}
-# A classic queue puts back what a reader got and did not take in its place (a
-# quorum queue puts it behind what another reader gave back before): the dead
-# letters stay oldest first however often they are listed.
-_CLASSIC: FieldTable = {"x-queue-type": "classic"}
-_SHORTSTR = 255  # bytes of an AMQP short string: routing keys, queue names, ids
-_MAX_ERROR = 4000  # characters of an error kept in a dead letter's headers
-_MAX_BACKOFF = 30.0
-_MAX_RECONNECT_PAUSE = 5.0
-# Headers of a dead letter.
-_H_ID, _H_GROUP, _H_ERROR = "sagakit-dead-letter-id", "sagakit-group", "sagakit-error"
-_H_DELIVERIES, _H_FAILED_AT, _H_QUEUE = (
-    "sagakit-deliveries",
-    "sagakit-failed-at-ms",
-    "sagakit-queue",
-)
-# Dropped on replay: the dead letter's own, and the count of its dead-letter queue's
-# listings (a replayed event starts with a fresh count of deliveries).
-_DEAD_LETTER_HEADERS = frozenset(
-    {_H_ID, _H_GROUP, _H_ERROR, _H_DELIVERIES, _H_FAILED_AT, _H_QUEUE, "x-delivery-count"}
-)
-# Errors that mean the connection or channel is gone: a retry may help.
-_LOST = (
-    amqp.AMQPConnectionError,
-    amqp.ChannelInvalidStateError,
-    ConnectionError,
-    OSError,
-    TimeoutError,
-)
-
-
-def _short(text: str) -> bool:
-    return len(text.encode()) <= _SHORTSTR
-
-
-def _gone(message: AbstractIncomingMessage) -> bool:
-    """Whether the message's channel is closed (so it cannot be acknowledged any more)."""
-    try:
-        return message.channel.is_closed
-    except amqp.ChannelInvalidStateError:
-        return True
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class _Options(NamedTuple):
@@ -215,25 +174,6 @@ def _options(url: str) -> _Options:
     return _Options(driver_url, where, ours["prefix"], prefetch, timeout)
 
 
-def _translate(where: str, what: str, exc: BaseException) -> BackendError:
-    """A driver error as one of sagakit's, saying whether a retry may help."""
-    if isinstance(exc, amqp.ProbableAuthenticationError | amqp.AuthenticationError):
-        return BackendRefused(where, f"{what}: credentials refused ({exc})")
-    if isinstance(exc, amqp.ChannelPreconditionFailed):
-        return SchemaMismatch(where, f"{what}: exists with other settings than sagakit's ({exc})")
-    if isinstance(exc, amqp.ChannelAccessRefused):
-        return BackendRefused(where, f"{what}: access refused ({exc})")
-    if isinstance(exc, amqp.PublishError):
-        return BackendRefused(where, f"{what}: no queue took it ({exc})")
-    if isinstance(exc, amqp.DeliveryError):
-        return BackendBusy(where, f"{what}: the broker refused it for now ({exc})")
-    if isinstance(exc, amqp.ConnectionNotAllowed):
-        return BackendRefused(where, f"{what}: connection refused ({exc})")
-    if isinstance(exc, _LOST):
-        return BackendUnavailable(where, f"{what}: {_describe(exc)}")
-    return BackendRefused(where, f"{what}: {_describe(exc)}")
-
-
 def _queue_part(event_type: str) -> str:
     """The event type as it appears in a queue's name."""
     if event_type == ALL_EVENTS:
@@ -247,7 +187,7 @@ def _queue_part(event_type: str) -> str:
 
 def _saga_key(saga_id: str) -> str:
     # The saga id rides in the correlation id, a short string: long ones are hashed.
-    if _short(saga_id):
+    if short(saga_id):
         return saga_id
     return "sha256:" + hashlib.sha256(saga_id.encode()).hexdigest()
 
@@ -278,7 +218,7 @@ class AmqpEventBus:
         self._reconnector: asyncio.Task[None] | None = None
         self._inspector: AbstractChannel | None = None
         self._browsing = asyncio.Lock()  # one reader of dead letters at a time, here
-        self._consumers: list[_Consumer] = []
+        self._consumers: list[Consumer] = []
         self._state = "open"  # then "closing", "closed"; "dead" once abandoned
         self._received = 0  # deliveries seen: drain() watches it stand still
 
@@ -328,7 +268,7 @@ class AmqpEventBus:
                     self._driver_url, client_properties={"connection_name": self.connection_name}
                 )
         except Exception as exc:
-            raise _translate(self.where, "cannot connect", exc) from exc
+            raise translate(self.where, "cannot connect", exc) from exc
         try:
             link = await self._open_channel(connection)
             for consumer in list(self._consumers):
@@ -349,7 +289,7 @@ class AmqpEventBus:
                 self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
             )
         except Exception as exc:
-            raise _translate(self.where, f"exchange {self.exchange_name}", exc) from exc
+            raise translate(self.where, f"exchange {self.exchange_name}", exc) from exc
         self._link = _Link(connection, channel, exchange)
         self._inspector = None
         self._up.set()
@@ -375,7 +315,7 @@ class AmqpEventBus:
                         await self._open()
                 except BackendError as exc:
                     log.warning("%s: reconnecting failed: %s", self.where, exc)
-                    pause = min(pause * 2, _MAX_RECONNECT_PAUSE)
+                    pause = min(pause * 2, MAX_RECONNECT_PAUSE)
                 else:
                     log.info("%s: reconnected", self.where)
                     return
@@ -387,13 +327,13 @@ class AmqpEventBus:
     async def publish(self, event: Event) -> None:
         if self._state in ("closed", "dead"):
             raise BackendError(self.where, f"the event bus is closed; {event.type} not published")
-        if not _short(event.type):
+        if not short(event.type):
             raise BackendRefused(self.where, f"event type {event.type[:40]!r}... is over 255 bytes")
         message = aio_pika.Message(
             encode_event(event),
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=event.event_id if _short(event.event_id) else None,
+            message_id=event.event_id if short(event.event_id) else None,
             correlation_id=_saga_key(event.saga_id),
             type=event.type,
         )
@@ -408,7 +348,7 @@ class AmqpEventBus:
         try:
             await exchange.publish(message, routing_key=routing_key, mandatory=direct)
         except Exception as exc:
-            raise _translate(self.where, what, exc) from exc
+            raise translate(self.where, what, exc) from exc
 
     # --- subscribing ----------------------------------------------------------------------
 
@@ -421,7 +361,7 @@ class AmqpEventBus:
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         backoff: float = DEFAULT_BACKOFF,
-    ) -> _Subscription:
+    ) -> Subscription:
         if not isinstance(event_type, str) or not event_type:
             raise DefinitionError("event_type", "must be a non-empty string")
         if event_type != ALL_EVENTS and ("*" in event_type or "#" in event_type):
@@ -439,11 +379,11 @@ class AmqpEventBus:
                 raise DefinitionError(name, "must be a finite number of seconds, not negative")
         if ack_timeout <= 0:
             raise DefinitionError("ack_timeout", "must be positive")
-        if not _short(event_type):
+        if not short(event_type):
             raise DefinitionError("event_type", "over 255 bytes, the longest routing key")
         owner = f"@{os.urandom(8).hex()}" if group is None else group
         queue = f"{self.prefix}.{owner}:{_queue_part(event_type)}"
-        consumer = _Consumer(
+        consumer = Consumer(
             self, event_type, handler, group, queue, max_deliveries, float(ack_timeout), backoff
         )
         if self._state != "open":
@@ -451,7 +391,7 @@ class AmqpEventBus:
         link = await self._ready()
         await consumer.start(link.connection)
         self._consumers.append(consumer)
-        return _Subscription(self, consumer)
+        return Subscription(self, consumer)
 
     def dead_letter_queue(self, group: str) -> str:
         """The name of the group's dead-letter queue (``""``: subscriptions without a group)."""
@@ -480,7 +420,7 @@ class AmqpEventBus:
             seen = self._received
             await asyncio.sleep(0.01)
 
-    async def _ready_count(self, consumers: list[_Consumer]) -> int:
+    async def _ready_count(self, consumers: list[Consumer]) -> int:
         link = await self._ready()
         if self._inspector is None or self._inspector.is_closed:
             self._inspector = await link.connection.channel(publisher_confirms=False)
@@ -492,7 +432,7 @@ class AmqpEventBus:
                 self._inspector = None  # the 404 closed the channel
                 return 1  # not declared yet (reconnecting): not settled
             except Exception as exc:
-                raise _translate(self.where, "counting events", exc) from exc
+                raise translate(self.where, "counting events", exc) from exc
             counts += queue.declaration_result.message_count or 0
         return counts
 
@@ -500,33 +440,35 @@ class AmqpEventBus:
         if type(limit) is not int or limit < 0:
             raise DefinitionError("limit", "must be a non-negative integer")
         letters: list[DeadLetter] = []
-        async with _Browse(self, self.dead_letter_queue(group)) as browse:
+        async with Browse(self, self.dead_letter_queue(group)) as browse:
             while len(letters) < limit:
                 message = await browse.get()
                 if message is None:
                     break
-                letters.append(_dead_letter(message))
+                letters.append(dead_letter_of(message))
         return letters
 
     async def replay_dead_letter(self, group: str, dead_letter_id: str) -> None:
-        async with _Browse(self, self.dead_letter_queue(group)) as browse:
+        async with Browse(self, self.dead_letter_queue(group)) as browse:
             while (message := await browse.get()) is not None:
                 headers = message.headers or {}
-                if headers.get(_H_ID) != dead_letter_id:
+                if headers.get(H_ID) != dead_letter_id:
                     continue
-                target = headers.get(_H_QUEUE)
+                target = headers.get(H_QUEUE)
                 if not isinstance(target, str) or not target:
                     raise BackendRefused(self.where, f"dead letter {dead_letter_id} names no queue")
                 again = aio_pika.Message(
                     message.body,
-                    headers={k: v for k, v in headers.items() if k not in _DEAD_LETTER_HEADERS},
+                    headers={k: v for k, v in headers.items() if k not in DEAD_LETTER_HEADERS},
                     content_type=message.content_type,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     message_id=message.message_id,
                     correlation_id=message.correlation_id,
                     type=message.type,
                 )
-                await self._send(again, target, what=f"replaying to {target}", direct=True)
+                await self._send(
+                    again, target, what=f"publishing a replay to {target}", direct=True
+                )
                 await browse.take(message)
                 return
         raise DefinitionError(
@@ -566,329 +508,3 @@ class AmqpEventBus:
             consumer.stopping = True
             for task in consumer.tasks:
                 task.cancel()
-
-
-class _Browse:
-    """A dead-letter queue read on a channel of its own, without consuming it.
-
-    What :meth:`get` returns stays unacknowledged unless :meth:`take` acknowledges
-    it; closing the channel puts the rest back, in order. The broker applies that
-    after the close returns, so the exit waits (a moment at most) until the queue
-    holds them again: a listing right after sees them all.
-    """
-
-    def __init__(self, bus: AmqpEventBus, name: str) -> None:
-        self._bus, self._name = bus, name
-        self._channel: AbstractChannel | None = None
-        self._queue: AbstractQueue | None = None
-        self._ready = self._taken = 0
-
-    async def __aenter__(self) -> _Browse:
-        await self._bus._browsing.acquire()
-        try:
-            link = await self._bus._ready()
-            self._channel = await link.connection.channel(publisher_confirms=False)
-            self._queue = await self._channel.declare_queue(self._name, passive=True)
-            self._ready = self._queue.declaration_result.message_count or 0
-        except amqp.ChannelNotFoundEntity:
-            self._queue = None  # never declared: no dead letters
-        except BaseException as exc:
-            self._bus._browsing.release()
-            if isinstance(exc, BackendError | asyncio.CancelledError):
-                raise
-            raise _translate(self._bus.where, f"reading {self._name}", exc) from exc
-        return self
-
-    async def get(self) -> AbstractIncomingMessage | None:
-        if self._queue is None:
-            return None
-        try:
-            return await self._queue.get(no_ack=False, fail=False)
-        except Exception as exc:
-            raise _translate(self._bus.where, f"reading {self._name}", exc) from exc
-
-    async def take(self, message: AbstractIncomingMessage) -> None:
-        await message.ack()
-        self._taken += 1
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        try:
-            channel = self._channel
-            if channel is None or channel.is_closed:
-                return
-            try:
-                await channel.close()
-                await self._settled()
-            except _LOST:
-                pass  # the connection went: the broker gives them back all the same
-        finally:
-            self._bus._browsing.release()
-
-    async def _settled(self) -> None:
-        link = await self._bus._ready()
-        channel = await link.connection.channel(publisher_confirms=False)
-        try:
-            async with asyncio.timeout(2.0):
-                while True:
-                    queue = await channel.declare_queue(self._name, passive=True)
-                    if (queue.declaration_result.message_count or 0) >= self._ready - self._taken:
-                        return
-                    await asyncio.sleep(0.005)
-        except TimeoutError:
-            pass  # another reader holds some: nothing to wait for
-        finally:
-            await channel.close()
-
-
-def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
-    headers = message.headers or {}
-    try:
-        event = decode_event(message.body)
-    except DefinitionError as exc:
-        # Not an envelope (another producer's message): shown, so it can be looked at.
-        text = bytes(message.body[:1000]).decode("utf-8", "replace")
-        event = Event(message.type or "undecodable", "unknown", {"raw": text, "problem": str(exc)})
-    failed_at = headers.get(_H_FAILED_AT)
-    deliveries = headers.get(_H_DELIVERIES)
-    return DeadLetter(
-        id=str(headers.get(_H_ID, "")),
-        group=str(headers.get(_H_GROUP, "")),
-        event=event,
-        error=str(headers.get(_H_ERROR, "")),
-        deliveries=deliveries if type(deliveries) is int else 0,
-        failed_at=failed_at / 1000 if type(failed_at) is int else 0.0,
-    )
-
-
-class _Subscription:
-    __slots__ = ("_bus", "_consumer")
-
-    def __init__(self, bus: AmqpEventBus, consumer: _Consumer) -> None:
-        self._bus: AmqpEventBus | None = bus
-        self._consumer = consumer
-
-    @property
-    def group(self) -> str:
-        return self._consumer.group or ""
-
-    async def cancel(self) -> None:
-        """Stop this subscription; what it has not started goes back to its queue."""
-        bus, self._bus = self._bus, None
-        if bus is None:
-            return
-        await self._consumer.stop()
-        if self._consumer in bus._consumers:
-            bus._consumers.remove(self._consumer)
-
-
-class _Consumer:
-    """One subscription: a channel, a consumer on its queue, and lanes of events per saga."""
-
-    def __init__(
-        self,
-        bus: AmqpEventBus,
-        event_type: str,
-        handler: Handler,
-        group: str | None,
-        queue_name: str,
-        max_deliveries: int,
-        ack_timeout: float,
-        backoff: float,
-    ) -> None:
-        self.bus, self.event_type, self.handler, self.group = bus, event_type, handler, group
-        self.queue_name, self.dlq_name = queue_name, bus.dead_letter_queue(group or "")
-        self.max_deliveries, self.ack_timeout, self.backoff = max_deliveries, ack_timeout, backoff
-        self.channel: AbstractChannel | None = None
-        self.queue: AbstractQueue | None = None
-        self.tag: str | None = None
-        # Per saga, the events received and not yet handled; the first is being handled.
-        self.lanes: dict[str, deque[AbstractIncomingMessage]] = {}
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.held = 0  # received and not yet acknowledged or given back
-        self.stopping = False
-        self.wake = asyncio.Event()  # cuts backoff pauses short when stopping
-
-    async def start(self, connection: AbstractConnection) -> None:
-        private = self.group is None
-        try:
-            channel = await connection.channel(publisher_confirms=False)
-            await channel.set_qos(prefetch_count=self.bus._prefetch)
-            await channel.declare_queue(self.dlq_name, durable=True, arguments=_CLASSIC)
-            if private:
-                queue = await channel.declare_queue(
-                    self.queue_name, durable=False, exclusive=True, auto_delete=True
-                )
-            else:
-                queue = await channel.declare_queue(
-                    self.queue_name, durable=True, arguments=_QUORUM
-                )
-            binding = "#" if self.event_type == ALL_EVENTS else self.event_type
-            await queue.bind(self.bus.exchange_name, routing_key=binding)
-            self.tag = await queue.consume(self._on_message)
-        except Exception as exc:
-            raise _translate(self.bus.where, f"subscribing {self.queue_name}", exc) from exc
-        self.channel, self.queue = channel, queue
-
-    async def stop(self) -> None:
-        if self.stopping:
-            return
-        self.stopping = True
-        self.wake.set()
-        channel, queue, tag = self.channel, self.queue, self.tag
-        if channel is not None and not channel.is_closed and queue is not None and tag:
-            try:
-                await queue.cancel(tag)
-            except (amqp.AMQPError, *_LOST):
-                pass  # the channel went: the broker gave its events back already
-        current = asyncio.current_task()
-        running = [task for task in self.tasks if task is not current]
-        if running:
-            await asyncio.wait(running)
-        if channel is not None and not channel.is_closed:
-            try:
-                await channel.close()
-            except (amqp.AMQPError, *_LOST):
-                pass
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # Runs in a task of its own per delivery, started in delivery order; it joins
-        # the saga's lane before its first await, so a lane keeps that order.
-        self.bus._received += 1
-        if self.stopping:
-            return  # not acknowledged: closing the channel gives it back
-        self.held += 1
-        key = message.correlation_id or ""
-        lane = self.lanes.get(key)
-        if lane is not None:
-            lane.append(message)
-            return
-        lane = self.lanes[key] = deque((message,))
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        try:
-            while lane and not self.stopping:
-                try:
-                    await self._handle(lane[0])
-                finally:
-                    lane.popleft()
-                    self.held -= 1
-        finally:
-            self.tasks.discard(task)
-            del self.lanes[key]
-            self.held -= len(lane)  # left unacknowledged for the channel's close to give back
-
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
-        if _gone(message):
-            return  # its connection went: the broker has given it back already
-        private = self.group is None
-        count = (message.headers or {}).get("x-delivery-count", 0)
-        before = count if type(count) is int and count > 0 else 0
-        try:
-            event = decode_event(message.body)
-        except DefinitionError as exc:
-            await self._dead_letter(message, f"undecodable event: {exc}", before + 1)
-            return
-        if not private and before >= self.max_deliveries:
-            gone = f"given back unacknowledged {before} times (its consumers stopped or died)"
-            await self._dead_letter(message, gone, before)
-            return
-        deliveries = before + 1
-        while True:
-            error = await self._attempt(event)
-            if error is None:
-                await self._settle(message, ack=True)
-                return
-            log.warning(
-                "%s: %s of saga %s failed (delivery %d of %d): %s",
-                self.queue_name,
-                event.type,
-                event.saga_id,
-                deliveries,
-                self.max_deliveries,
-                error,
-            )
-            if deliveries >= self.max_deliveries:
-                await self._dead_letter(message, error, deliveries)
-                return
-            await self._pause(deliveries)
-            if not private or self.stopping:
-                # Given back, for any consumer of the group to try again.
-                await self._settle(message, ack=False)
-                return
-            # A private queue has no other consumer, and no delivery count: retry here.
-            deliveries += 1
-
-    async def _attempt(self, event: Event) -> str | None:
-        """Run the handler once: None if it returned, else the error it ended with."""
-        expiry = asyncio.timeout(self.ack_timeout)
-        try:
-            async with expiry:
-                result = self.handler(event)
-                if inspect.isawaitable(result):
-                    await result
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # this consumer is being cancelled, not the handler failing
-            return _describe(exc)
-        except TimeoutError as exc:
-            if expiry.expired():
-                return f"TimeoutError: still running after the ack timeout ({self.ack_timeout:g}s)"
-            return _describe(exc)
-        except Exception as exc:
-            return _describe(exc)
-        return None
-
-    async def _pause(self, deliveries: int) -> None:
-        cap = max(self.backoff, _MAX_BACKOFF)
-        delay = min(self.backoff * 2 ** min(deliveries - 1, 30), cap)
-        try:
-            async with asyncio.timeout(delay):
-                await self.wake.wait()
-        except TimeoutError:
-            pass
-
-    async def _settle(self, message: AbstractIncomingMessage, *, ack: bool) -> None:
-        try:
-            if ack:
-                await message.ack()
-            else:
-                await message.nack(requeue=True)
-        except (amqp.AMQPError, *_LOST) as exc:
-            # The channel went with the connection: the broker has given it back.
-            log.info("%s: could not settle a delivery: %s", self.queue_name, exc)
-
-    async def _dead_letter(
-        self, message: AbstractIncomingMessage, error: str, deliveries: int
-    ) -> None:
-        headers: dict[str, Any] = dict(message.headers or {})
-        headers.pop("x-delivery-count", None)
-        headers.update(
-            {
-                _H_ID: os.urandom(16).hex(),
-                _H_GROUP: self.group or "",
-                _H_ERROR: error[:_MAX_ERROR],
-                _H_DELIVERIES: deliveries,
-                _H_FAILED_AT: int(time.time() * 1000),
-                _H_QUEUE: self.queue_name,
-            }
-        )
-        letter = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            type=message.type,
-        )
-        try:
-            await self.bus._send(letter, self.dlq_name, what="dead-lettering", direct=True)
-        except BackendError as exc:
-            log.error("%s: cannot dead-letter, giving it back: %s", self.queue_name, exc)
-            await self._pause(deliveries)
-            await self._settle(message, ack=False)
-            return
-        log.error("%s: dead letter after %d deliveries: %s", self.queue_name, deliveries, error)
-        await self._settle(message, ack=True)
