@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -235,9 +236,18 @@ async def test_a_request_that_fails_rolls_back_alone(log: SQLiteSagaLog) -> None
     )
     db.commit()
     db.close()
+
+    def busy(db: sqlite3.Connection, now: float) -> None:
+        time.sleep(0.1)  # holds the writer thread while the flushes queue up behind it
+
+    hold = asyncio.ensure_future(log._call(busy, writes=False))
+    await asyncio.sleep(0.02)
+    before = log.stats.commits
     results = await asyncio.gather(
         *(write(j, [StepCompleted(0, "x")]) for j in journals), return_exceptions=True
     )
+    await hold
+    assert log.stats.commits == before + 1  # one transaction for the four
     assert isinstance(results[0], BackendRefused)
     assert results[1:] == [None, None, None]
     assert len(await log.read("o-1")) == 3
