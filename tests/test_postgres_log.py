@@ -9,6 +9,7 @@ The server is the session's private PostgreSQL (tests/servers/postgres.py) or th
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -402,6 +403,47 @@ async def test_the_log_rides_out_a_server_restart(
         await log.close()
 
 
+async def test_writers_ride_out_restarts_mid_flush_without_gaps_or_doubles(
+    private_postgres: PrivatePostgres, private_postgres_url: str
+) -> None:
+    """Flushes in flight when the server goes down: whatever their fate, retrying them
+    leaves each saga's log exactly the records staged, once each, in order."""
+    log = PostgresSagaLog.from_url(private_postgres_url + "?connect_timeout=2")
+    try:
+        journals = [await started(log, f"o-{i}") for i in range(16)]
+        written = [0] * 16
+        failures = 0
+
+        async def restarts() -> None:
+            for mode in ("immediate", "fast"):
+                await asyncio.sleep(0.1)
+                await asyncio.to_thread(private_postgres.restart, mode)
+
+        restarting = asyncio.create_task(restarts())
+
+        async def writer(i: int, journal: Journal) -> None:
+            nonlocal failures
+            while not restarting.done() or written[i] < 25:
+                journal.stage([StepCompleted(0, written[i])])
+                written[i] += 1
+                while True:
+                    try:
+                        await journal.flush()
+                        break
+                    except BackendUnavailable:
+                        failures += 1
+                        await asyncio.sleep(0.05)
+                await asyncio.sleep(0.005)
+
+        await asyncio.gather(restarting, *(writer(i, j) for i, j in enumerate(journals)))
+        assert failures > 0  # the restarts did hit flushes
+        for i in range(16):
+            expected = [*opening(), *(StepCompleted(0, n) for n in range(written[i]))]
+            assert typed(await log.read(f"o-{i}")) == typed(expected)
+    finally:
+        await log.close()
+
+
 async def test_an_immediate_shutdown_loses_nothing_committed(
     private_postgres: PrivatePostgres, private_postgres_url: str
 ) -> None:
@@ -416,7 +458,13 @@ async def test_an_immediate_shutdown_loses_nothing_committed(
         await log.close()
 
 
-# --- errors ---------------------------------------------------------------------------------
+# --- errors ---
+
+
+def test_a_missing_driver_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # import asyncpg now fails
+    with pytest.raises(ConfigurationError, match=r"pip install 'sagakit\[postgres\]'"):
+        open_saga_log("postgresql://u@h/db")
 
 
 async def test_nothing_listening_is_unavailable() -> None:

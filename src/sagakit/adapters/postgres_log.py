@@ -112,6 +112,7 @@ def _translate(exc: BaseException) -> BackendError:
         or state in _UNAVAILABLE_STATES
         # asyncpg's "connection is closed", "pool is closing"
         or (isinstance(exc, asyncpg.InterfaceError) and "clos" in str(exc))
+        or isinstance(exc, asyncpg.exceptions.InternalClientError)
     ):
         error = BackendUnavailable(BACKEND, message)  # OSError: refused, reset, no route, DNS
     elif state in _BUSY_STATES or state.startswith(("40", "53")):
@@ -124,7 +125,17 @@ def _translate(exc: BaseException) -> BackendError:
     return error
 
 
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # a protocol left half-way by a lost server
+    OSError,
+    TimeoutError,
+)
+
+
+async def _no_reset(conn: Any) -> None:
+    return None
 
 
 # --- checks at the boundary: bad input fails its own call, never a shared batch ------------
@@ -235,6 +246,9 @@ class PostgresSagaLog:
                         max_size=self._pool_size,
                         timeout=self._connect_timeout,
                         command_timeout=self._command_timeout,
+                        # asyncpg resets a connection on release with one more round
+                        # trip (RESET ALL, ...); this log sets no session state it keeps.
+                        reset=_no_reset,
                     )
                 except _DRIVER_ERRORS as exc:
                     raise _translate(exc) from exc
@@ -248,10 +262,24 @@ class PostgresSagaLog:
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
         try:
-            async with self._pool.acquire() as conn:
-                yield conn
+            conn = await self._pool.acquire()
         except _DRIVER_ERRORS as exc:
             raise _translate(exc) from exc
+        try:
+            yield conn
+        except _DRIVER_ERRORS as exc:
+            error = _translate(exc)
+            if isinstance(error, BackendUnavailable):
+                # Cut off mid-operation: never hand it out again (already done when
+                # asyncpg saw it close).
+                with contextlib.suppress(Exception):
+                    conn.terminate()
+            raise error from exc
+        finally:
+            # A release that fails has terminated the connection (the pool makes a new
+            # one); the statement's outcome stands.
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn)
 
     async def _ensure_schema(self, conn: Any) -> None:
         self.stats.statements += 1
