@@ -80,11 +80,30 @@ def to_json(value: Any) -> bytes:
     """``value`` as JSON bytes; TypeError or ValueError when it is not a JSON value
     (a set, an object, NaN, a non-string key, an integer past 64 bits)."""
     try:
-        return _dumps(value)
+        data = _dumps(value)
     except TypeError:
         raise
     except Exception as exc:  # orjson.JSONEncodeError is a TypeError; be sure all the same
         raise TypeError(str(exc)) from exc
+    # orjson writes NaN and the infinities as null: a value stored would come
+    # back changed. Walked only when the output has a null at all.
+    if b"null" in data and _has_non_finite(value):
+        raise ValueError("NaN and Infinity are not JSON values")
+    return data
+
+
+def _has_non_finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is float:
+            if item != item or item in (float("inf"), float("-inf")):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
 
 
 def from_json(data: bytes | str) -> Any:
