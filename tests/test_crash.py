@@ -40,33 +40,40 @@ def _plan(count: int) -> dict[str, str | None]:
     return {f"order-{i:04d}": (rng.choice(STEPS) if i % 3 == 2 else None) for i in range(count)}
 
 
-def _worker(url: str, owner: str) -> subprocess.Popen[bytes]:
+def _worker(url: str, owner: str, logs: Path) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "CRASH_EFFECTS_URL": url,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src")]),
         "SAGAKIT_LOG": "WARNING",
     }
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sagakit.cli",
-            "worker",
-            "--store",
-            url,
-            "--sagas",
-            "crash.sagas:SAGAS",
-            "--owner",
-            owner,
-            "--lease-ttl",
-            str(LEASE_TTL),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    # stderr to a file: a pipe nobody drains could stall the worker, and one
+    # left open when the worker is killed is a leaked descriptor.
+    with open(logs / f"{owner}.log", "wb") as stderr:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sagakit.cli",
+                "worker",
+                "--store",
+                url,
+                "--sagas",
+                "crash.sagas:SAGAS",
+                "--owner",
+                owner,
+                "--lease-ttl",
+                str(LEASE_TTL),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+
+
+def _log_of(logs: Path, owner: str) -> str:
+    return (logs / f"{owner}.log").read_text(errors="replace")[-3000:]
 
 
 async def _start_all(url: str, plan: dict[str, str | None]) -> None:
@@ -147,32 +154,46 @@ def _check(url: str, plan: dict[str, str | None], summaries: dict[str, Any]) -> 
 
 
 def _kill_repeatedly(
-    url: str, kills: int, rng: random.Random, owner: str, others: list[subprocess.Popen[bytes]]
+    url: str,
+    kills: int,
+    rng: random.Random,
+    logs: Path,
+    others: list[tuple[str, subprocess.Popen[bytes]]],
 ) -> int:
     killed = 0
     for n in range(kills):
-        worker = _worker(url, f"{owner}-{n}")
+        owner = f"doomed-{n}"
+        worker = _worker(url, owner, logs)
         time.sleep(rng.uniform(0.2, 1.2))
         if worker.poll() is not None:
-            err = worker.stderr.read().decode() if worker.stderr else ""
-            raise AssertionError(f"worker exited by itself ({worker.returncode}): {err[-2000:]}")
+            raise AssertionError(
+                f"worker exited by itself ({worker.returncode}): {_log_of(logs, owner)}"
+            )
         worker.send_signal(signal.SIGKILL)
         worker.wait()
         killed += 1
-        for other in others:
-            assert other.poll() is None, "a worker that nobody killed has exited"
+        for name, other in others:
+            assert other.poll() is None, (
+                f"{name}, whom nobody killed, exited: {_log_of(logs, name)}"
+            )
     return killed
 
 
-def _stop(worker: subprocess.Popen[bytes]) -> None:
+# A worker takes this long at most to start and install its signal handlers.
+STARTUP = 3.0
+
+
+def _stop(name: str, worker: subprocess.Popen[bytes], logs: Path, started: float) -> None:
+    # SIGTERM before the worker installed its handler would kill it outright.
+    time.sleep(max(0.0, started + STARTUP - time.monotonic()))
     worker.send_signal(signal.SIGTERM)
     try:
         code = worker.wait(timeout=30)
     except subprocess.TimeoutExpired:
         worker.kill()
-        raise AssertionError("a worker did not stop within 30 s of SIGTERM") from None
-    err = worker.stderr.read().decode() if worker.stderr else ""
-    assert code == 0, f"worker exited {code} on SIGTERM: {err[-2000:]}"
+        worker.wait()
+        raise AssertionError(f"{name} did not stop within 30 s of SIGTERM") from None
+    assert code == 0, f"{name} exited {code} on SIGTERM: {_log_of(logs, name)}"
 
 
 @pytest.fixture
@@ -180,28 +201,29 @@ def sqlite_store(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'sagas.db'}"
 
 
-def _run_crash_scenario(url: str, workers: int) -> tuple[list[Any], list[int]]:
+def _run_crash_scenario(url: str, workers: int, logs: Path) -> tuple[list[Any], list[int]]:
     plan = _plan(SAGA_COUNT)
     create_schema(url)
     asyncio.run(_start_all(url, plan))
     rng = random.Random(11)
-    steady = [_worker(url, f"steady-{i}") for i in range(workers - 1)]
+    began = time.monotonic()
+    steady = [(f"steady-{i}", _worker(url, f"steady-{i}", logs)) for i in range(workers - 1)]
     try:
-        assert _kill_repeatedly(url, KILLS, rng, "doomed", steady) == KILLS
-        last = _worker(url, "last")
+        assert _kill_repeatedly(url, KILLS, rng, logs, steady) == KILLS
+        last, last_began = _worker(url, "last", logs), time.monotonic()
         try:
             summaries = _wait_all_terminal(url, len(plan), timeout=120)
         finally:
-            _stop(last)
+            _stop("last", last, logs, last_began)
     finally:
-        for worker in steady:
-            _stop(worker)
+        for name, worker in steady:
+            _stop(name, worker, logs, began)
     summaries = asyncio.run(_summaries(url))
-    return _check(url, plan, summaries), [worker.pid for worker in steady]
+    return _check(url, plan, summaries), [worker.pid for _, worker in steady]
 
 
-def test_sqlite_worker_killed_again_and_again(sqlite_store: str) -> None:
-    attempts, _ = _run_crash_scenario(sqlite_store, workers=1)
+def test_sqlite_worker_killed_again_and_again(sqlite_store: str, tmp_path: Path) -> None:
+    attempts, _ = _run_crash_scenario(sqlite_store, workers=1, logs=tmp_path)
     # The kills did land inside sagas: some step ran more than once, and its
     # idempotency key kept its effect single all the same (checked above).
     runs: dict[tuple[str, str, str], int] = defaultdict(int)
@@ -210,8 +232,33 @@ def test_sqlite_worker_killed_again_and_again(sqlite_store: str) -> None:
     assert max(runs.values()) >= 2, "no kill landed between an effect and its record"
 
 
-def test_postgres_workers_share_work_while_one_is_killed(postgres_url: str) -> None:
-    attempts, steady = _run_crash_scenario(postgres_url, workers=3)
+def test_postgres_workers_share_work_while_one_is_killed(postgres_url: str, tmp_path: Path) -> None:
+    attempts, steady = _run_crash_scenario(postgres_url, workers=3, logs=tmp_path)
     pids = {pid for *_, pid in attempts}
     # The work was shared: both workers that nobody killed ran steps.
     assert set(steady) <= pids, f"workers {set(steady) - pids} ran nothing"
+
+
+def test_workers_ride_out_a_database_restart(
+    private_postgres: Any, private_postgres_url: str, tmp_path: Path
+) -> None:
+    """The database itself goes down mid-run and comes back: workers reconnect with
+    backoff (no worker exits), and every saga still ends right."""
+    url = private_postgres_url
+    plan = _plan(SAGA_COUNT)
+    create_schema(url)
+    asyncio.run(_start_all(url, plan))
+    began = time.monotonic()
+    workers = [(f"steady-{i}", _worker(url, f"steady-{i}", tmp_path)) for i in range(2)]
+    try:
+        time.sleep(1.5)  # mid-run: the workers are into the sagas
+        with private_postgres.stopped():
+            time.sleep(2.0)
+            for name, worker in workers:
+                assert worker.poll() is None, f"{name} exited: {_log_of(tmp_path, name)}"
+        summaries = _wait_all_terminal(url, len(plan), timeout=120)
+        assert all(s.status.is_final for s in summaries.values())
+    finally:
+        for name, worker in workers:
+            _stop(name, worker, tmp_path, began)
+    _check(url, plan, asyncio.run(_summaries(url)))
