@@ -35,6 +35,7 @@ from sagakit.core.records import (
     CompensationCompleted,
     CompensationFailed,
     CompensationStarted,
+    OfItsKind,
     SagaFinished,
     SagaRecord,
     SagaStarted,
@@ -170,33 +171,59 @@ _INITIAL = SagaState(SagaStatus.RUNNING)
 # --- events: what happened -----------------------------------------------------------
 
 
-class Begin(NamedTuple):
-    """A new saga, with its input."""
-
+class _Begin(NamedTuple):
     data: Mapping[str, Any]
 
 
-class Resume(NamedTuple):
+class Begin(OfItsKind, _Begin):
+    """A new saga, with its input."""
+
+    __slots__ = ()
+
+
+class _Resume(NamedTuple):
+    pass
+
+
+class Resume(OfItsKind, _Resume):
     """A saga taken over from its log: announce again what was in flight, or go on."""
 
+    __slots__ = ()
 
-class StepSucceeded(NamedTuple):
+
+class _StepSucceeded(NamedTuple):
     step: int
     result: Any = None
 
 
-class StepRaised(NamedTuple):
+class StepSucceeded(OfItsKind, _StepSucceeded):
+    __slots__ = ()
+
+
+class _StepRaised(NamedTuple):
     step: int
     error: str
 
 
-class CompensationSucceeded(NamedTuple):
+class StepRaised(OfItsKind, _StepRaised):
+    __slots__ = ()
+
+
+class _CompensationSucceeded(NamedTuple):
     step: int
 
 
-class CompensationRaised(NamedTuple):
+class CompensationSucceeded(OfItsKind, _CompensationSucceeded):
+    __slots__ = ()
+
+
+class _CompensationRaised(NamedTuple):
     step: int
     error: str
+
+
+class CompensationRaised(OfItsKind, _CompensationRaised):
+    __slots__ = ()
 
 
 Event = Begin | Resume | StepSucceeded | StepRaised | CompensationSucceeded | CompensationRaised
@@ -205,18 +232,30 @@ Event = Begin | Resume | StepSucceeded | StepRaised | CompensationSucceeded | Co
 # --- commands: what the driver does next ---------------------------------------------
 
 
-class RunStep(NamedTuple):
+class _RunStep(NamedTuple):
     step: int
     attempt: int = 1
 
 
-class RunCompensation(NamedTuple):
+class RunStep(OfItsKind, _RunStep):
+    __slots__ = ()
+
+
+class _RunCompensation(NamedTuple):
     step: int
     attempt: int = 1
 
 
-class Finish(NamedTuple):
+class RunCompensation(OfItsKind, _RunCompensation):
+    __slots__ = ()
+
+
+class _Finish(NamedTuple):
     status: SagaStatus
+
+
+class Finish(OfItsKind, _Finish):
+    __slots__ = ()
 
 
 Command = RunStep | RunCompensation | Finish

@@ -26,6 +26,7 @@ __all__ = [
     "CompensationCompleted",
     "CompensationFailed",
     "CompensationStarted",
+    "OfItsKind",
     "SagaFinished",
     "SagaRecord",
     "SagaStarted",
@@ -132,8 +133,8 @@ def check_json(value: Any) -> None:
 # CompensationStarted(1)). Immutable, matched with ``match``.
 
 
-class _OfItsKind:
-    """Equality and hashing by kind and fields."""
+class OfItsKind:
+    """Equality and hashing by kind and fields (a mixin for NamedTuple kinds)."""
 
     __slots__ = ()
 
@@ -157,7 +158,7 @@ class _SagaStarted(NamedTuple):
     data: Mapping[str, Any]  # the saga's input
 
 
-class SagaStarted(_OfItsKind, _SagaStarted):
+class SagaStarted(OfItsKind, _SagaStarted):
     __slots__ = ()
     KIND: ClassVar[str] = "saga_started"
 
@@ -167,7 +168,7 @@ class _StepStarted(NamedTuple):
     attempt: int = 1
 
 
-class StepStarted(_OfItsKind, _StepStarted):
+class StepStarted(OfItsKind, _StepStarted):
     """The intent: step ``step``'s action is about to run, for the ``attempt``-th time."""
 
     __slots__ = ()
@@ -179,7 +180,7 @@ class _StepCompleted(NamedTuple):
     result: Any = None
 
 
-class StepCompleted(_OfItsKind, _StepCompleted):
+class StepCompleted(OfItsKind, _StepCompleted):
     __slots__ = ()
     KIND: ClassVar[str] = "step_completed"
 
@@ -190,7 +191,7 @@ class _StepFailed(NamedTuple):
     attempt: int = 1
 
 
-class StepFailed(_OfItsKind, _StepFailed):
+class StepFailed(OfItsKind, _StepFailed):
     __slots__ = ()
     KIND: ClassVar[str] = "step_failed"
 
@@ -200,7 +201,7 @@ class _CompensationStarted(NamedTuple):
     attempt: int = 1
 
 
-class CompensationStarted(_OfItsKind, _CompensationStarted):
+class CompensationStarted(OfItsKind, _CompensationStarted):
     __slots__ = ()
     KIND: ClassVar[str] = "compensation_started"
 
@@ -209,7 +210,7 @@ class _CompensationCompleted(NamedTuple):
     step: int
 
 
-class CompensationCompleted(_OfItsKind, _CompensationCompleted):
+class CompensationCompleted(OfItsKind, _CompensationCompleted):
     __slots__ = ()
     KIND: ClassVar[str] = "compensation_completed"
 
@@ -220,7 +221,7 @@ class _CompensationFailed(NamedTuple):
     attempt: int = 1
 
 
-class CompensationFailed(_OfItsKind, _CompensationFailed):
+class CompensationFailed(OfItsKind, _CompensationFailed):
     __slots__ = ()
     KIND: ClassVar[str] = "compensation_failed"
 
@@ -229,7 +230,7 @@ class _SagaFinished(NamedTuple):
     status: SagaStatus
 
 
-class SagaFinished(_OfItsKind, _SagaFinished):
+class SagaFinished(OfItsKind, _SagaFinished):
     __slots__ = ()
     KIND: ClassVar[str] = "saga_finished"
 

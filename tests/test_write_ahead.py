@@ -1,9 +1,8 @@
-"""A volatile saga log lets the orchestrator hold synchronous transitions until its next await.
+"""Write-ahead: every intent is in the log before the work it announces runs, on a log
+that writes at once (memory) and on one that must be flushed (durable).
 
-Holding must change nothing anyone can observe: the records end up the same as
-when each transition is written at once, every await (where another coroutine
-could read the log) comes after the held records are written, and a run
-stopped mid-way leaves the intent of the step it stopped in.
+(Replaces the held-transitions tests: the in-memory log no longer lets the driver
+hold records back, and these are the behaviours that held either way.)
 """
 
 from __future__ import annotations
@@ -15,9 +14,10 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from saga_logs import BufferedLog, unfinished
 
 from sagakit.adapters.memory_log import InMemorySagaLog
-from sagakit.core.machine import (
+from sagakit.core.records import (
     CompensationStarted,
     SagaRecord,
     SagaStarted,
@@ -26,33 +26,6 @@ from sagakit.core.machine import (
 )
 from sagakit.core.saga import SagaDefinition, Step, StepContext
 from sagakit.orchestration import Orchestrator
-from sagakit.ports.saga_log import ImmediateSagaLog
-
-
-class ImmediateDurableLog(InMemorySagaLog):
-    """The in-memory log declared durable: each transition must be written at once."""
-
-    volatile = False
-
-
-class AwaitedLog:
-    """A log that offers only the awaited port methods, as a networked one does."""
-
-    def __init__(self) -> None:
-        self._log = InMemorySagaLog()
-
-    async def append(self, saga_id: str, version: int, records: Sequence[SagaRecord]) -> None:
-        await asyncio.sleep(0)  # a real round trip suspends
-        await self._log.append(saga_id, version, records)
-
-    async def read(self, saga_id: str) -> list[SagaRecord]:
-        return await self._log.read(saga_id)
-
-    async def unfinished(self) -> list[str]:
-        return await self._log.unfinished()
-
-    async def close(self) -> None:
-        await self._log.close()
 
 
 def typed(records: Sequence[Any]) -> list[tuple[str, Any]]:
@@ -98,29 +71,46 @@ def saga_of(pattern: str, fail_at: int | None, stuck_at: int | None) -> SagaDefi
     return SagaDefinition("mixed", [make(i, kind) for i, kind in enumerate(pattern)])
 
 
-def test_the_in_memory_log_is_volatile_and_immediate() -> None:
-    log = InMemorySagaLog()
-    assert isinstance(log, ImmediateSagaLog)
-    assert log.volatile is True
+async def _same_on_both(saga: SagaDefinition) -> None:
+    logs: list[Any] = [InMemorySagaLog(), BufferedLog()]
+    outcomes = [await Orchestrator(log).run(saga, "o-1", {"n": 1}) for log in logs]
+    assert outcomes[0] == outcomes[1]
+    memory, durable = [typed(await log.read("o-1")) for log in logs]
+    assert memory == durable
+    assert [await unfinished(log) for log in logs] == [[], []]
 
 
 @pytest.mark.parametrize("pattern", ["sss", "sas", "asa", "sws", "aaa", "ssssss"])
 @pytest.mark.parametrize(("fail_at", "stuck_at"), [(None, None), (0, None), (2, None), (2, 1)])
-async def test_held_transitions_leave_the_same_records(
+async def test_memory_and_durable_logs_get_the_same_records(
     pattern: str, fail_at: int | None, stuck_at: int | None
 ) -> None:
-    saga = saga_of(pattern, fail_at, stuck_at)
-    logs = [InMemorySagaLog(), ImmediateDurableLog(), AwaitedLog()]
-    outcomes = [await Orchestrator(log).run(saga, "o-1", {"n": 1}) for log in logs]
-    assert outcomes[0] == outcomes[1] == outcomes[2]
-    held, immediate, awaited = [typed(await log.read("o-1")) for log in logs]
-    assert held == immediate == awaited
-    assert [await log.unfinished() for log in logs] == [[], [], []]
+    await _same_on_both(saga_of(pattern, fail_at, stuck_at))
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_any_saga_leaves_the_same_records_on_both(data: st.DataObject) -> None:
+    pattern = data.draw(st.text(alphabet="saw", min_size=0, max_size=7), label="pattern")
+    steps = st.integers(0, max(len(pattern) - 1, 0))
+    fail_at = data.draw(st.none() | steps, label="fail_at")
+    stuck_at = data.draw(st.none() | steps, label="stuck_at")
+    asyncio.run(_same_on_both(saga_of(pattern, fail_at, stuck_at)))
+
+
+async def test_one_flush_per_transition_on_a_durable_log() -> None:
+    log = BufferedLog()
+    await Orchestrator(log).run(saga_of("sss", None, None), "o-1")
+    # Created with its first intent; then each step's outcome and the next intent.
+    assert log.flushes == 3
+
+
+@pytest.mark.parametrize("log_kind", [InMemorySagaLog, BufferedLog])
 @pytest.mark.parametrize("deferred", [False, True])
-async def test_a_step_that_awaits_finds_every_earlier_transition_written(deferred: bool) -> None:
-    log = InMemorySagaLog()
+async def test_a_step_finds_every_earlier_transition_and_its_intent_written(
+    log_kind: Any, deferred: bool
+) -> None:
+    log = log_kind()
     seen: list[list[tuple[str, Any]]] = []
 
     async def reads_the_log(ctx: StepContext) -> None:
@@ -144,8 +134,9 @@ async def test_a_step_that_awaits_finds_every_earlier_transition_written(deferre
     ]  # fmt: skip
 
 
-async def test_a_compensation_that_awaits_finds_its_intent_written() -> None:
-    log = InMemorySagaLog()
+@pytest.mark.parametrize("log_kind", [InMemorySagaLog, BufferedLog])
+async def test_a_compensation_finds_its_intent_written(log_kind: Any) -> None:
+    log = log_kind()
     seen: list[SagaRecord] = []
 
     async def undo(ctx: StepContext) -> None:
@@ -160,13 +151,14 @@ async def test_a_compensation_that_awaits_finds_its_intent_written() -> None:
     assert typed(seen) == typed([CompensationStarted(0)])
 
 
-async def test_a_run_stopped_in_a_sync_step_leaves_that_steps_intent() -> None:
-    log = InMemorySagaLog()
+@pytest.mark.parametrize("log_kind", [InMemorySagaLog, BufferedLog])
+async def test_a_run_stopped_in_a_sync_step_leaves_that_steps_intent(log_kind: Any) -> None:
+    log = log_kind()
     calls: list[str] = []
     stop = True
 
     def second(ctx: StepContext) -> int:
-        calls.append("second")
+        calls.append(f"second #{ctx.attempt}")
         if stop:
             raise Interrupt
         return 2
@@ -178,12 +170,13 @@ async def test_a_run_stopped_in_a_sync_step_leaves_that_steps_intent() -> None:
         await Orchestrator(log).run(saga, "o-1")
     records = await log.read("o-1")
     assert typed(records[-2:]) == typed([StepCompleted(0), StepStarted(1)])
-    assert await log.unfinished() == ["o-1"]
+    assert await unfinished(log) == ["o-1"]
 
     stop = False
     [outcome] = await Orchestrator(log).recover({"stop": saga})
     assert outcome.ok
-    assert calls == ["first", "second", "second"]  # the first step did not run again
+    # The first step did not run again; the second ran again as its attempt 2.
+    assert calls == ["first", "second #1", "second #2"]
 
 
 async def test_a_run_stopped_in_a_sync_compensation_leaves_its_intent() -> None:
@@ -199,22 +192,3 @@ async def test_a_run_stopped_in_a_sync_compensation_leaves_its_intent() -> None:
     with pytest.raises(Interrupt):
         await Orchestrator(log).run(saga, "o-1")
     assert typed((await log.read("o-1"))[-1:]) == typed([CompensationStarted(0)])
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.data())
-def test_any_saga_leaves_the_same_records_held_or_not(data: st.DataObject) -> None:
-    pattern = data.draw(st.text(alphabet="saw", min_size=1, max_size=7), label="pattern")
-    steps = st.integers(0, len(pattern) - 1)
-    fail_at = data.draw(st.none() | steps, label="fail_at")
-    stuck_at = data.draw(st.none() | steps, label="stuck_at")
-    saga = saga_of(pattern, fail_at, stuck_at)
-
-    async def run_on_each() -> None:
-        logs = [InMemorySagaLog(), ImmediateDurableLog(), AwaitedLog()]
-        outcomes = [await Orchestrator(log).run(saga, "o-1", {"n": 1}) for log in logs]
-        assert outcomes[0] == outcomes[1] == outcomes[2]
-        held, immediate, awaited = [typed(await log.read("o-1")) for log in logs]
-        assert held == immediate == awaited
-
-    asyncio.run(run_on_each())
