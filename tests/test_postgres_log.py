@@ -89,10 +89,34 @@ def test_url_options_are_taken_out_and_the_rest_left_to_asyncpg() -> None:
     )
     assert (log._pool_size, log._command_timeout, log._connect_timeout) == (3, 2.5, 1.0)
     assert log._dsn == "postgresql://u@h/db?search_path=sagas"
+    assert (
+        PostgresSagaLog.from_url("postgres://h/db?statement_cache_size=0")._statement_cache_size
+        == 0
+    )
+
+
+async def test_no_statement_cache_works_as_behind_pgbouncer(postgres_url: str) -> None:
+    log = PostgresSagaLog.from_url(postgres_url + "?statement_cache_size=0")
+    try:
+        journal = await started(log)
+        await write(journal, FINISHED)
+        assert typed(await log.read("o-1")) == typed(opening() + FINISHED)
+    finally:
+        await log.close()
 
 
 @pytest.mark.parametrize(
-    "query", ["pool_size=0", "pool_size=2.5", "pool_size=x", "command_timeout=-1", "pool_size=nan"]
+    "query",
+    [
+        "pool_size=0",
+        "pool_size=2.5",
+        "pool_size=x",
+        "command_timeout=-1",
+        "command_timeout=0",
+        "pool_size=nan",
+        "statement_cache_size=-1",
+        "statement_cache_size=1.5",
+    ],
 )
 def test_bad_url_options_are_refused(query: str) -> None:
     with pytest.raises(ConfigurationError, match=query.split("=")[0]):

@@ -26,8 +26,10 @@ disk, not the driver, is the limit there, which group commit addresses.
 
 Options in the URL's query, beside asyncpg's own: ``pool_size`` (connections,
 default 10), ``connect_timeout`` and ``command_timeout`` (seconds, default 10
-and 60). Any other query parameter is a server setting (asyncpg's rule), e.g.
-``?search_path=sagas`` to keep the tables in a schema of their own.
+and 60), ``statement_cache_size`` (default 100; 0 behind a PgBouncer in
+transaction mode older than 1.21). Any other query parameter is a server
+setting (asyncpg's rule), e.g. ``?search_path=sagas`` to keep the tables in a
+schema of their own.
 
 The schema (tables ``sagakit_sagas``, ``sagakit_records``,
 ``sagakit_schema_version``) is created on first use, under an advisory lock, so
@@ -174,7 +176,8 @@ def _check_limit(limit: object) -> int:
 
 # --- the log ----------------------------------------------------------------------------
 
-_OPTIONS = ("pool_size", "connect_timeout", "command_timeout")
+_OPTIONS = ("pool_size", "connect_timeout", "command_timeout", "statement_cache_size")
+_COUNTS = ("pool_size", "statement_cache_size")  # whole numbers
 
 
 class PostgresSagaLog:
@@ -189,8 +192,10 @@ class PostgresSagaLog:
         pool_size: int = 10,
         connect_timeout: float = 10.0,
         command_timeout: float = 60.0,
+        statement_cache_size: int = 100,
     ) -> None:
         self._dsn = dsn
+        self._statement_cache_size = statement_cache_size
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
@@ -214,9 +219,11 @@ class PostgresSagaLog:
                 value = float(raw)
             except ValueError:
                 value = -1.0
-            if not 0 < value < 1e9 or (name == "pool_size" and value != int(value)):
+            least = 0 if name == "statement_cache_size" else 1e-9
+            if not least <= value < 1e9 or (name in _COUNTS and value != int(value)):
+                kind = "whole number" if name in _COUNTS else "number"
                 raise ConfigurationError(
-                    f"saga log URL: {name} must be a positive number, got {raw!r}"
+                    f"saga log URL: {name} must be a positive {kind}, got {raw!r}"
                 )
             values[name] = value
         rest = urlencode([(k, v) for k, v in query if k not in _OPTIONS])
@@ -226,6 +233,7 @@ class PostgresSagaLog:
             pool_size=int(values.get("pool_size", 10)),
             connect_timeout=values.get("connect_timeout", 10.0),
             command_timeout=values.get("command_timeout", 60.0),
+            statement_cache_size=int(values.get("statement_cache_size", 100)),
         )
 
     # --- connections --------------------------------------------------------------------
@@ -246,6 +254,7 @@ class PostgresSagaLog:
                         max_size=self._pool_size,
                         timeout=self._connect_timeout,
                         command_timeout=self._command_timeout,
+                        statement_cache_size=self._statement_cache_size,
                         # asyncpg resets a connection on release with one more round
                         # trip (RESET ALL, ...); this log sets no session state it keeps.
                         reset=_no_reset,
