@@ -360,3 +360,16 @@ def test_require_str_list_accepts_strings() -> None:
 )
 def test_msg_id_of(body: dict[str, Any], expected: int | None) -> None:
     assert msg_id_of(body) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 200_000, "{" + "}" * 200_000, "[" * 1000 + "]" * 999, '{"a": [[[["}]"]]]], "b": 1}'],
+)
+def test_runs_of_brackets_frame_as_single_brackets_would(text: str) -> None:
+    out = decode_all(text + "\n" + LINE + "\n")
+    assert out[-1] == MESSAGE
+    if text.startswith('{"a"'):
+        assert out[0] == {"a": [[[["}]"]]]], "b": 1}
+    else:
+        assert any(isinstance(v, BadInput) for v in out[:-1])

@@ -100,7 +100,8 @@ def _why(exc: BaseException) -> str:
 
 
 _WS = " \t\r\n"
-_STRUCTURE = re.compile(r'[{}\[\]"]')
+# Brackets in runs: a hostile line of a million "[" is one match, not a million.
+_STRUCTURE = re.compile(r'[{\[]+|[}\]]+|"')
 # The rest of a string after its opening quote, to the closing one (unrolled:
 # no alternation per character, so a string of megabytes is one quick match).
 _STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.S)
@@ -268,18 +269,20 @@ class Decoder:
         depth = self._depth
         find = _STRUCTURE.search
         while (m := find(line, pos)) is not None:
-            ch = m.group()
+            start, pos = m.span()
+            ch = line[start]
             if ch == '"':
-                s = _STRING_REST.match(line, m.end())
+                s = _STRING_REST.match(line, pos)
                 if s is None:
                     break
                 pos = s.end()
-                continue
-            pos = m.end()
-            depth += 1 if ch in "{[" else -1
-            if depth <= 0:
+            elif ch in "{[":
+                depth += pos - start
+            elif pos - start < depth:
+                depth -= pos - start
+            else:
                 self._depth = 0
-                return pos
+                return start + max(depth, 1)
         self._depth = depth
         return -1
 
