@@ -359,3 +359,10 @@ def test_a_long_dest_is_answered_but_not_kept_for_reuse() -> None:
     line = protocol.encode(dest, "c", {"type": "x"})
     assert json.loads(line)["src"] == dest
     assert (dest, "c") not in protocol._prefixes
+
+
+def test_a_node_started_with_stdin_closed_serves_an_empty_input() -> None:
+    proc = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$1" <&-', *MAIN], capture_output=True, timeout=20, cwd=REPO
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")

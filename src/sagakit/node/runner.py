@@ -7,6 +7,7 @@ import codecs
 import concurrent.futures
 import contextlib
 import gc
+import io
 import logging
 import os
 import stat
@@ -245,12 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     # off while it imports): out of the collector's sight for good, then on.
     gc.freeze()
     gc.enable()
-    if sys.stdout is None or sys.stdin is None:
-        # Started with descriptor 0 or 1 closed: the interpreter leaves the stream None.
-        log.error("stdin or stdout is closed; the node stops")
+    if sys.stdout is None:
+        # Started with descriptor 1 closed: the interpreter leaves the stream None.
+        log.error("stdout is closed; the node stops")
         return 1
+    # Descriptor 0 closed: no input at all, which the node serves as an empty one.
+    stdin = io.BytesIO() if sys.stdin is None else sys.stdin.buffer
     try:
-        served = asyncio.run(serve(sys.stdin.buffer, sys.stdout.buffer, settings=settings))
+        served = asyncio.run(serve(stdin, sys.stdout.buffer, settings=settings))
     except KeyboardInterrupt:
         return 130
     if not served:
