@@ -58,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -434,20 +435,28 @@ class NatsEventBus:
         async with self._connecting:
             if self._js is not None:
                 return self._js
+            nc = Client()
             try:
-                nc = await nats.connect(
-                    self.url,
-                    name=f"sagakit-{self.prefix}-{os.getpid()}",
-                    connect_timeout=max(1, int(self._timeout)),
-                    reconnect_time_wait=0.25,
-                    max_reconnect_attempts=-1,
-                    # No buffering while reconnecting: a publish then fails at
-                    # once instead of going out later behind the caller's back.
-                    pending_size=0,
-                    error_cb=self._on_error,
-                    reconnected_cb=self._on_reconnected,
-                )
+                # The client retries forever once connected (reconnects), and
+                # so also at first: the first connection gets ``timeout``.
+                async with asyncio.timeout(self._timeout):
+                    await nc.connect(
+                        self.url,
+                        name=f"sagakit-{self.prefix}-{os.getpid()}",
+                        connect_timeout=max(1, int(self._timeout)),
+                        # Typed int, used as seconds by asyncio.sleep: a quarter
+                        # second gets a restarted server back promptly.
+                        reconnect_time_wait=0.25,  # type: ignore[arg-type]
+                        max_reconnect_attempts=-1,
+                        # No buffering while reconnecting: a publish then fails at
+                        # once instead of going out later behind the caller's back.
+                        pending_size=0,
+                        error_cb=self._on_error,
+                        reconnected_cb=self._on_reconnected,
+                    )
             except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await nc.close()
                 raise _translate(self.url, "connecting", exc) from exc
             js = nc.jetstream(timeout=self._timeout)
             try:
@@ -553,6 +562,9 @@ class NatsEventBus:
             consumer = f"~solo-{os.urandom(8).hex()}"
         else:
             consumer = f"{_token(group)}~{type_token}"
+            if len(consumer) > 200:  # the server allows 255; keep it readable and unique
+                digest = hashlib.sha256(f"{group}\0{event_type}".encode()).hexdigest()[:32]
+                consumer = f"{consumer[:150]}~{digest}"
         events = f"{p}.events.>" if event_type == ALL_EVENTS else f"{p}.events.{type_token}"
         config = ConsumerConfig(
             name=consumer,

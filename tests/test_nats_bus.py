@@ -1,0 +1,283 @@
+"""The NATS JetStream event bus: the conformance suite on a private nats-server, and its faults."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+
+import nats
+import pytest
+
+from sagakit.adapters import open_event_bus
+from sagakit.adapters.nats_bus import NatsEventBus
+from sagakit.core.event import Event
+from sagakit.errors import BackendError, BackendUnavailable, ConfigurationError, DefinitionError
+from sagakit.ports.event_bus import EventBus
+from tests.conformance.event_bus import EventBusConformance, event, ids, recorder
+from tests.servers import free_port
+from tests.servers.nats import NatsServer
+
+
+def _prefix() -> str:
+    return "t" + os.urandom(6).hex()
+
+
+async def _kill(bus: NatsEventBus) -> None:
+    """Die holding events: loops stop without acknowledging, the connection drops."""
+    tasks = [s._task for s in bus._subscriptions if s._task is not None]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    bus._subscriptions = []
+    bus._closed = True
+    if bus._nc is not None:
+        await bus._nc.close()
+
+
+class TestNatsEventBus(EventBusConformance):
+    @pytest.fixture(autouse=True)
+    def _server(self, nats_server: NatsServer) -> None:
+        self.server = nats_server
+        self.prefix = _prefix()
+
+    async def make_bus(self) -> EventBus:
+        return await NatsEventBus.connect(f"{self.server.url}?prefix={self.prefix}")
+
+    async def kill(self, bus: EventBus) -> None:
+        assert isinstance(bus, NatsEventBus)
+        await _kill(bus)
+
+    async def restart_server(self) -> None:
+        await asyncio.to_thread(self.server.restart)
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[NatsEventBus]:
+    bus = await NatsEventBus.connect(f"{nats_server.url}?prefix={_prefix()}&timeout=1")
+    yield bus
+    async with asyncio.timeout(10):
+        await bus.close()
+
+
+async def _wait(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10.0
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+# --- URLs ------------------------------------------------------------------------------------
+
+
+def test_the_url_names_server_and_prefix() -> None:
+    bus = open_event_bus("nats://127.0.0.1:4222?prefix=shop&timeout=2.5&batch=8")
+    assert isinstance(bus, NatsEventBus)
+    assert (bus.url, bus.prefix, bus._timeout, bus._batch) == (
+        "nats://127.0.0.1:4222",
+        "shop",
+        2.5,
+        8,
+    )
+    assert NatsEventBus.from_url("nats://h:1").prefix == "sagakit"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://h:1?prefix=a.b",  # a dot would split the subject
+        "nats://h:1?prefix=",
+        "nats://h:1?prefix=" + "x" * 65,
+        "nats://h:1?prefx=typo",
+        "nats://h:1?timeout=-1",
+        "nats://h:1?timeout=soon",
+        "nats://h:1?batch=0",
+        "nats://h:1?max_age=nan",
+        "nats://?prefix=a",
+    ],
+)
+def test_bad_urls_are_refused_by_name(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        NatsEventBus.from_url(url)
+
+
+async def test_no_server_is_backend_unavailable() -> None:
+    bus = NatsEventBus.from_url(f"nats://127.0.0.1:{free_port()}?timeout=1")
+    with pytest.raises(BackendUnavailable):
+        await bus.publish(event())
+    await bus.close()
+
+
+# --- names and hostile input -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "event_type", ["order.placed", "a b", ">", "Ünïcode", "x" * 300, "~Kg", "*.*"]
+)
+async def test_any_event_type_and_group_travels(bus: NatsEventBus, event_type: str) -> None:
+    exact: list[Event] = []
+    other: list[Event] = []
+    await bus.subscribe(event_type, recorder(exact), group=f"g.{event_type}")
+    await bus.subscribe("OrderPlaced", recorder(other), group="g")
+    sent = event(event_type)
+    await bus.publish(sent)
+    await bus.publish(event("OrderPlaced"))
+    await bus.drain()
+    assert ids(exact) == [sent.event_id]
+    assert [e.type for e in other] == ["OrderPlaced"]
+
+
+async def test_two_prefixes_share_a_server_without_seeing_each_other(
+    nats_server: NatsServer,
+) -> None:
+    a = await NatsEventBus.connect(f"{nats_server.url}?prefix={_prefix()}")
+    b = await NatsEventBus.connect(f"{nats_server.url}?prefix={_prefix()}")
+    got_a: list[Event] = []
+    got_b: list[Event] = []
+    await a.subscribe("Tick", recorder(got_a), group="inventory")
+    await b.subscribe("Tick", recorder(got_b), group="inventory")
+    await a.publish(event("Tick", n=1))
+    await a.drain()
+    await b.drain()
+    await asyncio.sleep(0.2)
+    assert [e["n"] for e in got_a] == [1]
+    assert got_b == []
+    await a.close()
+    await b.close()
+
+
+async def test_an_undecodable_message_is_dead_lettered_and_later_events_flow(
+    bus: NatsEventBus, nats_server: NatsServer
+) -> None:
+    got: list[Event] = []
+    await bus.subscribe("Tick", recorder(got), group="g")
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.publish(f"{bus.prefix}.events.Tick", b"\xff not an envelope")
+    await js.publish(f"{bus.prefix}.events.Tick", b'{"v": 99, "id": "x"}')
+    await nc.close()
+    sent = event("Tick", n=1)
+    await bus.publish(sent)
+    await bus.drain()
+    assert ids(got) == [sent.event_id]
+    letters = await bus.dead_letters("g")
+    assert [letter.event.type for letter in letters] == ["sagakit.Undecodable"] * 2
+    assert "undecodable" in letters[0].error
+    assert "newer" in letters[1].error
+
+
+async def test_the_same_event_published_twice_is_stored_once(bus: NatsEventBus) -> None:
+    got: list[Event] = []
+    await bus.subscribe("Tick", recorder(got), group="g")
+    sent = event("Tick")
+    await bus.publish(sent)
+    await bus.publish(sent)  # a retry after a lost PubAck
+    await bus.drain()
+    await asyncio.sleep(0.1)
+    assert ids(got) == [sent.event_id]
+
+
+async def test_a_payload_that_is_not_json_is_refused_before_the_wire(bus: NatsEventBus) -> None:
+    with pytest.raises(DefinitionError):
+        await bus.publish(Event("Tick", "o-1", {"when": object()}))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"group": ""},
+        {"max_deliveries": 0},
+        {"max_deliveries": True},
+        {"ack_timeout": 0},
+        {"ack_timeout": float("nan")},
+        {"backoff": -1},
+    ],
+)
+async def test_bad_subscribe_arguments_are_refused(
+    bus: NatsEventBus, kwargs: dict[str, object]
+) -> None:
+    with pytest.raises(DefinitionError):
+        await bus.subscribe("Tick", recorder([]), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_bad_dead_letter_id_is_refused(bus: NatsEventBus) -> None:
+    for letter_id in ("-1", "0", "99999999999999999999999", "1e3", ""):
+        with pytest.raises(DefinitionError):
+            await bus.replay_dead_letter("g", letter_id)
+
+
+# --- a server that restarts ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def restartable(nats_server: NatsServer) -> NatsServer:
+    if not nats_server.restartable:
+        pytest.skip("needs the private nats-server (SAGAKIT_TEST_NATS_URL is not restartable)")
+    return nats_server
+
+
+async def test_events_published_before_a_restart_reach_a_running_consumer_after_it(
+    restartable: NatsServer, bus: NatsEventBus
+) -> None:
+    got: list[Event] = []
+    gate = asyncio.Event()
+
+    async def held(e: Event) -> None:
+        await gate.wait()
+        got.append(e)
+
+    await bus.subscribe("Tick", held, group="g", ack_timeout=1.0)
+    sent = [event("Tick", n=i) for i in range(5)]
+    for e in sent:
+        await bus.publish(e)
+    await asyncio.to_thread(restartable.restart)
+    gate.set()
+    # The loop that held the first event acknowledges into the reconnecting
+    # client or a fresh connection; whatever was lost comes again after ack_wait.
+    await _wait(lambda: {e.event_id for e in got} >= set(ids(sent)), "all 5 after the restart")
+    await bus.drain()
+
+
+async def test_publish_during_an_outage_is_backend_unavailable_then_works_again(
+    restartable: NatsServer, bus: NatsEventBus
+) -> None:
+    got: list[Event] = []
+    await bus.subscribe("Tick", recorder(got), group="g")
+    await bus.publish(event("Tick", n=0))
+    await bus.drain()
+    await asyncio.to_thread(restartable.stop)
+    try:
+        await asyncio.sleep(0.2)  # the client notices the connection is gone
+        with pytest.raises(BackendUnavailable):
+            async with asyncio.timeout(5):
+                await bus.publish(event("Tick", n=1))
+    finally:
+        await asyncio.to_thread(restartable.start)
+    after = event("Tick", n=2)
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                await bus.publish(after)
+                break
+            except BackendUnavailable:
+                await asyncio.sleep(0.1)
+    await _wait(lambda: after.event_id in ids(got), "the event after the outage")
+    assert [e["n"] for e in got] == [0, 2], "the refused event was not sent later"
+
+
+async def test_close_while_the_server_is_down_returns(
+    restartable: NatsServer, nats_server: NatsServer
+) -> None:
+    bus = await NatsEventBus.connect(f"{nats_server.url}?prefix={_prefix()}&timeout=1")
+    await bus.subscribe("Tick", recorder([]), group="g")
+    await bus.subscribe("Tick", recorder([]))
+    await asyncio.to_thread(restartable.stop)
+    try:
+        async with asyncio.timeout(10):
+            await bus.close()
+        with pytest.raises(BackendError):
+            await bus.publish(event())
+    finally:
+        await asyncio.to_thread(restartable.start)
