@@ -123,6 +123,23 @@ def test_bad_url_options_are_refused(query: str) -> None:
         PostgresSagaLog.from_url(f"postgresql://u@h/db?{query}")
 
 
+def test_a_log_used_on_a_second_event_loop_says_so(postgres_url: str) -> None:
+    """Not a hang on connections of a loop that is gone."""
+    log = PostgresSagaLog.from_url(postgres_url)
+
+    async def first() -> Journal:
+        journal = await started(log)
+        await log._pool.close()  # its connections cannot outlive this loop
+        return journal
+
+    journal = asyncio.run(first())
+    journal.stage([StepCompleted(0, 1)])
+    with pytest.raises(ConfigurationError, match="event loop"):
+        asyncio.run(journal.flush())
+    with pytest.raises(ConfigurationError, match="event loop"):
+        asyncio.run(log.read("o-1"))
+
+
 # --- schema ---------------------------------------------------------------------------
 
 

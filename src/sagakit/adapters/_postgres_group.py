@@ -146,6 +146,7 @@ class Committer:
         self._task: asyncio.Task[None] | None = None
 
     def _kick(self) -> None:
+        self._log._check_loop()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 

@@ -203,6 +203,7 @@ class PostgresSagaLog:
         self._ready = False
         self._closed = False
         self._lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._committer = Committer(self)
         self._unreadable: set[str] = set()
         self.stats = PostgresStats()
@@ -238,9 +239,21 @@ class PostgresSagaLog:
 
     # --- connections --------------------------------------------------------------------
 
+    def _check_loop(self) -> None:
+        """The pool's connections belong to one event loop: another would hang on them."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise ConfigurationError(
+                "this PostgreSQL saga log was first used on another event loop; "
+                "open one per loop (per asyncio.run)"
+            )
+
     async def _open(self) -> None:
         if self._closed:
             raise BackendUnavailable(BACKEND, "the saga log is closed")
+        self._check_loop()
         if self._ready:
             return
         if self._lock is None:
