@@ -524,6 +524,36 @@ async def test_an_unknown_database_or_role_is_refused(postgres_url: str) -> None
         assert not raised.value.retryable
 
 
+async def test_a_read_only_server_is_unavailable_for_writes_not_refused(
+    log: PostgresSagaLog, postgres_url: str
+) -> None:
+    """A standby (or a primary mid-failover) refuses writes: a retry may find a primary."""
+    journal = await started(log)
+    read_only = PostgresSagaLog.from_url(postgres_url + "?default_transaction_read_only=on")
+    try:
+        assert len(await read_only.read("o-1")) == 2
+        with pytest.raises(BackendUnavailable, match="read-only") as raised:
+            await read_only.create("o-2", opening(), owner="w", ttl=60)
+        assert raised.value.retryable
+        with pytest.raises(BackendUnavailable):
+            await read_only.claim("o-1", owner="w-2", ttl=60)
+    finally:
+        await read_only.close()
+    await write(journal, FINISHED)  # the writable log is unaffected
+
+
+async def test_many_more_flushes_than_a_batch_holds_all_land(log: PostgresSagaLog) -> None:
+    journals = await asyncio.gather(
+        *(log.create(f"o-{i}", opening(), owner="w", ttl=60) for i in range(1100))
+    )
+    assert all(journal is not None for journal in journals)
+    held = [j for j in journals if j is not None]
+    await asyncio.gather(*(write(j, [StepCompleted(0, i)]) for i, j in enumerate(held)))
+    summaries = await log.list(limit=2000)
+    assert len(summaries) == 1100
+    assert {s.records for s in summaries} == {3}
+
+
 async def test_missing_privileges_are_refused(postgres_url: str) -> None:
     role = "sagakit_reader"
     await sql(postgres_url, f"DROP ROLE IF EXISTS {role}")

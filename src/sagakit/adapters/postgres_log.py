@@ -101,6 +101,8 @@ class PostgresStats:
 
 _UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "53300", "08000", "08001", "08003", "08004"}
 _UNAVAILABLE_STATES |= {"08006", "08007", "08P01"}
+# A read-only server: a standby, or a primary being failed over; the next may accept writes.
+_UNAVAILABLE_STATES |= {"25006"}
 _BUSY_STATES = {"40001", "40P01", "55P03", "57014"}
 
 
