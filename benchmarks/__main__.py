@@ -9,6 +9,7 @@ from pathlib import Path
 
 from benchmarks import (
     bus_amqp,
+    bus_nats,
     bus_redis,
     choreography,
     durable,
@@ -31,6 +32,7 @@ SUITES: dict[str, Callable[[Config], list[Comparison]]] = {
     "growth": growth.run,
     "bus_redis": bus_redis.run,
     "bus_amqp": bus_amqp.run,
+    "bus_nats": bus_nats.run,
 }
 
 

@@ -15,6 +15,7 @@ from sagakit.adapters.nats_bus import NatsEventBus
 from sagakit.core.event import Event
 from sagakit.errors import BackendError, BackendUnavailable, ConfigurationError, DefinitionError
 from sagakit.ports.event_bus import EventBus
+from tests.conformance.choreography import ChoreographyConformance
 from tests.conformance.event_bus import EventBusConformance, event, ids, recorder
 from tests.servers import free_port
 from tests.servers.nats import NatsServer
@@ -51,6 +52,16 @@ class TestNatsEventBus(EventBusConformance):
 
     async def restart_server(self) -> None:
         await asyncio.to_thread(self.server.restart)
+
+
+class TestChoreographyOnNats(ChoreographyConformance):
+    @pytest.fixture(autouse=True)
+    def _server(self, nats_server: NatsServer) -> None:
+        self.server = nats_server
+        self.prefix = _prefix()
+
+    async def make_bus(self) -> EventBus:
+        return await NatsEventBus.connect(f"{self.server.url}?prefix={self.prefix}")
 
 
 @pytest.fixture

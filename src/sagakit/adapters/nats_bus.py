@@ -232,8 +232,10 @@ class _Subscription:
                     owed = 0
                     await self._status(msg)
                 continue
-            if msg.subject == current:
-                owed -= 1
+            # An event carries its own subject, not the request's: count it
+            # against the current request (one from a lost request only makes
+            # the next request come early).
+            owed = max(0, owed - 1)
             if self._stopping:
                 await self._give_back(msg)
                 break
