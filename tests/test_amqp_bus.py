@@ -227,8 +227,8 @@ async def test_a_message_that_is_not_an_envelope_is_dead_lettered_not_fatal(
     try:
         channel = await connection.channel()
         exchange = await channel.get_exchange(bus.exchange_name)
-        for body in (b"\xff not json", b"[1, 2]", b'{"v": 99, "id": "x"}'):
-            await exchange.publish(aio_pika.Message(body, type="Tick"), routing_key="Tick")
+        for body, kind in ((b"\xff not json", "Tick"), (b"[1, 2]", "*"), (b'{"v": 99}', None)):
+            await exchange.publish(aio_pika.Message(body, type=kind), routing_key="Tick")
     finally:
         await connection.close()
     good = event("Tick")
@@ -241,6 +241,7 @@ async def test_a_message_that_is_not_an_envelope_is_dead_lettered_not_fatal(
     assert all("undecodable" in d.error for d in letters)
     assert "newer than this sagakit" in letters[2].error
     assert letters[0].event.payload["raw"].endswith("not json")
+    assert [d.event.type for d in letters] == ["Tick", "undecodable", "undecodable"]
 
 
 async def test_a_queue_declared_with_other_settings_is_a_schema_mismatch(

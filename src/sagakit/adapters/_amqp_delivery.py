@@ -194,7 +194,11 @@ def dead_letter_of(message: AbstractIncomingMessage) -> DeadLetter:
     except DefinitionError as exc:
         # Not an envelope (another producer's message): shown, so it can be looked at.
         text = bytes(message.body[:1000]).decode("utf-8", "replace")
-        event = Event(message.type or "undecodable", "unknown", {"raw": text, "problem": str(exc)})
+        payload = {"raw": text, "problem": str(exc)}
+        try:
+            event = Event(message.type or "undecodable", "unknown", payload)
+        except DefinitionError:  # a type no event may have ("*")
+            event = Event("undecodable", "unknown", payload)
     failed_at = headers.get(H_FAILED_AT)
     deliveries = headers.get(H_DELIVERIES)
     return DeadLetter(
