@@ -516,3 +516,23 @@ async def test_event_types_that_amqp_names_refuse_are_hashed_into_queue_names(
         await bus.drain()
     assert ids(got) == [sent.event_id]
     assert len(other) == 1
+
+
+async def test_a_dead_letter_queue_deleted_since_is_declared_again(buses: Buses) -> None:
+    bus = await buses()
+
+    def broken(e: Event) -> None:
+        raise ValueError("no")
+
+    await bus.subscribe("Tick", broken, group="g", max_deliveries=1)
+    connection = await aio_pika.connect(bus._driver_url)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(bus.dead_letter_queue("g"))
+    finally:
+        await connection.close()
+    sent = event("Tick")
+    await bus.publish(sent)
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+    assert [d.event.event_id for d in await bus.dead_letters("g")] == [sent.event_id]

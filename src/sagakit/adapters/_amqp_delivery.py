@@ -290,6 +290,15 @@ class Consumer:
             raise translate(self.bus.where, f"subscribing {self.queue_name}", exc) from exc
         self.connection, self.channel, self.queue = connection, channel, queue
 
+    async def _declare_dead_letter_queue(self) -> None:
+        channel = self.channel
+        if channel is None or channel.is_closed:
+            return
+        try:
+            await channel.declare_queue(self.dlq_name, durable=True, arguments=CLASSIC)
+        except Exception as exc:
+            raise translate(self.bus.where, f"declaring {self.dlq_name}", exc) from exc
+
     def _lost(self, connection: AbstractConnection, channel: AbstractChannel, *_: object) -> None:
         """The broker closed this consumer's channel, or cancelled its consumer (its
         queue was deleted): consume again, unless the whole connection went (the
@@ -476,9 +485,16 @@ class Consumer:
             type=message.type,
         )
         try:
-            await self.bus._send(
-                letter, self.dlq_name, what="publishing a dead letter", direct=True
-            )
+            try:
+                await self.bus._send(
+                    letter, self.dlq_name, what="publishing a dead letter", direct=True
+                )
+            except BackendRefused:
+                # No queue took it: the dead-letter queue was deleted since; again.
+                await self._declare_dead_letter_queue()
+                await self.bus._send(
+                    letter, self.dlq_name, what="publishing a dead letter", direct=True
+                )
         except BackendError as exc:
             log.error("%s: cannot dead-letter, giving it back: %s", self.queue_name, exc)
             await self._pause(deliveries)
