@@ -536,3 +536,37 @@ async def test_a_dead_letter_queue_deleted_since_is_declared_again(buses: Buses)
     async with asyncio.timeout(TIMEOUT):
         await bus.drain()
     assert [d.event.event_id for d in await bus.dead_letters("g")] == [sent.event_id]
+
+
+async def test_subscriptions_and_dead_letters_survive_a_server_restart(
+    buses: Buses, amqp_server: AmqpServer
+) -> None:
+    bus = await buses()
+    got: list[Event] = []
+
+    def picky(e: Event) -> None:
+        if e.get("poison"):
+            raise ValueError("poisoned")
+        got.append(e)
+
+    await bus.subscribe("Tick", picky, group="g", max_deliveries=1)
+    poisoned = event("Tick", poison=True)
+    await bus.publish(poisoned)
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+    await amqp_server.restart()
+    sent = event("Tick")
+
+    async def publish_until_accepted() -> None:
+        while True:
+            try:
+                await bus.publish(sent)
+                return
+            except BackendError:
+                await asyncio.sleep(0.1)
+
+    async with asyncio.timeout(30):
+        await publish_until_accepted()
+    await wait_for(lambda: len(got) == 1, "the event after the restart")
+    assert ids(got) == [sent.event_id]
+    assert [d.event.event_id for d in await bus.dead_letters("g")] == [poisoned.event_id]
