@@ -59,7 +59,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -74,7 +73,6 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -86,6 +84,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from sagakit.adapters.nats_consumer import MAX_BACKOFF, PullSubscription, describe
 from sagakit.core.envelope import decode_event, encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -111,8 +110,6 @@ __all__ = ["NatsEventBus"]
 log = logging.getLogger("sagakit.bus.nats")
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
-_MAX_BACKOFF = 30.0
-_PULL_EXPIRES = 2.0  # seconds a pull request waits on the server for events
 _SOLO_IDLE = 300.0  # seconds before the server deletes an abandoned groupless consumer
 _DRAIN_POLL = 0.005
 _DEFAULTS = {"prefix": "sagakit", "timeout": "5", "batch": "32", "max_age": "604800"}
@@ -126,13 +123,9 @@ def _token(name: str) -> str:
     return "~" + base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
 
 
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 def _translate(url: str, doing: str, exc: BaseException) -> BackendError:
     """A driver error as one of sagakit's (the caller raises it ``from exc``)."""
-    message = f"{doing}: {_error(exc)}"
+    message = f"{doing}: {describe(exc)}"
     if isinstance(exc, nats.js.errors.APIError):
         code = exc.code or 0
         if code == 503 or isinstance(exc, nats.js.errors.ServiceUnavailableError):
@@ -151,212 +144,6 @@ def _translate(url: str, doing: str, exc: BaseException) -> BackendError:
         # Timeouts, lost or refused connections, no responders while JetStream starts.
         return BackendUnavailable(url, message)
     return BackendError(url, message)
-
-
-class _Subscription:
-    """One handler pulling from one consumer; its loop runs until cancelled."""
-
-    def __init__(
-        self,
-        bus: NatsEventBus,
-        event_type: str,
-        handler: Handler,
-        config: ConsumerConfig,
-        *,
-        group: str,
-        consumer: str,
-        solo: bool,
-        max_deliveries: int,
-        ack_timeout: float,
-        backoff: float,
-    ) -> None:
-        self._bus = bus
-        self.config = config
-        self.event_type, self.handler, self.group = event_type, handler, group
-        self.consumer, self.solo = consumer, solo
-        self.max_deliveries, self.ack_timeout, self.backoff = max_deliveries, ack_timeout, backoff
-        self._inbox = ""
-        self._queue: asyncio.Queue[tuple[float, Msg] | None] = asyncio.Queue()
-        self._sub: NatsSubscription | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self._handling = False  # a handler of this subscription is running
-        self._cancelled = False
-
-    async def start(self, nc: Client) -> None:
-        self._inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(self._inbox + ".*", cb=self._arrived)
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(nc), name=f"sagakit-nats-{self.consumer}"
-        )
-
-    async def _arrived(self, msg: Msg) -> None:
-        self._queue.put_nowait((time.monotonic(), msg))
-
-    def wake(self) -> None:
-        """Make the loop ask for events again (after a reconnect lost its pull request)."""
-        self._queue.put_nowait(None)
-
-    async def _run(self, nc: Client) -> None:
-        bus, batch = self._bus, self._bus._batch
-        subject = f"$JS.API.CONSUMER.MSG.NEXT.{bus._stream}.{self.consumer}"
-        expires_ns = int(_PULL_EXPIRES * 1e9)
-        request_no, current, owed = 0, "", 0
-        while not self._stopping:
-            if owed == 0:
-                request_no += 1
-                current = f"{self._inbox}.{request_no}"
-                try:
-                    await nc.publish(
-                        subject,
-                        b'{"batch":%d,"expires":%d}' % (batch, expires_ns),
-                        reply=current,
-                    )
-                except nats.errors.Error as exc:
-                    log.debug("pull for %s failed (%s); retrying", self.consumer, _error(exc))
-                    await asyncio.sleep(0.25)
-                    continue
-                owed = batch
-            try:
-                async with asyncio.timeout(_PULL_EXPIRES + 1.0):
-                    item = await self._queue.get()
-            except TimeoutError:
-                owed = 0  # the request was lost (a restart, a reconnect): ask again
-                continue
-            if item is None:
-                owed = 0
-                continue
-            fetched_at, msg = item
-            if msg.headers and "Status" in msg.headers:
-                if msg.subject == current:
-                    owed = 0
-                    await self._status(msg)
-                continue
-            # An event carries its own subject, not the request's: count it
-            # against the current request (one from a lost request only makes
-            # the next request come early).
-            owed = max(0, owed - 1)
-            if self._stopping:
-                await self._give_back(msg)
-                break
-            await self._deliver(msg, fetched_at)
-        # Events pulled but not handled go back to the group at once.
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not None and not (item[1].headers and "Status" in item[1].headers):
-                await self._give_back(item[1])
-
-    async def _status(self, msg: Msg) -> None:
-        """A pull request ended without events: 408 (expired) is routine, 409 is not."""
-        headers = msg.headers or {}
-        if headers.get("Status") != "409":
-            return
-        description = headers.get("Description", "")
-        log.warning("consumer %s: %s", self.consumer, description)
-        if "deleted" in description.lower():
-            # Deleted from outside (an operator, or idle too long): make it again.
-            try:
-                await self._bus._create_consumer(self.config)
-            except BackendError as exc:
-                log.warning("recreating consumer %s: %s", self.consumer, exc)
-        await asyncio.sleep(0.25)  # do not spin on a refusal
-
-    async def _give_back(self, msg: Msg) -> None:
-        with contextlib.suppress(nats.errors.Error):  # else redelivered after ack_wait
-            await msg.nak()
-
-    async def _deliver(self, msg: Msg, fetched_at: float) -> None:
-        bus = self._bus
-        try:
-            deliveries = msg.metadata.num_delivered or 1
-        except Exception:  # not a JetStream message: nothing to acknowledge
-            return
-        if time.monotonic() - fetched_at > self.ack_timeout / 2:
-            # It waited here behind slow handlers: keep it ours rather than
-            # have the server give it to another consumer while it is queued.
-            try:
-                await msg.in_progress()
-            except nats.errors.Error:
-                return
-        try:
-            event = decode_event(msg.data)
-        except DefinitionError as exc:
-            await bus._dead_letter(self, msg, None, f"undecodable envelope: {exc}", deliveries)
-            return
-        if deliveries > self.max_deliveries:
-            # Earlier deliveries were never acknowledged (consumers died or hung).
-            error = f"not acknowledged within {self.ack_timeout}s on {deliveries - 1} deliveries"
-            await bus._dead_letter(self, msg, event, error, deliveries - 1)
-            return
-        self._handling = True
-        try:
-            result = self.handler(event)
-            if inspect.isawaitable(result):
-                await result
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # we are being cancelled, not the handler failing
-            await self._failed(msg, event, exc, deliveries)
-        except Exception as exc:
-            await self._failed(msg, event, exc, deliveries)
-        else:
-            try:
-                await msg.ack()
-            except nats.errors.Error as exc:
-                log.warning("ack of %s failed (%s): it will come again", event.type, _error(exc))
-        finally:
-            self._handling = False
-
-    async def _failed(self, msg: Msg, event: Event, exc: BaseException, deliveries: int) -> None:
-        log.warning(
-            "handler of %s (group %r) failed on %s of saga %s, delivery %d: %s",
-            self.event_type,
-            self.group,
-            event.type,
-            event.saga_id,
-            deliveries,
-            _error(exc),
-            exc_info=exc,
-        )
-        if deliveries >= self.max_deliveries:
-            await self._bus._dead_letter(self, msg, event, _error(exc), deliveries)
-            return
-        delay = max(self.backoff, min(self.backoff * 2 ** (deliveries - 1), _MAX_BACKOFF))
-        with contextlib.suppress(nats.errors.Error):  # else redelivered after ack_wait
-            await msg.nak(delay=delay)
-
-    @property
-    def busy(self) -> bool:
-        return self._handling
-
-    async def stop(self) -> None:
-        """Finish the handler in flight, give the rest back, stop pulling."""
-        self._stopping = True
-        task = self._task
-        if task is not None and not task.done():
-            if self._handling:
-                self.wake()
-                await asyncio.wait([task])
-            else:
-                task.cancel()
-                await asyncio.wait([task])
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-            self._sub = None
-        # Whatever arrived meanwhile goes back to the group.
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not None and not (item[1].headers and "Status" in item[1].headers):
-                await self._give_back(item[1])
-
-    async def cancel(self) -> None:
-        """Stop this subscription's deliveries; cancelling again does nothing."""
-        if self._cancelled:
-            return
-        self._cancelled = True
-        await self._bus._unsubscribe(self)
 
 
 class NatsEventBus:
@@ -390,7 +177,7 @@ class NatsEventBus:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._connecting = asyncio.Lock()
-        self._subscriptions: list[_Subscription] = []
+        self._subscriptions: list[PullSubscription] = []
         self._closed = False
 
     @classmethod
@@ -511,7 +298,7 @@ class NatsEventBus:
                 )
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS connection %s: %s", self.url, _error(exc))
+        log.warning("NATS connection %s: %s", self.url, describe(exc))
 
     async def _on_reconnected(self) -> None:
         log.info("NATS connection %s re-established", self.url)
@@ -540,7 +327,7 @@ class NatsEventBus:
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         backoff: float = DEFAULT_BACKOFF,
-    ) -> _Subscription:
+    ) -> PullSubscription:
         if not isinstance(event_type, str) or not event_type:
             raise DefinitionError("event_type", "must be a non-empty string")
         if not callable(handler):
@@ -580,7 +367,7 @@ class NatsEventBus:
             inactive_threshold=_SOLO_IDLE if group is None else None,
         )
         await self._create_consumer(config)
-        subscription = _Subscription(
+        subscription = PullSubscription(
             self,
             event_type,
             handler,
@@ -603,18 +390,18 @@ class NatsEventBus:
         except Exception as exc:
             raise _translate(self.url, f"creating consumer {config.name}", exc) from exc
 
-    async def _unsubscribe(self, subscription: _Subscription) -> None:
+    async def _unsubscribe(self, subscription: PullSubscription) -> None:
         self._subscriptions = [s for s in self._subscriptions if s is not subscription]
         await subscription.stop()
         if subscription.solo and self._js is not None:
             try:
                 await self._js.delete_consumer(self._stream, subscription.consumer)
             except Exception as exc:  # the server deletes it once idle anyway
-                log.debug("deleting consumer %s: %s", subscription.consumer, _error(exc))
+                log.debug("deleting consumer %s: %s", subscription.consumer, describe(exc))
 
     async def _dead_letter(
         self,
-        subscription: _Subscription,
+        subscription: PullSubscription,
         msg: Msg,
         event: Event | None,
         error: str,
@@ -641,10 +428,10 @@ class NatsEventBus:
                 "dead-lettering %s for group %r failed (%s); it will be retried",
                 event.type if event else "an undecodable event",
                 subscription.group,
-                _error(exc),
+                describe(exc),
             )
             with contextlib.suppress(nats.errors.Error):
-                await msg.nak(delay=_MAX_BACKOFF)
+                await msg.nak(delay=MAX_BACKOFF)
             return
         log.error(
             "dead letter in group %r after %d deliveries: %s",
@@ -679,7 +466,7 @@ class NatsEventBus:
             except nats.js.errors.NotFoundError:
                 continue  # cancelled meanwhile
             except Exception as exc:
-                log.debug("drain: consumer %s: %s", consumer, _error(exc))
+                log.debug("drain: consumer %s: %s", consumer, describe(exc))
                 return False
             if info.num_pending or info.num_ack_pending:
                 return False
@@ -748,7 +535,7 @@ class NatsEventBus:
             try:
                 await nc.flush(timeout=max(1, int(self._timeout)))
             except Exception as exc:  # acknowledgements not sent come back as redeliveries
-                log.debug("flush before close: %s", _error(exc))
+                log.debug("flush before close: %s", describe(exc))
             await nc.close()
 
 

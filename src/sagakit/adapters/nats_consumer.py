@@ -1,0 +1,262 @@
+"""One subscription of the NATS event bus: a pull loop on its consumer, and delivery.
+
+Each subscription keeps one pull request open on its consumer
+(``$JS.API.CONSUMER.MSG.NEXT``: up to ``batch`` events, expiring after a few
+seconds) and asks again when it is served or expires; the events arrive on an
+inbox of its own and are handled one at a time, in arrival order. Stopping is
+clean: the inbox is unsubscribed (the server stops sending to it) and what
+arrived but was not handled is given back with a ``nak``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js.api import ConsumerConfig
+
+from sagakit.core.envelope import decode_event
+from sagakit.core.event import Event
+from sagakit.errors import BackendError, DefinitionError
+from sagakit.ports.event_bus import Handler
+
+if TYPE_CHECKING:
+    from sagakit.adapters.nats_bus import NatsEventBus
+
+__all__ = ["MAX_BACKOFF", "PullSubscription", "describe"]
+
+log = logging.getLogger("sagakit.bus.nats")
+
+MAX_BACKOFF = 30.0
+_PULL_EXPIRES = 2.0  # seconds a pull request waits on the server for events
+
+
+def _deliveries(reply: str) -> int:
+    """The delivery count in a JetStream ack subject (0 if it is not one).
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``,
+    or with ``<domain>.<account hash>`` after ``ACK`` and a random token at the
+    end; read here in one split, cheaper than nats-py's full Metadata.
+    """
+    tokens = reply.split(".")
+    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        return 0
+    count = tokens[4] if len(tokens) == 9 else tokens[6]
+    return int(count) if count.isdigit() else 0
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class PullSubscription:
+    """One handler pulling from one consumer; its loop runs until cancelled."""
+
+    def __init__(
+        self,
+        bus: NatsEventBus,
+        event_type: str,
+        handler: Handler,
+        config: ConsumerConfig,
+        *,
+        group: str,
+        consumer: str,
+        solo: bool,
+        max_deliveries: int,
+        ack_timeout: float,
+        backoff: float,
+    ) -> None:
+        self._bus = bus
+        self.config = config
+        self.event_type, self.handler, self.group = event_type, handler, group
+        self.consumer, self.solo = consumer, solo
+        self.max_deliveries, self.ack_timeout, self.backoff = max_deliveries, ack_timeout, backoff
+        self._inbox = ""
+        self._queue: asyncio.Queue[tuple[float, Msg] | None] = asyncio.Queue()
+        self._sub: NatsSubscription | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._handling = False  # a handler of this subscription is running
+        self._cancelled = False
+
+    async def start(self, nc: Client) -> None:
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(self._inbox + ".*", cb=self._arrived)
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(nc), name=f"sagakit-nats-{self.consumer}"
+        )
+
+    async def _arrived(self, msg: Msg) -> None:
+        self._queue.put_nowait((time.monotonic(), msg))
+
+    def wake(self) -> None:
+        """Make the loop ask for events again (after a reconnect lost its pull request)."""
+        self._queue.put_nowait(None)
+
+    async def _run(self, nc: Client) -> None:
+        bus, batch = self._bus, self._bus._batch
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{bus._stream}.{self.consumer}"
+        expires_ns = int(_PULL_EXPIRES * 1e9)
+        request_no, current, owed = 0, "", 0
+        while not self._stopping:
+            if owed == 0:
+                request_no += 1
+                current = f"{self._inbox}.{request_no}"
+                try:
+                    await nc.publish(
+                        subject,
+                        b'{"batch":%d,"expires":%d}' % (batch, expires_ns),
+                        reply=current,
+                    )
+                except nats.errors.Error as exc:
+                    log.debug("pull for %s failed (%s); retrying", self.consumer, describe(exc))
+                    await asyncio.sleep(0.25)
+                    continue
+                owed = batch
+            try:
+                async with asyncio.timeout(_PULL_EXPIRES + 1.0):
+                    item = await self._queue.get()
+            except TimeoutError:
+                owed = 0  # the request was lost (a restart, a reconnect): ask again
+                continue
+            if item is None:
+                owed = 0
+                continue
+            fetched_at, msg = item
+            if msg.headers and "Status" in msg.headers:
+                if msg.subject == current:
+                    owed = 0
+                    await self._status(msg)
+                continue
+            # An event carries its own subject, not the request's: count it
+            # against the current request (one from a lost request only makes
+            # the next request come early).
+            owed = max(0, owed - 1)
+            if self._stopping:
+                await self._give_back(msg)
+                break
+            await self._deliver(msg, fetched_at)
+        # Events pulled but not handled go back to the group at once.
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None and not (item[1].headers and "Status" in item[1].headers):
+                await self._give_back(item[1])
+
+    async def _status(self, msg: Msg) -> None:
+        """A pull request ended without events: 408 (expired) is routine, 409 is not."""
+        headers = msg.headers or {}
+        if headers.get("Status") != "409":
+            return
+        description = headers.get("Description", "")
+        log.warning("consumer %s: %s", self.consumer, description)
+        if "deleted" in description.lower():
+            # Deleted from outside (an operator, or idle too long): make it again.
+            try:
+                await self._bus._create_consumer(self.config)
+            except BackendError as exc:
+                log.warning("recreating consumer %s: %s", self.consumer, exc)
+        await asyncio.sleep(0.25)  # do not spin on a refusal
+
+    async def _give_back(self, msg: Msg) -> None:
+        with contextlib.suppress(nats.errors.Error):  # else redelivered after ack_wait
+            await msg.nak()
+
+    async def _deliver(self, msg: Msg, fetched_at: float) -> None:
+        bus = self._bus
+        deliveries = _deliveries(msg.reply)
+        if deliveries < 1:  # not a JetStream delivery: nothing to acknowledge
+            return
+        if time.monotonic() - fetched_at > self.ack_timeout / 2:
+            # It waited here behind slow handlers: keep it ours rather than
+            # have the server give it to another consumer while it is queued.
+            try:
+                await msg.in_progress()
+            except nats.errors.Error:
+                return
+        try:
+            event = decode_event(msg.data)
+        except DefinitionError as exc:
+            await bus._dead_letter(self, msg, None, f"undecodable envelope: {exc}", deliveries)
+            return
+        if deliveries > self.max_deliveries:
+            # Earlier deliveries were never acknowledged (consumers died or hung).
+            error = f"not acknowledged within {self.ack_timeout}s on {deliveries - 1} deliveries"
+            await bus._dead_letter(self, msg, event, error, deliveries - 1)
+            return
+        self._handling = True
+        try:
+            result = self.handler(event)
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled, not the handler failing
+            await self._failed(msg, event, exc, deliveries)
+        except Exception as exc:
+            await self._failed(msg, event, exc, deliveries)
+        else:
+            try:
+                await msg.ack()
+            except nats.errors.Error as exc:
+                log.warning("ack of %s failed (%s): it will come again", event.type, describe(exc))
+        finally:
+            self._handling = False
+
+    async def _failed(self, msg: Msg, event: Event, exc: BaseException, deliveries: int) -> None:
+        log.warning(
+            "handler of %s (group %r) failed on %s of saga %s, delivery %d: %s",
+            self.event_type,
+            self.group,
+            event.type,
+            event.saga_id,
+            deliveries,
+            describe(exc),
+            exc_info=exc,
+        )
+        if deliveries >= self.max_deliveries:
+            await self._bus._dead_letter(self, msg, event, describe(exc), deliveries)
+            return
+        delay = max(self.backoff, min(self.backoff * 2 ** (deliveries - 1), MAX_BACKOFF))
+        with contextlib.suppress(nats.errors.Error):  # else redelivered after ack_wait
+            await msg.nak(delay=delay)
+
+    @property
+    def busy(self) -> bool:
+        return self._handling
+
+    async def stop(self) -> None:
+        """Finish the handler in flight, give the rest back, stop pulling."""
+        self._stopping = True
+        task = self._task
+        if task is not None and not task.done():
+            if self._handling:
+                self.wake()
+                await asyncio.wait([task])
+            else:
+                task.cancel()
+                await asyncio.wait([task])
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+        # Whatever arrived meanwhile goes back to the group.
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None and not (item[1].headers and "Status" in item[1].headers):
+                await self._give_back(item[1])
+
+    async def cancel(self) -> None:
+        """Stop this subscription's deliveries; cancelling again does nothing."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        await self._bus._unsubscribe(self)
