@@ -49,11 +49,15 @@ class NodeSettings:
     the oldest is forgotten, and a request naming a forgotten saga id runs as
     a new saga. ``max_line``: the longest line (or value over several lines)
     read, in characters. ``max_plain_nodes``: nodes of unregistered names kept.
+    ``store``: the saga log's URL for the ``saga`` node (in memory otherwise).
     """
 
     max_sagas: int = 100_000
     max_line: int = MAX_LINE
     max_plain_nodes: int = 4096
+    # The saga node's log, when not in memory: sqlite:///path keeps every saga
+    # across restarts (a retry after a restart is answered from the file).
+    store: str | None = None
 
 
 class Node:
@@ -104,6 +108,9 @@ class Node:
             raise RequestError(ErrorCode.MALFORMED_REQUEST, "node_ids: must be a list of strings")
         self.node_id, self.node_ids = node_id, node_ids
         return {"type": "init_ok", "in_reply_to": msg_id_of(body), "msg_id": self.next_msg_id()}
+
+    async def open(self) -> None:
+        """Reach what the node stores into, before any input; raises SagakitError if not."""
 
     async def settle(self) -> None:
         """Complete the work the last request set off (only for kinds that ``settles``)."""

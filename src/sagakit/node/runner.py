@@ -16,6 +16,7 @@ import threading
 from collections.abc import Mapping
 from typing import BinaryIO, NoReturn, Protocol
 
+from sagakit.errors import SagakitError
 from sagakit.node.host import Host, NodeSettings, Registry
 from sagakit.node.kinds import default_registry
 from sagakit.node.protocol import Decoder
@@ -160,6 +161,11 @@ async def serve(
     settings = settings or NodeSettings()
     output = _Output(stdout, loop)
     host = Host(registry or default_registry(), output.write, settings)
+    if settings.store is not None:
+        # Opened before any input is read: a store that cannot be opened stops
+        # the node at once, not after each execute has retried it for a while.
+        saga_node = host.node("saga")
+        await saga_node.open()
     decoder = Decoder(settings.max_line)
     # utf-8-sig: a byte order mark at the very start is dropped, not an error.
     text = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
@@ -202,6 +208,7 @@ def parse_settings(argv: list[str], environ: Mapping[str, str]) -> NodeSettings:
     defaults = NodeSettings()
     max_sagas = environ.get("SAGAKIT_MAX_SAGAS")
     max_line = environ.get("SAGAKIT_MAX_LINE")
+    store = environ.get("SAGAKIT_STORE") or None
     if argv:
         import argparse
 
@@ -221,12 +228,20 @@ def parse_settings(argv: list[str], environ: Mapping[str, str]) -> NodeSettings:
             help="longest input line or value, in characters "
             f"(env SAGAKIT_MAX_LINE; default {defaults.max_line})",
         )
+        parser.add_argument(
+            "--store",
+            metavar="URL",
+            help="the saga node's log, e.g. sqlite:///sagas.db: sagas outlive the process "
+            "(env SAGAKIT_STORE; default in memory, capped by --max-sagas)",
+        )
         args = parser.parse_args(argv)
         max_sagas = args.max_sagas or max_sagas
         max_line = args.max_line or max_line
+        store = args.store or store
     return NodeSettings(
         max_sagas=defaults.max_sagas if max_sagas is None else _positive("max-sagas", max_sagas),
         max_line=defaults.max_line if max_line is None else _positive("max-line", max_line),
+        store=store,
     )
 
 
@@ -256,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         served = asyncio.run(serve(stdin, sys.stdout.buffer, settings=settings))
     except KeyboardInterrupt:
         return 130
+    except SagakitError as exc:  # the store: a bad URL, a missing extra, a foreign file
+        log.error("cannot serve: %s", exc)
+        return 2
     if not served:
         # Leave no buffered bytes behind for the interpreter to fail on at exit.
         sys.stdout = None

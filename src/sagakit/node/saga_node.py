@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sagakit.core.machine import SagaStatus
 from sagakit.core.saga import SagaDefinition, Step, StepContext
-from sagakit.errors import DefinitionError, SagaIdConflict
+from sagakit.errors import BackendBusy, BackendUnavailable, DefinitionError, SagaIdConflict
 from sagakit.node.host import Body, Host, Node
 from sagakit.node.protocol import (
     MAX_ID,
@@ -90,9 +90,13 @@ class SagaNode(Node):
 
     def __init__(self, name: str, host: Host) -> None:
         super().__init__(name, host)
-        # The log answers retries; it keeps the newest max_sagas finished
-        # sagas. An evicted saga id is new again: an execute naming it runs.
-        self.orchestrator = Orchestrator(f"memory://?max_finished={host.settings.max_sagas}")
+        # The log answers retries. In memory it keeps the newest max_sagas
+        # finished sagas (an evicted saga id is new again: an execute naming it
+        # runs); a store keeps them all, across restarts.
+        settings = host.settings
+        self.orchestrator = Orchestrator(
+            settings.store or f"memory://?max_finished={settings.max_sagas}"
+        )
         # Requests repeat the same step lists; building definitions per request
         # would cost more than running the saga.
         self._definitions: dict[tuple[str, ...], _Variants] = {}
@@ -170,6 +174,12 @@ class SagaNode(Node):
             outcome = await self.orchestrator.run(definition, saga_id)
         except SagaIdConflict as exc:
             raise RequestError(ErrorCode.PRECONDITION_FAILED, str(exc), saga_id=saga_id) from exc
+        except (BackendUnavailable, BackendBusy) as exc:
+            # The store is down or busy: the saga may be recorded as started, and
+            # a retry carries it on from there (or answers it from the record).
+            raise RequestError(
+                ErrorCode.TEMPORARILY_UNAVAILABLE, f"the saga log: {exc}", saga_id=saga_id
+            ) from exc
         # The reply is written directly, in exactly the bytes json.dumps would
         # give for the seed's dict: this runs once per request, and encoding a
         # dict cost about a tenth of the node's time.
@@ -184,6 +194,14 @@ class SagaNode(Node):
             f'"saga_id": {json_string(saga_id)}, "state": "{outcome.state}", '
             f'"compensated_steps": [{compensated}]}}'
         )
+
+    async def open(self) -> None:
+        # Any read opens the store (a file, a connection) and checks its schema.
+        await self.orchestrator.log.status("")
+
+    async def finish(self) -> None:
+        # A store's writer is flushed and closed before the process leaves.
+        await self.orchestrator.close()
 
     @staticmethod
     def _completed(msg_id: int, saga_id: str, steps: int) -> Encoded:
