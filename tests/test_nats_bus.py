@@ -292,3 +292,66 @@ async def test_close_while_the_server_is_down_returns(
             await bus.publish(event())
     finally:
         await asyncio.to_thread(restartable.start)
+
+
+# --- slow and stuck handlers -----------------------------------------------------------------
+
+
+def test_the_delivery_count_is_read_from_both_ack_subject_forms() -> None:
+    from sagakit.adapters.nats_consumer import _deliveries
+
+    assert _deliveries("$JS.ACK.s-events.g~T.3.10.9.1700000000000000000.0") == 3
+    assert _deliveries("$JS.ACK.dom.acchash.s-events.g~T.7.10.9.1700000000000000000.0.tok") == 7
+    for reply in ("", "_INBOX.abc", "$JS.ACK.a.b.x.1.1.1.0", "$JS.API.a.b.1.1.1.1.0"):
+        assert _deliveries(reply) == 0
+
+
+async def test_events_queued_behind_a_slow_handler_are_not_redelivered(
+    bus: NatsEventBus,
+) -> None:
+    handled: list[int] = []
+
+    async def slow(e: Event) -> None:
+        await asyncio.sleep(0.3)
+        handled.append(e["n"])
+
+    # Six events of 0.3 s each behind one another: the last waits 1.5 s, beyond
+    # the ack timeout, yet none may come twice or be dead-lettered.
+    await bus.subscribe("Tick", slow, group="g", ack_timeout=1.0, max_deliveries=1)
+    for i in range(6):
+        await bus.publish(event("Tick", n=i))
+    await _wait(lambda: len(handled) >= 6, "six slow deliveries")
+    await bus.drain()
+    assert handled == list(range(6))
+    assert await bus.dead_letters("g") == []
+
+
+async def test_a_stuck_handler_lets_its_queued_events_go_to_the_group(
+    nats_server: NatsServer,
+) -> None:
+    url = f"{nats_server.url}?prefix={_prefix()}"
+    stuck_bus, other_bus = await NatsEventBus.connect(url), await NatsEventBus.connect(url)
+    release = asyncio.Event()
+    held: list[int] = []
+
+    async def stuck(e: Event) -> None:
+        held.append(e["n"])
+        await release.wait()
+
+    got: list[int] = []
+    await stuck_bus.subscribe("Tick", stuck, group="g", ack_timeout=0.6)
+    for i in range(3):
+        await stuck_bus.publish(event("Tick", n=i))
+    await _wait(lambda: held == [0], "the first event to be held")
+    await other_bus.subscribe("Tick", recorder_n(got), group="g", ack_timeout=0.6)
+    await _wait(lambda: sorted(set(got)) == [0, 1, 2], "the group to get all three")
+    release.set()
+    await stuck_bus.close()
+    await other_bus.close()
+
+
+def recorder_n(into: list[int]) -> Callable[[Event], None]:
+    def handler(e: Event) -> None:
+        into.append(e["n"])
+
+    return handler

@@ -15,7 +15,8 @@ import contextlib
 import inspect
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 from nats.aio.client import Client
@@ -53,6 +54,11 @@ def _deliveries(reply: str) -> int:
     return int(count) if count.isdigit() else 0
 
 
+async def _in_progress(msg: Msg) -> None:
+    with contextlib.suppress(nats.errors.Error):  # the server redelivers it instead
+        await msg.in_progress()
+
+
 def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -80,7 +86,14 @@ class PullSubscription:
         self.consumer, self.solo = consumer, solo
         self.max_deliveries, self.ack_timeout, self.backoff = max_deliveries, ack_timeout, backoff
         self._inbox = ""
-        self._queue: asyncio.Queue[tuple[float, Msg] | None] = asyncio.Queue()
+        # Events pulled and not yet handled, each with the time it arrived (or
+        # was last kept ours with an in-progress ack).
+        self._pending: deque[list[Any]] = deque()
+        self._arrival = asyncio.Event()
+        self._woken = False
+        self._keeper: asyncio.TimerHandle | None = None
+        self._kept_at = 0.0  # when the queued events were last kept ours
+        self._progress: set[asyncio.Task[None]] = set()
         self._sub: NatsSubscription | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -95,11 +108,13 @@ class PullSubscription:
         )
 
     async def _arrived(self, msg: Msg) -> None:
-        self._queue.put_nowait((time.monotonic(), msg))
+        self._pending.append([time.monotonic(), msg])
+        self._arrival.set()
 
     def wake(self) -> None:
         """Make the loop ask for events again (after a reconnect lost its pull request)."""
-        self._queue.put_nowait(None)
+        self._woken = True
+        self._arrival.set()
 
     async def _run(self, nc: Client) -> None:
         bus, batch = self._bus, self._bus._batch
@@ -121,16 +136,19 @@ class PullSubscription:
                     await asyncio.sleep(0.25)
                     continue
                 owed = batch
-            try:
-                async with asyncio.timeout(_PULL_EXPIRES + 1.0):
-                    item = await self._queue.get()
-            except TimeoutError:
-                owed = 0  # the request was lost (a restart, a reconnect): ask again
+            if not self._pending:
+                self._arrival.clear()
+                try:
+                    async with asyncio.timeout(_PULL_EXPIRES + 1.0):
+                        await self._arrival.wait()
+                except TimeoutError:
+                    owed = 0  # the request was lost (a restart, a reconnect): ask again
+                    continue
+            if self._woken:
+                self._woken, owed = False, 0
+            if not self._pending:
                 continue
-            if item is None:
-                owed = 0
-                continue
-            fetched_at, msg = item
+            fetched_at, msg = self._pending.popleft()
             if msg.headers and "Status" in msg.headers:
                 if msg.subject == current:
                     owed = 0
@@ -144,11 +162,14 @@ class PullSubscription:
                 await self._give_back(msg)
                 break
             await self._deliver(msg, fetched_at)
-        # Events pulled but not handled go back to the group at once.
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not None and not (item[1].headers and "Status" in item[1].headers):
-                await self._give_back(item[1])
+        await self._give_back_pending()
+
+    async def _give_back_pending(self) -> None:
+        """Events pulled but not handled go back to the group at once."""
+        while self._pending:
+            msg = self._pending.popleft()[1]
+            if not (msg.headers and "Status" in msg.headers):
+                await self._give_back(msg)
 
     async def _status(self, msg: Msg) -> None:
         """A pull request ended without events: 408 (expired) is routine, 409 is not."""
@@ -192,6 +213,12 @@ class PullSubscription:
             await bus._dead_letter(self, msg, event, error, deliveries - 1)
             return
         self._handling = True
+        started = time.monotonic()
+        if started - self._kept_at >= self.ack_timeout / 3:
+            self._keep(started)
+        self._keeper = asyncio.get_running_loop().call_later(
+            self.ack_timeout / 3, self._keep_pending, started
+        )
         try:
             result = self.handler(event)
             if inspect.isawaitable(result):
@@ -210,6 +237,24 @@ class PullSubscription:
                 log.warning("ack of %s failed (%s): it will come again", event.type, describe(exc))
         finally:
             self._handling = False
+            self._keeper.cancel()
+
+    def _keep_pending(self, started: float) -> None:
+        """While a handler runs, keep the events queued behind it ours (in-progress acks).
+
+        Without this, a slow handler would let the ack timeout of the events it
+        holds up lapse: the server would send them again, counting deliveries
+        towards the dead letters though no handler failed. A handler that runs
+        past the ack timeout is presumed stuck: its queue is no longer kept, so
+        the group's other consumers get those events.
+        """
+        now = time.monotonic()
+        if not self._handling or now - started >= self.ack_timeout:
+            return
+        self._keep(now)
+        self._keeper = asyncio.get_running_loop().call_later(
+            self.ack_timeout / 3, self._keep_pending, started
+        )
 
     async def _failed(self, msg: Msg, event: Event, exc: BaseException, deliveries: int) -> None:
         log.warning(
@@ -228,6 +273,16 @@ class PullSubscription:
         delay = max(self.backoff, min(self.backoff * 2 ** (deliveries - 1), MAX_BACKOFF))
         with contextlib.suppress(nats.errors.Error):  # else redelivered after ack_wait
             await msg.nak(delay=delay)
+
+    def _keep(self, now: float) -> None:
+        """An in-progress ack for each queued event that waited a third of the ack timeout."""
+        self._kept_at = now
+        for item in self._pending:
+            if now - item[0] >= self.ack_timeout / 3:
+                item[0] = now
+                task = asyncio.get_running_loop().create_task(_in_progress(item[1]))
+                self._progress.add(task)
+                task.add_done_callback(self._progress.discard)
 
     @property
     def busy(self) -> bool:
@@ -248,11 +303,7 @@ class PullSubscription:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
             self._sub = None
-        # Whatever arrived meanwhile goes back to the group.
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not None and not (item[1].headers and "Status" in item[1].headers):
-                await self._give_back(item[1])
+        await self._give_back_pending()  # whatever arrived meanwhile
 
     async def cancel(self) -> None:
         """Stop this subscription's deliveries; cancelling again does nothing."""
