@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -13,7 +14,13 @@ import pytest
 from sagakit.adapters import open_event_bus
 from sagakit.adapters.nats_bus import NatsEventBus
 from sagakit.core.event import Event
-from sagakit.errors import BackendError, BackendUnavailable, ConfigurationError, DefinitionError
+from sagakit.errors import (
+    BackendError,
+    BackendRefused,
+    BackendUnavailable,
+    ConfigurationError,
+    DefinitionError,
+)
 from sagakit.ports.event_bus import EventBus
 from tests.conformance.choreography import ChoreographyConformance
 from tests.conformance.event_bus import EventBusConformance, event, ids, recorder
@@ -355,3 +362,72 @@ def recorder_n(into: list[int]) -> Callable[[Event], None]:
         into.append(e["n"])
 
     return handler
+
+
+# --- more faults -------------------------------------------------------------------------------
+
+
+async def test_events_survive_the_server_being_killed(
+    restartable: NatsServer, nats_server: NatsServer
+) -> None:
+    url = f"{nats_server.url}?prefix={_prefix()}"
+    publisher = await NatsEventBus.connect(url)
+    subscription = await publisher.subscribe("Tick", recorder([]), group="g")
+    await subscription.cancel()
+    sent = [event("Tick", n=i) for i in range(5)]
+    for e in sent:
+        await publisher.publish(e)
+    await _kill(publisher)
+    await asyncio.to_thread(restartable.kill)  # SIGKILL: no clean shutdown
+    await asyncio.to_thread(restartable.start)
+    consumer = await NatsEventBus.connect(url)
+    got: list[Event] = []
+    await consumer.subscribe("Tick", recorder(got), group="g")
+    await _wait(lambda: len(got) >= 5, "the 5 acknowledged events")
+    assert ids(got) == ids(sent)
+    await consumer.close()
+
+
+async def test_an_event_over_the_servers_max_payload_is_refused(bus: NatsEventBus) -> None:
+    with pytest.raises(BackendRefused):
+        await bus.publish(event("Big", blob="x" * 2_000_000))
+    await bus.publish(event("Small"))  # the connection is still good
+
+
+async def test_drain_inside_a_handler_is_refused_not_a_deadlock(bus: NatsEventBus) -> None:
+    errors: list[BaseException] = []
+
+    async def handler(e: Event) -> None:
+        try:
+            await bus.drain()
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    await bus.subscribe("Tick", handler, group="g")
+    await bus.publish(event("Tick"))
+    async with asyncio.timeout(10):
+        await bus.drain()
+    assert len(errors) == 1
+
+
+async def test_a_consumer_deleted_from_outside_is_made_again(
+    bus: NatsEventBus, nats_server: NatsServer
+) -> None:
+    got: list[Event] = []
+    await bus.subscribe("Tick", recorder(got), group="g")
+    nc = await nats.connect(nats_server.url)
+    await nc.jetstream().delete_consumer(f"{bus.prefix}-events", "g~Tick")
+    await nc.close()
+    sent = event("Tick")
+
+    async def published_and_seen() -> None:
+        # Events published while the group has no consumer are not kept for it.
+        while not got:
+            with contextlib.suppress(BackendError):
+                await bus.publish(event("Tick"))
+            await asyncio.sleep(0.2)
+
+    async with asyncio.timeout(10):
+        await published_and_seen()
+    await bus.publish(sent)
+    await _wait(lambda: sent.event_id in ids(got), "events after the consumer came back")
