@@ -179,6 +179,7 @@ class NatsEventBus:
         self._connecting = asyncio.Lock()
         self._subscriptions: list[PullSubscription] = []
         self._closed = False
+        self._connect_error = ""
 
     @classmethod
     def from_url(cls, url: str) -> NatsEventBus:
@@ -246,7 +247,10 @@ class NatsEventBus:
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await nc.close()
-                raise _translate(self.url, "connecting", exc) from exc
+                doing = "connecting"
+                if isinstance(exc, TimeoutError) and self._connect_error:
+                    doing = f"no server within {self._timeout}s ({self._connect_error})"
+                raise _translate(self.url, doing, exc) from exc
             js = nc.jetstream(timeout=self._timeout)
             try:
                 await self._ensure_streams(js)
@@ -298,6 +302,9 @@ class NatsEventBus:
                 )
 
     async def _on_error(self, exc: Exception) -> None:
+        if self._js is None:  # still connecting: the caller gets the error, not the log
+            self._connect_error = describe(exc)
+            return
         log.warning("NATS connection %s: %s", self.url, describe(exc))
 
     async def _on_reconnected(self) -> None:

@@ -60,7 +60,8 @@ async def _in_progress(msg: Msg) -> None:
 
 
 def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class PullSubscription:
