@@ -8,8 +8,9 @@ apps with different prefixes share a server without seeing each other:
   and at most ``max_age`` seconds) holds subjects ``<prefix>.events.<type>``
   and ``<prefix>.replay.<consumer>``;
 - one durable pull consumer per (group, event type or ``*``), named
-  ``<group>~<type>``; the subscriptions of a group, in this process or any
-  other, pull from the same consumer and so compete for its events;
+  ``<group>~<type>``, created by the group's first subscription and delivering
+  from then on; the subscriptions of a group, in this process or any other,
+  pull from the same consumer and so compete for its events;
 - a subscription without a group gets a consumer of its own, deleted when it
   is cancelled (or by the server, once idle, if the process died);
 - stream ``<prefix>-dlq`` holds the dead letters, subject ``<prefix>.dlq.<group>``:
@@ -31,15 +32,23 @@ an event silently when the dead-letter publish fails.) ``replay_dead_letter``
 publishes the envelope to the replay subject that only the consumer which gave
 up on it listens to, then deletes the dead letter.
 
+Each subscription pulls up to ``batch`` events ahead of its handler
+(:mod:`sagakit.adapters.nats_consumer`). While a handler runs, the events
+queued behind it are kept with in-progress acks, so a slow handler does not
+make them time out; a handler still running after ``ack_timeout`` is presumed
+stuck, and its queued events go to the group's other consumers.
+
 Ordering: a group with one subscription handles its events one at a time in
 the stream's order (publication order, per publisher), except that an event
-whose handler raised comes back after its backoff, behind later events. With
-several subscriptions in a group (competing consumers) there is no order
-between them. Within a process, each subscription runs its own handler loop,
-so different groups proceed independently.
+whose handler raised comes back after its backoff, behind later events, and
+that an event taken over after an ack timeout comes after those delivered
+meanwhile. With several subscriptions in a group (competing consumers) there
+is no order between them. Each subscription runs its own handler loop, so
+different groups proceed independently.
 
-``publish`` waits for JetStream's acknowledgement (the event is on disk on the
-server) and raises :class:`~sagakit.errors.BackendUnavailable` when the server
+``publish`` waits for JetStream's acknowledgement (the event is written to the
+server's file store: it survives the server process crashing; surviving a power
+cut needs the server's ``sync_interval: always``) and raises :class:`~sagakit.errors.BackendUnavailable` when the server
 cannot be reached or does not answer within ``timeout`` seconds; the client
 does not buffer publishes while reconnecting, so an event that was refused is
 not sent later behind the caller's back. Each publish carries the event id as
