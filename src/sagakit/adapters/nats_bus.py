@@ -48,10 +48,11 @@ different groups proceed independently.
 
 ``publish`` waits for JetStream's acknowledgement (the event is written to the
 server's file store: it survives the server process crashing; surviving a power
-cut needs the server's ``sync_interval: always``) and raises :class:`~sagakit.errors.BackendUnavailable` when the server
-cannot be reached or does not answer within ``timeout`` seconds; the client
-does not buffer publishes while reconnecting, so an event that was refused is
-not sent later behind the caller's back. Each publish carries the event id as
+cut needs the server's ``sync_interval: always``) and raises
+:class:`~sagakit.errors.BackendUnavailable` when the server cannot be reached or
+does not answer within ``timeout`` seconds; the client does not buffer publishes
+while reconnecting, so an event that was refused is not sent later behind the
+caller's back. Each publish carries the event id as
 ``Nats-Msg-Id``: publishing the same event again within the stream's duplicate
 window (2 minutes) stores it once.
 
