@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -247,6 +248,34 @@ async def test_trim_keeps_only_what_a_group_still_needs(buses: Buses, raw: aiore
     assert await raw.xlen(stream) == 600
     await bus.trim()
     assert await raw.xlen(stream) < 200  # whole nodes only (XTRIM ~)
+
+
+async def test_trim_while_events_flow_loses_nothing(buses: Buses) -> None:
+    bus = buses()
+    got: list[int] = []
+
+    async def slow(e: Event) -> None:
+        await asyncio.sleep(0.001)
+        got.append(e["n"])
+
+    await bus.subscribe("Tick", slow, group="g")
+    await bus.subscribe("Tick", slow, group="h")
+
+    async def trim_often() -> None:
+        while True:
+            await bus.trim()
+            await asyncio.sleep(0.005)
+
+    trimmer = asyncio.get_running_loop().create_task(trim_often())
+    try:
+        for i in range(400):
+            await bus.publish(event("Tick", saga_id=f"s{i % 7}", n=i))
+        await drain(bus)
+    finally:
+        trimmer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await trimmer  # re-raises whatever made trim() fail
+    assert sorted(got) == sorted([*range(400), *range(400)])
 
 
 async def test_streams_are_capped_at_maxlen(buses: Buses, raw: aioredis.Redis) -> None:

@@ -475,7 +475,7 @@ class RedisEventBus:
         await asyncio.gather(*(r.stop() for r, _ in [*readers, *retries]))
         if self._janitor is not None:
             self._janitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._janitor
         for reader, anonymous in [*readers, *retries]:
             with contextlib.suppress(rexc.RedisError):
@@ -509,8 +509,9 @@ class RedisEventBus:
             await asyncio.sleep(self.trim_interval)
             try:
                 await self.trim()
-            except rexc.RedisError as exc:
-                log.warning("redis bus housekeeping: %s", exc)
+            except Exception as exc:
+                # Housekeeping may fail for a while (an outage); it must not stop.
+                log.warning("redis bus housekeeping: %r", exc)
 
     async def trim(self) -> None:
         """Trim the streams read here to what some group still needs; drop dead consumers."""
@@ -521,11 +522,14 @@ class RedisEventBus:
                 first = sid(info["last-delivered-id"])
                 first = (first[0], first[1] + 1)
                 if int(info["pending"]):
+                    # Read after the group's position: what was acked meanwhile
+                    # shows as no minimum, and only raises the bound.
                     summary = await self._redis.xpending(stream, group)
-                    first = min(first, sid(summary["min"]))
-                    for c in await self._redis.xinfo_consumers(stream, group):
-                        if not int(c["pending"]) and int(c["idle"]) > STALE_CONSUMER * 1000:
-                            await self._redis.xgroup_delconsumer(stream, group, c["name"])
+                    if summary["min"] is not None:
+                        first = min(first, sid(summary["min"]))
+                for c in await self._redis.xinfo_consumers(stream, group):
+                    if not int(c["pending"]) and int(c["idle"]) > STALE_CONSUMER * 1000:
+                        await self._redis.xgroup_delconsumer(stream, group, c["name"])
                 needed = first if needed is None else min(needed, first)
             if needed is not None:
                 await self._redis.execute_command(
