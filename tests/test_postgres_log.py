@@ -279,6 +279,24 @@ async def test_64_concurrent_flushes_take_far_fewer_commits(log: PostgresSagaLog
         assert len(await log.read(f"o-{i}")) == 4
 
 
+async def test_two_batches_in_flight_keep_every_saga_in_order(postgres_url: str) -> None:
+    log = PostgresSagaLog.from_url(postgres_url + "?batches_in_flight=2")
+    try:
+        journals = [await started(log, f"o-{i}") for i in range(40)]
+
+        async def steps(i: int, journal: Journal) -> None:
+            for n in range(10):
+                await asyncio.sleep(0.001 * (i % 3))  # arrivals spread out
+                await write(journal, [StepCompleted(0, n)])
+
+        await asyncio.gather(*(steps(i, j) for i, j in enumerate(journals)))
+        for i in range(40):
+            expected = [*opening(), *(StepCompleted(0, n) for n in range(10))]
+            assert typed(await log.read(f"o-{i}")) == typed(expected)
+    finally:
+        await log.close()
+
+
 async def test_creates_share_commits_too(log: PostgresSagaLog) -> None:
     await started(log, "warm-up")
     before = log.stats.commits

@@ -27,7 +27,8 @@ disk, not the driver, is the limit there, which group commit addresses.
 Options in the URL's query, beside asyncpg's own: ``pool_size`` (connections,
 default 10), ``connect_timeout`` and ``command_timeout`` (seconds, default 10
 and 60), ``statement_cache_size`` (default 100; 0 behind a PgBouncer in
-transaction mode older than 1.21). Any other query parameter is a server
+transaction mode older than 1.21), ``batches_in_flight`` (group commits under
+way at once, default 1). Any other query parameter is a server
 setting (asyncpg's rule), e.g. ``?search_path=sagas`` to keep the tables in a
 schema of their own.
 
@@ -76,7 +77,14 @@ from sagakit.errors import (
 from sagakit.ports.saga_log import Claim, Lease, LoggedRecord, SagaLog, SagaSummary
 
 from . import _postgres_sql as sql
-from ._postgres_group import Committer, Create, PostgresJournal, encode, status_of
+from ._postgres_group import (
+    BATCHES_IN_FLIGHT,
+    Committer,
+    Create,
+    PostgresJournal,
+    encode,
+    status_of,
+)
 
 __all__ = ["MAX_ID_BYTES", "PostgresJournal", "PostgresSagaLog", "PostgresStats", "from_url"]
 
@@ -178,8 +186,14 @@ def _check_limit(limit: object) -> int:
 
 # --- the log ----------------------------------------------------------------------------
 
-_OPTIONS = ("pool_size", "connect_timeout", "command_timeout", "statement_cache_size")
-_COUNTS = ("pool_size", "statement_cache_size")  # whole numbers
+_OPTIONS = (
+    "pool_size",
+    "connect_timeout",
+    "command_timeout",
+    "statement_cache_size",
+    "batches_in_flight",
+)
+_COUNTS = ("pool_size", "statement_cache_size", "batches_in_flight")  # whole numbers
 
 
 class PostgresSagaLog:
@@ -195,6 +209,7 @@ class PostgresSagaLog:
         connect_timeout: float = 10.0,
         command_timeout: float = 60.0,
         statement_cache_size: int = 100,
+        batches_in_flight: int = BATCHES_IN_FLIGHT,
     ) -> None:
         self._dsn = dsn
         self._statement_cache_size = statement_cache_size
@@ -206,7 +221,7 @@ class PostgresSagaLog:
         self._closed = False
         self._lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._committer = Committer(self)
+        self._committer = Committer(self, batches_in_flight)
         self._unreadable: set[str] = set()
         self.stats = PostgresStats()
 
@@ -237,6 +252,7 @@ class PostgresSagaLog:
             connect_timeout=values.get("connect_timeout", 10.0),
             command_timeout=values.get("command_timeout", 60.0),
             statement_cache_size=int(values.get("statement_cache_size", 100)),
+            batches_in_flight=int(values.get("batches_in_flight", BATCHES_IN_FLIGHT)),
         )
 
     # --- connections --------------------------------------------------------------------
