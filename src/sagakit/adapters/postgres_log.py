@@ -17,12 +17,14 @@ next one gathers, so 64 sagas in flight share a handful of commits where one at
 a time each still gets its own at once.
 
 Driver: asyncpg, chosen by measurement on the development machine (2 cores,
-PostgreSQL 15, ``/work/notes/H2b-driver-bench.py``): with 16 clients and
-``synchronous_commit=off`` (the driver's own cost showing, not the disk's),
-asyncpg made 22,000 one-row commits/s against psycopg 3's 9,800, and 64-row
-``unnest`` inserts ran at 128,000 rows/s against 46,000 (its binary array
-encoding). With fsync on, one client commits about 2,400/s with either: the
-disk, not the driver, is the limit there, which group commit addresses.
+PostgreSQL 15 and 18 on the same host; a script timing one-row INSERT commits
+from 1 and 16 clients and 64-row ``unnest`` inserts through each driver's
+pool). With ``synchronous_commit=off`` (the driver's own cost showing, not the
+disk's) and 16 clients, asyncpg made 22,000 one-row commits/s against psycopg
+3's 9,800; 64-row ``unnest`` inserts ran at 128,000 rows/s against 46,000 (its
+binary array encoding, which the group commit relies on). With fsync on, one
+client commits about 2,400/s with either: the disk, not the driver, is the
+limit there, which group commit addresses.
 
 Options in the URL's query, beside asyncpg's own: ``pool_size`` (connections,
 default 10), ``connect_timeout`` and ``command_timeout`` (seconds, default 10
@@ -39,16 +41,25 @@ sagakit is refused with :class:`~sagakit.errors.SchemaMismatch`. Payloads are
 ``json`` (not ``jsonb``): kept byte for byte, key order included, and ``\\u0000``
 in a string is accepted, where ``jsonb`` rejects it.
 
-Errors: connection lost or refused, server shutting down or starting, timeouts
-become :class:`~sagakit.errors.BackendUnavailable`; serialization failures,
-deadlocks and lock timeouts :class:`~sagakit.errors.BackendBusy` (a batch is
-retried a few times first); bad credentials or missing privileges
+Errors: connection lost or refused, server shutting down, starting or read-only
+(a standby, a failover under way), timeouts become
+:class:`~sagakit.errors.BackendUnavailable`; serialization failures, deadlocks
+and lock timeouts :class:`~sagakit.errors.BackendBusy` (a batch is retried a
+few times first); bad credentials, unknown database or missing privileges
 :class:`~sagakit.errors.BackendRefused`. The pool reconnects by itself: a log
 whose server restarted works again without being reopened. A flush whose
 commit was cut off (its outcome unknown) is settled on the next flush by
 reading the saga's record count back, under the same epoch, so records are
 never written twice and a worker does not mistake its own write for a lost
 lease.
+
+Bad input fails its own call, never a shared batch: saga ids and owners are
+checked first (non-empty text without NUL, at most :data:`MAX_ID_BYTES` bytes
+in UTF-8: a saga id is a primary key), and a batch that fails for its data all
+the same is split up so that the others land. ``claim_next`` passes over a saga
+whose records this sagakit cannot read (written by a newer one), logging it
+once, and leaves it for a worker that can. A log belongs to the event loop that
+first used it (its connections do).
 """
 
 from __future__ import annotations
