@@ -387,6 +387,8 @@ def postgres_server(request: pytest.FixtureRequest) -> PostgresServer:
 @pytest.fixture
 def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
     """A fresh database of this test's own on ``postgres_server``."""
+    if isinstance(postgres_server, PrivatePostgres) and not postgres_server.running:
+        postgres_server.start()  # a fault test that failed half-way left it down
     with postgres_server.database() as url:
         yield url
 
