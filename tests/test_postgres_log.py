@@ -517,6 +517,31 @@ async def test_an_immediate_shutdown_loses_nothing_committed(
         await log.close()
 
 
+async def test_close_lands_what_was_flushing_then_refuses_for_good(postgres_url: str) -> None:
+    log = PostgresSagaLog.from_url(postgres_url)
+    journals = [await started(log, f"o-{i}") for i in range(8)]
+    for i, journal in enumerate(journals):
+        journal.stage([StepCompleted(0, i)])
+    flushing = [asyncio.ensure_future(j.flush()) for j in journals]
+    await asyncio.sleep(0)
+    await log.close()
+    assert await asyncio.gather(*flushing) == [None] * 8
+    with pytest.raises(BackendError, match="closed") as raised:
+        await log.read("o-1")
+    assert not raised.value.retryable
+    journals[0].stage([StepStarted(1)])
+    with pytest.raises(BackendError, match="closed"):
+        await journals[0].flush()
+    await log.close()  # twice is fine
+    reopened = PostgresSagaLog.from_url(postgres_url)
+    try:
+        assert [(await reopened.read(f"o-{i}"))[-1] for i in range(8)] == [
+            StepCompleted(0, i) for i in range(8)
+        ]
+    finally:
+        await reopened.close()
+
+
 # --- errors ---
 
 

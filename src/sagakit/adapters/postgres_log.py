@@ -281,7 +281,8 @@ class PostgresSagaLog:
 
     async def _open(self) -> None:
         if self._closed:
-            raise BackendUnavailable(BACKEND, "the saga log is closed")
+            # Not retryable: a caller retrying on a closed log would wait for ever.
+            raise BackendError(BACKEND, "the saga log is closed")
         self._check_loop()
         if self._ready:
             return
