@@ -210,7 +210,13 @@ class Orchestrator:
             if journal is None:
                 outcome = await self._existing(saga, saga_id, data)
             else:
-                outcome = await self._drive(saga, saga_id, data, journal, decision, {})
+                try:
+                    outcome = await self._drive(saga, saga_id, data, journal, decision, {})
+                except LeaseLost:
+                    # Another worker took the saga over (this one stalled past its
+                    # lease): its outcome is the one to report.
+                    log.warning("saga %s: lease lost; waiting for its new holder", saga_id)
+                    outcome = await self._existing(saga, saga_id, data)
         except BaseException as exc:
             for waiter in run.waiters or ():
                 if waiter.done():  # that caller was cancelled while it waited
@@ -358,15 +364,16 @@ class Orchestrator:
         return await self._drive(saga, saga_id, started.data, journal, decision, results)
 
     async def _wait_for_holder(self, saga_id: str) -> None:
-        """Wait until the saga is finished, or its holder's lease expired or was given up."""
+        """Wait until the saga is finished or its lease is given up, or for a while
+        (the caller then tries to claim it again: the log, on its own clock, says
+        whether the lease expired)."""
         delay = 0.01
-        while True:
+        deadline = time.monotonic() + self.poll_interval
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
             summary = await self._retrying(lambda: self._log.status(saga_id))
             if summary is None or summary.status.is_final or summary.owner is None:
                 return
-            if summary.lease_expires_at is not None and summary.lease_expires_at <= time.time():
-                return
-            await asyncio.sleep(delay)
             delay = min(delay * 2, self.poll_interval)
 
     async def _join(

@@ -1,0 +1,347 @@
+"""Workers sharing a saga log: start/result/serve, leases, takeover, reconnection, and
+what a step is told (idempotency key, attempt). On the in-memory log, and on the
+in-memory log acting durable (flushes, round trips)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from saga_logs import BufferedLog, FlakyLog, unfinished
+
+from sagakit.adapters.memory_log import InMemorySagaLog
+from sagakit.core.records import (
+    CompensationCompleted,
+    CompensationStarted,
+    SagaStatus,
+    StepCompleted,
+    StepStarted,
+)
+from sagakit.core.saga import SagaDefinition, Step, StepContext
+from sagakit.errors import BackendUnavailable, LeaseLost, SagaError, SagaIdConflict
+from sagakit.orchestration import Orchestrator
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def recording_saga(name: str = "trip", n: int = 3, fail_at: int | None = None) -> Any:
+    """A saga whose steps record (step, attempt, idempotency key) as they run."""
+    calls: list[tuple[str, int, str]] = []
+
+    def action(i: int) -> Any:
+        def run(ctx: StepContext) -> int:
+            calls.append((f"do {ctx.step}", ctx.attempt, ctx.idempotency_key))
+            if i == fail_at:
+                raise RuntimeError("refused")
+            return i
+
+        return run
+
+    def undo(ctx: StepContext) -> None:
+        calls.append((f"undo {ctx.step}", ctx.attempt, ctx.idempotency_key))
+
+    saga = SagaDefinition(name, [Step(f"s{i}", action(i), undo) for i in range(n)])
+    return saga, calls
+
+
+# --- start, result, serve -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("log_kind", [InMemorySagaLog, BufferedLog])
+async def test_start_records_and_a_serving_worker_runs_it(log_kind: Any) -> None:
+    log = log_kind()
+    saga, calls = recording_saga()
+    client = Orchestrator(log)
+    assert await client.start(saga, "t-1", {"who": "ada"}) is True
+    assert await client.start(saga, "t-1", {"who": "ada"}) is False  # the same request again
+    assert calls == []
+    summary = await client.status("t-1")
+    assert summary is not None
+    assert (summary.status, summary.owner) == (SagaStatus.RUNNING, None)
+    async with Orchestrator(log, sagas=[saga], poll_interval=0.01) as worker:
+        outcome = await client.result("t-1", timeout=5)
+        assert worker.owner != client.owner
+    assert outcome.ok
+    assert outcome.results == {"s0": 0, "s1": 1, "s2": 2}
+    assert [c[:2] for c in calls] == [("do s0", 1), ("do s1", 1), ("do s2", 1)]
+    assert [s.saga_id for s in await client.list(status=SagaStatus.COMPLETED)] == ["t-1"]
+    assert await client.list(status=[SagaStatus.RUNNING]) == []
+
+
+async def test_start_of_a_used_id_with_another_input_conflicts() -> None:
+    saga, _ = recording_saga()
+    orchestrator = Orchestrator()
+    await orchestrator.start(saga, "t-1", {"who": "ada"})
+    with pytest.raises(SagaIdConflict):
+        await orchestrator.start(saga, "t-1", {"who": "grace"})
+
+
+async def test_result_of_an_unknown_saga_and_a_timeout() -> None:
+    saga, _ = recording_saga()
+    orchestrator = Orchestrator()
+    with pytest.raises(SagaError, match="no such saga"):
+        await orchestrator.result("nope", timeout=1)
+    await orchestrator.start(saga, "t-1")  # nobody serves it
+    with pytest.raises(TimeoutError):
+        await orchestrator.result("t-1", timeout=0.05)
+
+
+async def test_result_without_the_definition_reports_the_compensation() -> None:
+    saga, _ = recording_saga(fail_at=2)
+    log = InMemorySagaLog()
+    await Orchestrator(log).run(saga, "t-1")
+    outcome = await Orchestrator(log).result("t-1")
+    assert outcome.state is SagaStatus.COMPENSATED
+    assert outcome.compensated_steps == ("s1", "s0")
+    assert outcome.failed_step == "s2"
+
+
+async def test_recover_reports_what_it_could_not_carry_on_and_goes_on() -> None:
+    log = InMemorySagaLog()
+    saga, _ = recording_saga()
+    await Orchestrator(log).start(saga, "a")
+    await Orchestrator(log).start(SagaDefinition("gone", []), "b")
+    await Orchestrator(log).start(saga, "c")
+    recovered = await Orchestrator(log, sagas=[saga]).recover()
+    assert sorted(o.saga_id for o in recovered) == ["a", "c"]
+    assert recovered.missing == {"b": "gone"}
+    assert await unfinished(log) == ["b"]
+
+
+# --- leases -------------------------------------------------------------------------
+
+
+async def test_run_of_a_saga_held_by_a_live_worker_waits_for_its_outcome() -> None:
+    log = InMemorySagaLog()
+    gate = asyncio.Event()
+    calls: list[str] = []
+
+    async def slow(ctx: StepContext) -> int:
+        calls.append(f"slow by {ctx.attempt}")
+        await gate.wait()
+        return 7
+
+    saga = SagaDefinition("slow", [Step("slow", slow)])
+    holder = Orchestrator(log, owner="holder")
+    other = Orchestrator(log, owner="other", poll_interval=0.01)
+    held = asyncio.create_task(holder.run(saga, "s-1"))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(other.run(saga, "s-1"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    gate.set()
+    async with asyncio.timeout(5):
+        assert (await waiting) == (await held)
+    assert calls == ["slow by 1"]
+
+
+async def test_a_saga_whose_holder_died_is_taken_over_when_its_lease_expires() -> None:
+    clock = Clock()
+    log = InMemorySagaLog(clock=clock)
+    saga, calls = recording_saga(n=2)
+    # A worker that died after announcing the first step: its lease lives on, for now.
+    journal = await log.create(
+        "t-1",
+        [*(await _opening(saga))],
+        owner="dead",
+        ttl=30,
+    )
+    assert journal is not None
+    taker = Orchestrator(log, owner="taker", poll_interval=0.01)
+    task = asyncio.create_task(taker.run(saga, "t-1"))
+    await asyncio.sleep(0.05)
+    assert not task.done()  # the lease is live: it waits
+    assert await taker.recover() == []  # and recovery leaves it alone
+    clock.now += 31
+    async with asyncio.timeout(5):
+        outcome = await task
+    assert outcome.ok
+    # The step announced by the dead worker runs again, as attempt 2.
+    assert [c[:2] for c in calls] == [("do s0", 2), ("do s1", 1)]
+
+
+async def _opening(saga: SagaDefinition) -> list[Any]:
+    from sagakit.core.machine import Begin, decide, initial_state
+
+    return list(decide(saga.plan, initial_state(), Begin({})).records)
+
+
+@pytest.mark.parametrize("log_kind", [InMemorySagaLog, BufferedLog])
+async def test_a_lost_lease_stops_the_driver_before_its_next_action(log_kind: Any) -> None:
+    clock = Clock()
+    inner = InMemorySagaLog(clock=clock)
+    log = inner if log_kind is InMemorySagaLog else BufferedLog(inner)
+    entered, gate = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    async def first(ctx: StepContext) -> int:
+        calls.append(f"first by {ctx.attempt}")
+        entered.set()
+        await gate.wait()
+        return 1
+
+    def second(ctx: StepContext) -> int:
+        calls.append("second")
+        return 2
+
+    saga = SagaDefinition("pair", [Step("first", first), Step("second", second)])
+    stalled = Orchestrator(log, owner="stalled", lease_ttl=10)
+    task = asyncio.create_task(stalled.run(saga, "p-1"))
+    async with asyncio.timeout(5):
+        await entered.wait()
+    clock.now += 11  # it stalled past its lease; another worker claims the saga
+    claim = await inner.claim("p-1", owner="taker", ttl=1000)
+    assert claim is not None
+    gate.set()
+    await asyncio.sleep(0.05)
+    # The stalled worker wrote nothing more and ran nothing more: the saga is the taker's.
+    assert calls == ["first by 1"]
+    assert [type(r) for r in await inner.read("p-1")] == [type(r) for r in claim.records]
+    assert not task.done()  # its caller waits for the new holder's outcome
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_journal_fenced_off_raises_lease_lost() -> None:
+    log = InMemorySagaLog()
+    saga, _ = recording_saga()
+    journal = await log.create("t-1", await _opening(saga), owner="a", ttl=0)
+    assert journal is not None
+    assert await log.claim("t-1", owner="b", ttl=10) is not None
+    with pytest.raises(LeaseLost):
+        journal.stage([StepCompleted(0, 0)])
+
+
+async def test_leases_are_renewed_while_a_step_runs() -> None:
+    log = InMemorySagaLog()
+    gate = asyncio.Event()
+
+    async def slow(ctx: StepContext) -> None:
+        await gate.wait()
+
+    saga = SagaDefinition("slow", [Step("slow", slow)])
+    runner = Orchestrator(log, owner="runner", lease_ttl=0.15)
+    task = asyncio.create_task(runner.run(saga, "s-1"))
+    for _ in range(4):  # well past the first lease's end
+        await asyncio.sleep(0.1)
+        assert await Orchestrator(log, owner="thief").recover() == []
+    summary = await log.status("s-1")
+    assert summary is not None
+    assert summary.owner == "runner"
+    gate.set()
+    assert (await task).ok
+    await runner.close()
+
+
+async def test_a_clean_stop_gives_the_leases_up() -> None:
+    log = InMemorySagaLog()
+    entered = asyncio.Event()
+    calls: list[str] = []
+
+    async def slow(ctx: StepContext) -> None:
+        calls.append(f"{ctx.saga_id} #{ctx.attempt}")
+        entered.set()
+        await asyncio.sleep(3600)
+
+    saga = SagaDefinition("slow", [Step("slow", slow)])
+    client = Orchestrator(log)
+    await client.start(saga, "s-1")
+    async with Orchestrator(log, sagas=[saga], owner="w1", poll_interval=0.01):
+        async with asyncio.timeout(5):
+            await entered.wait()
+        summary = await log.status("s-1")
+        assert summary is not None
+        assert summary.owner == "w1"
+    summary = await log.status("s-1")
+    assert summary is not None
+    assert summary.owner is None  # given up: another worker may take it at once
+    claims = await log.claim_next(owner="w2", ttl=10, limit=5)
+    assert [c.journal.saga_id for c in claims] == ["s-1"]
+    assert calls == ["s-1 #1"]
+
+
+# --- reconnecting ---------------------------------------------------------------------
+
+
+async def test_a_worker_rides_out_a_backend_restart() -> None:
+    log = FlakyLog()
+    saga, calls = recording_saga()
+    orchestrator = Orchestrator(log, retry_for=5)
+    log.failures = 3  # the create and the flushes after it fail, then the server is back
+    outcome = await orchestrator.run(saga, "t-1")
+    assert outcome.ok
+    assert log.failed == 3
+    assert [c[0] for c in calls] == ["do s0", "do s1", "do s2"]
+
+
+async def test_a_backend_down_for_longer_than_retry_for_is_an_error() -> None:
+    log = FlakyLog()
+    saga, _ = recording_saga()
+    log.failures = 1000
+    with pytest.raises(BackendUnavailable):
+        await Orchestrator(log, retry_for=0.2).run(saga, "t-1")
+
+
+async def test_a_flush_that_fails_for_a_while_writes_each_record_once() -> None:
+    log = FlakyLog()
+    saga, _ = recording_saga()
+    orchestrator = Orchestrator(log, retry_for=5)
+    log.failures = 0
+    task = asyncio.create_task(orchestrator.run(saga, "t-1"))
+    await asyncio.sleep(0)
+    log.failures = 2
+    assert (await task).ok
+    records = await log.read("t-1")
+    assert [type(r).__name__ for r in records].count("StepCompleted") == 3
+
+
+# --- what a step is told ------------------------------------------------------------
+
+
+async def test_idempotency_keys_are_stable_per_saga_step_and_kind() -> None:
+    log = InMemorySagaLog()
+    saga, calls = recording_saga(fail_at=2)
+    await Orchestrator(log).run(saga, "t-1")
+    keys = {what: key for what, _, key in calls}
+    assert len(set(keys.values())) == len(keys)  # do s0, do s1, do s2, undo s1, undo s0
+    assert all(len(k) == 64 and int(k, 16) >= 0 for k in keys.values())
+    again, again_calls = recording_saga(fail_at=2)
+    await Orchestrator().run(again, "t-1")  # another log, the same saga id: the same keys
+    assert {what: key for what, _, key in again_calls} == keys
+    other, other_calls = recording_saga(fail_at=2)
+    await Orchestrator().run(other, "t-2")
+    assert not set(keys.values()) & {key for _, _, key in other_calls}
+
+
+async def test_a_resumed_compensation_is_told_its_attempt() -> None:
+    log = InMemorySagaLog()
+    saga, calls = recording_saga(n=2, fail_at=1)
+    opening = await _opening(saga)
+    await log.create(
+        "t-1",
+        [
+            *opening,
+            StepCompleted(0, 0),
+            StepStarted(1),
+            *[],
+        ],
+        owner=None,
+        ttl=1,
+    )
+    journal = (await log.claim("t-1", owner="x", ttl=10)).journal  # type: ignore[union-attr]
+    from sagakit.core.records import StepFailed
+
+    journal.stage([StepFailed(1, "RuntimeError: refused"), CompensationStarted(0)])
+    await log.release(journal)
+    [outcome] = await Orchestrator(log).recover({"trip": saga})
+    assert outcome.state is SagaStatus.COMPENSATED
+    assert [c[:2] for c in calls] == [("undo s0", 2)]
+    assert (await log.read("t-1"))[-3:-1] == [CompensationStarted(0, 2), CompensationCompleted(0)]
