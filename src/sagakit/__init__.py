@@ -13,28 +13,36 @@ from sagakit.adapters.memory_log import InMemorySagaLog
 from sagakit.choreography.service import Service, handles
 from sagakit.choreography.tracker import SagaTracker, TrackedSaga
 from sagakit.core.event import Event
-from sagakit.core.machine import SagaStatus
 from sagakit.core.outcome import SagaOutcome
+from sagakit.core.records import SagaStatus
 from sagakit.core.saga import SagaDefinition, Step, StepContext
 from sagakit.errors import (
+    BackendBusy,
     BackendError,
+    BackendRefused,
+    BackendUnavailable,
     ConfigurationError,
     DefinitionError,
     InvalidTransition,
+    LeaseLost,
     SagaError,
     SagaIdConflict,
     SagakitError,
     SagaLogConflict,
+    SchemaMismatch,
 )
-from sagakit.orchestration import Orchestrator
+from sagakit.orchestration import Orchestrator, Recovered
 from sagakit.ports.event_bus import ALL_EVENTS, EventBus
-from sagakit.ports.saga_log import SagaLog
+from sagakit.ports.saga_log import Journal, Lease, SagaLog, SagaSummary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALL_EVENTS",
+    "BackendBusy",
     "BackendError",
+    "BackendRefused",
+    "BackendUnavailable",
     "ConfigurationError",
     "DefinitionError",
     "Event",
@@ -42,7 +50,11 @@ __all__ = [
     "InMemoryEventBus",
     "InMemorySagaLog",
     "InvalidTransition",
+    "Journal",
+    "Lease",
+    "LeaseLost",
     "Orchestrator",
+    "Recovered",
     "SagaDefinition",
     "SagaError",
     "SagaIdConflict",
@@ -50,8 +62,10 @@ __all__ = [
     "SagaLogConflict",
     "SagaOutcome",
     "SagaStatus",
+    "SagaSummary",
     "SagaTracker",
     "SagakitError",
+    "SchemaMismatch",
     "Service",
     "Step",
     "StepContext",
