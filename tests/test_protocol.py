@@ -373,3 +373,12 @@ def test_runs_of_brackets_frame_as_single_brackets_would(text: str) -> None:
         assert out[0] == {"a": [[[["}]"]]]], "b": 1}
     else:
         assert any(isinstance(v, BadInput) for v in out[:-1])
+
+
+def test_the_rest_of_a_line_over_the_cap_is_skipped_whatever_its_pieces() -> None:
+    decoder = Decoder(max_line=10)
+    out = decoder.feed('{"pad": "xxxxxxxxxxxx')
+    out += decoder.feed('{"a": 1}')  # still the refused line: not a value of its own
+    out += decoder.feed('\n{"b": 2}\n') + decoder.close()
+    assert [type(v) for v in out] == [BadInput, dict]
+    assert out[1] == {"b": 2}

@@ -142,7 +142,13 @@ class Decoder:
                     exact = _has_long_number(lines[0])
             if lines:
                 self._lines(lines, len(text) > self._max, exact, out)
-        if last and not self._tail and self._value is None and last[-1] in "}]":
+        if (
+            last
+            and last[-1] in "}]"
+            and not self._tail
+            and self._value is None
+            and not self._skipping
+        ):
             # A whole value without its newline yet (an interactive client may
             # send no more): an object or array is closed by its bracket, so
             # nothing that follows can change it. Tried on a single piece only,
