@@ -269,6 +269,9 @@ class AmqpEventBus:
                 )
         except Exception as exc:
             raise translate(self.where, "cannot connect", exc) from exc
+        # Watched from the start: a connection lost while the subscriptions start
+        # again is noticed, not left standing in the link.
+        connection.close_callbacks.add(self._on_lost)
         try:
             link = await self._open_channel(connection)
             for consumer in list(self._consumers):
@@ -279,7 +282,6 @@ class AmqpEventBus:
             self._up.clear()
             await connection.close()
             raise
-        connection.close_callbacks.add(self._on_lost)
         return link
 
     async def _open_channel(self, connection: AbstractConnection) -> _Link:
