@@ -2,7 +2,7 @@
 
 Streams mix well-formed requests, near-valid ones (wrong types, huge numbers,
 deep nesting, NaN, truncations) and random bytes, and are fed in random
-pieces. Whatever the stream: the node serves to the end of input, prints only
+pieces after random pauses. Whatever the stream: the node serves to the end of input, prints only
 JSON objects, answers every well-formed request exactly once, and prints the
 same for every way of cutting the stream. The node runs in process (through
 ``runner.serve`` on in-memory streams) for speed, and as a subprocess for a few.
@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import subprocess
+import time
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -28,18 +29,23 @@ COUNTED = 1_000_000
 
 
 class _Pieces:
-    def __init__(self, pieces: list[bytes]) -> None:
+    """stdin handing out the given pieces, one per read, each after a pause."""
+
+    def __init__(self, pieces: list[bytes], pauses: list[float] | None = None) -> None:
         self._pieces = list(pieces)
+        self._pauses = list(pauses or [])
 
     def read1(self, size: int = -1) -> bytes:
+        if self._pauses:
+            time.sleep(self._pauses.pop(0))
         return self._pieces.pop(0) if self._pieces else b""
 
     read = read1
 
 
-def serve_pieces(pieces: list[bytes]) -> tuple[bool, bytes]:
+def serve_pieces(pieces: list[bytes], pauses: list[float] | None = None) -> tuple[bool, bytes]:
     out = io.BytesIO()
-    served = asyncio.run(serve(_Pieces(pieces), out))  # type: ignore[arg-type]
+    served = asyncio.run(serve(_Pieces(pieces, pauses), out))  # type: ignore[arg-type]
     return served, out.getvalue()
 
 
@@ -162,11 +168,17 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     max_examples=120,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(stream=streams(), cuts=st.lists(st.integers(0, 1 << 20), max_size=12))
-def test_any_stream_in_any_pieces(stream: tuple[bytes, list[int]], cuts: list[int]) -> None:
+@given(
+    stream=streams(),
+    cuts=st.lists(st.integers(0, 1 << 20), max_size=12),
+    pauses=st.lists(st.sampled_from([0.0, 0.0, 0.001, 0.003]), max_size=13),
+)
+def test_any_stream_in_any_pieces(
+    stream: tuple[bytes, list[int]], cuts: list[int], pauses: list[float]
+) -> None:
     data, counted = stream
     served_whole, whole = serve_pieces([data])
-    served_split, pieces = serve_pieces(split(data, cuts))
+    served_split, pieces = serve_pieces(split(data, cuts), pauses)
     byte_by_byte = len(data) < 600 and serve_pieces([data[i : i + 1] for i in range(len(data))])
     assert served_whole
     assert served_split
