@@ -18,9 +18,10 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 from conformance.saga_log import FINISHED, SagaLogConformance, opening, typed, write
 
+from sagakit import Orchestrator, SagaDefinition, Step, StepContext
 from sagakit.adapters import open_saga_log
 from sagakit.adapters.postgres_log import PostgresSagaLog
-from sagakit.core.records import SagaStatus, StepCompleted, StepStarted
+from sagakit.core.records import SagaFinished, SagaStatus, StepCompleted, StepStarted
 from sagakit.errors import (
     BackendError,
     BackendRefused,
@@ -500,6 +501,53 @@ async def test_writers_ride_out_restarts_mid_flush_without_gaps_or_doubles(
             expected = [*opening(), *(StepCompleted(0, n) for n in range(written[i]))]
             assert typed(await log.read(f"o-{i}")) == typed(expected)
     finally:
+        await log.close()
+
+
+async def test_an_orchestrator_rides_out_a_restart_mid_saga(
+    private_postgres: PrivatePostgres, private_postgres_url: str
+) -> None:
+    """End to end: the server goes down while a step runs; the step's result waits in
+    the journal, the orchestrator retries its flush, and the saga ends once the server
+    is back, each step run once."""
+    log = PostgresSagaLog.from_url(private_postgres_url + "?connect_timeout=1")
+    charging, charged = asyncio.Event(), asyncio.Event()
+    runs: list[str] = []
+
+    async def reserve(ctx: StepContext) -> dict[str, int]:
+        runs.append(ctx.step)
+        return {"id": 7}
+
+    async def charge(ctx: StepContext) -> int:
+        runs.append(ctx.step)
+        charging.set()
+        await charged.wait()
+        return 42
+
+    async def ship(ctx: StepContext) -> str:
+        runs.append(ctx.step)
+        return "shipped"
+
+    saga = SagaDefinition(
+        "order", [Step("reserve", reserve), Step("charge", charge), Step("ship", ship)]
+    )
+    orchestrator = Orchestrator(log, sagas=[saga], retry_for=60)
+    try:
+        running = asyncio.create_task(orchestrator.run(saga, "o-1", {"n": 1}))
+        await charging.wait()
+        await asyncio.to_thread(private_postgres.stop, "immediate")
+        charged.set()  # the result cannot be written now
+        await asyncio.sleep(0.5)
+        assert not running.done()
+        await asyncio.to_thread(private_postgres.start)
+        outcome = await asyncio.wait_for(running, 60)
+        assert outcome.state is SagaStatus.COMPLETED
+        assert runs == ["reserve", "charge", "ship"]
+        records = await log.read("o-1")
+        assert records[-1] == SagaFinished(SagaStatus.COMPLETED)
+        assert StepCompleted(1, 42) in records
+    finally:
+        await orchestrator.close()
         await log.close()
 
 
