@@ -6,8 +6,8 @@
 One input is a byte stream and a way to cut it: the stream is decoded whole
 and in the pieces the input picks, and every value is routed through a fresh
 host. A finding is an exception (the decoder or the router raising, which
-would stop the node), a value that depends on the cuts, or a printed line
-that is not a JSON object.
+would stop the node), a value that depends on the cuts, a printed line that
+is not a JSON object, or a request that does not get exactly one reply.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import json
 import sys
+from collections import Counter
 from typing import Any
 
 import atheris
@@ -63,9 +64,31 @@ def test_one_input(data: bytes) -> None:
         raise AssertionError(f"values depend on the cuts {cuts} of {text!r}")
     lines: list[str] = []
     _loop.run_until_complete(_route(whole, lines))
+    answered: Counter[int] = Counter()
     for line in lines:
-        if type(json.loads(line, parse_constant=_refuse)) is not dict:
+        message = json.loads(line, parse_constant=_refuse)
+        if type(message) is not dict:
             raise AssertionError(f"printed a line that is not an object: {line!r}")
+        in_reply_to = message["body"].get("in_reply_to")
+        if type(in_reply_to) is int:
+            answered[in_reply_to] += 1
+    # Every request (an object with string src and dest, a body with an
+    # integer msg_id) gets exactly one reply, an error if nothing else.
+    asked = Counter(v["body"]["msg_id"] for v in whole if _is_request(v))
+    if asked != answered:
+        raise AssertionError(f"requests {dict(asked)} got replies {dict(answered)}")
+
+
+def _is_request(value: Any) -> bool:
+    if type(value) is not dict:
+        return False
+    body = value.get("body")
+    return (
+        type(value.get("src")) is str
+        and type(value.get("dest")) is str
+        and type(body) is dict
+        and type(body.get("msg_id")) is int
+    )
 
 
 def main() -> None:
