@@ -366,3 +366,17 @@ def test_a_node_started_with_stdin_closed_serves_an_empty_input() -> None:
         ["sh", "-c", 'exec "$0" "$1" <&-', *MAIN], capture_output=True, timeout=20, cwd=REPO
     )
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+
+
+def test_a_saga_evicted_past_max_sagas_runs_anew() -> None:
+    requests = (
+        execute(1, "s1", ["a", "b"])
+        + execute(2, "s2", ["a"])
+        + execute(3, "s3", ["a"])
+        + execute(4, "s3", ["x"])  # s3 is on record: a conflict
+        + execute(5, "s1", ["x", "y", "z"])  # s1 is forgotten: a new saga
+    )
+    run = run_node(requests, [*MAIN, "--max-sagas", "2"])
+    assert run.code == 0, run.stderr
+    assert run.reply(4)["code"] == 22
+    assert run.reply(5)["completed_steps"] == 3
