@@ -431,3 +431,22 @@ async def test_a_consumer_deleted_from_outside_is_made_again(
         await published_and_seen()
     await bus.publish(sent)
     await _wait(lambda: sent.event_id in ids(got), "events after the consumer came back")
+
+
+async def test_a_stream_deleted_from_outside_is_made_again(
+    bus: NatsEventBus, nats_server: NatsServer
+) -> None:
+    got: list[Event] = []
+    await bus.subscribe("Tick", recorder(got), group="g")
+    nc = await nats.connect(nats_server.url)
+    await nc.jetstream().delete_stream(f"{bus.prefix}-events")
+    await nc.close()
+
+    async def until_seen() -> None:
+        while not got:
+            with contextlib.suppress(BackendError):
+                await bus.publish(event("Tick"))
+            await asyncio.sleep(0.2)
+
+    async with asyncio.timeout(10):
+        await until_seen()

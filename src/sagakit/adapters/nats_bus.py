@@ -330,10 +330,31 @@ class NatsEventBus:
         data = encode_event(event)  # a payload that is not JSON fails here, by name
         js = self._js or await self._ready()
         subject = f"{self.prefix}.events.{_token(event.type)}"
-        try:
-            await js.publish(subject, data, headers={"Nats-Msg-Id": event.event_id})
-        except Exception as exc:
-            raise _translate(self.url, f"publishing {event.type}", exc) from exc
+        for attempt in (1, 2):
+            try:
+                await self._store(subject, data, event.event_id)
+                return
+            except nats.errors.NoRespondersError as exc:
+                # No stream takes the subject: deleted by hand, or a server
+                # that lost its store. Make the streams again, once.
+                if attempt == 2:
+                    raise _translate(self.url, f"publishing {event.type}", exc) from exc
+                await self._ensure_streams(js)
+            except Exception as exc:
+                raise _translate(self.url, f"publishing {event.type}", exc) from exc
+
+    async def _store(self, subject: str, data: bytes, msg_id: str) -> None:
+        """Publish and await the PubAck (js.publish, without building a PubAck object)."""
+        nc = self._nc
+        if nc is None:
+            raise BackendError(self.url, "the event bus is closed")
+        reply = await nc.request(
+            subject, data, timeout=self._timeout, headers={"Nats-Msg-Id": msg_id}
+        )
+        if b'"error"' in reply.data:
+            answer = json.loads(reply.data)
+            if isinstance(answer, dict) and "error" in answer:
+                raise nats.js.errors.APIError.from_error(answer["error"])
 
     async def subscribe(
         self,
@@ -403,7 +424,14 @@ class NatsEventBus:
     async def _create_consumer(self, config: ConsumerConfig) -> None:
         js = await self._ready()
         try:
-            await js.add_consumer(self._stream, config)
+            try:
+                await js.add_consumer(self._stream, config)
+            except nats.js.errors.NotFoundError:
+                # The stream is gone (deleted by hand, a server that lost its store).
+                await self._ensure_streams(js)
+                await js.add_consumer(self._stream, config)
+        except BackendError:
+            raise
         except Exception as exc:
             raise _translate(self.url, f"creating consumer {config.name}", exc) from exc
 

@@ -94,6 +94,9 @@ class PullSubscription:
         self._woken = False
         self._keeper: asyncio.TimerHandle | None = None
         self._kept_at = 0.0  # when the queued events were last kept ours
+        # Wakes the loop if its open pull request is lost (a restart, a
+        # reconnect) and neither events nor the request's expiry status come.
+        self._watchdog: asyncio.TimerHandle | None = None
         self._progress: set[asyncio.Task[None]] = set()
         self._sub: NatsSubscription | None = None
         self._task: asyncio.Task[None] | None = None
@@ -121,6 +124,22 @@ class PullSubscription:
         bus, batch = self._bus, self._bus._batch
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{bus._stream}.{self.consumer}"
         expires_ns = int(_PULL_EXPIRES * 1e9)
+        loop = asyncio.get_running_loop()
+        try:
+            await self._pull_loop(nc, loop, subject, batch, expires_ns)
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+        await self._give_back_pending()
+
+    async def _pull_loop(
+        self,
+        nc: Client,
+        loop: asyncio.AbstractEventLoop,
+        subject: str,
+        batch: int,
+        expires_ns: int,
+    ) -> None:
         request_no, current, owed = 0, "", 0
         while not self._stopping:
             if owed == 0:
@@ -137,14 +156,12 @@ class PullSubscription:
                     await asyncio.sleep(0.25)
                     continue
                 owed = batch
+                if self._watchdog is not None:
+                    self._watchdog.cancel()
+                self._watchdog = loop.call_later(_PULL_EXPIRES + 1.0, self.wake)
             if not self._pending:
                 self._arrival.clear()
-                try:
-                    async with asyncio.timeout(_PULL_EXPIRES + 1.0):
-                        await self._arrival.wait()
-                except TimeoutError:
-                    owed = 0  # the request was lost (a restart, a reconnect): ask again
-                    continue
+                await self._arrival.wait()
             if self._woken:
                 self._woken, owed = False, 0
             if not self._pending:
@@ -163,7 +180,6 @@ class PullSubscription:
                 await self._give_back(msg)
                 break
             await self._deliver(msg, fetched_at)
-        await self._give_back_pending()
 
     async def _give_back_pending(self) -> None:
         """Events pulled but not handled go back to the group at once."""
@@ -175,11 +191,12 @@ class PullSubscription:
     async def _status(self, msg: Msg) -> None:
         """A pull request ended without events: 408 (expired) is routine, 409 is not."""
         headers = msg.headers or {}
-        if headers.get("Status") != "409":
+        status = headers.get("Status")
+        if status in ("404", "408"):
             return
         description = headers.get("Description", "")
-        log.warning("consumer %s: %s", self.consumer, description)
-        if "deleted" in description.lower():
+        log.warning("consumer %s: %s %s", self.consumer, status, description)
+        if status == "503" or "deleted" in description.lower():
             # Deleted from outside (an operator, or idle too long): make it again.
             try:
                 await self._bus._create_consumer(self.config)
