@@ -64,6 +64,9 @@ def _worker(url: str, owner: str, logs: Path) -> subprocess.Popen[bytes]:
                 owner,
                 "--lease-ttl",
                 str(LEASE_TTL),
+                # Few at a time, so that the sagas outlast the kills.
+                "--concurrency",
+                "8",
             ],
             cwd=ROOT,
             env=env,
@@ -83,6 +86,7 @@ async def _start_all(url: str, plan: dict[str, str | None]) -> None:
             await orchestrator.start(ORDER, saga_id, {"fail_at": fail_at} if fail_at else {})
     finally:
         await orchestrator.close()
+        await orchestrator.log.close()
 
 
 async def _summaries(url: str) -> dict[str, Any]:
@@ -91,6 +95,7 @@ async def _summaries(url: str) -> dict[str, Any]:
         return {s.saga_id: s for s in await orchestrator.list(limit=100_000)}
     finally:
         await orchestrator.close()
+        await orchestrator.log.close()
 
 
 def _effects(url: str) -> tuple[list[tuple[str, str, str, int]], list[tuple[str, str, str, int]]]:

@@ -101,8 +101,8 @@ async def _write(ctx: StepContext, kind: str) -> None:
 
 
 async def act(ctx: StepContext) -> dict[str, str]:
-    # A little work, so that kills land inside steps as well as between them.
-    await asyncio.sleep(random.uniform(0, 0.004))
+    # Work that takes a while, so that kills land inside steps as well as between them.
+    await asyncio.sleep(random.uniform(0.02, 0.2))
     if ctx.data.get("fail_at") == ctx.step:
         raise Refused(f"{ctx.step} refused, as the saga's input asks")
     await _write(ctx, "do")
@@ -110,7 +110,7 @@ async def act(ctx: StepContext) -> dict[str, str]:
 
 
 async def undo(ctx: StepContext) -> None:
-    await asyncio.sleep(random.uniform(0, 0.004))
+    await asyncio.sleep(random.uniform(0.02, 0.2))
     await _write(ctx, "undo")
 
 

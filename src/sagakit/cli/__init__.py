@@ -106,6 +106,9 @@ def worker(
             "worker's sagas are taken over once it passes.",
         ),
     ] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="Sagas driven at once, at most.")
+    ] = 64,
 ) -> None:
     """Run sagas from a shared saga log until SIGTERM or SIGINT, then give the leases up."""
     import asyncio
@@ -122,7 +125,7 @@ def worker(
     )
     try:
         definitions = [d for spec in sagas for d in load_sagas(spec)]
-        asyncio.run(run_worker(store, definitions, owner, lease_ttl))
+        asyncio.run(run_worker(store, definitions, owner, lease_ttl, concurrency))
     except SagakitError as exc:
         typer.echo(f"sagakit worker: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -61,6 +61,7 @@ async def run_worker(
     sagas: list[SagaDefinition],
     owner: str | None = None,
     lease_ttl: float | None = None,
+    concurrency: int = 64,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop cleanly."""
     from sagakit.orchestration import Orchestrator
@@ -71,7 +72,7 @@ async def run_worker(
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    serving = asyncio.create_task(orchestrator.serve())
+    serving = asyncio.create_task(orchestrator.serve(concurrency=concurrency))
     stopping = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
