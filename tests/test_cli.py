@@ -70,15 +70,32 @@ def demo() -> DemoRun:
     return DemoRun(rows, console.export_text())
 
 
-def test_the_demo_runs_five_sagas_in_order(demo: DemoRun) -> None:
+def test_the_demo_runs_six_sagas_in_order(demo: DemoRun) -> None:
     assert demo.order == [
         "trip-lisbon",
         "trip-reykjavik",
+        "trip-durable",
         "order-ok",
         "order-declined",
         "order-unshippable",
     ]
-    assert [demo.rows[s].style for s in demo.order] == ["orchestration"] * 2 + ["choreography"] * 3
+    assert [demo.rows[s].style for s in demo.order] == ["orchestration"] * 3 + ["choreography"] * 3
+
+
+def test_a_saga_whose_worker_was_killed_is_finished_by_another(demo: DemoRun) -> None:
+    row = demo.rows["trip-durable"]
+    assert row.outcome == "completed"
+    assert row.steps_done == ("book_flight", "book_hotel", "book_car")
+    text = demo.text[demo.text.index("Durability") : demo.text.index("Choreography")]
+    assert "killed (SIGKILL) while booking the hotel" in text
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines()]
+    hotel = [r[1:4] for r in rows if len(r) > 3 and r[2] == "book_hotel"]
+    # Announced a second time, as attempt 2, by the worker that took it over.
+    assert hotel == [
+        ["started", "book_hotel", "1"],
+        ["started", "book_hotel", "2"],
+        ["completed", "book_hotel", ""],
+    ]
 
 
 def test_successful_booking_completes_all_three_steps(demo: DemoRun) -> None:
@@ -158,6 +175,7 @@ def test_summary_table_lists_every_saga(demo: DemoRun) -> None:
     assert body == [
         ["trip-lisbon", "orchestration", "completed", "3", "—"],
         ["trip-reykjavik", "orchestration", "compensated", "2", "book_hotel"],
+        ["trip-durable", "orchestration", "completed", "3", "—"],
         ["order-ok", "choreography", "completed", "3", "—"],
         ["order-declined", "choreography", "compensated", "1", "InventoryReleased"],
         ["order-unshippable", "choreography", "compensated", "2", "PaymentRefunded"],

@@ -22,6 +22,7 @@ from rich.text import Text
 from sagakit.adapters import open_event_bus
 from sagakit.adapters.memory_bus import DeliveryFailure
 from sagakit.choreography.ecommerce import STATUS_AFTER, Shop, open_shop
+from sagakit.cli.demo_durable import run_durability
 from sagakit.cli.dlq import redact
 from sagakit.cli.render import (
     Role,
@@ -217,14 +218,21 @@ async def _demo(console: Console, bus_url: str = "memory://") -> list[SummaryRow
     symbols = symbols_for(console)
     in_memory = bus_url.startswith("memory:")
     where = (
-        ": five sagas, all in memory; no servers to start."
+        ": six sagas, in memory and on an SQLite file; no servers to start."
         if in_memory
-        else f": five sagas, the orchestrated in memory, the choreographed over {redact(bus_url)}."
+        else f": six sagas, the orchestrated in memory and on SQLite, the choreographed over "
+        f"{redact(bus_url)}."
     )
     console.print(Text.assemble(("sagakit demo", "bold"), where))
     console.print()
     console.rule("Orchestration: booking a trip (Orchestrator over memory://)", style="cyan")
     rows = await _orchestration(console, symbols)
+    console.print()
+    console.rule(
+        "Durability: a worker killed mid-saga, another one finishing it (SQLite)", style="cyan"
+    )
+    saga_id, state, completed = await run_durability(console)
+    rows.append(SummaryRow(saga_id, "orchestration", state, completed, ()))
     console.print()
     over = "an in-memory bus" if in_memory else redact(bus_url)
     console.rule(f"Choreography: placing an order (services over {over})", style="cyan")
@@ -234,7 +242,7 @@ async def _demo(console: Console, bus_url: str = "memory://") -> list[SummaryRow
 
 
 def run_demo(console: Console | None = None, bus_url: str = "memory://") -> list[SummaryRow]:
-    """Run the demo's five sagas, print their timelines and summary, and return the summary.
+    """Run the demo's six sagas, print their timelines and summary, and return the summary.
 
     ``bus_url`` names the event bus the choreographed orders run on.
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,19 @@ def _time(seconds: float | None) -> str:
         return "-"
     moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json(value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _clock(seconds: float) -> str:
+    """Time of day (UTC) to the millisecond: a saga's records are seconds apart, not days."""
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.strftime("%H:%M:%S.%f")[:-3]
 
 
 def parse_statuses(values: Sequence[str]) -> list[SagaStatus] | None:
@@ -64,35 +78,43 @@ def _describe(record: Any, steps: Sequence[str]) -> tuple[str, str, str, str]:
 
     match record:
         case SagaStarted(saga=saga, data=data):
-            return "saga started", "-", "-", f"{saga} with input {dict(data)!r}"
+            shown = _json(dict(data)) if data else ""
+            return "saga started", saga, "-", shown
         case StepStarted(step=step, attempt=attempt):
-            resumed = " (run again after an interruption)" if attempt > 1 else ""
-            return "step started", name(step), str(attempt), resumed.strip()
+            resumed = "again: the last run was cut off" if attempt > 1 else ""
+            return "started", name(step), str(attempt), resumed
         case StepCompleted(step=step, result=result):
-            return "step completed", name(step), "", f"result {result!r}"
+            return "completed", name(step), "", "" if result is None else _json(result)
         case StepFailed(step=step, error=error, attempt=attempt):
-            return "step failed", name(step), str(attempt), error
+            return "failed", name(step), str(attempt), error
         case CompensationStarted(step=step, attempt=attempt):
-            return "compensation started", name(step), str(attempt), ""
+            return "undo started", name(step), str(attempt), ""
         case CompensationCompleted(step=step):
-            return "compensation completed", name(step), "", ""
+            return "undone", name(step), "", ""
         case CompensationFailed(step=step, error=error, attempt=attempt):
-            return "compensation failed", name(step), str(attempt), error
+            return "undo failed", name(step), str(attempt), error
         case SagaFinished(status=status):
             return "saga finished", "-", "-", str(status)
     return type(record).__name__, "-", "-", repr(record)
 
 
-def timeline_table(saga_id: str, history: Sequence[LoggedRecord]) -> Table:
+def timeline_table(saga_id: str, history: Sequence[LoggedRecord], *, times: bool = True) -> Table:
     steps: Sequence[str] = ()
     if history and isinstance(history[0].record, SagaStarted):
         steps = history[0].record.steps
     table = Table(title=f"saga {saga_id}: {len(history)} record(s)", title_justify="left")
-    for column in ("#", "time", "event", "step", "attempt", "result or error"):
-        table.add_column(column, justify="right" if column in ("#", "attempt") else "left")
+    first = _time(history[0].recorded_at)[:10] if history else ""
+    table.add_column("#", justify="right")
+    if times:
+        table.add_column(f"UTC {first}", no_wrap=True)
+    table.add_column("event", no_wrap=True)
+    table.add_column("step", no_wrap=True)
+    table.add_column("try", justify="right")
+    table.add_column("result or error")
     for logged in history:
         event, step, attempt, detail = _describe(logged.record, steps)
-        table.add_row(str(logged.seq), _time(logged.recorded_at), event, step, attempt, detail)
+        when = [_clock(logged.recorded_at)] if times else []
+        table.add_row(str(logged.seq), *when, event, step, attempt, detail)
     return table
 
 
