@@ -570,3 +570,43 @@ async def test_subscriptions_and_dead_letters_survive_a_server_restart(
     await wait_for(lambda: len(got) == 1, "the event after the restart")
     assert ids(got) == [sent.event_id]
     assert [d.event.event_id for d in await bus.dead_letters("g")] == [poisoned.event_id]
+
+
+async def test_close_gives_back_the_events_it_had_not_started(buses: Buses) -> None:
+    first, second = await buses(), await buses()
+    started = asyncio.Event()
+    finished: list[Event] = []
+
+    async def slow(e: Event) -> None:
+        started.set()
+        await asyncio.sleep(0.3)
+        finished.append(e)
+
+    await first.subscribe("Tick", slow, group="g")
+    sent = [event("Tick", n=i) for i in range(5)]  # one saga: handled one at a time
+    for e in sent:
+        await first.publish(e)
+    async with asyncio.timeout(TIMEOUT):
+        await started.wait()
+        await first.close()
+    assert ids(finished) == ids(sent[:1])
+    rest: list[Event] = []
+    await second.subscribe("Tick", recorder(rest), group="g")
+    async with asyncio.timeout(TIMEOUT):
+        await second.drain()
+    assert ids(rest) == ids(sent[1:])
+
+
+async def test_a_handler_may_close_its_own_bus(buses: Buses) -> None:
+    bus = await buses()
+    closed: list[bool] = []
+
+    async def closing(e: Event) -> None:
+        await bus.close()
+        closed.append(True)
+
+    await bus.subscribe("Tick", closing, group="g")
+    await bus.publish(event("Tick"))
+    await wait_for(lambda: closed == [True], "the handler's close to return")
+    with pytest.raises(BackendError):
+        await bus.publish(event("Tick"))

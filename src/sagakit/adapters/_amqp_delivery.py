@@ -330,7 +330,9 @@ class Consumer:
         finally:
             self.restarting = None
 
-    async def stop(self) -> None:
+    async def stop(self, spare: asyncio.Task[Any] | None = None) -> None:
+        """Cancel the intake, wait for the handlers running (but ``spare``, the
+        caller's own task when a handler stops its bus), close the channel."""
         if self.stopping:
             return
         self.stopping = True
@@ -341,8 +343,8 @@ class Consumer:
                 await queue.cancel(tag)
             except (amqp.AMQPError, *LOST):
                 pass  # the channel went: the broker gave its events back already
-        current = asyncio.current_task()
-        running = [task for task in self.tasks if task is not current]
+        spare = spare or asyncio.current_task()
+        running = [task for task in self.tasks if task is not spare]
         if running:
             await asyncio.wait(running)
         if channel is not None and not channel.is_closed:
@@ -352,8 +354,8 @@ class Consumer:
                 pass
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # Runs in a task of its own per delivery, started in delivery order; it joins
-        # the saga's lane before its first await, so a lane keeps that order.
+        # Called in delivery order; it joins the saga's lane before any await, so a
+        # lane keeps that order.
         self.bus._received += 1
         if self.stopping:
             return  # not acknowledged: closing the channel gives it back
@@ -364,9 +366,14 @@ class Consumer:
             lane.append(message)
             return
         lane = self.lanes[key] = deque((message,))
-        task = asyncio.current_task()
-        assert task is not None
+        # A task of the bus's own: the driver cancels its channel's tasks when the
+        # channel closes, and a handler must not die of that (nor of its own
+        # bus.close()); its acknowledgement is then simply not sent.
+        task = asyncio.get_running_loop().create_task(self._run(key, lane))
         self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, key: str, lane: deque[AbstractIncomingMessage]) -> None:
         try:
             while lane and not self.stopping:
                 try:
@@ -375,7 +382,6 @@ class Consumer:
                     lane.popleft()
                     self.held -= 1
         finally:
-            self.tasks.discard(task)
             del self.lanes[key]
             self.held -= len(lane)  # left unacknowledged for the channel's close to give back
 

@@ -483,7 +483,10 @@ class AmqpEventBus:
             return
         self._state = "closing"
         try:
-            await asyncio.gather(*(consumer.stop() for consumer in self._consumers))
+            # gather runs each stop in a task of its own: they are told whose task
+            # called close, in case a handler did (it must not wait for itself).
+            caller = asyncio.current_task()
+            await asyncio.gather(*(consumer.stop(caller) for consumer in self._consumers))
         finally:
             self._state = "closed"
             self._consumers.clear()
