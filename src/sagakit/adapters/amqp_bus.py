@@ -70,6 +70,11 @@ at most 5 s); the exchange, the queues and the subscriptions are declared
 again. ``publish`` waits for it up to ``timeout``, then raises
 :class:`~sagakit.errors.BackendUnavailable`. Events whose handlers were running
 when the connection went are not acknowledged (the broker has given them back).
+
+``close`` cancels the consumers, waits for the handlers running to finish and
+acknowledges their events, gives back the events received but not started, and
+disconnects. A handler may close its own bus: close does not wait for that
+handler, whose event, unacknowledged, is delivered again to its group.
 """
 
 from __future__ import annotations
