@@ -1,0 +1,168 @@
+"""``sagakit sagas list|show`` and ``sagakit worker``, run as users run them, on an SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_cli import SAGAKIT, run
+
+from sagakit import Orchestrator, SagaDefinition, Step, StepContext
+from sagakit.cli.worker import load_sagas
+from sagakit.errors import ConfigurationError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def _charge(ctx: StepContext) -> dict[str, int]:
+    if ctx.data.get("broke"):
+        raise RuntimeError("card declined")
+    return {"amount": 42}
+
+
+async def _refund(ctx: StepContext) -> None:
+    return None
+
+
+SHOP = SagaDefinition("shop", [Step("reserve", _refund, _refund), Step("charge", _charge, _refund)])
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'sagas.db'}"
+
+    async def fill() -> None:
+        orchestrator = Orchestrator(url, sagas=[SHOP])
+        try:
+            await orchestrator.run(SHOP, "order-1", {"sku": "book"})
+            await orchestrator.run(SHOP, "order-2", {"broke": True})
+            await orchestrator.start(SHOP, "order-3", {"sku": "pen"})
+        finally:
+            await orchestrator.close()
+            await orchestrator.log.close()
+
+    asyncio.run(fill())
+    return url
+
+
+def test_list_shows_every_saga_newest_first(store: str) -> None:
+    done = run("sagas", "list", "--store", store)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if "order-" in line]
+    assert [row.split("│")[1].strip() for row in rows] == ["order-3", "order-2", "order-1"]
+    assert "compensated" in rows[1]
+    assert "completed" in rows[2]
+    assert "running" in rows[0]
+
+
+def test_list_filters_by_status(store: str) -> None:
+    done = run("sagas", "list", "--store", store, "--status", "completed,compensated")
+    assert done.returncode == 0, done.stderr
+    assert "order-1" in done.stdout
+    assert "order-2" in done.stdout
+    assert "order-3" not in done.stdout
+
+
+def test_list_refuses_an_unknown_status(store: str) -> None:
+    done = run("sagas", "list", "--store", store, "--status", "done")
+    assert done.returncode == 2
+    assert "unknown status done" in done.stderr
+
+
+def test_show_gives_the_timeline_with_results_and_errors(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps long cells to the terminal's width
+    done = run("sagas", "show", "order-2", "--store", store)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for expected in ("saga started", "failed", "RuntimeError: card declined", "undone", "saga"):
+        assert expected in out
+    assert out.index("failed") < out.index("undone")
+
+
+def test_show_of_an_unknown_saga_says_so(store: str) -> None:
+    done = run("sagas", "show", "nope", "--store", store)
+    assert done.returncode == 1
+    assert "no saga 'nope'" in done.stderr
+
+
+def test_a_bad_store_url_is_a_clear_error() -> None:
+    done = run("sagas", "list", "--store", "mysql://x")
+    assert done.returncode == 2
+    assert "no saga log backend for mysql://" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("nocolon", "expected package.module:NAME"),
+        ("no_such_module_x:SAGAS", "cannot import"),
+        ("test_cli_store:MISSING", "has no MISSING"),
+        ("test_cli_store:ROOT", "must be a SagaDefinition or a list"),
+    ],
+)
+def test_worker_refuses_what_is_not_a_saga(spec: str, problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=problem):
+        load_sagas(spec)
+
+
+def test_worker_loads_one_definition_or_a_list() -> None:
+    assert load_sagas("test_cli_store:SHOP") == [SHOP]
+    assert load_sagas("crash.sagas:SAGAS")[0].name == "crash-order"
+
+
+def test_worker_runs_started_sagas_and_stops_cleanly_on_sigterm(store: str, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src")]),
+    }
+    with open(tmp_path / "worker.log", "wb") as err:
+        worker = subprocess.Popen(
+            [*SAGAKIT, "worker", "--store", store, "--sagas", "test_cli_store:SHOP"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            listed = run("sagas", "list", "--store", store, "--status", "running")
+            if "order-3" not in listed.stdout:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the worker did not run the started saga")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(timeout=30)
+    assert code == 0, (tmp_path / "worker.log").read_text()
+    shown = run("sagas", "show", "order-3", "--store", store)
+    assert "saga finished" in shown.stdout
+    assert "completed" in shown.stdout
+
+
+def test_worker_with_a_bad_spec_exits_2_with_one_line(store: str) -> None:
+    done = subprocess.run(
+        [*SAGAKIT, "worker", "--store", store, "--sagas", "nowhere:X"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("sagakit worker: --sagas 'nowhere:X': cannot import")
+    assert "Traceback" not in done.stderr
+
+
+def test_module_is_importable_from_tests() -> None:
+    assert sys.modules[__name__].SHOP is SHOP
