@@ -169,3 +169,31 @@ async def test_list_filters_by_status_newest_first_and_history_has_times() -> No
     assert [h.seq for h in history] == list(range(6))
     assert history[0].recorded_at == 1000.0 and history[-1].recorded_at == 1001.0
     assert await log.history("nope") == []
+
+
+async def test_finished_sagas_share_equal_records_without_mixing_values() -> None:
+    """A finished saga's records are kept shared with equal ones of other sagas (memory
+    and the cyclic collector): reading them back gives each saga's own values."""
+    log = InMemorySagaLog()
+    logs = {}
+    for saga_id, result in (("a", 1), ("b", True), ("c", 1), ("d", {"k": [1]}), ("e", "x")):
+        records = [
+            *opening(),
+            StepCompleted(0, result),
+            StepStarted(1),
+            StepCompleted(1, None),
+            SagaFinished(SagaStatus.COMPLETED),
+        ]
+        journal = await log.create(saga_id, records[:2], owner="w", ttl=10)
+        assert journal is not None
+        journal.stage(records[2:])
+        logs[saga_id] = records
+    for saga_id, records in logs.items():
+        back = await log.read(saga_id)
+        assert back == records
+        assert [type(r.result) for r in back if type(r) is StepCompleted] == [
+            type(r.result) for r in records if type(r) is StepCompleted
+        ]
+    assert (await log.read("a"))[2] is (await log.read("c"))[2]
+    history = await log.history("a")
+    assert [h.record for h in history] == logs["a"]

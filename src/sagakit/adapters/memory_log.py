@@ -22,6 +22,7 @@ Leases are measured on ``clock`` (default :func:`time.time`; tests pass their ow
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -42,6 +43,10 @@ from sagakit.ports.saga_log import Claim, Lease, LoggedRecord, SagaLog, SagaSumm
 __all__ = ["DEFAULT_MAX_FINISHED", "InMemorySagaLog"]
 
 DEFAULT_MAX_FINISHED = 100_000
+# Results shared between finished sagas when equal (hashable scalars), and how many
+# distinct records and logs are shared at most before the tables start over.
+_SHAREABLE = frozenset({type(None), str, int})  # not bool: True == 1
+_MAX_SHARED = 65_536
 
 _RUNNING = SagaStatus.RUNNING
 # The status a record of each kind leaves a saga in (SagaFinished: its own).
@@ -150,6 +155,8 @@ class InMemorySagaLog:
         # ones in the order they finished (the eviction order).
         self._unfinished: dict[str, _Saga] = {}
         self._finished: dict[str, None] = {}
+        self._shared_records: dict[Any, SagaRecord] = {}
+        self._shared_logs: dict[tuple[int, ...], tuple[SagaRecord, ...]] = {}
 
     @classmethod
     def from_url(cls, url: str) -> InMemorySagaLog:
@@ -242,6 +249,8 @@ class InMemorySagaLog:
                 self._finish(entry)
 
     def _finish(self, entry: _Saga) -> None:
+        entry.records = self._kept(entry.records)  # type: ignore[assignment]
+        entry.stamps = array("d", entry.stamps)  # type: ignore[assignment]
         entry.final = True
         entry.owner, entry.expires_at = None, 0.0
         saga_id = entry.saga_id
@@ -252,6 +261,44 @@ class InMemorySagaLog:
             oldest = next(iter(finished))
             del finished[oldest]
             del self._sagas[oldest]
+
+    def _kept(self, records: list[SagaRecord]) -> tuple[SagaRecord, ...]:
+        """A finished saga's records as this log keeps them: records equal to ones kept
+        before are shared, and so is a whole log equal to one kept before.
+
+        A finished saga's records never change, and most are like other sagas'
+        (the same step started, completed with no result, compensated). Kept
+        once, they cost the process's memory and its cyclic collector nothing
+        per saga, where each kept saga otherwise adds a dozen objects the
+        collector rescans (a long-running node keeps up to ``max_finished``).
+        """
+        shared = self._shared_records
+        if len(shared) > _MAX_SHARED:
+            shared.clear()
+            self._shared_logs.clear()
+        kept: list[SagaRecord] = []
+        whole = True
+        for record in records:
+            kind = type(record)
+            key: Any
+            if kind is SagaStarted:
+                if record.data:  # type: ignore[union-attr]
+                    kept.append(record)
+                    whole = False
+                    continue
+                key = (SagaStarted, record.saga, record.steps)  # type: ignore[union-attr]
+            elif kind is StepCompleted and type(record.result) not in _SHAREABLE:  # type: ignore[union-attr]
+                kept.append(record)
+                whole = False
+                continue
+            else:
+                key = record
+            kept.append(shared.setdefault(key, record))
+        log = tuple(kept)
+        if not whole:
+            return log
+        # The records are shared objects now: their ids name the log.
+        return self._shared_logs.setdefault(tuple(map(id, log)), log)
 
     # --- leases ----------------------------------------------------------------------
 

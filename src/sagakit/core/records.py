@@ -144,12 +144,12 @@ class OfItsKind:
     def __ne__(self, other: object) -> bool:
         return not (type(self) is type(other) and _tuple_eq(self, other))
 
-    def __hash__(self) -> int:
-        return _tuple_hash(self)
+    # The tuple's own hash, as a C slot: a record of one kind and one of another with
+    # the same fields share it, and still differ.
+    __hash__ = tuple.__hash__
 
 
 _tuple_eq: Callable[[object, object], bool] = tuple.__eq__  # type: ignore[assignment]
-_tuple_hash: Callable[[object], int] = tuple.__hash__  # type: ignore[assignment]
 
 
 class _SagaStarted(NamedTuple):
