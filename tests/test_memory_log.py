@@ -56,7 +56,8 @@ async def test_a_claim_fences_the_previous_holder() -> None:
     clock = Clock()
     log = InMemorySagaLog(clock=clock)
     first = await log.create("o-1", opening(), owner="w1", ttl=10)
-    assert first is not None and first.lease is not None
+    assert first is not None
+    assert first.lease is not None
     assert await log.claim("o-1", owner="w2", ttl=10) is None  # w1's lease is live
     clock.now += 11
     claim = await log.claim("o-1", owner="w2", ttl=10)
@@ -81,7 +82,8 @@ async def test_claim_next_takes_expired_and_released_sagas_oldest_first() -> Non
     held = await log.create("a", opening(), owner="w1", ttl=10)
     await log.create("b", opening(), owner=None, ttl=10)
     released = await log.create("c", opening(), owner="w1", ttl=100)
-    assert held is not None and released is not None
+    assert held is not None
+    assert released is not None
     await log.release(released)
     assert [c.journal.saga_id for c in await log.claim_next(owner="w2", ttl=5, limit=10)] == [
         "b",
@@ -100,11 +102,13 @@ async def test_renew_extends_a_live_lease() -> None:
     assert journal is not None
     clock.now += 8
     assert await log.renew([journal], ttl=10) == []
-    assert journal.lease is not None and journal.lease.expires_at == clock.now + 10
+    assert journal.lease is not None
+    assert journal.lease.expires_at == clock.now + 10
     clock.now += 8
     assert await log.claim("a", owner="w2", ttl=10) is None
     summary = await log.status("a")
-    assert summary is not None and summary.owner == "w1"
+    assert summary is not None
+    assert summary.owner == "w1"
 
 
 async def test_finished_sagas_beyond_the_cap_are_forgotten_oldest_first() -> None:
@@ -125,7 +129,8 @@ async def test_finished_sagas_beyond_the_cap_are_forgotten_oldest_first() -> Non
 def test_the_default_cap_and_the_url_option() -> None:
     assert InMemorySagaLog().max_finished == DEFAULT_MAX_FINISHED == 100_000
     log = open_saga_log("memory://?max_finished=5")
-    assert isinstance(log, InMemorySagaLog) and log.max_finished == 5
+    assert isinstance(log, InMemorySagaLog)
+    assert log.max_finished == 5
     assert open_saga_log("memory://?max_finished=0").max_finished == 0  # type: ignore[attr-defined]
 
 
@@ -167,7 +172,8 @@ async def test_list_filters_by_status_newest_first_and_history_has_times() -> No
     assert [s.saga_id for s in await log.list(status=[SagaStatus.COMPLETED], limit=1)] == ["c"]
     history = await log.history("a")
     assert [h.seq for h in history] == list(range(6))
-    assert history[0].recorded_at == 1000.0 and history[-1].recorded_at == 1001.0
+    assert history[0].recorded_at == 1000.0
+    assert history[-1].recorded_at == 1001.0
     assert await log.history("nope") == []
 
 
