@@ -378,3 +378,60 @@ def test_demo_with_an_unusable_bus_says_why() -> None:
     done = run("demo", "--bus", "carrier-pigeon://coop")
     assert done.returncode == 2
     assert "sagakit demo: no event bus backend for carrier-pigeon://" in done.stderr
+
+
+@pytest.mark.parametrize("server", ["nats_server", "redis_server", "amqp_server"])
+def test_dlq_on_a_broker(server: str, request: pytest.FixtureRequest) -> None:
+    """List and replay from a shell the dead letters another process left on a real broker."""
+    from sagakit import Event, open_event_bus
+
+    base = request.getfixturevalue(server).url
+    url = f"{base}{'&' if '?' in base else '?'}prefix=dlq{uuid.uuid4().hex[:12]}"
+
+    async def fill() -> list[str]:
+        bus = open_event_bus(url)
+
+        def decline(event: Event) -> None:
+            raise RuntimeError("card declined")
+
+        await bus.subscribe(
+            "PaymentRequested", decline, group="payment", max_deliveries=1, backoff=0.05
+        )
+        for i in range(2):
+            await bus.publish(Event("PaymentRequested", f"o-{i}", {"n": i}, source="shop"))
+        async with asyncio.timeout(20):
+            while len(await bus.dead_letters("payment")) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        ids = [d.id for d in await bus.dead_letters("payment")]
+        await bus.close()
+        return ids
+
+    first, second = asyncio.run(fill())
+    listed = run("dlq", "list", "--bus", url, "--group", "payment", "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [e["id"] for e in entries] == [first, second]
+    assert [e["event"]["saga_id"] for e in entries] == ["o-0", "o-1"]
+    assert entries[0]["error"] == "RuntimeError: card declined"
+    replayed = run("dlq", "replay", "--bus", url, "--group", "payment", first)
+    assert replayed.returncode == 0, replayed.stderr
+
+    async def consume() -> tuple[list[Event], list[str]]:
+        bus = open_event_bus(url)
+        got: list[Event] = []
+        await bus.subscribe("PaymentRequested", got.append, group="payment")
+        async with asyncio.timeout(20):
+            while not got:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        left = [d.id for d in await bus.dead_letters("payment")]
+        await bus.close()
+        return got, left
+
+    got, left = asyncio.run(consume())
+    assert [e.saga_id for e in got] == ["o-0"]
+    assert left == [second]
+    unknown = run("dlq", "replay", "--bus", url, "--group", "payment", first)
+    assert unknown.returncode == 1
+    cleanup = getattr(request.getfixturevalue(server), "delete_namespace", None)
+    if cleanup is not None:  # a shared server: leave nothing behind
+        asyncio.run(cleanup(url.rsplit("prefix=", 1)[1]))
