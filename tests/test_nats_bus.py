@@ -35,6 +35,7 @@ def _prefix() -> str:
 async def _kill(bus: NatsEventBus) -> None:
     """Die holding events: loops stop without acknowledging, the connection drops."""
     tasks = [s._task for s in bus._subscriptions if s._task is not None]
+    tasks += [chain for s in bus._subscriptions for chain in s._chains]
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -61,6 +62,14 @@ class TestNatsEventBus(EventBusConformance):
         await asyncio.to_thread(self.server.restart)
 
 
+class TestNatsEventBusConcurrent(TestNatsEventBus):
+    """The same contract with handlers of different sagas running at once."""
+
+    async def make_bus(self) -> EventBus:
+        url = f"{self.server.url}?prefix={self.prefix}&concurrency=8"
+        return await NatsEventBus.connect(url)
+
+
 class TestChoreographyOnNats(ChoreographyConformance):
     @pytest.fixture(autouse=True)
     def _server(self, nats_server: NatsServer) -> None:
@@ -69,6 +78,12 @@ class TestChoreographyOnNats(ChoreographyConformance):
 
     async def make_bus(self) -> EventBus:
         return await NatsEventBus.connect(f"{self.server.url}?prefix={self.prefix}")
+
+
+class TestChoreographyOnNatsConcurrent(TestChoreographyOnNats):
+    async def make_bus(self) -> EventBus:
+        url = f"{self.server.url}?prefix={self.prefix}&concurrency=16"
+        return await NatsEventBus.connect(url)
 
 
 @pytest.fixture
@@ -450,3 +465,32 @@ async def test_a_stream_deleted_from_outside_is_made_again(
 
     async with asyncio.timeout(10):
         await until_seen()
+
+
+async def test_concurrency_runs_sagas_at_once_and_keeps_each_sagas_order(
+    nats_server: NatsServer,
+) -> None:
+    url = f"{nats_server.url}?prefix={_prefix()}&concurrency=4"
+    bus = await NatsEventBus.connect(url)
+    seen: list[tuple[str, int]] = []
+    running = 0
+    most = 0
+
+    async def slow(e: Event) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.05)
+        seen.append((e.saga_id, e["n"]))
+        running -= 1
+
+    await bus.subscribe("Step", slow, group="g")
+    sent = [event("Step", f"o-{i % 4}", n=i) for i in range(24)]
+    for e in sent:
+        await bus.publish(e)
+    await _wait(lambda: len(seen) >= 24, "24 deliveries")
+    await bus.drain()
+    assert most == 4, f"at most {most} handlers ran at once"
+    for saga in ("o-0", "o-1", "o-2", "o-3"):
+        assert [n for s, n in seen if s == saga] == [e["n"] for e in sent if e.saga_id == saga]
+    await bus.close()

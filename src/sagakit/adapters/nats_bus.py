@@ -44,7 +44,9 @@ whose handler raised comes back after its backoff, behind later events, and
 that an event taken over after an ack timeout comes after those delivered
 meanwhile. With several subscriptions in a group (competing consumers) there
 is no order between them. Each subscription runs its own handler loop, so
-different groups proceed independently.
+different groups proceed independently. With ``concurrency=N`` (N > 1), a
+subscription runs up to N handlers at once, each for a different saga: one
+saga's events keep the order above, events of different sagas have none.
 
 ``publish`` waits for JetStream's acknowledgement (the event is written to the
 server's file store: it survives the server process crashing; surviving a power
@@ -60,7 +62,8 @@ URL query parameters: ``prefix``, ``timeout`` (seconds for a publish or a
 management request, default 5), ``batch`` (events a subscription pulls at a
 time, default 32), ``max_age`` (seconds the stream keeps an unacknowledged
 event, default 7 days), ``dead_letters`` (dead letters kept per group, default
-100,000; when full, failing events stay in the stream and are retried instead).
+100,000; when full, failing events stay in the stream and are retried instead),
+``concurrency`` (handlers a subscription runs at once, default 1: see ordering).
 """
 
 from __future__ import annotations
@@ -124,6 +127,7 @@ _SOLO_IDLE = 300.0  # seconds before the server deletes an abandoned groupless c
 _DRAIN_POLL = 0.005
 _DEFAULTS = {"prefix": "sagakit", "timeout": "5", "batch": "32", "max_age": "604800"}
 _DEFAULTS["dead_letters"] = "100000"
+_DEFAULTS["concurrency"] = "1"
 
 
 def _token(name: str) -> str:
@@ -168,6 +172,7 @@ class NatsEventBus:
         batch: int = 32,
         max_age: float = 7 * 86400.0,
         dead_letters: int = 100_000,
+        concurrency: int = 1,
     ) -> None:
         if not isinstance(prefix, str) or not _TOKEN.fullmatch(prefix) or len(prefix) > 64:
             raise ConfigurationError(
@@ -176,13 +181,15 @@ class NatsEventBus:
         for name, value in (("timeout", timeout), ("max_age", max_age)):
             if not value > 0 or value == float("inf"):
                 raise ConfigurationError(f"NATS {name} must be a positive number, got {value!r}")
-        for name, count in (("batch", batch), ("dead_letters", dead_letters)):
+        counts = (("batch", batch), ("dead_letters", dead_letters), ("concurrency", concurrency))
+        for name, count in counts:
             if not 1 <= count <= 1_000_000:
                 raise ConfigurationError(f"NATS {name} must be 1-1000000, got {count!r}")
         self.url = servers
         self.prefix = prefix
         self._timeout, self._batch, self._max_age = timeout, batch, max_age
         self._dead_letter_limit = dead_letters
+        self._concurrency = concurrency
         self._stream, self._dlq_stream = f"{prefix}-events", f"{prefix}-dlq"
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -207,6 +214,7 @@ class NatsEventBus:
         try:
             timeout, max_age = float(options["timeout"]), float(options["max_age"])
             batch, dead_letters = int(options["batch"]), int(options["dead_letters"])
+            concurrency = int(options["concurrency"])
         except ValueError as exc:
             raise ConfigurationError(f"NATS URL {url!r}: {exc}") from exc
         return cls(
@@ -216,6 +224,7 @@ class NatsEventBus:
             batch=batch,
             max_age=max_age,
             dead_letters=dead_letters,
+            concurrency=concurrency,
         )
 
     @classmethod
@@ -489,7 +498,7 @@ class NatsEventBus:
 
     async def drain(self) -> None:
         task = asyncio.current_task()
-        if any(s._task is task for s in self._subscriptions):
+        if any(s.owns(task) for s in self._subscriptions):
             raise RuntimeError("drain() inside an event handler would wait for itself")
         if self._js is None:
             return

@@ -92,7 +92,6 @@ class PullSubscription:
         self._pending: deque[list[Any]] = deque()
         self._arrival = asyncio.Event()
         self._woken = False
-        self._keeper: asyncio.TimerHandle | None = None
         self._kept_at = 0.0  # when the queued events were last kept ours
         # Wakes the loop if its open pull request is lost (a restart, a
         # reconnect) and neither events nor the request's expiry status come.
@@ -101,7 +100,14 @@ class PullSubscription:
         self._sub: NatsSubscription | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._handling = False  # a handler of this subscription is running
+        self._handling = 0  # handlers of this subscription running now
+        # With concurrency > 1: per saga id, the events waiting behind the one
+        # its handler chain is running (one saga's events stay in order), and
+        # the chains' tasks.
+        self._concurrency = bus._concurrency
+        self._sagas: dict[str, deque[list[Any]]] = {}
+        self._chains: set[asyncio.Task[None]] = set()
+        self._slot = asyncio.Event()
         self._cancelled = False
 
     async def start(self, nc: Client) -> None:
@@ -179,7 +185,24 @@ class PullSubscription:
             if self._stopping:
                 await self._give_back(msg)
                 break
-            await self._deliver(msg, fetched_at)
+            if self._concurrency == 1:
+                await self._deliver(msg, fetched_at)
+                continue
+            prepared = await self._prepare(msg, fetched_at)
+            if prepared is None:
+                continue
+            event, deliveries = prepared
+            waiting = self._sagas.get(event.saga_id)
+            if waiting is not None:
+                waiting.append([fetched_at, msg, event, deliveries])
+                continue
+            while len(self._chains) >= self._concurrency:
+                self._slot.clear()
+                await self._slot.wait()
+            self._sagas[event.saga_id] = deque()
+            chain = loop.create_task(self._chain(msg, event, deliveries))
+            self._chains.add(chain)
+            chain.add_done_callback(self._chain_done)
 
     async def _give_back_pending(self) -> None:
         """Events pulled but not handled go back to the group at once."""
@@ -208,34 +231,66 @@ class PullSubscription:
         with contextlib.suppress(nats.errors.Error):  # else redelivered after ack_wait
             await msg.nak()
 
-    async def _deliver(self, msg: Msg, fetched_at: float) -> None:
-        bus = self._bus
+    def _chain_done(self, chain: asyncio.Task[None]) -> None:
+        self._chains.discard(chain)
+        self._slot.set()
+
+    async def _chain(self, msg: Msg, event: Event, deliveries: int) -> None:
+        """Handle one saga's events in order, while more of them arrive."""
+        saga_id = event.saga_id
+        try:
+            while True:
+                await self._handle(msg, event, deliveries)
+                waiting = self._sagas[saga_id]
+                if not waiting or self._stopping:
+                    break
+                fetched_at, msg, event, deliveries = waiting.popleft()
+                if time.monotonic() - fetched_at > self.ack_timeout / 2:
+                    await _in_progress(msg)
+        finally:
+            for item in self._sagas.pop(saga_id, ()):
+                await self._give_back(item[1])
+
+    async def _prepare(self, msg: Msg, fetched_at: float) -> tuple[Event, int] | None:
+        """The event and its delivery count, or None once it is dead-lettered or skipped."""
         deliveries = _deliveries(msg.reply)
         if deliveries < 1:  # not a JetStream delivery: nothing to acknowledge
-            return
+            return None
         if time.monotonic() - fetched_at > self.ack_timeout / 2:
             # It waited here behind slow handlers: keep it ours rather than
             # have the server give it to another consumer while it is queued.
             try:
                 await msg.in_progress()
             except nats.errors.Error:
-                return
+                return None
         try:
             event = decode_event(msg.data)
         except DefinitionError as exc:
-            await bus._dead_letter(self, msg, None, f"undecodable envelope: {exc}", deliveries)
-            return
+            error = f"undecodable envelope: {exc}"
+            await self._bus._dead_letter(self, msg, None, error, deliveries)
+            return None
         if deliveries > self.max_deliveries:
             # Earlier deliveries were never acknowledged (consumers died or hung).
             error = f"not acknowledged within {self.ack_timeout}s on {deliveries - 1} deliveries"
-            await bus._dead_letter(self, msg, event, error, deliveries - 1)
-            return
-        self._handling = True
+            await self._bus._dead_letter(self, msg, event, error, deliveries - 1)
+            return None
+        return event, deliveries
+
+    async def _deliver(self, msg: Msg, fetched_at: float) -> None:
+        prepared = await self._prepare(msg, fetched_at)
+        if prepared is not None:
+            await self._handle(msg, *prepared)
+
+    async def _handle(self, msg: Msg, event: Event, deliveries: int) -> None:
+        self._handling += 1
         started = time.monotonic()
         if started - self._kept_at >= self.ack_timeout / 3:
             self._keep(started)
-        self._keeper = asyncio.get_running_loop().call_later(
-            self.ack_timeout / 3, self._keep_pending, started
+        keeper: list[asyncio.TimerHandle] = []  # this handler's timer, as it is renewed
+        keeper.append(
+            asyncio.get_running_loop().call_later(
+                self.ack_timeout / 3, self._keep_pending, started, keeper
+            )
         )
         try:
             result = self.handler(event)
@@ -254,10 +309,10 @@ class PullSubscription:
             except nats.errors.Error as exc:
                 log.warning("ack of %s failed (%s): it will come again", event.type, describe(exc))
         finally:
-            self._handling = False
-            self._keeper.cancel()
+            self._handling -= 1
+            keeper[0].cancel()
 
-    def _keep_pending(self, started: float) -> None:
+    def _keep_pending(self, started: float, keeper: list[asyncio.TimerHandle]) -> None:
         """While a handler runs, keep the events queued behind it ours (in-progress acks).
 
         Without this, a slow handler would let the ack timeout of the events it
@@ -267,11 +322,11 @@ class PullSubscription:
         the group's other consumers get those events.
         """
         now = time.monotonic()
-        if not self._handling or now - started >= self.ack_timeout:
+        if now - started >= self.ack_timeout:
             return
         self._keep(now)
-        self._keeper = asyncio.get_running_loop().call_later(
-            self.ack_timeout / 3, self._keep_pending, started
+        keeper[0] = asyncio.get_running_loop().call_later(
+            self.ack_timeout / 3, self._keep_pending, started, keeper
         )
 
     async def _failed(self, msg: Msg, event: Event, exc: BaseException, deliveries: int) -> None:
@@ -295,7 +350,8 @@ class PullSubscription:
     def _keep(self, now: float) -> None:
         """An in-progress ack for each queued event that waited a third of the ack timeout."""
         self._kept_at = now
-        for item in self._pending:
+        queued = [self._pending, *self._sagas.values()]
+        for item in (item for queue in queued for item in queue):
             if now - item[0] >= self.ack_timeout / 3:
                 item[0] = now
                 task = asyncio.get_running_loop().create_task(_in_progress(item[1]))
@@ -304,19 +360,25 @@ class PullSubscription:
 
     @property
     def busy(self) -> bool:
-        return self._handling
+        return self._handling > 0 or bool(self._chains)
+
+    def owns(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether ``task`` runs this subscription's handlers."""
+        return task is not None and (task is self._task or task in self._chains)
 
     async def stop(self) -> None:
         """Finish the handler in flight, give the rest back, stop pulling."""
         self._stopping = True
         task = self._task
         if task is not None and not task.done():
-            if self._handling:
-                self.wake()
+            if self._handling and self._concurrency == 1:
+                self.wake()  # the loop runs the handler itself: let it finish
                 await asyncio.wait([task])
             else:
                 task.cancel()
                 await asyncio.wait([task])
+        if self._chains:  # each finishes its handler and gives back what waits behind it
+            await asyncio.wait(list(self._chains))
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
