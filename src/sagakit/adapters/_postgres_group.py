@@ -1,8 +1,9 @@
 """Journals and group commit for the PostgreSQL saga log (:mod:`sagakit.adapters.postgres_log`).
 
-Flushes and creates wait in one queue per log; one writer task takes everything
-queued (one operation per saga) and writes it as one statement, so one commit.
-While that batch commits, the next one gathers.
+Flushes and creates wait in one queue per log; a batch takes everything queued
+(one operation per saga) and writes it as one statement, so one commit. While
+that batch commits, the next one gathers (``batches_in_flight`` batches may run
+at once; one by default).
 """
 
 from __future__ import annotations
