@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sagakit.core.machine import (
     Begin,
-    Plan,
     Resume,
     decide,
     initial_state,
@@ -26,13 +22,10 @@ from sagakit.core.machine import (
 )
 from sagakit.core.outcome import SagaOutcome, outcome_of
 from sagakit.core.records import (
-    CompensationStarted,
     SagaRecord,
     SagaStarted,
     SagaStatus,
     check_json,
-    from_json,
-    to_json,
 )
 from sagakit.core.saga import NO_INPUT, SagaDefinition, fingerprint
 from sagakit.errors import (
@@ -44,6 +37,15 @@ from sagakit.errors import (
     SagaIdConflict,
 )
 from sagakit.orchestration.driver import drive
+from sagakit.orchestration.support import (
+    Recovered,
+    Run,
+    RunnerCancelled,
+    default_owner,
+    inferred_plan,
+    same_input,
+    shown,
+)
 from sagakit.ports.saga_log import Claim, Journal, SagaLog, SagaSummary
 
 __all__ = ["Orchestrator", "Recovered"]
@@ -55,63 +57,6 @@ T = TypeVar("T")
 _INITIAL = initial_state()
 
 DEFAULT_LEASE_TTL = 30.0
-
-
-class _RunnerCancelled(Exception):
-    """Told to the callers waiting for a run whose own caller was cancelled."""
-
-
-class Recovered(list[SagaOutcome]):
-    """What :meth:`Orchestrator.recover` carried on: the outcomes, in the order they ended.
-
-    ``missing`` maps the id of each unfinished saga left alone, because this
-    orchestrator has no definition of that name, to the name; ``errors`` maps
-    the id of each saga that could not be carried on to why.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.missing: dict[str, str] = {}
-        self.errors: dict[str, BaseException] = {}
-
-
-class _Run:
-    """A saga this orchestrator is driving, and the callers waiting for it."""
-
-    __slots__ = ("data", "saga", "waiters")
-
-    def __init__(self, saga: SagaDefinition, data: Mapping[str, Any]) -> None:
-        self.saga = saga
-        self.data = data
-        self.waiters: list[asyncio.Future[SagaOutcome]] | None = None
-
-
-def _default_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _same_input(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> bool:
-    if recorded == requested:
-        return True
-    try:  # a durable log hands back JSON: a tuple given is a list recorded
-        return bool(from_json(to_json(dict(requested))) == from_json(to_json(dict(recorded))))
-    except (TypeError, ValueError):
-        return False
-
-
-def _shown(data: Mapping[str, Any]) -> str:
-    try:
-        text = to_json(dict(data)).decode()
-    except (TypeError, ValueError):
-        text = repr(data)
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _inferred_plan(started: SagaStarted, records: Iterable[SagaRecord]) -> Plan:
-    """The plan of a logged saga whose definition is not at hand (for reporting it):
-    the steps it compensated are the ones that have a compensation."""
-    undone = {r.step for r in records if type(r) is CompensationStarted}
-    return Plan(started.saga, started.steps, tuple(i in undone for i in range(len(started.steps))))
 
 
 class Orchestrator:
@@ -161,14 +106,14 @@ class Orchestrator:
             raise DefinitionError("owner", f"must be a non-empty string, got {owner!r}")
         self._log: SagaLog = log
         self._durable = bool(log.durable)
-        self.owner = owner or _default_owner()
+        self.owner = owner or default_owner()
         self.lease_ttl = float(lease_ttl)
         self.retry_for = retry_for
         self.poll_interval = poll_interval
         self._definitions: dict[str, SagaDefinition] = {}
         for saga in sagas:
             self.register(saga)
-        self._running: dict[str, _Run] = {}
+        self._running: dict[str, Run] = {}
         # Leases held (one journal per saga driven here), those the renewer
         # found lost, and the renewer itself while any is held.
         self._held: dict[str, Journal] = {}
@@ -201,7 +146,7 @@ class Orchestrator:
         running = self._running.get(saga_id)
         if running is not None:
             return await self._join(saga, saga_id, running, data)
-        run = self._running[saga_id] = _Run(saga, data)
+        run = self._running[saga_id] = Run(saga, data)
         try:
             # Optimistic start: a new saga costs one create and no read; only a saga
             # id the log already holds is read back (to resume or report it).
@@ -223,7 +168,7 @@ class Orchestrator:
                     continue
                 if isinstance(exc, asyncio.CancelledError):
                     # The caller that ran it was cancelled, not the ones waiting.
-                    waiter.set_exception(_RunnerCancelled())
+                    waiter.set_exception(RunnerCancelled())
                 else:
                     waiter.set_exception(exc)
             raise
@@ -332,11 +277,11 @@ class Orchestrator:
             raise SagaIdConflict(
                 saga_id, fingerprint(started.saga, started.steps), saga.fingerprint
             )
-        if data is not None and not _same_input(started.data, data):
+        if data is not None and not same_input(started.data, data):
             raise SagaIdConflict(
                 saga_id,
-                f"{saga.fingerprint} with input {_shown(started.data)}",
-                f"{saga.fingerprint} with input {_shown(data)}",
+                f"{saga.fingerprint} with input {shown(started.data)}",
+                f"{saga.fingerprint} with input {shown(data)}",
             )
         try:
             _, state, results = replay(saga.plan, records)
@@ -377,16 +322,16 @@ class Orchestrator:
             delay = min(delay * 2, self.poll_interval)
 
     async def _join(
-        self, saga: SagaDefinition, saga_id: str, running: _Run, data: Mapping[str, Any]
+        self, saga: SagaDefinition, saga_id: str, running: Run, data: Mapping[str, Any]
     ) -> SagaOutcome:
         theirs = running.saga
         if theirs.name != saga.name or theirs.step_names != saga.step_names:
             raise SagaIdConflict(saga_id, theirs.fingerprint, saga.fingerprint)
-        if not _same_input(running.data, data):
+        if not same_input(running.data, data):
             raise SagaIdConflict(
                 saga_id,
-                f"{saga.fingerprint} with input {_shown(running.data)}",
-                f"{saga.fingerprint} with input {_shown(data)}",
+                f"{saga.fingerprint} with input {shown(running.data)}",
+                f"{saga.fingerprint} with input {shown(data)}",
             )
         waiter: asyncio.Future[SagaOutcome] = asyncio.get_running_loop().create_future()
         if running.waiters is None:
@@ -394,7 +339,7 @@ class Orchestrator:
         running.waiters.append(waiter)
         try:
             return await waiter
-        except _RunnerCancelled:
+        except RunnerCancelled:
             # Its log shows where it stopped: carry it on from there, for this
             # caller (and any other waiter, which joins this run in turn).
             log.info("saga %s: its runner was cancelled; carrying it on", saga_id)
@@ -445,7 +390,7 @@ class Orchestrator:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.poll_interval)
 
-    async def _join_quietly(self, saga_id: str, running: _Run) -> SagaOutcome:
+    async def _join_quietly(self, saga_id: str, running: Run) -> SagaOutcome:
         return await self._join(running.saga, saga_id, running, running.data)
 
     def _outcome_of(self, saga_id: str, records: list[SagaRecord]) -> SagaOutcome:
@@ -457,7 +402,7 @@ class Orchestrator:
         if saga is not None and saga.step_names == tuple(started.steps):
             plan = saga.plan
         else:
-            plan = _inferred_plan(started, records)
+            plan = inferred_plan(started, records)
         try:
             _, state, results = replay(plan, records)
         except InvalidTransition as exc:
@@ -540,14 +485,14 @@ class Orchestrator:
             raise SagaError(saga_id, "already running here")
         started = claim.records[0]
         data = started.data if type(started) is SagaStarted else NO_INPUT
-        run = self._running[saga_id] = _Run(saga, data)
+        run = self._running[saga_id] = Run(saga, data)
         try:
             outcome = await self._resume(saga, saga_id, claim)
         except BaseException as exc:
             for waiter in run.waiters or ():
                 if not waiter.done():
                     waiter.set_exception(
-                        _RunnerCancelled() if isinstance(exc, asyncio.CancelledError) else exc
+                        RunnerCancelled() if isinstance(exc, asyncio.CancelledError) else exc
                     )
             raise
         finally:

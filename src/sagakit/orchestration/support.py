@@ -1,0 +1,74 @@
+"""What the orchestrator keeps beside its sagas: who is waiting, and how to compare inputs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sagakit.core.machine import Plan
+from sagakit.core.outcome import SagaOutcome
+from sagakit.core.records import CompensationStarted, SagaRecord, SagaStarted, from_json, to_json
+from sagakit.core.saga import SagaDefinition
+
+__all__ = ["Recovered", "RunnerCancelled", "default_owner", "inferred_plan", "same_input", "shown"]
+
+
+class RunnerCancelled(Exception):
+    """Told to the callers waiting for a run whose own caller was cancelled."""
+
+
+class Recovered(list[SagaOutcome]):
+    """What :meth:`Orchestrator.recover` carried on: the outcomes, in the order they ended.
+
+    ``missing`` maps the id of each unfinished saga left alone, because this
+    orchestrator has no definition of that name, to the name; ``errors`` maps
+    the id of each saga that could not be carried on to why.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.missing: dict[str, str] = {}
+        self.errors: dict[str, BaseException] = {}
+
+
+class Run:
+    """A saga this orchestrator is driving, and the callers waiting for it."""
+
+    __slots__ = ("data", "saga", "waiters")
+
+    def __init__(self, saga: SagaDefinition, data: Mapping[str, Any]) -> None:
+        self.saga = saga
+        self.data = data
+        self.waiters: list[asyncio.Future[SagaOutcome]] | None = None
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def same_input(recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> bool:
+    if recorded == requested:
+        return True
+    try:  # a durable log hands back JSON: a tuple given is a list recorded
+        return bool(from_json(to_json(dict(requested))) == from_json(to_json(dict(recorded))))
+    except (TypeError, ValueError):
+        return False
+
+
+def shown(data: Mapping[str, Any]) -> str:
+    try:
+        text = to_json(dict(data)).decode()
+    except (TypeError, ValueError):
+        text = repr(data)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def inferred_plan(started: SagaStarted, records: Iterable[SagaRecord]) -> Plan:
+    """The plan of a logged saga whose definition is not at hand (for reporting it):
+    the steps it compensated are the ones that have a compensation."""
+    undone = {r.step for r in records if type(r) is CompensationStarted}
+    return Plan(started.saga, started.steps, tuple(i in undone for i in range(len(started.steps))))
