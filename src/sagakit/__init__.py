@@ -32,7 +32,7 @@ from sagakit.errors import (
     SchemaMismatch,
 )
 from sagakit.orchestration import Orchestrator, Recovered
-from sagakit.ports.event_bus import ALL_EVENTS, EventBus
+from sagakit.ports.event_bus import ALL_EVENTS, DeadLetter, EventBus
 from sagakit.ports.saga_log import Journal, Lease, SagaLog, SagaSummary
 
 __version__ = "0.1.0"
@@ -44,6 +44,7 @@ __all__ = [
     "BackendRefused",
     "BackendUnavailable",
     "ConfigurationError",
+    "DeadLetter",
     "DefinitionError",
     "Event",
     "EventBus",
