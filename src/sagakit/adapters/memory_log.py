@@ -292,7 +292,9 @@ class InMemorySagaLog:
                 whole = False
                 continue
             else:
-                key = record
+                # A plain tuple with the kind first: hashed and compared in C (a
+                # record's own __eq__, which checks its kind, is Python).
+                key = (kind, *record)
             kept.append(shared.setdefault(key, record))
         log = tuple(kept)
         if not whole:
