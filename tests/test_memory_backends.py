@@ -388,6 +388,43 @@ class TestInMemoryEventBus(EventBusConformance):
         with pytest.raises(BackendError):
             await bus.publish(event("Tick"))
 
+    async def test_a_second_close_waits_for_the_first(self) -> None:
+        bus = InMemoryEventBus()
+        done: list[int] = []
+
+        async def slow(e: Event) -> None:
+            await asyncio.sleep(0.05)
+            done.append(e["n"])
+
+        await bus.subscribe("Tick", slow)
+        await bus.publish(event("Tick", n=0))
+        first = asyncio.create_task(bus.close())
+        await asyncio.sleep(0)
+        await bus.close()
+        assert done == [0]
+        await first
+        assert bus._broker.open_buses == 0
+
+    async def test_a_crash_while_closing_counts_the_bus_once(self) -> None:
+        name = f"crash-{uuid.uuid4().hex}"
+        bus, other = InMemoryEventBus(name=name), InMemoryEventBus(name=name)
+        release = asyncio.Event()
+
+        async def holds(e: Event) -> None:
+            await release.wait()
+
+        await bus.subscribe("Tick", holds, group="g", ack_timeout=0.2)
+        await bus.publish(event("Tick"))
+        await asyncio.sleep(0.01)
+        closing = asyncio.create_task(bus.close())
+        await asyncio.sleep(0.01)
+        await bus.crash()
+        release.set()
+        await closing
+        assert bus._broker.open_buses == 1
+        await other.close()
+        assert bus._broker.open_buses == 0
+
     async def test_publish_returns_before_handlers_run(self) -> None:
         bus = InMemoryEventBus()
         got: list[Event] = []

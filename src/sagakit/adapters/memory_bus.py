@@ -35,19 +35,18 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import inspect
 import logging
 import math
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Generator, Sequence
+from collections.abc import Awaitable, Sequence
 from contextvars import ContextVar
 from itertools import count
-from types import CoroutineType
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
+from sagakit.adapters._handlers import call_handler, forget
 from sagakit.core.event import Event
 from sagakit.errors import BackendBusy, BackendError, ConfigurationError, DefinitionError
 from sagakit.ports.event_bus import (
@@ -141,47 +140,6 @@ class _Subscription:
         if self._consumer is not None:
             self._consumer.bus._broker.leave(self._consumer)
             self._consumer = None
-
-
-class _Resume:
-    """Drive a handler's coroutine on from where its first step suspended, inside a task."""
-
-    __slots__ = ("_coro", "_yielded")
-
-    def __init__(self, coro: CoroutineType[Any, Any, Any], yielded: Any) -> None:
-        self._coro, self._yielded = coro, yielded
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, yielded = self._coro, self._yielded
-        while True:
-            try:
-                sent = yield yielded
-            except GeneratorExit:  # the task was destroyed unfinished: end the handler too
-                coro.close()
-                raise
-            except BaseException as exc:  # thrown in by the task (a cancellation)
-                try:
-                    yielded = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    yielded = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
-
-
-async def _resume(coro: CoroutineType[Any, Any, Any], yielded: Any) -> Any:
-    return await _Resume(coro, yielded)
-
-
-async def _await(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
-
-
-def _forget(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved: a late handler's error is not "never retrieved"
 
 
 class _Broker:
@@ -334,17 +292,8 @@ class _Broker:
             return None  # a cancelled subscription's own group: nobody to deliver to
         deliveries += 1
         try:
-            result = consumer.handler(event)
-            if result is None:
-                return None
-            if type(result) is not CoroutineType:
-                if not inspect.isawaitable(result):
-                    return None  # a plain function that returned something: done
-                task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(_await(result))
-                return self._settle(consumer, task, event, deliveries)
-            try:
-                yielded = result.send(None)
-            except StopIteration:
+            task = call_handler(consumer.handler, event)
+            if task is None:
                 return None
         except asyncio.CancelledError as exc:
             current = asyncio.current_task()
@@ -355,7 +304,6 @@ class _Broker:
         except Exception as exc:
             self._failed(consumer, event, deliveries, exc)
             return None
-        task = asyncio.get_running_loop().create_task(_resume(result, yielded))
         return self._settle(consumer, task, event, deliveries)
 
     async def _settle(
@@ -377,7 +325,7 @@ class _Broker:
                 self.settled.set_result(None)
             self.settled = None
         if not task.done() or consumer.killed:
-            task.add_done_callback(_forget)
+            task.add_done_callback(forget)
             late = TimeoutError(f"not acknowledged within {consumer.ack_timeout}s")
             # Taken over at once: the ack timeout was its wait.
             self._failed(consumer, event, deliveries, late, retry_now=True)
@@ -482,6 +430,7 @@ class InMemoryEventBus:
         self._broker.open_buses += 1
         self._state = _OPEN
         self._consumers: list[_Consumer] = []
+        self._closing: asyncio.Future[None] | None = None
 
     @classmethod
     def from_url(cls, url: str) -> InMemoryEventBus:
@@ -572,12 +521,15 @@ class InMemoryEventBus:
 
         Handlers running meanwhile may still publish (their work is in flight).
         """
-        if self._state is not _OPEN:
-            return
-        self._state = _CLOSING
         broker = self._broker
         # A handler closing its own bus cannot wait for the handlers, itself among them.
         waits = _DELIVERING.get() is not broker
+        if self._closing is not None:  # closed, or closing in another task: wait for that
+            if waits:
+                await asyncio.shield(self._closing)
+            return
+        self._closing = asyncio.get_running_loop().create_future()
+        self._state = _CLOSING
         try:
             if waits and broker.open_buses == 1:
                 await broker.drain()
@@ -587,15 +539,19 @@ class InMemoryEventBus:
                 await broker.settle(self)
         finally:
             self._consumers.clear()
+            self._release()
+            self._closing.set_result(None)
+
+    def _release(self) -> None:
+        if self._state is not _CLOSED:
             self._state = _CLOSED
-            broker.open_buses -= 1
+            self._broker.open_buses -= 1
 
     async def crash(self) -> None:
         """For tests: die as a killed process would, acknowledging nothing it holds."""
         if self._state is _CLOSED:
             return
-        self._state = _CLOSED
-        self._broker.open_buses -= 1
+        self._release()
         for consumer in self._consumers:
             consumer.killed = True
             self._broker.leave(consumer)

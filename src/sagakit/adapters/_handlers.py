@@ -1,0 +1,76 @@
+"""Calling an event handler: a plain function, or a coroutine function run without a task
+while it does not suspend (most handlers never do, and a task per delivery costs a turn of
+the event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Generator
+from types import CoroutineType
+from typing import Any
+
+__all__ = ["call_handler", "forget"]
+
+
+def call_handler(handler: Callable[[Any], Any], event: Any) -> asyncio.Task[Any] | None:
+    """Run ``handler(event)``: None once it is done, or the task it goes on in if it suspended.
+
+    An exception the handler raises before suspending is raised here.
+    """
+    result = handler(event)
+    if result is None:
+        return None
+    loop = asyncio.get_running_loop()
+    if type(result) is not CoroutineType:
+        if not inspect.isawaitable(result):
+            return None  # a plain function that returned something: done
+        return loop.create_task(_await(result))
+    try:
+        yielded = result.send(None)
+    except StopIteration:
+        return None
+    return loop.create_task(_resume(result, yielded))
+
+
+def forget(task: asyncio.Task[Any]) -> None:
+    """A done callback for a task nobody awaits: its error is not "never retrieved"."""
+    if not task.cancelled():
+        task.exception()
+
+
+class _Resume:
+    """Drive a handler's coroutine on from where its first step suspended, inside a task."""
+
+    __slots__ = ("_coro", "_yielded")
+
+    def __init__(self, coro: CoroutineType[Any, Any, Any], yielded: Any) -> None:
+        self._coro, self._yielded = coro, yielded
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, yielded = self._coro, self._yielded
+        while True:
+            try:
+                sent = yield yielded
+            except GeneratorExit:  # the task was destroyed unfinished: end the handler too
+                coro.close()
+                raise
+            except BaseException as exc:  # thrown in by the task (a cancellation)
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _resume(coro: CoroutineType[Any, Any, Any], yielded: Any) -> Any:
+    return await _Resume(coro, yielded)
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
