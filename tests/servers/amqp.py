@@ -3,7 +3,9 @@
 RabbitMQ ships no wheel, so the tests use a running server, by default this
 machine's at ``amqp://guest:guest@127.0.0.1:5672/`` (``.ci/run`` starts it when
 it is down). Each test gets a namespace of its own (a bus ``prefix``); its
-queues and exchange are deleted when the test ends.
+queues and exchange are deleted when the test ends (listed with ``rabbitmqctl``,
+so only on a server of this machine; elsewhere the exchange alone is deleted and
+the queues, named ``t<session>x<n>.*``, are left).
 
 Faults are injected from the server's side with ``rabbitmqctl`` (the
 management plugin is not enabled here): :meth:`AmqpServer.close_connections`
@@ -46,7 +48,9 @@ class AmqpServer:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 5672
         self.vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-        self._ctl = shutil.which("rabbitmqctl")
+        # rabbitmqctl talks to the node on this machine: of use for a local server only.
+        local = self.host in ("127.0.0.1", "localhost", "::1")
+        self._ctl = shutil.which("rabbitmqctl") if local else None
         self._made = 0
         self._session = os.urandom(3).hex()
 
@@ -68,8 +72,8 @@ class AmqpServer:
     async def _ctl_run(self, *args: str, within: float = 30.0) -> str:
         if self._ctl is None:
             unavailable(
-                "rabbitmqctl is not installed here: the tests that inject faults from the"
-                " server's side need it"
+                "the tests that inject faults from the server's side need rabbitmqctl and"
+                f" the server on this machine (the server is {self.host}:{self.port})"
             )
         process = await asyncio.create_subprocess_exec(
             self._ctl,
@@ -77,8 +81,13 @@ class AmqpServer:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        async with asyncio.timeout(within):
-            out, err = await process.communicate()
+        try:
+            async with asyncio.timeout(within):
+                out, err = await process.communicate()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise
         if process.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {err.decode()[-500:]}")
         return out.decode()
