@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
+from typing import Any
 
 import pytest
 from conformance.event_bus import EventBusConformance, event, recorder
@@ -264,6 +266,46 @@ class TestInMemoryEventBus(EventBusConformance):
         await bus.subscribe("Tick", recorder(got), group="g")
         await self.drain(bus)
         assert got == [letter.event]
+        await bus.close()
+
+    @pytest.mark.parametrize("seed", range(5))
+    async def test_no_event_is_lost_whatever_fails(self, seed: int) -> None:
+        # Random failures, slow handlers, a small queue, several groups and copies:
+        # each event ends acknowledged once per group, or as one dead letter there.
+        rng = random.Random(seed)
+        bus = InMemoryEventBus(name=f"chaos-{uuid.uuid4().hex}", capacity=8)
+        other = InMemoryEventBus(name=bus._broker.name.removeprefix("memory://"))
+        acked: dict[str, list[str]] = {}
+        tries: dict[tuple[str, str], int] = {}
+
+        def handler(group: str) -> Any:
+            async def handle(e: Event) -> None:
+                tries[group, e.event_id] = tries.get((group, e.event_id), 0) + 1
+                if rng.random() < 0.2:
+                    await asyncio.sleep(0.001)
+                if rng.random() < 0.3:
+                    raise ValueError("bad luck")
+                acked.setdefault(group, []).append(e.event_id)
+
+            return handle
+
+        groups = ("a", "b", "c")
+        for group in groups:
+            for copy in (bus, other):
+                await copy.subscribe(
+                    "Tick", handler(group), group=group, max_deliveries=3, backoff=0.0
+                )
+        sent = [event("Tick", f"s{i % 7}", n=i) for i in range(200)]
+        for e in sent:
+            await rng.choice((bus, other)).publish(e)
+        await self.drain(bus)
+        for group in groups:
+            dead = {d.event.event_id: d for d in await bus.dead_letters(group, limit=1000)}
+            assert all(d.deliveries == 3 for d in dead.values())
+            done = acked.get(group, [])
+            assert len(done) == len(set(done)), "acknowledged twice"
+            assert sorted(done + list(dead)) == sorted(e.event_id for e in sent)
+        await other.close()
         await bus.close()
 
     # --- back-pressure and a loop that is never starved ------------------------------------

@@ -271,6 +271,55 @@ class ChoreographyConformance(ABC):
         await self.settled(shop, ("o2", 3))
         assert shop.tracker["o2"].status is SagaStatus.COMPLETED
 
+    async def test_a_service_that_fails_for_a_while_is_retried_and_the_saga_completes(
+        self,
+    ) -> None:
+        class FlakyPayment(Payment):
+            """The card processor is down for the first two tries."""
+
+            backoff = 0.05
+            tries = 0
+
+            async def charge(self, event: Event) -> None:
+                self.tries += 1
+                if self.tries <= 2:
+                    raise ConnectionError("card processor unreachable")
+                await super().charge(event)
+
+        bus = await self.bus()
+        shop = await open_shop(bus, services=["inventory", "shipping"])
+        payment = FlakyPayment(faults=shop.faults)
+        await payment.attach(bus)
+        await shop.order("o1", "abc")
+        await self.settled(shop, ("o1", 3))
+        assert shop.tracker["o1"].status is SagaStatus.COMPLETED
+        assert payment.tries == 3
+        assert len(payment.charges) == 1
+        assert list(await bus.dead_letters("payment")) == []
+
+    async def test_a_service_that_always_fails_leaves_a_dead_letter(self) -> None:
+        class BrokenShipping(Shipping):
+            backoff = 0.01
+            max_deliveries = 2
+
+            async def ship(self, event: Event) -> None:
+                raise RuntimeError("label printer on fire")
+
+        bus = await self.bus()
+        shop = await open_shop(bus, services=["inventory", "payment"])
+        await BrokenShipping(shop.faults).attach(bus)
+        await shop.order("o1", "abc")
+        await self.settled(shop, ("o1", 2))
+        deadline = time.monotonic() + self.timeout
+        while not await bus.dead_letters("shipping"):
+            assert time.monotonic() < deadline, "no dead letter in group shipping"
+            await asyncio.sleep(0.02)
+        (letter,) = await bus.dead_letters("shipping")
+        assert (letter.event.type, letter.event.saga_id) == ("PaymentCharged", "o1")
+        assert letter.error == "RuntimeError: label printer on fire"
+        assert letter.deliveries == 2
+        assert shop.tracker["o1"].status is SagaStatus.RUNNING  # stuck, for an operator to see
+
     # --- events twice, and out of order: every handler is idempotent per saga -------------
 
     async def test_redelivered_inventory_reserved_charges_once(self) -> None:
