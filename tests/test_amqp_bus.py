@@ -19,6 +19,7 @@ from sagakit.adapters import open_event_bus
 from sagakit.adapters.amqp_bus import AmqpEventBus
 from sagakit.core.event import Event
 from sagakit.errors import (
+    BackendBusy,
     BackendError,
     BackendRefused,
     BackendUnavailable,
@@ -610,3 +611,28 @@ async def test_a_handler_may_close_its_own_bus(buses: Buses) -> None:
     await wait_for(lambda: closed == [True], "the handler's close to return")
     with pytest.raises(BackendError):
         await bus.publish(event("Tick"))
+
+
+async def test_a_publish_the_broker_nacks_raises_backend_busy(buses: Buses) -> None:
+    bus = await buses()
+    # A full queue that refuses new messages, bound to the type: the broker nacks.
+    connection = await aio_pika.connect(bus._driver_url)
+    try:
+        channel = await connection.channel()
+        full = await channel.declare_queue(
+            f"{bus.prefix}.full",
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )
+        await full.bind(bus.exchange_name, routing_key="Tick")
+        with pytest.raises(BackendBusy) as excinfo:
+            await bus.publish(event("Tick"))
+        assert excinfo.value.retryable
+        await full.unbind(bus.exchange_name, routing_key="Tick")
+    finally:
+        await connection.close()
+    got: list[Event] = []
+    await bus.subscribe("Tick", recorder(got), group="g")
+    await bus.publish(event("Tick"))  # the bus's channel goes on
+    async with asyncio.timeout(TIMEOUT):
+        await bus.drain()
+    assert len(got) == 1
