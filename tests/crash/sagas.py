@@ -81,6 +81,42 @@ async def _write(ctx: StepContext, kind: str) -> None:
 
         await asyncio.to_thread(write)
         return
+    # A step that writes to a database rides out its restarts, as a real one
+    # would: retry on a lost or refused connection, with backoff, for up to 60 s.
+    delay, deadline = 0.05, asyncio.get_running_loop().time() + 60
+    while True:
+        try:
+            await _write_postgres(url, ctx, kind, pid)
+            return
+        except _transient() as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await _reset_pool()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            del exc
+
+
+def _transient() -> tuple[type[BaseException], ...]:
+    """What a database restart raises in a client: lost, refused or shut-down connections."""
+    import asyncpg
+
+    return (
+        OSError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
+        asyncpg.exceptions.InterfaceError,
+    )
+
+
+async def _reset_pool() -> None:
+    global _pool
+    pool, _pool = _pool, None
+    if pool is not None:
+        pool.terminate()
+
+
+async def _write_postgres(url: str, ctx: StepContext, kind: str, pid: int) -> None:
     global _pool
     if _pool is None:
         import asyncpg
