@@ -26,6 +26,9 @@ How it delivers (its ordering guarantees):
   waits while the queue is full (back-pressure); a handler, which would wait
   for itself, may fill it to twice its capacity, then its ``publish`` raises
   :class:`~sagakit.errors.BackendBusy` (its delivery fails and comes back later).
+- ``drain()`` waits for the whole broker (every bus of its name): the queue,
+  the deliveries in flight and those waiting out a backoff (a handler failing
+  for good under the defaults holds it about 15 s before its dead letter).
 - A group with no consumer keeps up to 100,000 events for when one subscribes;
   beyond that, events become dead letters. Each group keeps its newest 10,000
   dead letters.
