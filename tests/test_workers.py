@@ -345,3 +345,20 @@ async def test_a_resumed_compensation_is_told_its_attempt() -> None:
     assert outcome.state is SagaStatus.COMPENSATED
     assert [c[:2] for c in calls] == [("undo s0", 2)]
     assert (await log.read("t-1"))[-3:-1] == [CompensationStarted(0, 2), CompensationCompleted(0)]
+
+
+async def test_a_worker_leaves_a_saga_it_has_no_definition_for_without_spinning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = InMemorySagaLog()
+    saga, calls = recording_saga()
+    client = Orchestrator(log)
+    await client.start(SagaDefinition("elsewhere", []), "x-1")
+    await client.start(saga, "t-1")
+    async with Orchestrator(log, sagas=[saga], lease_ttl=60, poll_interval=0.02):
+        assert (await client.result("t-1", timeout=5)).ok
+        await asyncio.sleep(0.3)
+    warnings = [r for r in caplog.records if "no definition" in r.getMessage()]
+    assert len(warnings) == 1  # claimed once, then held unrenewed until its lease expires
+    assert await unfinished(log) == ["x-1"]
+    assert len(calls) == 3

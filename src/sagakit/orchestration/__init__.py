@@ -519,9 +519,8 @@ class Orchestrator:
                         )
                     except BackendError as exc:
                         log.error("claiming sagas failed: %s", exc)
-                for claim in claims:
-                    self._spawn(claim)
-                if claims:
+                spawned = [self._spawn(claim) for claim in claims]
+                if any(spawned):
                     delay = 0.01
                     await asyncio.sleep(0)
                 else:
@@ -533,18 +532,24 @@ class Orchestrator:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spawn(self, claim: Claim) -> None:
+    def _spawn(self, claim: Claim) -> bool:
+        """Run the claimed saga in a task of its own; False when its definition is unknown.
+
+        A saga whose definition this worker lacks keeps the lease it was just
+        given, unrenewed, until it expires: given up at once, it would come back
+        at the very next claim, again and again.
+        """
         saga_id = claim.journal.saga_id
         started = claim.records[0] if claim.records else None
         name = started.saga if type(started) is SagaStarted else "?"
         saga = self._definitions.get(name)
         if saga is None:
             log.warning("saga %s: no definition of %r here; left to others", saga_id, name)
-            task: asyncio.Task[Any] = asyncio.ensure_future(self._log.release(claim.journal))
-        else:
-            task = asyncio.ensure_future(self._carry_on(saga, claim))
+            return False
+        task = asyncio.ensure_future(self._carry_on(saga, claim))
         self._served.add(task)
         task.add_done_callback(self._served_done)
+        return True
 
     def _served_done(self, task: asyncio.Task[Any]) -> None:
         self._served.discard(task)
