@@ -123,6 +123,19 @@ def _effects(url: str) -> tuple[list[tuple[str, str, str, int]], list[tuple[str,
     return asyncio.run(read())
 
 
+def _records(url: str, saga_id: str) -> list[Any]:
+    """The saga's log, for a failing assertion to show."""
+
+    async def read() -> list[Any]:
+        orchestrator = Orchestrator(url)
+        try:
+            return list(await orchestrator.log.read(saga_id))
+        finally:
+            await orchestrator.log.close()
+
+    return asyncio.run(read())
+
+
 def _wait_all_terminal(url: str, count: int, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -146,11 +159,11 @@ def _check(url: str, plan: dict[str, str | None], summaries: dict[str, Any]) -> 
         summary = summaries[saga_id]
         assert summary.owner is None, f"{saga_id} still leased to {summary.owner}"
         if fail_at is None:
-            assert summary.status is SagaStatus.COMPLETED, (saga_id, summary.status)
+            assert summary.status is SagaStatus.COMPLETED, (saga_id, _records(url, saga_id))
             assert done[saga_id] == list(STEPS), (saga_id, done[saga_id])
             assert undone[saga_id] == [], (saga_id, undone[saga_id])
         else:
-            assert summary.status is SagaStatus.COMPENSATED, (saga_id, summary.status)
+            assert summary.status is SagaStatus.COMPENSATED, (saga_id, _records(url, saga_id))
             completed = list(STEPS[: STEPS.index(fail_at)])
             assert sorted(done[saga_id]) == sorted(completed), (saga_id, done[saga_id])
             # Undone exactly the completed steps, each once, newest first.

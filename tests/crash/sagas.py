@@ -91,7 +91,6 @@ async def _write(ctx: StepContext, kind: str) -> None:
         except _transient() as exc:
             if asyncio.get_running_loop().time() > deadline:
                 raise
-            await _reset_pool()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
             del exc
@@ -106,14 +105,9 @@ def _transient() -> tuple[type[BaseException], ...]:
         asyncpg.PostgresConnectionError,
         asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
         asyncpg.exceptions.InterfaceError,
+        # A pool's connection broken under a statement in flight.
+        asyncpg.exceptions.InternalClientError,
     )
-
-
-async def _reset_pool() -> None:
-    global _pool
-    pool, _pool = _pool, None
-    if pool is not None:
-        pool.terminate()
 
 
 async def _write_postgres(url: str, ctx: StepContext, kind: str, pid: int) -> None:
