@@ -93,6 +93,23 @@ class TestInMemoryEventBus(EventBusConformance):
         with pytest.raises(ConfigurationError, match="capacity"):
             open_event_bus("memory://?capacity=0")
 
+    async def test_the_envelope_option_checks_payloads_as_a_broker_would(self) -> None:
+        bus = open_event_bus("memory://?envelope=true")
+        got: list[Event] = []
+        await bus.subscribe("Tick", recorder(got))
+        payload = {"items": ["a"]}
+        sent = Event("Tick", "s1", payload, headers={"traceparent": "00-ab-cd-01"})
+        await bus.publish(sent)
+        with pytest.raises(DefinitionError) as excinfo:
+            await bus.publish(Event("Tick", "s1", {"when": object()}))
+        assert excinfo.value.field == "payload"
+        await bus.drain()
+        assert got == [sent]
+        assert got[0].payload is not payload  # a copy, as from a broker
+        with pytest.raises(ConfigurationError, match="envelope"):
+            open_event_bus("memory://?envelope=maybe")
+        await bus.close()
+
     @pytest.mark.parametrize(
         ("field", "kwargs"),
         [
@@ -518,3 +535,16 @@ class TestInMemoryEventBus(EventBusConformance):
         await self.drain(bus)
         assert [e["n"] for e in late] == [1]
         await bus.close()
+
+
+class TestInMemoryEventBusThroughTheEnvelope(EventBusConformance):
+    """The suite again with every event encoded and decoded, as on a broker."""
+
+    async def make_bus(self) -> EventBus:
+        if not hasattr(self, "namespace"):
+            self.namespace = f"enveloped-{uuid.uuid4().hex}"
+        return InMemoryEventBus(name=self.namespace, envelope=True)
+
+    async def kill(self, bus: EventBus) -> None:
+        assert isinstance(bus, InMemoryEventBus)
+        await bus.crash()

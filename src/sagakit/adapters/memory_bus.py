@@ -3,7 +3,9 @@
 ``memory://`` opens a bus with a broker of its own; ``memory://NAME`` opens a bus
 on the broker of that name, shared by every ``memory://NAME`` bus of the process
 while any of them is referenced (so tests can run several consumers of one group).
-``?capacity=N`` bounds the broker's queue of published events (default 10,000).
+``?capacity=N`` bounds the broker's queue of published events (default 10,000);
+``?envelope=true`` sends each event through the JSON envelope as a broker would
+(a payload that is not JSON fails at ``publish``; handlers get a copy).
 
 How it delivers (its ordering guarantees):
 
@@ -50,6 +52,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from sagakit.adapters._handlers import call_handler, forget
+from sagakit.core.envelope import decode_event, encode_event
 from sagakit.core.event import Event
 from sagakit.errors import BackendBusy, BackendError, ConfigurationError, DefinitionError
 from sagakit.ports.event_bus import (
@@ -420,7 +423,11 @@ _OPEN, _CLOSING, _CLOSED = "open", "closing", "closed"
 class InMemoryEventBus:
     """An :class:`~sagakit.ports.event_bus.EventBus` inside one process (see the module doc)."""
 
-    def __init__(self, *, capacity: int = DEFAULT_CAPACITY, name: str | None = None) -> None:
+    def __init__(
+        self, *, capacity: int = DEFAULT_CAPACITY, name: str | None = None, envelope: bool = False
+    ) -> None:
+        """``envelope=True`` sends every event through the JSON envelope, as a broker would:
+        a payload that is not JSON fails at ``publish``, and handlers get a copy."""
         if type(capacity) is not int or capacity < 1:
             raise DefinitionError("capacity", f"must be a positive integer, got {capacity!r}")
         if name is None:
@@ -434,21 +441,29 @@ class InMemoryEventBus:
         self._state = _OPEN
         self._consumers: list[_Consumer] = []
         self._closing: asyncio.Future[None] | None = None
+        self._envelope = envelope
 
     @classmethod
     def from_url(cls, url: str) -> InMemoryEventBus:
         parts = urlsplit(url)
         name = (parts.netloc + parts.path).strip("/") or None
-        capacity = DEFAULT_CAPACITY
+        capacity, envelope = DEFAULT_CAPACITY, False
         for key, values in parse_qs(parts.query).items():
-            if key != "capacity":
-                raise ConfigurationError(f"{url}: unknown option {key!r} (known: capacity)")
-            try:
-                capacity = int(values[-1])
-            except ValueError:
-                raise ConfigurationError(f"{url}: capacity must be an integer") from None
+            if key == "envelope" and values[-1] in ("0", "1", "false", "true"):
+                envelope = values[-1] in ("1", "true")
+            elif key == "envelope":
+                raise ConfigurationError(f"{url}: envelope must be true or false")
+            elif key != "capacity":
+                raise ConfigurationError(
+                    f"{url}: unknown option {key!r} (known: capacity, envelope)"
+                )
+            else:
+                try:
+                    capacity = int(values[-1])
+                except ValueError:
+                    raise ConfigurationError(f"{url}: capacity must be an integer") from None
         try:
-            return cls(capacity=capacity, name=name)
+            return cls(capacity=capacity, name=name, envelope=envelope)
         except DefinitionError as exc:
             raise ConfigurationError(f"{url}: {exc}") from exc
 
@@ -458,14 +473,16 @@ class InMemoryEventBus:
         return self._broker.failures
 
     async def publish(self, event: Event) -> None:
+        if not isinstance(event, Event):
+            raise DefinitionError("event", f"must be an Event, got {type(event).__name__}")
         if self._state is not _OPEN and not (
             self._state is _CLOSING and _DELIVERING.get() is self._broker
         ):
             raise BackendError(
                 self._broker.name, f"the event bus is closed; {event.type} not published"
             )
-        if not isinstance(event, Event):
-            raise DefinitionError("event", f"must be an Event, got {type(event).__name__}")
+        if self._envelope:
+            event = decode_event(encode_event(event))
         await self._broker.put(event)
 
     async def subscribe(
