@@ -78,7 +78,6 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import nats
@@ -97,8 +96,15 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from sagakit.adapters.nats_consumer import MAX_BACKOFF, PullSubscription, describe
-from sagakit.core.envelope import decode_event, encode_event
+from sagakit.adapters.nats_consumer import (
+    MAX_BACKOFF,
+    PullSubscription,
+    describe,
+    dump_record,
+    load_record,
+    read_dead_letter,
+)
+from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
     BackendBusy,
@@ -475,7 +481,7 @@ class NatsEventBus:
         js = self._js
         try:
             assert js is not None
-            await js.publish(f"{self.prefix}.dlq.{_token(subscription.group)}", _dumps(record))
+            await js.publish(f"{self.prefix}.dlq.{_token(subscription.group)}", dump_record(record))
         except Exception as exc:
             # Not stored: the event stays in the stream and comes back later.
             log.error(
@@ -543,7 +549,7 @@ class NatsEventBus:
             except Exception as exc:
                 raise _translate(self.url, f"reading dead letters of {group!r}", exc) from exc
             seq = (raw.seq or seq) + 1
-            letter = _read_dead_letter(str(raw.seq), raw.data or b"")
+            letter = read_dead_letter(str(raw.seq), raw.data or b"")
             if letter is not None:
                 found.append(letter)
         return found
@@ -564,7 +570,7 @@ class NatsEventBus:
             raise DefinitionError(
                 "dead_letter_id", f"group {group!r} holds no dead letter {dead_letter_id!r}"
             )
-        record = _loads_record(raw.data or b"")
+        record = load_record(raw.data or b"")
         consumer = record.get("consumer") if record else None
         envelope = record.get("envelope") if record else None
         if not isinstance(consumer, str) or not isinstance(envelope, str):
@@ -591,37 +597,3 @@ class NatsEventBus:
             except Exception as exc:  # acknowledgements not sent come back as redeliveries
                 log.debug("flush before close: %s", describe(exc))
             await nc.close()
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _loads_record(data: bytes) -> dict[str, Any] | None:
-    try:
-        record = json.loads(data)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _read_dead_letter(letter_id: str, data: bytes) -> DeadLetter | None:
-    """A stored dead letter; one that cannot be read is shown with what it holds."""
-    record = _loads_record(data) or {}
-    envelope = record.get("envelope")
-    try:
-        event = decode_event(envelope if isinstance(envelope, str) else "")
-    except DefinitionError:
-        # Keep it visible (and replayable) even when its envelope is not ours.
-        text = envelope if isinstance(envelope, str) else data.decode("utf-8", "replace")
-        event = Event("sagakit.Undecodable", "unknown", {"envelope": text[:10_000]})
-    deliveries = record.get("deliveries")
-    failed_at = record.get("failed_at")
-    return DeadLetter(
-        id=letter_id,
-        group=str(record.get("group", "")),
-        event=event,
-        error=str(record.get("error", "")),
-        deliveries=deliveries if type(deliveries) is int else 0,
-        failed_at=float(failed_at) if isinstance(failed_at, int | float) else 0.0,
-    )

@@ -3,9 +3,14 @@
 Each subscription keeps one pull request open on its consumer
 (``$JS.API.CONSUMER.MSG.NEXT``: up to ``batch`` events, expiring after a few
 seconds) and asks again when it is served or expires; the events arrive on an
-inbox of its own and are handled one at a time, in arrival order. Stopping is
+inbox of its own and are handled one at a time, in arrival order (or, with
+``concurrency`` > 1, by up to that many chains at once, one per saga). Stopping is
 clean: the inbox is unsubscribed (the server stops sending to it) and what
 arrived but was not handled is given back with a ``nak``.
+
+Also here: the dead-letter record, as stored in the ``<prefix>-dlq`` stream
+(JSON: ``v``, ``group``, ``consumer``, ``subscription``, ``error``,
+``deliveries``, ``failed_at`` and the original ``envelope`` as text).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import time
 from collections import deque
@@ -27,12 +33,19 @@ from nats.js.api import ConsumerConfig
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
 from sagakit.errors import BackendError, DefinitionError
-from sagakit.ports.event_bus import Handler
+from sagakit.ports.event_bus import DeadLetter, Handler
 
 if TYPE_CHECKING:
     from sagakit.adapters.nats_bus import NatsEventBus
 
-__all__ = ["MAX_BACKOFF", "PullSubscription", "describe"]
+__all__ = [
+    "MAX_BACKOFF",
+    "PullSubscription",
+    "describe",
+    "dump_record",
+    "load_record",
+    "read_dead_letter",
+]
 
 log = logging.getLogger("sagakit.bus.nats")
 
@@ -196,9 +209,14 @@ class PullSubscription:
             if waiting is not None:
                 waiting.append([fetched_at, msg, event, deliveries])
                 continue
-            while len(self._chains) >= self._concurrency:
-                self._slot.clear()
-                await self._slot.wait()
+            try:
+                while len(self._chains) >= self._concurrency:
+                    self._slot.clear()
+                    await self._slot.wait()
+            except asyncio.CancelledError:
+                if self._stopping:  # close(): the event goes back to the group at once
+                    await self._give_back(msg)
+                raise
             self._sagas[event.saga_id] = deque()
             chain = loop.create_task(self._chain(msg, event, deliveries))
             self._chains.add(chain)
@@ -391,3 +409,40 @@ class PullSubscription:
             return
         self._cancelled = True
         await self._bus._unsubscribe(self)
+
+
+# --- dead letters as stored in the <prefix>-dlq stream ---------------------------------
+
+
+def dump_record(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def load_record(data: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def read_dead_letter(letter_id: str, data: bytes) -> DeadLetter | None:
+    """A stored dead letter; one that cannot be read is shown with what it holds."""
+    record = load_record(data) or {}
+    envelope = record.get("envelope")
+    try:
+        event = decode_event(envelope if isinstance(envelope, str) else "")
+    except DefinitionError:
+        # Keep it visible (and replayable) even when its envelope is not ours.
+        text = envelope if isinstance(envelope, str) else data.decode("utf-8", "replace")
+        event = Event("sagakit.Undecodable", "unknown", {"envelope": text[:10_000]})
+    deliveries = record.get("deliveries")
+    failed_at = record.get("failed_at")
+    return DeadLetter(
+        id=letter_id,
+        group=str(record.get("group", "")),
+        event=event,
+        error=str(record.get("error", "")),
+        deliveries=deliveries if type(deliveries) is int else 0,
+        failed_at=float(failed_at) if isinstance(failed_at, int | float) else 0.0,
+    )
