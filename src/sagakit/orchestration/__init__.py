@@ -94,6 +94,9 @@ class Orchestrator:
         retry_for: float = 30.0,
         poll_interval: float = 1.0,
     ) -> None:
+        # A log opened here from a URL is this orchestrator's to close; one
+        # handed in belongs to the caller.
+        self._owns_log = isinstance(log, str)
         if isinstance(log, str):
             # Imported here: the orchestrator depends on the SagaLog port, and
             # reaches the adapters only to honour a URL (the composition root's job).
@@ -568,7 +571,11 @@ class Orchestrator:
         await self.close()
 
     async def close(self) -> None:
-        """Stop serving: in-flight sagas served here stop and give their leases up."""
+        """Stop serving: in-flight sagas served here stop and give their leases up.
+
+        A saga log this orchestrator opened from a URL is closed too (its
+        connections released); a log object handed in is left to its owner.
+        """
         server, self._server = self._server, None
         if server is not None:
             server.cancel()
@@ -577,6 +584,8 @@ class Orchestrator:
         if renewer is not None:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
+        if self._owns_log:
+            await self._log.close()
 
     # --- leases ----------------------------------------------------------------------
 
