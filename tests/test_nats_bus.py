@@ -13,6 +13,7 @@ import pytest
 
 from sagakit.adapters import open_event_bus
 from sagakit.adapters.nats_bus import NatsEventBus
+from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
     BackendError,
@@ -494,3 +495,20 @@ async def test_concurrency_runs_sagas_at_once_and_keeps_each_sagas_order(
     for saga in ("o-0", "o-1", "o-2", "o-3"):
         assert [n for s, n in seen if s == saga] == [e["n"] for e in sent if e.saga_id == saga]
     await bus.close()
+
+
+async def test_a_published_status_header_is_an_event_not_a_pull_status(
+    bus: NatsEventBus, nats_server: NatsServer
+) -> None:
+    got: list[Event] = []
+    await bus.subscribe("Tick", recorder(got), group="g", max_deliveries=2, backoff=0.05)
+    nc = await nats.connect(nats_server.url)
+    disguised = event("Tick", n=1)
+    await nc.jetstream().publish(
+        f"{bus.prefix}.events.Tick",
+        encode_event(disguised),
+        headers={"Status": "408", "Description": "Request Timeout"},
+    )
+    await nc.close()
+    await _wait(lambda: ids(got) == [disguised.event_id], "the disguised event, handled")
+    await bus.drain()

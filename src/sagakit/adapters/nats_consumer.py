@@ -67,6 +67,14 @@ def _deliveries(reply: str) -> int:
     return int(count) if count.isdigit() else 0
 
 
+def _is_status(msg: Msg) -> bool:
+    # The server's status messages (408 expired, 409 ...) come without a reply
+    # subject; an event always has one (its ack subject), even if a publisher
+    # gave it a "Status" header of its own.
+    headers = msg.headers
+    return not msg.reply and headers is not None and "Status" in headers
+
+
 async def _in_progress(msg: Msg) -> None:
     with contextlib.suppress(nats.errors.Error):  # the server redelivers it instead
         await msg.in_progress()
@@ -186,7 +194,7 @@ class PullSubscription:
             if not self._pending:
                 continue
             fetched_at, msg = self._pending.popleft()
-            if msg.headers and "Status" in msg.headers:
+            if _is_status(msg):
                 if msg.subject == current:
                     owed = 0
                     await self._status(msg)
@@ -226,7 +234,7 @@ class PullSubscription:
         """Events pulled but not handled go back to the group at once."""
         while self._pending:
             msg = self._pending.popleft()[1]
-            if not (msg.headers and "Status" in msg.headers):
+            if not _is_status(msg):
                 await self._give_back(msg)
 
     async def _status(self, msg: Msg) -> None:
