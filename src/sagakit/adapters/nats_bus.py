@@ -187,10 +187,12 @@ class NatsEventBus:
         for name, value in (("timeout", timeout), ("max_age", max_age)):
             if not value > 0 or value == float("inf"):
                 raise ConfigurationError(f"NATS {name} must be a positive number, got {value!r}")
-        counts = (("batch", batch), ("dead_letters", dead_letters), ("concurrency", concurrency))
-        for name, count in counts:
-            if not 1 <= count <= 1_000_000:
-                raise ConfigurationError(f"NATS {name} must be 1-1000000, got {count!r}")
+        # Caps: what a subscription holds in memory is batch events and
+        # concurrency handlers; the dead letters are on the server.
+        limits = (("batch", batch, 10_000), ("concurrency", concurrency, 10_000))
+        for name, count, most in (*limits, ("dead_letters", dead_letters, 10_000_000)):
+            if type(count) is not int or not 1 <= count <= most:
+                raise ConfigurationError(f"NATS {name} must be 1-{most}, got {count!r}")
         self.url = servers
         self.prefix = prefix
         self._timeout, self._batch, self._max_age = timeout, batch, max_age
