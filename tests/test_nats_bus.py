@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -516,3 +517,49 @@ async def test_a_published_status_header_is_an_event_not_a_pull_status(
     await nc.close()
     await _wait(lambda: ids(got) == [disguised.event_id], "the disguised event, handled")
     await bus.drain()
+
+
+_HOLDER = """
+import asyncio, sys
+from sagakit.adapters.nats_bus import NatsEventBus
+
+async def main() -> None:
+    bus = await NatsEventBus.connect(sys.argv[1])
+
+    async def hold(event) -> None:
+        print("held", event["n"], flush=True)
+        await asyncio.sleep(3600)
+
+    await bus.subscribe("Tick", hold, group="g", ack_timeout=1.0)
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_consumer_process_killed_with_sigkill_loses_its_event_to_another(
+    nats_server: NatsServer,
+) -> None:
+    url = f"{nats_server.url}?prefix={_prefix()}"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLDER, url, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        async with asyncio.timeout(20):
+            assert (await child.stdout.readline()).strip() == b"ready"
+            bus = await NatsEventBus.connect(url)
+            sent = event("Tick", n=7)
+            await bus.publish(sent)
+            assert (await child.stdout.readline()).strip() == b"held 7"
+        child.kill()  # SIGKILL: no ack, no nak, the socket just closes
+        await child.wait()
+        got: list[Event] = []
+        await bus.subscribe("Tick", recorder(got), group="g", ack_timeout=1.0)
+        await _wait(lambda: ids(got) == [sent.event_id], "the survivor to take the event over")
+        await bus.close()
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
