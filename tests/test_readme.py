@@ -34,12 +34,28 @@ def test_readme_example_runs_and_prints_what_its_comments_say(code: str) -> None
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
     )
     assert done.returncode == 0, done.stderr
-    for expected in re.findall(r"# (compensated .*)$", code, re.M):
+    # A comment that opens with an outcome's state says what the line above prints.
+    for expected in re.findall(r"# ((?:completed|compensated|failed) .*)$", code, re.M):
         assert expected in done.stdout
     assert done.stdout.strip()
 
 
 def test_there_is_an_example_of_each_style() -> None:
-    assert len(EXAMPLES) == 2
-    assert "Orchestrator" in EXAMPLES[0]
-    assert "Service" in EXAMPLES[1]
+    assert any("Orchestrator(" in code for code in EXAMPLES), "no orchestration example"
+    assert any("(Service)" in code for code in EXAMPLES), "no choreography example"
+
+
+def test_the_durable_quick_start_runs_on_sqlite_in_a_temporary_folder() -> None:
+    durable = [code for code in EXAMPLES if "sqlite:///" in code]
+    assert durable, "README.md must show a durable quick start on SQLite"
+    assert all("tempfile" in code for code in durable), "examples must not litter the checkout"
+
+
+DOCS = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("page", DOCS, ids=[page.name for page in DOCS])
+def test_relative_links_lead_to_files_that_exist(page: Path) -> None:
+    text = page.read_text()
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+        assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
