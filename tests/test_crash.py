@@ -241,13 +241,28 @@ def _run_crash_scenario(url: str, workers: int, logs: Path) -> tuple[list[Any], 
 
 
 def test_sqlite_worker_killed_again_and_again(sqlite_store: str, tmp_path: Path) -> None:
-    attempts, _ = _run_crash_scenario(sqlite_store, workers=1, logs=tmp_path)
-    # The kills did land inside sagas: some step ran more than once, and its
-    # idempotency key kept its effect single all the same (checked above).
-    runs: dict[tuple[str, str, str], int] = defaultdict(int)
-    for saga_id, step, kind, _ in attempts:
-        runs[saga_id, step, kind] += 1
-    assert max(runs.values()) >= 2, "no kill landed between an effect and its record"
+    _run_crash_scenario(sqlite_store, workers=1, logs=tmp_path)
+    # The kills did land inside sagas: steps were announced again as a second
+    # (or later) attempt, and the checks above found their effects single all the same.
+    assert _rerun_steps(sqlite_store) > 0, "no kill landed inside a step"
+
+
+def _rerun_steps(url: str) -> int:
+    """How many step or compensation runs were announced as a re-run (attempt > 1)."""
+
+    async def count() -> int:
+        orchestrator = Orchestrator(url)
+        try:
+            total = 0
+            for summary in await orchestrator.list(limit=100_000):
+                for record in await orchestrator.log.read(summary.saga_id):
+                    if getattr(record, "attempt", 1) > 1:
+                        total += 1
+            return total
+        finally:
+            await orchestrator.close()
+
+    return asyncio.run(count())
 
 
 def test_postgres_workers_share_work_while_one_is_killed(postgres_url: str, tmp_path: Path) -> None:
