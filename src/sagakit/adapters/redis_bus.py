@@ -58,7 +58,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
-from sagakit.adapters._redis_consumer import Pipeliner, Reader, Subscription, sid, translate
+from sagakit.adapters._redis_consumer import (
+    COMMAND_TIMEOUT,
+    Pipeliner,
+    Reader,
+    Subscription,
+    sid,
+    translate,
+)
 from sagakit.core.envelope import decode_event, encode_event
 from sagakit.core.event import Event
 from sagakit.errors import BackendError, BackendUnavailable, ConfigurationError, DefinitionError
@@ -130,7 +137,11 @@ class RedisEventBus:
         self.url, self.prefix, self.maxlen, self.trim_interval = url, prefix, maxlen, trim_interval
         self._name = f"redis://{urlsplit(url).hostname}:{urlsplit(url).port or 6379}"
         try:
-            self._pool = aioredis.ConnectionPool.from_url(url)
+            # An unreachable host fails a publish within seconds rather than at
+            # the OS's TCP timeout, unless the URL says otherwise.
+            # (No default socket_timeout: with one, redis-py 8.1 at times swallows
+            # the cancellation of a task in a command, and the task runs on.)
+            self._pool = aioredis.ConnectionPool.from_url(url, socket_connect_timeout=10.0)
         except ValueError as exc:
             raise ConfigurationError(f"redis bus URL {url!r}: {exc}") from exc
         # Typed Any: redis-py's stubs type replies as unions the caller narrows anyway.
@@ -146,6 +157,7 @@ class RedisEventBus:
         self._published: dict[str, tuple[int, int]] = {}  # stream -> last id this bus added
         self._progress: asyncio.Event | None = None
         self._janitor: asyncio.Task[None] | None = None
+        self._janitor_stop: asyncio.Event | None = None
         self._closing = self._closed = False
 
     @classmethod
@@ -269,6 +281,7 @@ class RedisEventBus:
         )
         reader.start()
         if self._janitor is None:
+            self._janitor_stop = asyncio.Event()
             self._janitor = asyncio.get_running_loop().create_task(self._janitor_loop())
         return subscription
 
@@ -473,10 +486,7 @@ class RedisEventBus:
         readers = [(r, s.anonymous) for s in self._subscriptions if (r := s.reader) is not None]
         retries = [(r, g in self._anonymous) for g, r in self._retry_readers.items()]
         await asyncio.gather(*(r.stop() for r, _ in [*readers, *retries]))
-        if self._janitor is not None:
-            self._janitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._janitor
+        await self._stop_janitor()
         for reader, anonymous in [*readers, *retries]:
             with contextlib.suppress(rexc.RedisError):
                 await self._forget([reader], anonymous)
@@ -491,22 +501,40 @@ class RedisEventBus:
     async def _abort(self) -> None:
         """Die as a crashed process would: stop everything, acknowledge nothing."""
         self._closing = self._closed = True
-        tasks = [r.task for r in [*self._readers, *self._retry_readers.values()] if r.task]
-        if self._janitor is not None:
-            tasks.append(self._janitor)
+        readers = [*self._readers, *self._retry_readers.values()]
+        for reader in readers:
+            # The flag first: a cancellation that the driver swallows still ends
+            # the consumer at its next turn, and a dropped connection ends its read.
+            reader.stopping = True
+            await reader.conn.disconnect()
+        tasks = [r.task for r in readers if r.task is not None and not r.task.done()]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for reader in [*self._readers, *self._retry_readers.values()]:
-            await reader.conn.disconnect()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        await self._stop_janitor()
         await self._publisher.conn.disconnect()
         await self._pool.disconnect()
 
     # Housekeeping ----------------------------------------------------------------
 
+    async def _stop_janitor(self) -> None:
+        if self._janitor is None or self._janitor_stop is None:
+            return
+        # Told, not cancelled: a cancellation inside a redis-py command may be
+        # swallowed, and awaiting such a task would never end.
+        self._janitor_stop.set()
+        done, _ = await asyncio.wait({self._janitor}, timeout=COMMAND_TIMEOUT)
+        if not done:
+            self._janitor.cancel()
+
     async def _janitor_loop(self) -> None:
+        assert self._janitor_stop is not None
         while True:
-            await asyncio.sleep(self.trim_interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._janitor_stop.wait(), self.trim_interval)
+            if self._janitor_stop.is_set():
+                return
             try:
                 await self.trim()
             except Exception as exc:
