@@ -13,18 +13,32 @@ apps share a server):
   two streams in one millisecond do not compare).
 - ``<prefix>:retry:<group>``: dead letters replayed to one group only.
 - ``<prefix>:dlq:<group>``: the group's dead letters (envelope, last error,
-  delivery count, time).
+  delivery count, time); ``<prefix>:dlq:`` holds those of subscriptions
+  without a group (each has a private group, removed when it is cancelled).
 
 Delivery: each subscription has its own consumer, reading with ``XREADGROUP
 BLOCK``; a handler that returns is acknowledged (``XACK``, sent with the next
 read); one that raises stays pending and is claimed again by its consumer
-after a backoff (``XCLAIM`` with that min-idle time, which counts the
-delivery). A consumer that dies holding events loses them after
-``ack_timeout``: every consumer of the group sweeps the pending list with
-``XPENDING IDLE`` and ``XCLAIM`` (``XAUTOCLAIM`` does the same but does not
-return the delivery counts that decide on a dead letter). After
+after ``backoff`` seconds, doubling per failure up to a minute (``XCLAIM``
+with that min-idle time, which counts the delivery). A consumer that dies
+holding events loses them after ``ack_timeout``: every consumer of the group
+sweeps the pending list with ``XPENDING IDLE`` and ``XCLAIM``
+(``XAUTOCLAIM`` does the same but does not return the delivery counts that
+decide on a dead letter). After
 ``max_deliveries`` the event goes to the dead letters and is acknowledged in
-one Lua script, atomic as a ``MULTI`` would be.
+one Lua script, atomic as a ``MULTI`` would be. A group created by its first
+``subscribe`` starts at the stream's end (``$``); from then on it keeps what
+is published while none of its consumers runs. A handler that never returns
+holds its consumer's batch (the rest of the batch is acknowledged with it).
+
+Publishing: concurrent publishes go out together on one connection
+(auto-pipelining), each as one script call that adds the event to its type
+stream and to the all stream; ``publish`` returns on the reply. A publish
+that meets a connection the server closed (a restart) is sent once more on a
+new one, so an event may be stored twice; consumers know it by event id.
+Connection errors raise :class:`~sagakit.errors.BackendUnavailable`. Keep
+``socket_timeout`` out of the URL: with it, redis-py 8.1 at times swallows the
+cancellation of a task waiting in a command.
 
 Ordering: a group's consumer receives each type stream in publish order, and
 handles a read batch with one task per saga, so the events of one saga and
@@ -35,8 +49,9 @@ redelivered event arrives after events published later than it. Handlers
 must therefore tolerate events out of order and twice.
 
 Bounds: ``XADD ... MAXLEN ~ maxlen`` (default 100,000 per stream) caps every
-stream; a group that lags that far behind loses its oldest unread events
-(logged when seen). Below the cap, each bus trims the streams it reads to
+stream; a group that lags that far behind loses its oldest events (Redis
+skips unread ones silently; pending ones are logged when claimed). Below the
+cap, each bus trims the streams it reads to
 the oldest entry some group still needs (``XTRIM MINID``) every
 ``trim_interval`` seconds, and removes consumers left idle and empty by dead
 processes. Publishing awaits the script's reply; with ``appendfsync always``
