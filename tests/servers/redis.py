@@ -16,8 +16,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +42,15 @@ def _binary() -> str | None:
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
     return shutil.which("redis-server")
+
+
+def _die_with_parent() -> None:
+    # A test run killed outright (SIGKILL, a timeout) must not leave its server
+    # running on a shared machine: on Linux the kernel stops it with its parent.
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class RedisServer:
@@ -76,6 +87,7 @@ class RedisServer:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
