@@ -109,6 +109,7 @@ from sagakit.adapters._amqp_delivery import (
     short,
     translate,
 )
+from sagakit.adapters._bus_checks import check_event, check_limit, check_subscribe
 from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -332,6 +333,7 @@ class AmqpEventBus:
     # --- publishing -----------------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
+        check_event(event)
         if self._state in ("closed", "dead"):
             raise BackendError(self.where, f"the event bus is closed; {event.type} not published")
         if not short(event.type):
@@ -369,29 +371,21 @@ class AmqpEventBus:
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         backoff: float = DEFAULT_BACKOFF,
     ) -> Subscription:
-        if not isinstance(event_type, str) or not event_type:
-            raise DefinitionError("event_type", "must be a non-empty string")
+        ack_timeout, backoff = check_subscribe(
+            event_type, handler, group, max_deliveries, ack_timeout, backoff
+        )
         if event_type != ALL_EVENTS and ("*" in event_type or "#" in event_type):
             raise DefinitionError("event_type", "'*' and '#' are wildcards on RabbitMQ")
-        if not callable(handler):
-            raise DefinitionError("handler", "must be a callable taking an Event")
-        if group is not None and (not isinstance(group, str) or not _GROUP.fullmatch(group)):
+        if group is not None and not _GROUP.fullmatch(group):
             raise DefinitionError(
                 "group", f"{group!r}: 1 to 64 letters, digits, '.', '-' or '_' on RabbitMQ"
             )
-        if type(max_deliveries) is not int or max_deliveries < 1:
-            raise DefinitionError("max_deliveries", "must be an integer of at least 1")
-        for name, value in (("ack_timeout", ack_timeout), ("backoff", backoff)):
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise DefinitionError(name, "must be a finite number of seconds, not negative")
-        if ack_timeout <= 0:
-            raise DefinitionError("ack_timeout", "must be positive")
         if not short(event_type):
             raise DefinitionError("event_type", "over 255 bytes, the longest routing key")
         owner = f"@{os.urandom(8).hex()}" if group is None else group
         queue = f"{self.prefix}.{owner}:{_queue_part(event_type)}"
         consumer = Consumer(
-            self, event_type, handler, group, queue, max_deliveries, float(ack_timeout), backoff
+            self, event_type, handler, group, queue, max_deliveries, ack_timeout, backoff
         )
         if self._state != "open":
             raise BackendError(self.where, "the event bus is closed")
@@ -444,8 +438,7 @@ class AmqpEventBus:
         return counts
 
     async def dead_letters(self, group: str, *, limit: int = 100) -> Sequence[DeadLetter]:
-        if type(limit) is not int or limit < 0:
-            raise DefinitionError("limit", "must be a non-negative integer")
+        check_limit(limit)
         letters: list[DeadLetter] = []
         async with Browse(self, self.dead_letter_queue(group)) as browse:
             while len(letters) < limit:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-import math
 import time
 import weakref
 from collections import deque
@@ -51,6 +50,7 @@ from itertools import count
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
+from sagakit.adapters._bus_checks import check_event, check_limit, check_subscribe
 from sagakit.adapters._handlers import call_handler, forget
 from sagakit.core.envelope import decode_event, encode_event
 from sagakit.core.event import Event
@@ -473,8 +473,7 @@ class InMemoryEventBus:
         return self._broker.failures
 
     async def publish(self, event: Event) -> None:
-        if not isinstance(event, Event):
-            raise DefinitionError("event", f"must be an Event, got {type(event).__name__}")
+        check_event(event)
         if self._state is not _OPEN and not (
             self._state is _CLOSING and _DELIVERING.get() is self._broker
         ):
@@ -495,21 +494,9 @@ class InMemoryEventBus:
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         backoff: float = DEFAULT_BACKOFF,
     ) -> _Subscription:
-        if not isinstance(event_type, str) or not event_type:
-            raise DefinitionError("event_type", "must be a non-empty string")
-        if not callable(handler):
-            raise DefinitionError("handler", "must be a function or coroutine function")
-        if group is not None and (not isinstance(group, str) or not group):
-            raise DefinitionError("group", "must be a non-empty string, or None")
-        if type(max_deliveries) is not int or max_deliveries < 1:
-            raise DefinitionError(
-                "max_deliveries", f"must be a positive integer, got {max_deliveries!r}"
-            )
-        for field, value in (("ack_timeout", ack_timeout), ("backoff", backoff)):
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise DefinitionError(field, f"must be a finite number of seconds, got {value!r}")
-        if ack_timeout <= 0:
-            raise DefinitionError("ack_timeout", "must be more than 0 seconds")
+        ack_timeout, backoff = check_subscribe(
+            event_type, handler, group, max_deliveries, ack_timeout, backoff
+        )
         if self._state is not _OPEN:
             raise BackendError(self._broker.name, "the event bus is closed; cannot subscribe")
         consumer = _Consumer(
@@ -517,8 +504,8 @@ class InMemoryEventBus:
             self._broker.group(event_type, group),
             handler,
             max_deliveries,
-            float(ack_timeout),
-            float(backoff),
+            ack_timeout,
+            backoff,
         )
         self._consumers.append(consumer)
         self._broker.join(consumer)
@@ -528,8 +515,7 @@ class InMemoryEventBus:
         await self._broker.drain()
 
     async def dead_letters(self, group: str, *, limit: int = 100) -> Sequence[DeadLetter]:
-        if type(limit) is not int or limit < 0:
-            raise DefinitionError("limit", f"must be a non-negative integer, got {limit!r}")
+        check_limit(limit)
         letters = self._broker.dead.get(group, {})
         return [letter for letter, _ in list(letters.values())[:limit]]
 

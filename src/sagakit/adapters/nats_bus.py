@@ -96,6 +96,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from sagakit.adapters._bus_checks import check_event, check_limit, check_subscribe
 from sagakit.adapters.nats_consumer import (
     MAX_BACKOFF,
     PullSubscription,
@@ -342,6 +343,7 @@ class NatsEventBus:
     # -- the port ------------------------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
+        check_event(event)
         if self._closed:
             raise BackendError(self.url, f"the event bus is closed; {event.type} not published")
         data = encode_event(event)  # a payload that is not JSON fails here, by name
@@ -383,18 +385,16 @@ class NatsEventBus:
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         backoff: float = DEFAULT_BACKOFF,
     ) -> PullSubscription:
-        if not isinstance(event_type, str) or not event_type:
-            raise DefinitionError("event_type", "must be a non-empty string")
-        if not callable(handler):
-            raise DefinitionError("handler", "must be a callable taking an Event")
-        if group is not None and (not isinstance(group, str) or not group):
-            raise DefinitionError("group", "must be a non-empty string, or None")
-        if type(max_deliveries) is not int or not 1 <= max_deliveries <= 1_000_000:
+        ack_timeout, backoff = check_subscribe(
+            event_type, handler, group, max_deliveries, ack_timeout, backoff
+        )
+        # The server's limits: a delivery count and a wait it stores (nanoseconds).
+        if max_deliveries > 1_000_000:
             raise DefinitionError("max_deliveries", f"must be 1-1000000, got {max_deliveries!r}")
         for name, value in (("ack_timeout", ack_timeout), ("backoff", backoff)):
-            if not isinstance(value, int | float) or not 0 < value <= 86400:
-                raise DefinitionError(name, f"must be seconds in (0, 86400], got {value!r}")
-        if backoff > 0 and ack_timeout < 0.01:
+            if value > 86400:
+                raise DefinitionError(name, f"must be at most 86400 seconds, got {value!r}")
+        if ack_timeout < 0.01:
             raise DefinitionError("ack_timeout", "must be at least 0.01 seconds")
         if self._closed:
             raise BackendError(self.url, "the event bus is closed")
@@ -415,7 +415,7 @@ class NatsEventBus:
             durable_name=None if group is None else consumer,
             filter_subjects=[events, f"{p}.replay.{consumer}"],
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=float(ack_timeout),
+            ack_wait=ack_timeout,
             max_deliver=-1,
             max_ack_pending=max(1000, 4 * self._batch),
             deliver_policy=DeliverPolicy.NEW,
@@ -431,8 +431,8 @@ class NatsEventBus:
             consumer=consumer,
             solo=group is None,
             max_deliveries=max_deliveries,
-            ack_timeout=float(ack_timeout),
-            backoff=float(backoff),
+            ack_timeout=ack_timeout,
+            backoff=backoff,
         )
         await subscription.start(nc)
         self._subscriptions.append(subscription)
@@ -537,8 +537,7 @@ class NatsEventBus:
     async def dead_letters(self, group: str, *, limit: int = 100) -> Sequence[DeadLetter]:
         if not isinstance(group, str):
             raise DefinitionError("group", "must be a string")
-        if type(limit) is not int or limit < 0:
-            raise DefinitionError("limit", f"must be a non-negative integer, got {limit!r}")
+        check_limit(limit)
         js = await self._ready()
         subject = f"{self.prefix}.dlq.{_token(group)}"
         found: list[DeadLetter] = []

@@ -73,6 +73,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
+from sagakit.adapters._bus_checks import check_event, check_limit, check_subscribe
 from sagakit.adapters._redis_consumer import (
     COMMAND_TIMEOUT,
     Pipeliner,
@@ -216,8 +217,7 @@ class RedisEventBus:
     # Publishing --------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        if not isinstance(event, Event):
-            raise DefinitionError("event", f"must be an Event, got {type(event).__name__}")
+        check_event(event)
         if self._closed:
             raise BackendError(self._name, f"the event bus is closed; {event.type} not published")
         # An event whose type is "*" goes to events:* (no one reads it), not twice to all.
@@ -244,18 +244,9 @@ class RedisEventBus:
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         backoff: float = DEFAULT_BACKOFF,
     ) -> Subscription:
-        if not isinstance(event_type, str) or not event_type:
-            raise DefinitionError("event_type", "must be a non-empty string")
-        if not callable(handler):
-            raise DefinitionError("handler", "must be a callable taking an Event")
-        if group is not None and (not isinstance(group, str) or not group.strip()):
-            raise DefinitionError("group", "must be a non-empty string or None")
-        if type(max_deliveries) is not int or max_deliveries < 1:
-            raise DefinitionError("max_deliveries", f"must be an int >= 1, got {max_deliveries!r}")
-        if not isinstance(ack_timeout, int | float) or not 0 < ack_timeout < math.inf:
-            raise DefinitionError("ack_timeout", f"must be seconds > 0, got {ack_timeout!r}")
-        if not isinstance(backoff, int | float) or not 0 <= backoff < math.inf:
-            raise DefinitionError("backoff", f"must be seconds >= 0, got {backoff!r}")
+        ack_timeout, backoff = check_subscribe(
+            event_type, handler, group, max_deliveries, ack_timeout, backoff
+        )
         if self._closing:
             raise BackendError(self._name, "the event bus is closed; cannot subscribe")
         anonymous = group is None
@@ -267,8 +258,8 @@ class RedisEventBus:
             name,
             anonymous,
             max_deliveries,
-            float(ack_timeout),
-            float(backoff),
+            ack_timeout,
+            backoff,
         )
         if anonymous:
             self._anonymous.add(name)
@@ -379,8 +370,7 @@ class RedisEventBus:
         )
 
     async def dead_letters(self, group: str, *, limit: int = 100) -> Sequence[DeadLetter]:
-        if type(limit) is not int or limit < 1:
-            raise DefinitionError("limit", f"must be an int >= 1, got {limit!r}")
+        check_limit(limit, least=1)
         try:
             entries = await self._redis.xrange(self._dlq(group), "-", "+", count=limit)
         except rexc.RedisError as exc:
