@@ -1,14 +1,8 @@
 """The choreography on NATS JetStream against bare nats-py round trips on the same server.
 
-The subject is the e-commerce choreography of
-:mod:`sagakit.choreography.ecommerce` (Inventory, Payment, Shipping and the
-tracker) on a :class:`~sagakit.adapters.nats_bus.NatsEventBus`: every saga is
-three events (``InventoryReserved -> PaymentCharged -> ShipmentCreated``, or
-for every third, told to fail, ``InventoryReserved -> PaymentFailed ->
-InventoryReleased``), each pulled by its service's durable consumer and by the
-tracker's. A saga's latency runs from its order to the tracker seeing its
-final event. With ``in flight`` N, N orders are outstanding at every moment:
-each finished saga starts the next order.
+The subject (see :mod:`benchmarks.bus_common`) runs on a
+:class:`~sagakit.adapters.nats_bus.NatsEventBus`: each event is pulled by its
+service's durable consumer and by the tracker's.
 
 Two baselines, through nats-py with no sagakit code, on a stream with
 JetStream's defaults (file storage, limits retention; the bus's own stream
@@ -49,22 +43,19 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import nats
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from benchmarks.timing import BenchmarkError, Comparison, Config, Stopwatch, Timing, compare
+from benchmarks.bus_common import GOAL, Run, chains, shop, versus, warm_up
+from benchmarks.timing import BenchmarkError, Comparison, Config, Stopwatch, Timing
 from sagakit.adapters.nats_bus import NatsEventBus
-from sagakit.choreography.ecommerce import STATUS_AFTER, Faults, Inventory, Payment, Shipping
-from sagakit.choreography.tracker import SagaTracker
-from sagakit.core.event import Event
-from sagakit.core.machine import SagaStatus
 
 __all__ = ["run"]
 
-GOAL = 0.5
 BODY = b'{"v":1,"id":"0","type":"InventoryReserved","saga_id":"saga-0","payload":{},"time":0}'
 
 
@@ -109,78 +100,12 @@ def _server() -> Iterator[str]:
             process.wait(timeout=10)
 
 
-class _Orders:
-    """Keeps ``in_flight`` orders outstanding until ``count`` sagas have ended."""
-
-    def __init__(self, inventory: Inventory, count: int) -> None:
-        self.inventory, self.count = inventory, count
-        self.started: dict[str, float] = {}
-        self.latencies: list[float] = []
-        self.done = asyncio.Event()
-        self.tasks: set[asyncio.Task[object]] = set()
-        self.next = 0
-
-    def start(self) -> None:
-        if self.next < self.count:
-            saga_id = f"saga-{self.next}"
-            self.next += 1
-            self.started[saga_id] = time.perf_counter()
-            task = asyncio.get_running_loop().create_task(
-                self.inventory.reserve(saga_id, "abc123", 1)
-            )
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    def finished(self, saga_id: str) -> None:
-        self.latencies.append(time.perf_counter() - self.started[saga_id])
-        if len(self.latencies) == self.count:
-            self.done.set()
-        self.start()
-
-
-class _Tracker(SagaTracker):
-    def __init__(self, orders: _Orders) -> None:
-        super().__init__(STATUS_AFTER)
-        self.orders = orders
-
-    async def _on_event(self, event: Event) -> None:
-        before = self.sagas.get(event.saga_id)
-        was_final = before is not None and before.status.is_final
-        await super()._on_event(event)
-        if not was_final and self.sagas[event.saga_id].status.is_final:
-            self.orders.finished(event.saga_id)
-
-
 async def _shop(url: str, count: int, in_flight: int, options: str = "") -> Timing:
     bus = await NatsEventBus.connect(f"{url}?prefix=bench{uuid.uuid4().hex[:8]}{options}")
-    faults = Faults()
-    inventory = Inventory(None, faults)
-    orders = _Orders(inventory, count)
-    tracker = _Tracker(orders)
-    await tracker.attach(bus)
-    for service in (inventory, Payment(faults=faults), Shipping(faults)):
-        await service.attach(bus)
-    failing = {f"saga-{i}" for i in range(0, count, 3)}
-    for saga_id in failing:
-        faults.fail(saga_id, "payment")
-    clock = Stopwatch()
-    for _ in range(in_flight):
-        orders.start()
-    async with asyncio.timeout(60 + count / 50):
-        await orders.done.wait()
-    elapsed = clock.stop()
-    for saga_id, saga in tracker.sagas.items():
-        expected = SagaStatus.COMPENSATED if saga_id in failing else SagaStatus.COMPLETED
-        if saga.status is not expected or len(saga.events) != 3:
-            raise BenchmarkError(
-                f"saga {saga_id} ended {saga.status} after {len(saga.events)} events;"
-                f" expected {expected} after 3"
-            )
-    if len(tracker.sagas) != count:
-        raise BenchmarkError(f"the tracker saw {len(tracker.sagas)} sagas of {count}")
+    timing = await shop(bus, count, in_flight)
     await bus.close()
     await _drop_stream(url, bus._stream, bus._dlq_stream)
-    return Timing(elapsed.wall, elapsed.cpu, orders.latencies)
+    return timing
 
 
 async def _drop_stream(url: str, *names: str) -> None:
@@ -220,26 +145,18 @@ async def _raw(url: str, count: int, in_flight: int) -> Timing:
                 (subject, await js.pull_subscribe(subject, f"c{lane}_{step}", name, config))
             )
         lanes.append(steps)
-    latencies: list[float] = []
 
-    async def lane(steps: list[tuple[str, object]], sagas: int) -> None:
-        for _ in range(sagas):
-            start = time.perf_counter()
-            for subject, sub in steps:
-                await js.publish(subject, BODY)
-                msgs = await sub.fetch(1, timeout=5)  # type: ignore[attr-defined]
-                await msgs[0].ack()
-            latencies.append(time.perf_counter() - start)
+    async def saga(lane: int, _k: int) -> None:
+        for subject, sub in lanes[lane]:
+            await js.publish(subject, BODY)
+            msgs = await sub.fetch(1, timeout=5)
+            await msgs[0].ack()
 
-    share, extra = divmod(count, in_flight)
-    clock = Stopwatch()
-    await asyncio.gather(*(lane(steps, share + (i < extra)) for i, steps in enumerate(lanes)))
-    elapsed = clock.stop()
-    await js.delete_stream(name)
-    await nc.close()
-    if len(latencies) != count:
-        raise BenchmarkError(f"the raw round trips finished {len(latencies)} of {count}")
-    return Timing(elapsed.wall, elapsed.cpu, latencies)
+    try:
+        return await chains(count, in_flight, saga)
+    finally:
+        await js.delete_stream(name)
+        await nc.close()
 
 
 async def _per_step(url: str, count: int, in_flight: int) -> Timing:
@@ -296,66 +213,40 @@ async def _per_step(url: str, count: int, in_flight: int) -> Timing:
 def run(config: Config) -> list[Comparison]:
     results = []
     with _server() as url:
-        # Unmeasured first round: connections and first-call costs fall on no clock.
-        asyncio.run(_shop(url, 60, 8))
-        asyncio.run(_raw(url, 60, 8))
-        asyncio.run(_per_step(url, 60, 8))
+        ours: Run = partial(_shop, url)
+        raw: Run = partial(_raw, url)
+        per_step: Run = partial(_per_step, url)
+        warm_up(ours, raw, per_step)
         for in_flight, full, quick in ((1, 1_500, 150), (64, 10_000, 640)):
             count = config.size(full, quick)
+            row = partial(versus, config, count=count, in_flight=in_flight)
+            subject = ("open shop on NatsEventBus", ours)
+            step_baseline = ("nats-py, a push consumer per step", per_step)
             results.append(
-                compare(
-                    config,
+                row(
                     key=f"bus_nats_{in_flight}",
                     title=f"choreography on NATS JetStream, {in_flight} in flight",
-                    unit="sagas/s",
-                    size=count,
-                    subject=(
-                        "open shop on NatsEventBus",
-                        lambda n=in_flight, c=count: asyncio.run(_shop(url, c, n)),
-                    ),
-                    baseline=(
-                        "nats-py publish+fetch+ack x3",
-                        lambda n=in_flight, c=count: asyncio.run(_raw(url, c, n)),
-                    ),
+                    subject=subject,
+                    baseline=("nats-py publish+fetch+ack x3", raw),
                     goal=GOAL,
                 )
             )
             results.append(
-                compare(
-                    config,
+                row(
                     key=f"bus_nats_{in_flight}_per_step",
                     title=f"choreography on NATS, {in_flight} in flight, vs a consumer per step",
-                    unit="sagas/s",
-                    size=count,
-                    subject=(
-                        "open shop on NatsEventBus",
-                        lambda n=in_flight, c=count: asyncio.run(_shop(url, c, n)),
-                    ),
-                    baseline=(
-                        "nats-py, a push consumer per step",
-                        lambda n=in_flight, c=count: asyncio.run(_per_step(url, c, n)),
-                    ),
+                    subject=subject,
+                    baseline=step_baseline,
                 )
             )
             if in_flight > 1:
-                options = f"&concurrency={in_flight}"
+                concurrent: Run = partial(_shop, url, options=f"&concurrency={in_flight}")
                 results.append(
-                    compare(
-                        config,
+                    row(
                         key=f"bus_nats_{in_flight}_concurrent",
                         title=f"choreography on NATS, {in_flight} in flight, concurrent",
-                        unit="sagas/s",
-                        size=count,
-                        subject=(
-                            f"open shop on NatsEventBus, concurrency={in_flight}",
-                            lambda n=in_flight, c=count, o=options: asyncio.run(
-                                _shop(url, c, n, o)
-                            ),
-                        ),
-                        baseline=(
-                            "nats-py, a push consumer per step",
-                            lambda n=in_flight, c=count: asyncio.run(_per_step(url, c, n)),
-                        ),
+                        subject=(f"open shop on NatsEventBus, concurrency={in_flight}", concurrent),
+                        baseline=step_baseline,
                     )
                 )
     return results

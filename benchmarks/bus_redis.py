@@ -1,14 +1,8 @@
 """The choreography on Redis Streams against a bare redis-py round trip on the same server.
 
-The subject is the e-commerce choreography of
-:mod:`sagakit.choreography.ecommerce` (Inventory, Payment, Shipping and the
-tracker) on a :class:`~sagakit.adapters.redis_bus.RedisEventBus`: every saga
-is three events (``InventoryReserved -> PaymentCharged -> ShipmentCreated``,
-or for every third, told to fail, ``InventoryReserved -> PaymentFailed ->
-InventoryReleased``), each read by its service's consumer group and by the
-tracker's. A saga's latency runs from its order to the tracker seeing its
-final event. With ``in flight`` N, N orders are outstanding at every moment:
-each finished saga starts the next order.
+The subject (see :mod:`benchmarks.bus_common`) runs on a
+:class:`~sagakit.adapters.redis_bus.RedisEventBus`: each event is read by its
+service's consumer group and by the tracker's.
 
 The baseline is the least a three-step choreography must do on Redis, through
 redis-py with no sagakit code: per saga, three times in sequence ``XADD`` an
@@ -36,26 +30,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from benchmarks.timing import BenchmarkError, Comparison, Config, Stopwatch, Timing, compare
+from benchmarks.bus_common import GOAL, Run, chains, shop, versus, warm_up
+from benchmarks.timing import BenchmarkError, Comparison, Config, Stopwatch, Timing
 from sagakit.adapters.redis_bus import RedisEventBus
-from sagakit.choreography.ecommerce import (
-    STATUS_AFTER,
-    Faults,
-    Inventory,
-    Payment,
-    Shipping,
-)
-from sagakit.choreography.tracker import SagaTracker
-from sagakit.core.event import Event
-from sagakit.core.machine import SagaStatus
 
 __all__ = ["run"]
 
-GOAL = 0.5
 # everysec by default: an event survives the server process's crash (it is
 # written before the reply) but not the machine's; "always" measures the disk.
 FSYNC = os.environ.get("SAGAKIT_BENCH_REDIS_FSYNC", "everysec")
@@ -110,76 +95,12 @@ async def _flush(url: str) -> None:
     await client.aclose()
 
 
-class _Orders:
-    """Keeps ``in_flight`` orders outstanding until ``count`` sagas have ended."""
-
-    def __init__(self, inventory: Inventory, count: int, in_flight: int) -> None:
-        self.inventory, self.count, self.in_flight = inventory, count, in_flight
-        self.started: dict[str, float] = {}
-        self.latencies: list[float] = []
-        self.done = asyncio.Event()
-        self.tasks: set[asyncio.Task[object]] = set()
-        self.next = 0
-
-    def start(self) -> None:
-        if self.next < self.count:
-            saga_id = f"saga-{self.next}"
-            self.next += 1
-            self.started[saga_id] = time.perf_counter()
-            task = asyncio.get_running_loop().create_task(
-                self.inventory.reserve(saga_id, "abc123", 1)
-            )
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    def finished(self, saga_id: str) -> None:
-        self.latencies.append(time.perf_counter() - self.started[saga_id])
-        if len(self.latencies) == self.count:
-            self.done.set()
-        self.start()
-
-
-class _Tracker(SagaTracker):
-    def __init__(self, orders: _Orders) -> None:
-        super().__init__(STATUS_AFTER)
-        self.orders = orders
-
-    async def _on_event(self, event: Event) -> None:
-        before = self.sagas.get(event.saga_id)
-        was_final = before is not None and before.status.is_final
-        await super()._on_event(event)
-        if not was_final and self.sagas[event.saga_id].status.is_final:
-            self.orders.finished(event.saga_id)
-
-
 async def _shop(url: str, count: int, in_flight: int) -> Timing:
     await _flush(url)
     bus = RedisEventBus(url, prefix=f"bench{uuid.uuid4().hex[:8]}")
-    faults = Faults()
-    inventory = Inventory(None, faults)
-    orders = _Orders(inventory, count, in_flight)
-    tracker = _Tracker(orders)
-    await tracker.attach(bus)
-    for service in (inventory, Payment(faults=faults), Shipping(faults)):
-        await service.attach(bus)
-    failing = {f"saga-{i}" for i in range(0, count, 3)}
-    for saga_id in failing:
-        faults.fail(saga_id, "payment")
-    clock = Stopwatch()
-    for _ in range(in_flight):
-        orders.start()
-    async with asyncio.timeout(60 + count / 50):
-        await orders.done.wait()
-    elapsed = clock.stop()
-    for saga_id, saga in tracker.sagas.items():
-        expected = SagaStatus.COMPENSATED if saga_id in failing else SagaStatus.COMPLETED
-        if saga.status is not expected or len(saga.events) != 3:
-            raise BenchmarkError(
-                f"saga {saga_id} ended {saga.status} after {len(saga.events)} events;"
-                f" expected {expected} after 3"
-            )
+    timing = await shop(bus, count, in_flight)
     await bus.close()
-    return Timing(elapsed.wall, elapsed.cpu, orders.latencies)
+    return timing
 
 
 async def _raw(url: str, count: int, in_flight: int) -> Timing:
@@ -190,26 +111,18 @@ async def _raw(url: str, count: int, in_flight: int) -> Timing:
     for streams in lanes:
         for stream in streams:
             await client.xgroup_create(stream, "g", id="$", mkstream=True)
-    latencies: list[float] = []
     body = {"e": b'{"v":1,"type":"InventoryReserved","saga_id":"saga-0","payload":{}}'}
 
-    async def lane(streams: list[str], sagas: int) -> None:
-        for _ in range(sagas):
-            start = time.perf_counter()
-            for stream in streams:
-                await client.xadd(stream, body)
-                reply = await client.xreadgroup("g", "c", {stream: ">"}, count=1)
-                await client.xack(stream, "g", reply[0][1][0][0])
-            latencies.append(time.perf_counter() - start)
+    async def saga(lane: int, _k: int) -> None:
+        for stream in lanes[lane]:
+            await client.xadd(stream, body)
+            reply = await client.xreadgroup("g", "c", {stream: ">"}, count=1)
+            await client.xack(stream, "g", reply[0][1][0][0])
 
-    share, extra = divmod(count, in_flight)
-    clock = Stopwatch()
-    await asyncio.gather(*(lane(streams, share + (i < extra)) for i, streams in enumerate(lanes)))
-    elapsed = clock.stop()
-    await client.aclose()
-    if len(latencies) != count:
-        raise BenchmarkError(f"the raw round trips finished {len(latencies)} of {count}")
-    return Timing(elapsed.wall, elapsed.cpu, latencies)
+    try:
+        return await chains(count, in_flight, saga)
+    finally:
+        await client.aclose()
 
 
 async def _batched(url: str, count: int, in_flight: int) -> Timing:
@@ -273,47 +186,32 @@ async def _batched(url: str, count: int, in_flight: int) -> Timing:
 def run(config: Config) -> list[Comparison]:
     results = []
     with _server() as url:
-        # Unmeasured first round: connections, scripts and first-call costs fall on no clock.
-        asyncio.run(_shop(url, 60, 8))
-        asyncio.run(_raw(url, 60, 8))
-        asyncio.run(_batched(url, 60, 8))
+        ours: Run = partial(_shop, url)
+        raw: Run = partial(_raw, url)
+        batched: Run = partial(_batched, url)
+        warm_up(ours, raw, batched)
         for in_flight, full, quick in ((1, 1_500, 150), (64, 10_000, 640)):
             count = config.size(full, quick)
+            row = partial(versus, config, count=count, in_flight=in_flight, goal=GOAL)
+            subject = ("open shop on RedisEventBus", ours)
             if in_flight > 1:
                 results.append(
-                    compare(
-                        config,
+                    row(
                         key=f"bus_redis_{in_flight}_batched",
                         title=f"choreography on Redis Streams, {in_flight} in flight, vs batches",
-                        unit="sagas/s",
-                        size=count,
-                        subject=(
-                            "open shop on RedisEventBus",
-                            lambda n=in_flight, c=count: asyncio.run(_shop(url, c, n)),
-                        ),
+                        subject=subject,
                         baseline=(
                             "redis-py, a consumer per step, reads and pipelines in batches",
-                            lambda n=in_flight, c=count: asyncio.run(_batched(url, c, n)),
+                            batched,
                         ),
-                        goal=GOAL,
                     )
                 )
             results.append(
-                compare(
-                    config,
+                row(
                     key=f"bus_redis_{in_flight}",
                     title=f"choreography on Redis Streams, {in_flight} in flight",
-                    unit="sagas/s",
-                    size=count,
-                    subject=(
-                        "open shop on RedisEventBus",
-                        lambda n=in_flight, c=count: asyncio.run(_shop(url, c, n)),
-                    ),
-                    baseline=(
-                        "redis-py XADD+XREADGROUP+XACK x3",
-                        lambda n=in_flight, c=count: asyncio.run(_raw(url, c, n)),
-                    ),
-                    goal=GOAL,
+                    subject=subject,
+                    baseline=("redis-py XADD+XREADGROUP+XACK x3", raw),
                 )
             )
     return results
