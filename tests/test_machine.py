@@ -50,8 +50,11 @@ from sagakit.errors import InvalidTransition
 class Oracle:
     """Decides each command's event: step ``fail_at`` fails, compensation ``stuck_at`` fails."""
 
-    def __init__(self, fail_at: int | None = None, stuck_at: int | None = None) -> None:
+    def __init__(
+        self, fail_at: int | None = None, stuck_at: int | None = None, *, results: bool = True
+    ) -> None:
         self.fail_at, self.stuck_at = fail_at, stuck_at
+        self.results = results  # False: every step returns None
         self.ran: list[Command] = []
 
     def __call__(self, command: Command) -> Event:
@@ -60,7 +63,7 @@ class Oracle:
             case RunStep(step, _):
                 if step == self.fail_at:
                     return StepRaised(step, f"step {step} broke")
-                return StepSucceeded(step, {"n": step})
+                return StepSucceeded(step, {"n": step} if self.results else None)
             case RunCompensation(step, _):
                 if step == self.stuck_at:
                     return CompensationRaised(step, f"undo {step} broke")
@@ -252,6 +255,51 @@ def test_replay_of_any_prefix_carries_on_to_the_same_end_with_the_next_attempt(
     )
     # Replaying the whole resumed log rebuilds the same state, attempts included.
     assert replay(plan, prefix + rest).state == end
+
+
+@st.composite
+def long_runs(draw: st.DrawFn) -> tuple[list[bool], int | None, int | None]:
+    """Sagas on both sides of the steps whose common decisions are shared (64)."""
+    n = draw(st.sampled_from([1, 2, 3, 62, 63, 64, 65, 66, 70]))
+    compensable = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    fail_at = draw(st.none() | st.integers(0, n - 1))
+    stuck_at = draw(st.none() | st.integers(0, n - 1))
+    return compensable, fail_at, stuck_at
+
+
+@given(long_runs())
+def test_steps_without_results_take_the_same_path_as_steps_with_them(
+    case: tuple[list[bool], int | None, int | None],
+) -> None:
+    """Steps returning None go through decisions shared by every saga (for the first
+    64 steps): each must still be its records folded into the state before it
+    (carry_on checks that), and end where steps returning values end."""
+    compensable, fail_at, stuck_at = case
+    plan = plan_of(compensable)
+    plain, plain_records = simulate(compensable, Oracle(fail_at, stuck_at, results=False))
+    valued, valued_records = simulate(compensable, Oracle(fail_at, stuck_at))
+    assert plain == valued
+    assert [type(r) for r in plain_records] == [type(r) for r in valued_records]
+    assert replay(plan, plain_records).state == plain
+    assert replay(plan, plain_records).results == {f"s{i}": None for i in range(plain.done)}
+
+
+def test_the_commonest_decisions_are_shared_between_sagas() -> None:
+    plan = plan_of([True] * 3)
+    first, second = (decide(plan, initial_state(), Begin({})) for _ in range(2))
+    assert first.records[1] is second.records[1]  # StepStarted(0)
+    forward = [decide(plan, first.state, StepSucceeded(0)) for _ in range(2)]
+    assert forward[0] is forward[1]
+    assert forward[0] == Decision(
+        SagaState(SagaStatus.RUNNING, done=1, active=1),
+        (StepCompleted(0), StepStarted(1)),
+        (RunStep(1),),
+        True,
+    )
+    # A result, or a second attempt, is the saga's own.
+    assert decide(plan, first.state, StepSucceeded(0, 5)) is not decide(
+        plan, first.state, StepSucceeded(0, 5)
+    )
 
 
 # --- unit tests ---------------------------------------------------------------------

@@ -203,3 +203,32 @@ async def test_finished_sagas_share_equal_records_without_mixing_values() -> Non
     assert (await log.read("a"))[2] is (await log.read("c"))[2]
     history = await log.history("a")
     assert [h.record for h in history] == logs["a"]
+
+
+async def test_a_batch_like_one_written_before_is_still_checked_and_fenced() -> None:
+    """Batches with no value in them are recognised when they come again (their
+    checks skipped); one that carries a value never is, and every batch is fenced."""
+    clock = Clock()
+    log = InMemorySagaLog(clock=clock)
+    plain = (StepStarted(1), StepCompleted(1, None))
+    for saga_id in ("a", "b"):
+        journal = await log.create(saga_id, opening(), owner="w", ttl=10)
+        assert journal is not None
+        journal.stage((StepCompleted(0, None), StepStarted(1)))
+        clock.now += 1
+        journal.stage((*plain[1:], SagaFinished(SagaStatus.COMPLETED)))
+        assert (await log.status(saga_id)).status is SagaStatus.COMPLETED  # type: ignore[union-attr]
+        with pytest.raises(LeaseLost):  # finished: no more writes
+            journal.stage((*plain[1:], SagaFinished(SagaStatus.COMPLETED)))
+        assert [h.recorded_at for h in await log.history(saga_id)] == [clock.now - 1] * 4 + [
+            clock.now
+        ] * 2
+    # A float past 2**64 is a JSON value; the integer equal to it is not.
+    journal = await log.create("c", opening(), owner="w", ttl=10)
+    assert journal is not None
+    journal.stage((StepCompleted(0, 2.0**64), StepStarted(1)))
+    other = await log.create("d", opening(), owner="w", ttl=10)
+    assert other is not None
+    with pytest.raises(SagaError):
+        other.stage((StepCompleted(0, 2**64), StepStarted(1)))
+    assert await log.read("d") == opening()

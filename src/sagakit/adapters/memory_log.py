@@ -22,12 +22,13 @@ Leases are measured on ``clock`` (default :func:`time.time`; tests pass their ow
 from __future__ import annotations
 
 import time
-from array import array
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from sagakit.core.records import (
+    CompensationCompleted,
+    CompensationFailed,
     CompensationStarted,
     SagaFinished,
     SagaRecord,
@@ -35,6 +36,7 @@ from sagakit.core.records import (
     SagaStatus,
     StepCompleted,
     StepFailed,
+    StepStarted,
     check_json,
 )
 from sagakit.errors import ConfigurationError, LeaseLost, SagaError
@@ -45,10 +47,16 @@ __all__ = ["DEFAULT_MAX_FINISHED", "InMemorySagaLog"]
 DEFAULT_MAX_FINISHED = 100_000
 # Results shared between finished sagas when equal (hashable scalars), and how many
 # distinct records and logs are shared at most before the tables start over.
-_SHAREABLE = frozenset({type(None), str, int})  # not bool: True == 1
+_SHAREABLE = frozenset({type(None), str, int, bool})  # not float: 0.0 == -0.0
 _MAX_SHARED = 65_536
+# How many distinct plain batches are remembered (see _Journal.stage) before the
+# table starts over: sagas of up to a few hundred steps fit.
+_MAX_KNOWN = 4096
+_NEW: Any = object()
+# Kinds whose records are shared when equal, all fields hashable (an error's text).
+_SHARE_BY_FIELDS = frozenset({StepFailed, CompensationFailed})
 
-_RUNNING = SagaStatus.RUNNING
+_RUNNING, _COMPENSATING = SagaStatus.RUNNING, SagaStatus.COMPENSATING
 # The status a record of each kind leaves a saga in (SagaFinished: its own).
 _STATUS_OF: dict[type[Any], SagaStatus] = {
     SagaStarted: SagaStatus.RUNNING,
@@ -65,10 +73,10 @@ class _Saga:
         "epoch",
         "expires_at",
         "final",
+        "marks",
         "owner",
         "records",
         "saga_id",
-        "stamps",
         "started",
         "status",
         "updated_at",
@@ -78,14 +86,24 @@ class _Saga:
         self.saga_id = saga_id
         self.started = started
         self.records: list[SagaRecord] = []
-        # When each record was written; one float object shared by a batch.
-        self.stamps: list[float] = []
+        # When each batch of records was written: the saga's record count after
+        # the batch, then the time, for each batch in turn. One stamp per batch,
+        # not per record: the records of a batch are written at one time.
+        self.marks: list[float] = []
         self.status = _RUNNING
         self.final = False
         self.owner: str | None = None
         self.epoch = 0
         self.expires_at = 0.0
         self.created_at = self.updated_at = now
+
+    def stamps(self) -> list[float]:
+        """The time each record was written."""
+        stamps: list[float] = []
+        marks = self.marks
+        for i in range(0, len(marks), 2):
+            stamps += [marks[i + 1]] * (int(marks[i]) - len(stamps))
+        return stamps
 
 
 class _Journal:
@@ -117,8 +135,19 @@ class _Journal:
         if entry.epoch != self._epoch or entry.final:
             detail = "the saga is finished" if entry.final else "claimed by another"
             raise LeaseLost(self.saga_id, self._owner or "(no owner)", self._epoch, detail)
-        if records:
-            self._log._append(entry, records)
+        if not records:
+            return
+        log = self._log
+        # A batch equal to one written before (most are: the state machine
+        # shares the records of the common transitions) needs no checking again,
+        # and what it does to the saga's status is known.
+        try:
+            status = log._known.get(records, _NEW)  # type: ignore[call-overload]
+        except TypeError:  # a list, or a value that cannot be hashed
+            status = _NEW
+        if status is _NEW:
+            records, status = log._checked(entry, records)
+        _write(log, entry, records, status)
 
     async def flush(self) -> None:
         return None  # stage wrote already
@@ -133,6 +162,24 @@ def _check_result(entry: _Saga, record: StepCompleted) -> None:
         raise SagaError(
             entry.saga_id, f"the result of step {step!r} is not a JSON value: {exc}", step=step
         ) from exc
+
+
+def _write(
+    log: InMemorySagaLog,
+    entry: _Saga,
+    records: Sequence[SagaRecord],
+    status: SagaStatus | None,
+) -> None:
+    """Write a checked batch of records; ``status``: the saga's status after it, None
+    when it does not change."""
+    now = log._clock()
+    kept = entry.records
+    kept += records
+    entry.marks += (len(kept), now)
+    if status is not None:
+        entry.status = status
+        if status is not _RUNNING and status is not _COMPENSATING:
+            log._finish(entry)
 
 
 class InMemorySagaLog:
@@ -156,7 +203,9 @@ class InMemorySagaLog:
         self._unfinished: dict[str, _Saga] = {}
         self._finished: dict[str, None] = {}
         self._shared_records: dict[Any, SagaRecord] = {}
-        self._shared_logs: dict[tuple[int, ...], tuple[SagaRecord, ...]] = {}
+        # Batches written before that hold no value to check (no result, no
+        # error, no input), and the status each leaves a saga in.
+        self._known: dict[tuple[SagaRecord, ...], SagaStatus | None] = {}
 
     @classmethod
     def from_url(cls, url: str) -> InMemorySagaLog:
@@ -191,17 +240,6 @@ class InMemorySagaLog:
         owner: str | None,
         ttl: float,
     ) -> _Journal | None:
-        return self.create_now(saga_id, opening, owner=owner, ttl=ttl)
-
-    def create_now(
-        self,
-        saga_id: str,
-        opening: Sequence[SagaRecord],
-        *,
-        owner: str | None,
-        ttl: float,
-    ) -> _Journal | None:
-        """:meth:`create`, done at once (what the orchestrator's in-memory fast path calls)."""
         sagas = self._sagas
         if saga_id in sagas:
             return None
@@ -214,93 +252,111 @@ class InMemorySagaLog:
                 check_json(data if type(data) is dict else dict(data))
             except (TypeError, ValueError) as exc:
                 raise SagaError(saga_id, f"its input is not a JSON value: {exc}") from exc
+        else:
+            # Every saga of a definition that has no input opens with an equal
+            # record: kept once (see _shared).
+            shared = self._shared_records
+            if len(shared) > _MAX_SHARED:
+                shared.clear()
+            kept: Any = shared.setdefault((SagaStarted, started.saga, started.steps), started)
+            if kept is not started:
+                started, opening = kept, (kept, *opening[1:])
         now = self._clock()
         entry = sagas[saga_id] = _Saga(saga_id, started, now)
         if owner is not None:
             entry.owner, entry.epoch, entry.expires_at = owner, 1, now + ttl
         self._unfinished[saga_id] = entry
-        journal = _Journal(self, entry, owner)
         try:
-            self._append(entry, opening)
+            records, status = self._checked(entry, opening)
+            _write(self, entry, records, status)
         except BaseException:
             del sagas[saga_id], self._unfinished[saga_id]
             raise
-        return journal
+        return _Journal(self, entry, owner)
 
-    def _append(self, entry: _Saga, records: Sequence[SagaRecord]) -> None:
-        status = None
-        for record in records:  # checked whole before any is written
+    def _checked(
+        self, entry: _Saga, records: Sequence[SagaRecord]
+    ) -> tuple[Sequence[SagaRecord], SagaStatus | None]:
+        """The batch as it is to be kept, and the saga's status after it (None: unchanged).
+
+        Raises SagaError, before anything is written, when a step's result is not
+        a JSON value.
+        """
+        status: SagaStatus | None = None
+        share = False  # a record in it may equal one kept before
+        plain = type(records) is tuple  # nothing in it but steps and compensations begun or ended
+        for record in records:
             kind = type(record)
+            if kind is StepStarted:
+                continue
             if kind is StepCompleted:
-                if record.result is not None:  # type: ignore[union-attr]
+                if record[1] is not None:  # type: ignore[misc]
                     _check_result(entry, record)  # type: ignore[arg-type]
-            elif kind in _STATUS_OF:
-                status = _STATUS_OF[kind]
+                    share, plain = True, False
             elif kind is SagaFinished:
                 status = record[0]  # type: ignore[assignment]
-        now = self._clock()
-        entry.records += records
-        # One stamp per record, all of a batch the same float object.
-        entry.stamps += [now] * len(records)
-        entry.updated_at = now
-        if status is not None:
-            entry.status = status
-            if status.is_final:
-                self._finish(entry)
+            elif kind in _STATUS_OF:
+                status = _STATUS_OF[kind]
+                if kind is not CompensationStarted:  # SagaStarted, StepFailed
+                    share, plain = True, False
+            elif kind is not CompensationCompleted:  # CompensationFailed, or unknown
+                share, plain = True, False
+        if plain:
+            known = self._known
+            if len(known) >= _MAX_KNOWN:
+                known.clear()
+            known[records] = status  # type: ignore[index]
+        elif share:
+            records = self._shared(records)
+        return records, status
 
     def _finish(self, entry: _Saga) -> None:
-        entry.records = self._kept(entry.records)  # type: ignore[assignment]
-        entry.stamps = array("d", entry.stamps)  # type: ignore[assignment]
+        # Never written again: kept as tuples, which hold no spare room, and which
+        # the cyclic collector stops scanning once it finds no container in them.
+        entry.records = tuple(entry.records)  # type: ignore[assignment]
+        entry.marks = tuple(entry.marks)  # type: ignore[assignment]
         entry.final = True
         entry.owner, entry.expires_at = None, 0.0
         saga_id = entry.saga_id
         self._unfinished.pop(saga_id, None)
         finished = self._finished
         finished[saga_id] = None
-        while len(finished) > self.max_finished:
-            oldest = next(iter(finished))
-            del finished[oldest]
-            del self._sagas[oldest]
+        if len(finished) > self.max_finished:
+            while len(finished) > self.max_finished:
+                oldest = next(iter(finished))
+                del finished[oldest]
+                del self._sagas[oldest]
 
-    def _kept(self, records: list[SagaRecord]) -> tuple[SagaRecord, ...]:
-        """A finished saga's records as this log keeps them: records equal to ones kept
-        before are shared, and so is a whole log equal to one kept before.
+    def _shared(self, records: Sequence[SagaRecord]) -> list[SagaRecord]:
+        """``records``, each one equal to a record kept before replaced by that one.
 
-        A finished saga's records never change, and most are like other sagas'
-        (the same step started, completed with no result, compensated). Kept
-        once, they cost the process's memory and its cyclic collector nothing
-        per saga, where each kept saga otherwise adds a dozen objects the
-        collector rescans (a long-running node keeps up to ``max_finished``).
+        A long-running process keeps up to ``max_finished`` sagas, and most of
+        their records are like other sagas' (the same step failed for the same
+        reason, the same saga with no input started). Kept once, they cost the
+        memory and the cyclic collector nothing per saga. (The records the state
+        machine makes for most transitions are shared already: see _SHARED in
+        sagakit.core.machine.)
         """
         shared = self._shared_records
         if len(shared) > _MAX_SHARED:
             shared.clear()
-            self._shared_logs.clear()
         kept: list[SagaRecord] = []
-        whole = True
         for record in records:
             kind = type(record)
-            key: Any
+            key: Any = None
             if kind is SagaStarted:
-                if record.data:  # type: ignore[union-attr]
-                    kept.append(record)
-                    whole = False
-                    continue
-                key = (SagaStarted, record.saga, record.steps)  # type: ignore[union-attr]
-            elif kind is StepCompleted and type(record.result) not in _SHAREABLE:  # type: ignore[union-attr]
-                kept.append(record)
-                whole = False
-                continue
-            else:
+                if not record.data:  # type: ignore[union-attr]
+                    key = (kind, record.saga, record.steps)  # type: ignore[union-attr]
+            elif kind is StepCompleted:
+                if type(record.result) in _SHAREABLE:  # type: ignore[union-attr]
+                    # The result's type in the key: 1 and 1.0 are equal, not the same.
+                    key = (kind, record.step, type(record.result), record.result)  # type: ignore[union-attr]
+            elif kind in _SHARE_BY_FIELDS:
                 # A plain tuple with the kind first: hashed and compared in C (a
                 # record's own __eq__, which checks its kind, is Python).
                 key = (kind, *record)
-            kept.append(shared.setdefault(key, record))
-        log = tuple(kept)
-        if not whole:
-            return log
-        # The records are shared objects now: their ids name the log.
-        return self._shared_logs.setdefault(tuple(map(id, log)), log)
+            kept.append(record if key is None else shared.setdefault(key, record))
+        return kept
 
     # --- leases ----------------------------------------------------------------------
 
@@ -364,7 +420,7 @@ class InMemorySagaLog:
             return []
         return [
             LoggedRecord(seq, record, stamp)
-            for seq, (record, stamp) in enumerate(zip(entry.records, entry.stamps, strict=True))
+            for seq, (record, stamp) in enumerate(zip(entry.records, entry.stamps(), strict=True))
         ]
 
     def _summary(self, entry: _Saga) -> SagaSummary:

@@ -409,14 +409,79 @@ _decision: Callable[[tuple[Any, ...]], Decision] = partial(tuple.__new__, Decisi
 _step_completed: Callable[[tuple[int, Any]], StepCompleted] = partial(tuple.__new__, StepCompleted)
 _step_started: Callable[[tuple[int, int]], StepStarted] = partial(tuple.__new__, StepStarted)
 _run_step: Callable[[tuple[int, int]], RunStep] = partial(tuple.__new__, RunStep)
+_undo_started: Callable[[tuple[int, int]], CompensationStarted] = partial(
+    tuple.__new__, CompensationStarted
+)
+_run_undo: Callable[[tuple[int, int]], RunCompensation] = partial(tuple.__new__, RunCompensation)
+_saga_started: Callable[[tuple[str, tuple[str, ...], Mapping[str, Any]]], SagaStarted] = partial(
+    tuple.__new__, SagaStarted
+)
+
+# Shared values for the transitions nearly every saga makes, on its first attempts,
+# at its first steps: the same values for every saga, made once here, like Python's
+# small integers. A saga then costs no new tuple for an intent, a command, or (on
+# the way forward, with no result) a whole decision; and a log that keeps its
+# records keeps these shared objects. Past _SHARED steps, or on a later attempt,
+# decide builds the same values anew: they are equal, only not shared.
+_SHARED = 64
+_STARTED = [_step_started((step, 1)) for step in range(_SHARED + 1)]
+_RUN = [(_run_step((step, 1)),) for step in range(_SHARED + 1)]
+_DONE = [_step_completed((step, None)) for step in range(_SHARED)]
+_UNDO_STARTED = [_undo_started((step, 1)) for step in range(_SHARED)]
+_UNDO = [(_run_undo((step, 1)),) for step in range(_SHARED)]
+_UNDONE = [CompensationCompleted(step) for step in range(_SHARED)]
+_FINISHING = {status: (_FINISH[status],) for status in SagaStatus}
+# Running step k, nothing else ever announced twice; and completed after k steps.
+_AT = [
+    _state((_RUNNING, k, k, None, None, 0, None, None, _NO_ATTEMPTS, _NO_ATTEMPTS))
+    for k in range(_SHARED + 1)
+]
+_ENDED = [
+    _state((_COMPLETED, k, None, None, None, 0, None, None, _NO_ATTEMPTS, _NO_ATTEMPTS))
+    for k in range(_SHARED + 1)
+]
+# Step k completed with no result: on to step k+1, or (k the last step) the end.
+_FORWARD = [
+    _decision((_AT[k + 1], (_DONE[k], _STARTED[k + 1]), _RUN[k + 1], True)) for k in range(_SHARED)
+]
+_LAST = [
+    _decision((_ENDED[k + 1], (_DONE[k], _FINISHED[_COMPLETED]), _FINISHING[_COMPLETED], True))
+    for k in range(_SHARED)
+]
 
 
-def _announce(plan: Plan, state: SagaState, outcome: SagaRecord | None) -> Decision:
-    """The decision once ``outcome`` left the saga in ``state``, nothing in flight:
+def _intent(step: int, attempt: int) -> tuple[SagaRecord, tuple[Command, ...]]:
+    """StepStarted and RunStep, shared ones when they can be."""
+    if attempt == 1 and 0 <= step < _SHARED:
+        return _STARTED[step], _RUN[step]
+    return _step_started((step, attempt)), (_run_step((step, attempt)),)
+
+
+def _undo_intent(step: int, attempt: int) -> tuple[SagaRecord, tuple[Command, ...]]:
+    """CompensationStarted and RunCompensation, shared ones when they can be."""
+    if attempt == 1 and 0 <= step < _SHARED:
+        return _UNDO_STARTED[step], _UNDO[step]
+    return _undo_started((step, attempt)), (_run_undo((step, attempt)),)
+
+
+def _announce(
+    plan: Plan,
+    outcome: SagaRecord | None,
+    status: SagaStatus,
+    done: int,
+    failed: int | None,
+    error: str | None,
+    undone_from: int,
+    stuck: int | None,
+    stuck_error: str | None,
+    tries: Mapping[int, int],
+    undo_tries: Mapping[int, int],
+) -> Decision:
+    """The decision once ``outcome`` left the saga with these fields, nothing in flight:
     the intent of what comes next (or the saga's end), and the command to run it."""
-    status, done, _, failed, error, undone_from, stuck, stuck_error, tries, undo_tries = state
     intent: SagaRecord
-    command: Command
+    commands: tuple[Command, ...]
+    active: int | None
     if status is _RUNNING:
         if done < len(plan.steps):
             if tries is _NO_ATTEMPTS:  # the common case: nothing ran twice
@@ -424,11 +489,11 @@ def _announce(plan: Plan, state: SagaState, outcome: SagaRecord | None) -> Decis
             else:
                 attempt = tries.get(done, 0) + 1
                 tries = _with_attempt(tries, done, attempt)
-            intent, command = _step_started((done, attempt)), _run_step((done, attempt))
-            after = _state((_RUNNING, done, done, None, None, 0, None, None, tries, undo_tries))
+            intent, commands = _intent(done, attempt)
+            active = done
         else:
-            intent, command = _FINISHED[_COMPLETED], _FINISH[_COMPLETED]
-            after = _state((_COMPLETED, done, None, None, None, 0, None, None, tries, undo_tries))
+            status = _COMPLETED
+            intent, commands, active = _FINISHED[status], _FINISHING[status], None
     else:
         step = -1 if stuck is not None else _pending_compensation(plan.compensable, undone_from)
         if step >= 0:
@@ -437,28 +502,15 @@ def _announce(plan: Plan, state: SagaState, outcome: SagaRecord | None) -> Decis
             else:
                 attempt = undo_tries.get(step, 0) + 1
                 undo_tries = _with_attempt(undo_tries, step, attempt)
-            intent = CompensationStarted(step, attempt)
-            command = RunCompensation(step, attempt)
-            active: int | None = step
+            intent, commands = _undo_intent(step, attempt)
+            active = step
         else:
             status = _COMPENSATED if stuck is None else _FAILED
-            intent, command, active = _FINISHED[status], _FINISH[status], None
-        after = _state(
-            (
-                status,
-                done,
-                active,
-                failed,
-                error,
-                undone_from,
-                stuck,
-                stuck_error,
-                tries,
-                undo_tries,
-            )
-        )
-    records = (intent,) if outcome is None else (outcome, intent)
-    return _decision((after, records, (command,), True))
+            intent, commands, active = _FINISHED[status], _FINISHING[status], None
+    after = _state(
+        (status, done, active, failed, error, undone_from, stuck, stuck_error, tries, undo_tries)
+    )
+    return _decision((after, (intent,) if outcome is None else (outcome, intent), commands, True))
 
 
 def decide(plan: Plan, state: SagaState, event: Event, now: float = 0.0) -> Decision:
@@ -477,68 +529,103 @@ def decide(plan: Plan, state: SagaState, event: Event, now: float = 0.0) -> Deci
     if kind is StepSucceeded:
         step, result = event  # type: ignore[misc]
         if status is _RUNNING and step == active:
-            after = _state((_RUNNING, step + 1, None, None, None, 0, None, None, tries, undo_tries))
-            return _announce(plan, after, _step_completed((step, result)))
+            if (
+                result is None
+                and 0 <= step < _SHARED
+                and tries is _NO_ATTEMPTS
+                and undo_tries is _NO_ATTEMPTS
+            ):
+                # The commonest transition: its decision is one for every saga.
+                return (_FORWARD if step + 1 < len(plan.steps) else _LAST)[step]
+            outcome: SagaRecord = (
+                _DONE[step]
+                if result is None and 0 <= step < _SHARED
+                else _step_completed((step, result))
+            )
+            return _announce(
+                plan, outcome, _RUNNING, step + 1, None, None, 0, None, None, tries, undo_tries
+            )
         raise _misfit(StepCompleted(step, result), state)
     if kind is StepRaised:
         step, why = event  # type: ignore[misc]
-        outcome: SagaRecord = StepFailed(step, why, tries.get(step, 1))
+        outcome = StepFailed(step, why, tries.get(step, 1))
         if status is _RUNNING and step == active:
-            after = _state(
-                (_COMPENSATING, done, None, step, why, done, None, None, tries, undo_tries)
+            return _announce(
+                plan, outcome, _COMPENSATING, done, step, why, done, None, None, tries, undo_tries
             )
-            return _announce(plan, after, outcome)
         raise _misfit(outcome, state)
     if kind is CompensationSucceeded:
         step = event.step  # type: ignore[union-attr]
         if status is _COMPENSATING and step == active:
-            after = _state(
-                (_COMPENSATING, done, None, failed, error, step, None, None, tries, undo_tries)
+            outcome = _UNDONE[step] if 0 <= step < _SHARED else CompensationCompleted(step)
+            return _announce(
+                plan,
+                outcome,
+                _COMPENSATING,
+                done,
+                failed,
+                error,
+                step,
+                None,
+                None,
+                tries,
+                undo_tries,
             )
-            return _announce(plan, after, CompensationCompleted(step))
         raise _misfit(CompensationCompleted(step), state)
     if kind is CompensationRaised:
         step, why = event  # type: ignore[misc]
-        attempt = undo_tries.get(step, 1)
-        outcome = CompensationFailed(step, why, attempt)
+        outcome = CompensationFailed(step, why, undo_tries.get(step, 1))
         if status is _COMPENSATING and step == active:
-            after = _state(
-                (
-                    _COMPENSATING,
-                    done,
-                    None,
-                    failed,
-                    error,
-                    undone_from,
-                    step,
-                    why,
-                    tries,
-                    undo_tries,
-                )
+            return _announce(
+                plan,
+                outcome,
+                _COMPENSATING,
+                done,
+                failed,
+                error,
+                undone_from,
+                step,
+                why,
+                tries,
+                undo_tries,
             )
-            return _announce(plan, after, outcome)
         raise _misfit(outcome, state)
     if kind is Begin:
-        if state != _INITIAL:
+        if state is not _INITIAL and state != _INITIAL:
             raise _misfit(event, state)
-        data = event.data  # type: ignore[union-attr]
-        return _announce(plan, state, SagaStarted(plan.name, plan.steps, data))
+        started = _saga_started((plan.name, plan.steps, event.data))  # type: ignore[union-attr]
+        if plan.steps:  # the saga's first step, as every saga's
+            return _decision((_AT[0], (started, _STARTED[0]), _RUN[0], True))
+        return _announce(plan, started, _RUNNING, 0, None, None, 0, None, None, tries, undo_tries)
     if kind is Resume:
         if status.is_final:
-            return _decision((state, (), (_FINISH[status],), False))
+            return _decision((state, (), _FINISHING[status], False))
         if active is None:
-            return _announce(plan, state, None)
+            _, _, _, _, _, _, stuck, stuck_error, _, _ = state
+            return _announce(
+                plan,
+                None,
+                status,
+                done,
+                failed,
+                error,
+                undone_from,
+                stuck,
+                stuck_error,
+                tries,
+                undo_tries,
+            )
         # Announced and never answered: it may or may not have run, so it runs
         # again (at least once), as its next attempt.
         again: SagaRecord
-        command: Command
+        commands: tuple[Command, ...]
         if status is _RUNNING:
             attempt = tries.get(active, 1) + 1
-            again, command = StepStarted(active, attempt), RunStep(active, attempt)
+            again, commands = _intent(active, attempt)
         else:
             attempt = undo_tries.get(active, 1) + 1
-            again, command = CompensationStarted(active, attempt), RunCompensation(active, attempt)
-        return _decision((evolve(plan, state, again), (again,), (command,), True))
+            again, commands = _undo_intent(active, attempt)
+        return _decision((evolve(plan, state, again), (again,), commands, True))
     raise InvalidTransition(f"not an event: {event!r}")
 
 

@@ -43,19 +43,20 @@ def outcome_of(
     saga_id: str, plan: Plan, state: SagaState, results: Mapping[str, Any]
 ) -> SagaOutcome:
     """The outcome of a saga in ``state`` (final, or as far as it got)."""
+    status, done, _, failed, error, _, stuck, stuck_error, _, _ = state
     steps = plan.steps
+    if failed is None:  # nothing failed, so nothing was compensated
+        return _new_outcome((saga_id, status, steps[:done], (), None, None, None, None, results))
     return _new_outcome(
         (
             saga_id,
-            state.status,
-            steps[: state.done],
-            tuple([steps[i] for i in state.compensated(plan)])
-            if state.failed_step is not None
-            else (),
-            None if state.failed_step is None else steps[state.failed_step],
-            state.error,
-            None if state.stuck_step is None else steps[state.stuck_step],
-            state.stuck_error,
+            status,
+            steps[:done],
+            tuple([steps[i] for i in state.compensated(plan)]),
+            steps[failed],
+            error,
+            None if stuck is None else steps[stuck],
+            stuck_error,
             results,
         )
     )

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from sagakit.core.machine import (
@@ -44,6 +45,7 @@ from sagakit.orchestration.support import (
     default_owner,
     inferred_plan,
     same_input,
+    settle,
     shown,
 )
 from sagakit.ports.saga_log import Claim, Journal, SagaLog, SagaSummary
@@ -55,6 +57,9 @@ log = logging.getLogger("sagakit.orchestrator")
 T = TypeVar("T")
 
 _INITIAL = initial_state()
+# The event that begins every saga with no input: one for them all.
+_BEGIN = Begin(NO_INPUT)
+_run: Callable[[tuple[SagaDefinition, Mapping[str, Any]]], Run] = partial(tuple.__new__, Run)
 
 DEFAULT_LEASE_TTL = 30.0
 
@@ -117,6 +122,8 @@ class Orchestrator:
         for saga in sagas:
             self.register(saga)
         self._running: dict[str, Run] = {}
+        # The callers waiting for a run of another caller's, by saga id.
+        self._waiters: dict[str, list[asyncio.Future[SagaOutcome]]] = {}
         # Leases held (one journal per saga driven here), those the renewer
         # found lost, and the renewer itself while any is held.
         self._held: dict[str, Journal] = {}
@@ -149,11 +156,12 @@ class Orchestrator:
         running = self._running.get(saga_id)
         if running is not None:
             return await self._join(saga, saga_id, running, data)
-        run = self._running[saga_id] = Run(saga, data)
+        self._running[saga_id] = _run((saga, data))
         try:
             # Optimistic start: a new saga costs one create and no read; only a saga
             # id the log already holds is read back (to resume or report it).
-            decision = decide(saga.plan, _INITIAL, Begin(data), time.time())
+            begin = _BEGIN if data is NO_INPUT else Begin(data)
+            decision = decide(saga.plan, _INITIAL, begin, time.time())
             journal = await self._create(saga_id, decision.records)
             if journal is None:
                 outcome = await self._existing(saga, saga_id, data)
@@ -166,20 +174,13 @@ class Orchestrator:
                     log.warning("saga %s: lease lost; waiting for its new holder", saga_id)
                     outcome = await self._existing(saga, saga_id, data)
         except BaseException as exc:
-            for waiter in run.waiters or ():
-                if waiter.done():  # that caller was cancelled while it waited
-                    continue
-                if isinstance(exc, asyncio.CancelledError):
-                    # The caller that ran it was cancelled, not the ones waiting.
-                    waiter.set_exception(RunnerCancelled())
-                else:
-                    waiter.set_exception(exc)
+            if self._waiters and saga_id in self._waiters:
+                settle(self._waiters.pop(saga_id), exc)
             raise
         finally:
             del self._running[saga_id]
-        for waiter in run.waiters or ():
-            if not waiter.done():
-                waiter.set_result(outcome)
+        if self._waiters and saga_id in self._waiters:
+            settle(self._waiters.pop(saga_id), outcome)
         return outcome
 
     def _checked(
@@ -337,9 +338,7 @@ class Orchestrator:
                 f"{saga.fingerprint} with input {shown(data)}",
             )
         waiter: asyncio.Future[SagaOutcome] = asyncio.get_running_loop().create_future()
-        if running.waiters is None:
-            running.waiters = []
-        running.waiters.append(waiter)
+        self._waiters.setdefault(saga_id, []).append(waiter)
         try:
             return await waiter
         except RunnerCancelled:
@@ -488,21 +487,17 @@ class Orchestrator:
             raise SagaError(saga_id, "already running here")
         started = claim.records[0]
         data = started.data if type(started) is SagaStarted else NO_INPUT
-        run = self._running[saga_id] = Run(saga, data)
+        self._running[saga_id] = Run(saga, data)
         try:
             outcome = await self._resume(saga, saga_id, claim)
         except BaseException as exc:
-            for waiter in run.waiters or ():
-                if not waiter.done():
-                    waiter.set_exception(
-                        RunnerCancelled() if isinstance(exc, asyncio.CancelledError) else exc
-                    )
+            if saga_id in self._waiters:
+                settle(self._waiters.pop(saga_id), exc)
             raise
         finally:
             del self._running[saga_id]
-        for waiter in run.waiters or ():
-            if not waiter.done():
-                waiter.set_result(outcome)
+        if saga_id in self._waiters:
+            settle(self._waiters.pop(saga_id), outcome)
         return outcome
 
     async def serve(self, *, concurrency: int = 64) -> None:

@@ -63,9 +63,9 @@ async def drive(
     among them.
     """
     plan, steps = saga.plan, saga.steps
+    state, _, commands, _ = decision
     while True:
-        state = decision.state
-        for command in decision.commands:
+        for command in commands:
             if lost and saga_id in lost:
                 lease = journal.lease
                 raise LeaseLost(saga_id, lease.owner if lease else "?", lease.epoch if lease else 0)
@@ -89,7 +89,11 @@ async def drive(
                 except Exception as exc:
                     event = _step_raised(saga_id, name, index, exc)
                 else:
-                    event = _step_succeeded(saga_id, name, index, value, results)
+                    if value is None:  # most steps' result: nothing to check
+                        results[name] = None
+                        event = _succeeded((index, None))
+                    else:
+                        event = _step_succeeded(saga_id, name, index, value, results)
             elif kind is RunCompensation:
                 index, attempt = command  # type: ignore[misc]
                 event = await _run_compensation(
@@ -98,16 +102,17 @@ async def drive(
             else:  # Finish
                 return outcome_of(saga_id, plan, state, results)
         try:
-            decision = decide(plan, state, event, time())
+            state, records, commands, durable = decide(plan, state, event, time())
         except InvalidTransition as exc:  # a bug, not the saga's fault: say which saga
             raise SagaError(saga_id, f"cannot carry on: {exc}") from exc
-        if decision.records:
-            journal.stage(decision.records)
-            if flush is not None and decision.flush:
+        if records:
+            journal.stage(records)
+            if durable and flush is not None:
                 await flush(journal)
 
 
 _context: Callable[[tuple[Any, ...]], StepContext] = partial(tuple.__new__, StepContext)
+_succeeded: Callable[[tuple[int, Any]], StepSucceeded] = partial(tuple.__new__, StepSucceeded)
 
 
 def _step_raised(saga_id: str, name: str, index: int, exc: Exception) -> Event:
@@ -119,20 +124,16 @@ def _step_raised(saga_id: str, name: str, index: int, exc: Exception) -> Event:
 def _step_succeeded(
     saga_id: str, name: str, index: int, value: Any, results: dict[str, Any]
 ) -> Event:
-    if value is not None:
-        try:
-            check_json(value)
-        except (TypeError, ValueError) as exc:
-            # The result cannot be recorded, so the saga cannot carry it on: the
-            # step counts as failed, and the steps before it are compensated.
-            error = describe(SagaError(saga_id, f"step {name!r} returned a non-JSON value: {exc}"))
-            log.error("%s", error)
-            return StepRaised(index, error)
+    try:
+        check_json(value)
+    except (TypeError, ValueError) as exc:
+        # The result cannot be recorded, so the saga cannot carry it on: the
+        # step counts as failed, and the steps before it are compensated.
+        error = describe(SagaError(saga_id, f"step {name!r} returned a non-JSON value: {exc}"))
+        log.error("%s", error)
+        return StepRaised(index, error)
     results[name] = value
     return _succeeded((index, value))
-
-
-_succeeded: Callable[[tuple[int, Any]], StepSucceeded] = partial(tuple.__new__, StepSucceeded)
 
 
 def _awaitable(value: Any, is_async: bool) -> bool:

@@ -7,14 +7,23 @@ import os
 import socket
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from sagakit.core.machine import Plan
 from sagakit.core.outcome import SagaOutcome
 from sagakit.core.records import CompensationStarted, SagaRecord, SagaStarted, from_json, to_json
 from sagakit.core.saga import SagaDefinition
 
-__all__ = ["Recovered", "RunnerCancelled", "default_owner", "inferred_plan", "same_input", "shown"]
+__all__ = [
+    "Recovered",
+    "Run",
+    "RunnerCancelled",
+    "default_owner",
+    "inferred_plan",
+    "same_input",
+    "settle",
+    "shown",
+]
 
 
 class RunnerCancelled(Exception):
@@ -35,15 +44,28 @@ class Recovered(list[SagaOutcome]):
         self.errors: dict[str, BaseException] = {}
 
 
-class Run:
-    """A saga this orchestrator is driving, and the callers waiting for it."""
+class Run(NamedTuple):
+    """A saga this orchestrator is driving (the callers waiting for it are kept apart:
+    most runs have none)."""
 
-    __slots__ = ("data", "saga", "waiters")
+    saga: SagaDefinition
+    data: Mapping[str, Any]
 
-    def __init__(self, saga: SagaDefinition, data: Mapping[str, Any]) -> None:
-        self.saga = saga
-        self.data = data
-        self.waiters: list[asyncio.Future[SagaOutcome]] | None = None
+
+def settle(
+    waiters: list[asyncio.Future[SagaOutcome]], outcome: SagaOutcome | BaseException
+) -> None:
+    """Hand the callers waiting for a run its outcome, or the exception it ended with."""
+    for waiter in waiters:
+        if waiter.done():  # that caller was cancelled while it waited
+            continue
+        if isinstance(outcome, asyncio.CancelledError):
+            # The caller that ran it was cancelled, not the ones waiting.
+            waiter.set_exception(RunnerCancelled())
+        elif isinstance(outcome, BaseException):
+            waiter.set_exception(outcome)
+        else:
+            waiter.set_result(outcome)
 
 
 def default_owner() -> str:
