@@ -15,9 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,11 +23,11 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.servers import free_port, unavailable
+from tests.servers.process import ServerProcess, serve
 
 __all__ = ["NatsServer", "nats_server"]
 
 ENV_URL = "SAGAKIT_TEST_NATS_URL"
-START_TIMEOUT = 15.0
 
 
 def _binary() -> str | None:
@@ -40,90 +38,26 @@ def _binary() -> str | None:
     return shutil.which("nats-server")
 
 
-class NatsServer:
+class NatsServer(ServerProcess):
     """A nats-server of this test session (``process`` is None for an external one)."""
 
+    name = "nats-server"
+    env_url = ENV_URL
+
     def __init__(self, url: str, *, binary: str | None = None, store: Path | None = None) -> None:
-        self.url = url
-        self._binary, self._store = binary, store
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: Path | None = None
+        super().__init__(
+            url, binary=binary, log=None if store is None else store.parent / "nats-server.log"
+        )
+        self._store = store
 
-    @property
-    def restartable(self) -> bool:
-        return self._binary is not None
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def start(self) -> None:
-        assert self._binary is not None
+    def command(self, binary: str) -> list[str]:
         assert self._store is not None
-        self._log = self._store.parent / "nats-server.log"
-        with self._log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    self._binary,
-                    "--jetstream",
-                    "--store_dir",
-                    str(self._store),
-                    "--addr",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited at start:\n{self.log_tail()}")
-            if self._accepts():
-                return
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"nats-server did not start within {START_TIMEOUT}s:\n{self.log_tail()}")
+        return [binary, "--jetstream", "--store_dir", str(self._store),
+                "--addr", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
 
-    def _accepts(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                # The INFO line is sent once the server is ready for clients.
-                return sock.recv(4).startswith(b"INFO")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM: JetStream flushes its store, as on a clean restart)."""
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-
-    def kill(self) -> None:
-        """Kill the server without warning (SIGKILL), as a crash would."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def restart(self) -> None:
-        if not self.restartable:
-            # Not a missing server (which fails under CI): one we may not restart.
-            pytest.skip(f"the NATS server at {self.url} ({ENV_URL}) is not ours to restart")
-        self.stop()
-        self.start()
-
-    def log_tail(self, lines: int = 20) -> str:
-        if self._log is None or not self._log.exists():
-            return ""
-        return "\n".join(self._log.read_text(errors="replace").splitlines()[-lines:])
+    def answers(self, sock: socket.socket) -> bool:
+        # The INFO line is sent once the server is ready for clients.
+        return sock.recv(4).startswith(b"INFO")
 
 
 @pytest.fixture(scope="session")
@@ -146,11 +80,4 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
         )
     root = tmp_path_factory.mktemp("nats")
     server = NatsServer(f"nats://127.0.0.1:{free_port()}", binary=binary, store=root / "store")
-    try:
-        server.start()
-    except RuntimeError as exc:
-        unavailable(str(exc))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(server)

@@ -16,22 +16,18 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.servers import free_port, unavailable
+from tests.servers.process import ServerProcess, serve
 
 __all__ = ["RedisServer", "redis_server"]
 
 ENV_URL = "SAGAKIT_TEST_REDIS_URL"
-START_TIMEOUT = 15.0
 
 
 def _binary() -> str | None:
@@ -44,102 +40,34 @@ def _binary() -> str | None:
     return shutil.which("redis-server")
 
 
-def _die_with_parent() -> None:
-    # A test run killed outright (SIGKILL, a timeout) must not leave its server
-    # running on a shared machine: on Linux the kernel stops it with its parent.
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class RedisServer:
+class RedisServer(ServerProcess):
     """A redis-server of this test session (``process`` is None for an external one)."""
 
+    name = "redis-server"
+    env_url = ENV_URL
+    missing_if_not_restartable = True
+
     def __init__(self, url: str, *, binary: str | None = None, data: Path | None = None) -> None:
-        self.url = url
-        self._binary, self._data = binary, data
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(url, binary=binary, log=None if data is None else data / "redis.log")
+        self._data = data
 
-    @property
-    def restartable(self) -> bool:
-        return self._binary is not None
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1].split("/", 1)[0])
-
-    def start(self) -> None:
-        assert self._binary is not None
+    def command(self, binary: str) -> list[str]:
         assert self._data is not None
-        self._data.mkdir(parents=True, exist_ok=True)
-        with (self._data / "redis.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    self._binary,
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--dir", str(self._data),
-                    "--appendonly", "yes",
-                    "--appendfsync", "always",
-                    "--save", "",
-                    "--daemonize", "no",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited at start:\n{self.log_tail()}")
-            if self._ready():
-                return
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(
-            f"redis-server did not start within {START_TIMEOUT}s:\n{self.log_tail()}"
-        )
+        return [
+            binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self._data),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+            "--daemonize", "no",
+        ]  # fmt: skip
 
-    def _ready(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                # PONG only once the append-only file is loaded (LOADING before).
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM: it flushes the append-only file, as on a clean restart)."""
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-
-    def kill(self) -> None:
-        """Kill the server without warning (SIGKILL), as a crash would."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def restart(self, *, crash: bool = False) -> None:
-        if not self.restartable:
-            unavailable(f"the Redis server at {self.url} ({ENV_URL}) is not ours to restart")
-        self.kill() if crash else self.stop()
-        self.start()
-
-    def log_tail(self, lines: int = 20) -> str:
-        log = None if self._data is None else self._data / "redis.log"
-        if log is None or not log.exists():
-            return ""
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    def answers(self, sock: socket.socket) -> bool:
+        # PONG only once the append-only file is loaded (LOADING before).
+        sock.sendall(b"PING\r\n")
+        return sock.recv(16).startswith(b"+PONG")
 
 
 @pytest.fixture(scope="session")
@@ -157,11 +85,4 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         )
     data = tmp_path_factory.mktemp("redis")
     server = RedisServer(f"redis://127.0.0.1:{free_port()}/0", binary=binary, data=data)
-    try:
-        server.start()
-    except RuntimeError as exc:
-        unavailable(str(exc))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(server)
