@@ -17,8 +17,12 @@ baselines share, and :func:`versus` makes a table row of two such runs.
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from benchmarks.timing import BenchmarkError, Comparison, Config, Stopwatch, Timing, compare
@@ -28,7 +32,7 @@ from sagakit.core.event import Event
 from sagakit.core.machine import SagaStatus
 from sagakit.ports.event_bus import EventBus
 
-__all__ = ["GOAL", "Run", "chains", "shop", "versus", "warm_up"]
+__all__ = ["GOAL", "Run", "chains", "private_server", "shop", "versus", "warm_up"]
 
 GOAL = 0.5  # issue 8: at least half the raw round trip's rate, at 1 and at 64 in flight
 
@@ -164,3 +168,37 @@ def versus(
         baseline=(baseline[0], lambda: asyncio.run(baseline[1](count, in_flight))),
         goal=goal,
     )
+
+
+@contextmanager
+def private_server(
+    name: str,
+    command: Callable[[int, str], list[str]],
+    ready: Callable[[socket.socket], bool],
+) -> Iterator[int]:
+    """A server process of this run on a free loopback port (yielded), its files in a
+    temporary directory: ``command(port, directory)`` starts it, ``ready(sock)`` tells
+    that it takes clients."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix=f"sagakit-bench-{name}-") as directory:
+        process = subprocess.Popen(
+            command(port, directory), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                        if ready(sock):
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise BenchmarkError(f"the private {name} did not start")
+                time.sleep(0.02)
+            yield port
+        finally:
+            process.terminate()
+            process.wait(timeout=10)

