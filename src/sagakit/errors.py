@@ -15,9 +15,9 @@ attributes (saga id, step, field) as well as a readable message::
     ├── InvalidTransition    an outcome the saga's state cannot accept (a driver bug, a corrupt log)
     └── BackendError         a saga log or event bus backend failed (wraps the driver error);
         │                    ``retryable`` says whether trying again may help
-        ├── BackendUnavailable  connection lost or refused, timeout, server restarting (retry may help)
+        ├── BackendUnavailable  connection lost or refused, timeout, restarting (retry may help)
         ├── BackendBusy         serialization failure, deadlock, lock timeout (retry may help)
-        ├── SchemaMismatch      the store's schema is newer than this sagakit, or not ours (no retry)
+        ├── SchemaMismatch      the store's schema is newer than this sagakit, or not ours
         └── BackendRefused      permission denied, bad credentials, invalid request (no retry)
 """
 
