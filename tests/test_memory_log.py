@@ -232,3 +232,23 @@ async def test_a_batch_like_one_written_before_is_still_checked_and_fenced() -> 
     with pytest.raises(SagaError):
         other.stage((StepCompleted(0, 2**64), StepStarted(1)))
     assert await log.read("d") == opening()
+
+
+async def test_status_tells_when_a_saga_was_created_and_last_written() -> None:
+    clock = Clock()
+    log = InMemorySagaLog(clock=clock)
+    journal = await log.create("a", opening(), owner="w", ttl=10)
+    assert journal is not None
+    clock.now += 5
+    journal.stage(FINISH[:2])
+    summary = await log.status("a")
+    assert summary is not None
+    assert (summary.created_at, summary.updated_at, summary.records) == (1000.0, 1005.0, 4)
+    clock.now += 5
+    journal.stage(FINISH[2:])
+    summary = await log.status("a")
+    assert summary is not None
+    assert (summary.created_at, summary.updated_at, summary.records) == (1000.0, 1010.0, 6)
+    assert [h.recorded_at for h in await log.history("a")] == [1000.0] * 2 + [1005.0] * 2 + [
+        1010.0
+    ] * 2

@@ -69,7 +69,6 @@ class _Saga:
     """One saga's log and lease."""
 
     __slots__ = (
-        "created_at",
         "epoch",
         "expires_at",
         "final",
@@ -79,23 +78,21 @@ class _Saga:
         "saga_id",
         "started",
         "status",
-        "updated_at",
     )
 
     def __init__(self, saga_id: str, started: SagaStarted, now: float) -> None:
         self.saga_id = saga_id
         self.started = started
-        self.records: list[SagaRecord] = []
+        self.records: list[SagaRecord] = [started]
         # When each batch of records was written: the saga's record count after
         # the batch, then the time, for each batch in turn. One stamp per batch,
         # not per record: the records of a batch are written at one time.
-        self.marks: list[float] = []
+        self.marks: list[float] = [1, now]
         self.status = _RUNNING
         self.final = False
         self.owner: str | None = None
         self.epoch = 0
         self.expires_at = 0.0
-        self.created_at = self.updated_at = now
 
     def stamps(self) -> list[float]:
         """The time each record was written."""
@@ -147,7 +144,14 @@ class _Journal:
             status = _NEW
         if status is _NEW:
             records, status = log._checked(entry, records)
-        _write(log, entry, records, status)
+        now = log._clock()
+        kept = entry.records
+        kept += records
+        entry.marks += (len(kept), now)
+        if status is not None:
+            entry.status = status
+            if status is not _RUNNING and status is not _COMPENSATING:
+                log._finish(entry)
 
     async def flush(self) -> None:
         return None  # stage wrote already
@@ -162,24 +166,6 @@ def _check_result(entry: _Saga, record: StepCompleted) -> None:
         raise SagaError(
             entry.saga_id, f"the result of step {step!r} is not a JSON value: {exc}", step=step
         ) from exc
-
-
-def _write(
-    log: InMemorySagaLog,
-    entry: _Saga,
-    records: Sequence[SagaRecord],
-    status: SagaStatus | None,
-) -> None:
-    """Write a checked batch of records; ``status``: the saga's status after it, None
-    when it does not change."""
-    now = log._clock()
-    kept = entry.records
-    kept += records
-    entry.marks += (len(kept), now)
-    if status is not None:
-        entry.status = status
-        if status is not _RUNNING and status is not _COMPENSATING:
-            log._finish(entry)
 
 
 class InMemorySagaLog:
@@ -203,6 +189,7 @@ class InMemorySagaLog:
         self._unfinished: dict[str, _Saga] = {}
         self._finished: dict[str, None] = {}
         self._shared_records: dict[Any, SagaRecord] = {}
+        self._openings: dict[tuple[str, tuple[str, ...]], SagaStarted] = {}
         # Batches written before that hold no value to check (no result, no
         # error, no input), and the status each leaves a saga in.
         self._known: dict[tuple[SagaRecord, ...], SagaStatus | None] = {}
@@ -255,24 +242,23 @@ class InMemorySagaLog:
         else:
             # Every saga of a definition that has no input opens with an equal
             # record: kept once (see _shared).
-            shared = self._shared_records
-            if len(shared) > _MAX_SHARED:
-                shared.clear()
-            kept: Any = shared.setdefault((SagaStarted, started.saga, started.steps), started)
-            if kept is not started:
-                started, opening = kept, (kept, *opening[1:])
+            openings = self._openings
+            if len(openings) > _MAX_SHARED:
+                openings.clear()
+            started = openings.setdefault((started.saga, started.steps), started)
         now = self._clock()
         entry = sagas[saga_id] = _Saga(saga_id, started, now)
         if owner is not None:
             entry.owner, entry.epoch, entry.expires_at = owner, 1, now + ttl
         self._unfinished[saga_id] = entry
-        try:
-            records, status = self._checked(entry, opening)
-            _write(self, entry, records, status)
-        except BaseException:
-            del sagas[saga_id], self._unfinished[saga_id]
-            raise
-        return _Journal(self, entry, owner)
+        journal = _Journal(self, entry, owner)
+        if len(opening) > 1:  # the records after SagaStarted, checked as any batch
+            try:
+                journal.stage(opening[1:])
+            except BaseException:
+                del sagas[saga_id], self._unfinished[saga_id]
+                raise
+        return journal
 
     def _checked(
         self, entry: _Saga, records: Sequence[SagaRecord]
@@ -432,8 +418,8 @@ class InMemorySagaLog:
             len(entry.records),
             entry.owner if live else None,
             entry.expires_at if live else None,
-            entry.created_at,
-            entry.updated_at,
+            entry.marks[1],  # the time of the first batch, and of the last
+            entry.marks[-1],
         )
 
     async def status(self, saga_id: str) -> SagaSummary | None:

@@ -166,13 +166,22 @@ class Orchestrator:
             if journal is None:
                 outcome = await self._existing(saga, saga_id, data)
             else:
+                self._hold(journal)
                 try:
-                    outcome = await self._drive(saga, saga_id, data, journal, decision, {})
+                    outcome = await drive(
+                        saga, saga_id, data, journal, decision, {}, self._flush, self._lost
+                    )
                 except LeaseLost:
+                    self._drop(saga_id)
                     # Another worker took the saga over (this one stalled past its
                     # lease): its outcome is the one to report.
                     log.warning("saga %s: lease lost; waiting for its new holder", saga_id)
                     outcome = await self._existing(saga, saga_id, data)
+                except BaseException:
+                    await self._give_up(saga_id, journal)
+                    raise
+                else:
+                    self._drop(saga_id)
         except BaseException as exc:
             if self._waiters and saga_id in self._waiters:
                 settle(self._waiters.pop(saga_id), exc)
@@ -221,26 +230,38 @@ class Orchestrator:
         decision: Any,
         results: dict[str, Any],
     ) -> SagaOutcome:
-        """Drive the saga under ``journal``'s lease; give the lease up if it stops unfinished."""
+        """Drive the saga under ``journal``'s lease; give the lease up if it stops unfinished.
+
+        (run() does the same inline, on the way every new saga takes.)
+        """
         self._hold(journal)
-        ended = False
         try:
             outcome = await drive(
                 saga, saga_id, data, journal, decision, results, self._flush, self._lost
             )
-            ended = True  # its last record ended the lease too
-            return outcome
         except LeaseLost:
-            ended = True  # nothing of ours to give up
+            self._drop(saga_id)  # nothing of ours to give up
             raise
-        finally:
-            if self._held.pop(saga_id, None) is not None and not ended:
-                try:
-                    await self._log.release(journal)  # a clean stop: another may take it now
-                except Exception:
-                    log.exception("saga %s: could not give its lease up", saga_id)
-            if self._lost:
-                self._lost.discard(saga_id)
+        except BaseException:
+            await self._give_up(saga_id, journal)
+            raise
+        self._drop(saga_id)  # its last record ended the lease too
+        return outcome
+
+    def _drop(self, saga_id: str) -> None:
+        """Forget the lease of a saga no longer driven here (it ended, or was lost)."""
+        self._held.pop(saga_id, None)
+        if self._lost:
+            self._lost.discard(saga_id)
+
+    async def _give_up(self, saga_id: str, journal: Journal) -> None:
+        """A saga stopped unfinished (cancelled, a step's BaseException, a backend error):
+        give its lease up, so that another worker may carry it on at once."""
+        self._drop(saga_id)
+        try:
+            await self._log.release(journal)
+        except Exception:
+            log.exception("saga %s: could not give its lease up", saga_id)
 
     async def _existing(
         self, saga: SagaDefinition, saga_id: str, data: Mapping[str, Any]
