@@ -253,6 +253,7 @@ class InMemorySagaLog:
         self._unfinished[saga_id] = entry
         journal = _Journal(self, entry, owner)
         if len(opening) > 1:  # the records after SagaStarted, checked as any batch
+            entry.marks.clear()  # stamped with them, as one batch
             try:
                 journal.stage(opening[1:])
             except BaseException:

@@ -91,7 +91,7 @@ async def drive(
                 else:
                     if value is None:  # most steps' result: nothing to check
                         results[name] = None
-                        event = _succeeded((index, None))
+                        event = _NO_RESULT[index] if index < _SHARED else _succeeded((index, None))
                     else:
                         event = _step_succeeded(saga_id, name, index, value, results)
             elif kind is RunCompensation:
@@ -113,6 +113,10 @@ async def drive(
 
 _context: Callable[[tuple[Any, ...]], StepContext] = partial(tuple.__new__, StepContext)
 _succeeded: Callable[[tuple[int, Any]], StepSucceeded] = partial(tuple.__new__, StepSucceeded)
+# "Step k returned None", the commonest event, made once for the first steps
+# (events are immutable values: one serves every saga).
+_SHARED = 64
+_NO_RESULT = [_succeeded((index, None)) for index in range(_SHARED)]
 
 
 def _step_raised(saga_id: str, name: str, index: int, exc: Exception) -> Event:
