@@ -362,3 +362,21 @@ async def test_a_worker_leaves_a_saga_it_has_no_definition_for_without_spinning(
     assert len(warnings) == 1  # claimed once, then held unrenewed until its lease expires
     assert await unfinished(log) == ["x-1"]
     assert len(calls) == 3
+
+
+async def test_result_asked_as_the_run_ends_gets_its_outcome() -> None:
+    """result() joins a run in a task of its own (shielded); a run that ends before that
+    task starts must not leave it waiting for ever."""
+    orch = Orchestrator()
+    gate = asyncio.Event()
+
+    async def slow(ctx: StepContext) -> None:
+        await gate.wait()
+
+    saga = SagaDefinition("slow", [Step("a", slow)])
+    running = asyncio.ensure_future(orch.run(saga, "x"))
+    await asyncio.sleep(0)  # the run now waits at its step
+    gate.set()  # it ends at the next turn of the loop, before result()'s joiner starts
+    outcome = await orch.result("x", timeout=2)
+    assert outcome.state is SagaStatus.COMPLETED
+    assert (await running) == outcome

@@ -414,6 +414,9 @@ class Orchestrator:
                 delay = min(delay * 2, self.poll_interval)
 
     async def _join_quietly(self, saga_id: str, running: Run) -> SagaOutcome:
+        if self._running.get(saga_id) is not running:
+            # The run ended before this task started: its outcome is in the log.
+            return await self.result(saga_id)
         return await self._join(running.saga, saga_id, running, running.data)
 
     def _outcome_of(self, saga_id: str, records: list[SagaRecord]) -> SagaOutcome:
