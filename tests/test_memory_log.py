@@ -252,3 +252,18 @@ async def test_status_tells_when_a_saga_was_created_and_last_written() -> None:
     assert [h.recorded_at for h in await log.history("a")] == [1000.0] * 2 + [1005.0] * 2 + [
         1010.0
     ] * 2
+
+
+async def test_a_long_run_past_the_cap_keeps_the_newest_finished_sagas() -> None:
+    """Eviction takes the oldest finished saga at once however many went before it
+    (it used to scan the slots of every saga evicted so far: slower with each one)."""
+    log = InMemorySagaLog(max_finished=10)
+    running = await log.create("running", opening(), owner="w", ttl=10)
+    assert running is not None
+    for n in range(5000):
+        journal = await log.create(f"s{n}", opening(), owner="w", ttl=10)
+        assert journal is not None
+        journal.stage(FINISH)
+    kept = [s.saga_id for s in await log.list(limit=100)]
+    assert kept == [f"s{n}" for n in reversed(range(4990, 5000))] + ["running"]
+    assert await log.read("s4989") == []

@@ -22,6 +22,7 @@ Leases are measured on ``clock`` (default :func:`time.time`; tests pass their ow
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -187,7 +188,10 @@ class InMemorySagaLog:
         # Unfinished sagas, oldest first (claim_next's queue), and finished
         # ones in the order they finished (the eviction order).
         self._unfinished: dict[str, _Saga] = {}
-        self._finished: dict[str, None] = {}
+        # (A deque, not a dict: taking the oldest key of a dict whose front was
+        # deleted scans every deleted slot, which made each eviction slower than
+        # the last: 4 us per saga up to the cap, 13 us at twice the cap.)
+        self._finished: deque[str] = deque()
         self._shared_records: dict[Any, SagaRecord] = {}
         self._openings: dict[tuple[str, tuple[str, ...]], SagaStarted] = {}
         # Batches written before that hold no value to check (no result, no
@@ -307,12 +311,10 @@ class InMemorySagaLog:
         saga_id = entry.saga_id
         self._unfinished.pop(saga_id, None)
         finished = self._finished
-        finished[saga_id] = None
+        finished.append(saga_id)
         if len(finished) > self.max_finished:
             while len(finished) > self.max_finished:
-                oldest = next(iter(finished))
-                del finished[oldest]
-                del self._sagas[oldest]
+                del self._sagas[finished.popleft()]
 
     def _shared(self, records: Sequence[SagaRecord]) -> list[SagaRecord]:
         """``records``, each one equal to a record kept before replaced by that one.
