@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import concurrent.futures
 import contextlib
 import gc
 import io
@@ -68,14 +67,31 @@ def _input_chunks(stdin: BinaryIO, loop: asyncio.AbstractEventLoop) -> _Chunks:
     return _start_reader(stdin, loop)
 
 
-def _start_reader(stdin: BinaryIO, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[bytes]:
-    """Read stdin in a daemon thread, chunk by chunk, into a bounded queue; b"" at the end.
+class _ThreadChunks:
+    """Chunks that a reader thread hands over, at most READ_AHEAD waiting at a time."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        # Taken by the reader before it hands a chunk over, given back when the
+        # node takes it: the thread blocks while READ_AHEAD chunks wait (backpressure).
+        self.slots = threading.Semaphore(READ_AHEAD)
+
+    async def get(self) -> bytes:
+        chunk = await self.queue.get()
+        self.slots.release()
+        return chunk
+
+
+def _start_reader(stdin: BinaryIO, loop: asyncio.AbstractEventLoop) -> _ThreadChunks:
+    """Read stdin in a daemon thread, chunk by chunk; b"" at the end.
 
     Not the loop's executor: asyncio.run joins its threads on the way out, so a
     node interrupted while waiting for input would hang until the next line.
-    A daemon thread is simply left behind.
+    A daemon thread is simply left behind. Chunks are handed over with a plain
+    callback, not a coroutine per chunk: a coroutine scheduled just as the loop
+    closes is dropped unawaited, and Python warns of it on stderr.
     """
-    queue: asyncio.Queue[bytes] = asyncio.Queue(READ_AHEAD)
+    chunks = _ThreadChunks()
     try:
         # The raw descriptor: a thread blocked in a buffered reader holds its
         # lock, and the interpreter aborts at exit when it cannot take it.
@@ -95,14 +111,14 @@ def _start_reader(stdin: BinaryIO, loop: asyncio.AbstractEventLoop) -> asyncio.Q
             except (OSError, ValueError) as exc:
                 log.error("cannot read stdin (%s); treating it as ended", exc)
                 chunk = b""
+            chunks.slots.acquire()  # blocks this thread while READ_AHEAD chunks wait
             try:
-                # Blocks this thread while the queue is full: backpressure.
-                asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
-            except (RuntimeError, concurrent.futures.CancelledError):
-                return  # the loop is closed or closing: the node is shutting down
+                loop.call_soon_threadsafe(chunks.queue.put_nowait, chunk)
+            except RuntimeError:
+                return  # the loop is closed: the node is shutting down
 
     threading.Thread(target=pump, name="sagakit-stdin", daemon=True).start()
-    return queue
+    return chunks
 
 
 class _Output:
