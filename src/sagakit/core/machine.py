@@ -31,11 +31,23 @@ from functools import partial
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from sagakit.core.commands import (
+    Begin,
+    Command,
+    CompensationRaised,
+    CompensationSucceeded,
+    Event,
+    Finish,
+    Resume,
+    RunCompensation,
+    RunStep,
+    StepRaised,
+    StepSucceeded,
+)
 from sagakit.core.records import (
     CompensationCompleted,
     CompensationFailed,
     CompensationStarted,
-    OfItsKind,
     SagaFinished,
     SagaRecord,
     SagaStarted,
@@ -166,99 +178,6 @@ def initial_state() -> SagaState:
 
 
 _INITIAL = SagaState(SagaStatus.RUNNING)
-
-
-# --- events: what happened -----------------------------------------------------------
-
-
-class _Begin(NamedTuple):
-    data: Mapping[str, Any]
-
-
-class Begin(OfItsKind, _Begin):
-    """A new saga, with its input."""
-
-    __slots__ = ()
-
-
-class _Resume(NamedTuple):
-    pass
-
-
-class Resume(OfItsKind, _Resume):
-    """A saga taken over from its log: announce again what was in flight, or go on."""
-
-    __slots__ = ()
-
-
-class _StepSucceeded(NamedTuple):
-    step: int
-    result: Any = None
-
-
-class StepSucceeded(OfItsKind, _StepSucceeded):
-    __slots__ = ()
-
-
-class _StepRaised(NamedTuple):
-    step: int
-    error: str
-
-
-class StepRaised(OfItsKind, _StepRaised):
-    __slots__ = ()
-
-
-class _CompensationSucceeded(NamedTuple):
-    step: int
-
-
-class CompensationSucceeded(OfItsKind, _CompensationSucceeded):
-    __slots__ = ()
-
-
-class _CompensationRaised(NamedTuple):
-    step: int
-    error: str
-
-
-class CompensationRaised(OfItsKind, _CompensationRaised):
-    __slots__ = ()
-
-
-Event = Begin | Resume | StepSucceeded | StepRaised | CompensationSucceeded | CompensationRaised
-
-
-# --- commands: what the driver does next ---------------------------------------------
-
-
-class _RunStep(NamedTuple):
-    step: int
-    attempt: int = 1
-
-
-class RunStep(OfItsKind, _RunStep):
-    __slots__ = ()
-
-
-class _RunCompensation(NamedTuple):
-    step: int
-    attempt: int = 1
-
-
-class RunCompensation(OfItsKind, _RunCompensation):
-    __slots__ = ()
-
-
-class _Finish(NamedTuple):
-    status: SagaStatus
-
-
-class Finish(OfItsKind, _Finish):
-    __slots__ = ()
-
-
-Command = RunStep | RunCompensation | Finish
 
 
 class Decision(NamedTuple):
