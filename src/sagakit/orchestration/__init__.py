@@ -38,6 +38,7 @@ from sagakit.errors import (
     SagaIdConflict,
 )
 from sagakit.orchestration.driver import drive
+from sagakit.orchestration.leases import renew_leases, retrying
 from sagakit.orchestration.support import (
     Recovered,
     Run,
@@ -613,42 +614,11 @@ class Orchestrator:
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.ensure_future(self._renew())
 
-    async def _renew(self) -> None:
-        """Renew every held lease each third of the lease's life, while any is held."""
-        interval = self.lease_ttl / 3
-        while True:
-            await asyncio.sleep(interval)
-            if not self._held:
-                return
-            held = list(self._held.values())
-            try:
-                lost = await self._log.renew(held, ttl=self.lease_ttl)
-            except BackendError as exc:
-                # Tried again next round, sooner; a lease that runs out meanwhile is
-                # found lost at the next write (the epoch is checked on every one).
-                log.warning("renewing leases failed: %s", exc)
-                interval = max(self.lease_ttl / 10, 0.01)
-                continue
-            interval = self.lease_ttl / 3
-            for saga_id in lost:
-                if saga_id in self._held:
-                    log.warning("saga %s: its lease was lost; stopping its driver", saga_id)
-                    self._lost.add(saga_id)
+    def _renew(self) -> Awaitable[None]:
+        return renew_leases(self._log, self._held, self._lost, self.lease_ttl)
 
     async def _flush_journal(self, journal: Journal) -> None:
         await self._retrying(journal.flush)
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
-        """``call()``, tried again with backoff while it fails with a retryable BackendError,
-        for up to ``retry_for`` seconds."""
-        deadline = time.monotonic() + self.retry_for
-        delay = 0.05
-        while True:
-            try:
-                return await call()
-            except BackendError as exc:
-                if not exc.retryable or time.monotonic() + delay > deadline:
-                    raise
-                log.warning("%s; retrying in %.2fs", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    def _retrying(self, call: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        return retrying(call, self.retry_for)

@@ -1,0 +1,67 @@
+"""Keeping leases alive, and riding out a backend's passing failures.
+
+A worker drives a saga only under its lease. :func:`renew_leases` renews every
+lease a worker holds, each third of a lease's life, and marks the sagas whose
+lease was lost, so that their drivers stop before their next action.
+:func:`retrying` is how every call to the saga log survives a database
+restart: a retryable :class:`~sagakit.errors.BackendError` is tried again, with
+backoff, for a bounded time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from sagakit.errors import BackendError
+from sagakit.ports.saga_log import Journal, SagaLog
+
+__all__ = ["renew_leases", "retrying"]
+
+log = logging.getLogger("sagakit.orchestrator")
+
+T = TypeVar("T")
+
+
+async def renew_leases(
+    saga_log: SagaLog, held: dict[str, Journal], lost: set[str], ttl: float
+) -> None:
+    """Renew the ``held`` leases each third of their life, while any is held; add the ids
+    of those found lost to ``lost`` (both are the caller's, shared with its drivers)."""
+    interval = ttl / 3
+    while True:
+        await asyncio.sleep(interval)
+        if not held:
+            return
+        try:
+            gone = await saga_log.renew(list(held.values()), ttl=ttl)
+        except BackendError as exc:
+            # Tried again next round, sooner; a lease that runs out meanwhile is
+            # found lost at the next write (the epoch is checked on every one).
+            log.warning("renewing leases failed: %s", exc)
+            interval = max(ttl / 10, 0.01)
+            continue
+        interval = ttl / 3
+        for saga_id in gone:
+            if saga_id in held:
+                log.warning("saga %s: its lease was lost; stopping its driver", saga_id)
+                lost.add(saga_id)
+
+
+async def retrying(call: Callable[[], Awaitable[T]], retry_for: float) -> T:
+    """``call()``, tried again with backoff while it fails with a retryable BackendError,
+    for up to ``retry_for`` seconds."""
+    deadline = time.monotonic() + retry_for
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except BackendError as exc:
+            if not exc.retryable or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s; retrying in %.2fs", exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
