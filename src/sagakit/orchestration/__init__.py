@@ -19,7 +19,6 @@ from sagakit.core.machine import (
     Resume,
     decide,
     initial_state,
-    replay,
 )
 from sagakit.core.outcome import SagaOutcome, outcome_of
 from sagakit.core.records import (
@@ -28,7 +27,7 @@ from sagakit.core.records import (
     SagaStatus,
     check_json,
 )
-from sagakit.core.saga import NO_INPUT, SagaDefinition, fingerprint
+from sagakit.core.saga import NO_INPUT, SagaDefinition
 from sagakit.errors import (
     BackendError,
     DefinitionError,
@@ -44,7 +43,8 @@ from sagakit.orchestration.support import (
     Run,
     RunnerCancelled,
     default_owner,
-    inferred_plan,
+    logged_outcome,
+    replayed,
     same_input,
     settle,
     shown,
@@ -276,7 +276,7 @@ class Orchestrator:
                 if journal is not None:
                     return await self._drive(saga, saga_id, data, journal, decision, {})
                 continue
-            _, state, results = self._replayed(saga, saga_id, data, records)
+            _, state, results = replayed(saga, saga_id, data, records)
             if state.status.is_final:
                 return outcome_of(saga_id, saga.plan, state, results)
             claim = await self._retrying(
@@ -289,34 +289,8 @@ class Orchestrator:
                     log.warning("saga %s: lease lost; waiting for its new holder", saga_id)
             await self._wait_for_holder(saga_id)
 
-    def _replayed(
-        self,
-        saga: SagaDefinition,
-        saga_id: str,
-        data: Mapping[str, Any] | None,
-        records: list[SagaRecord],
-    ) -> tuple[SagaStarted, Any, dict[str, Any]]:
-        started = records[0]
-        if type(started) is not SagaStarted:
-            raise SagaError(saga_id, f"log opens with {started!r}, not SagaStarted")
-        if started.saga != saga.name or tuple(started.steps) != saga.step_names:
-            raise SagaIdConflict(
-                saga_id, fingerprint(started.saga, started.steps), saga.fingerprint
-            )
-        if data is not None and not same_input(started.data, data):
-            raise SagaIdConflict(
-                saga_id,
-                f"{saga.fingerprint} with input {shown(started.data)}",
-                f"{saga.fingerprint} with input {shown(data)}",
-            )
-        try:
-            _, state, results = replay(saga.plan, records)
-        except InvalidTransition as exc:
-            raise SagaError(saga_id, f"its log cannot be replayed: {exc}") from exc
-        return started, state, results
-
     async def _resume(self, saga: SagaDefinition, saga_id: str, claim: Claim) -> SagaOutcome:
-        started, state, results = self._replayed(saga, saga_id, None, claim.records)
+        started, state, results = replayed(saga, saga_id, None, claim.records)
         journal = claim.journal
         try:
             decision = decide(saga.plan, state, Resume(), time.time())
@@ -391,7 +365,7 @@ class Orchestrator:
             return True
         records = await self._log.read(saga_id)
         if records:
-            self._replayed(saga, saga_id, data, records)
+            replayed(saga, saga_id, data, records)
         return False
 
     async def result(self, saga_id: str, timeout: float | None = None) -> SagaOutcome:  # noqa: ASYNC109 - the API the issue names
@@ -408,7 +382,7 @@ class Orchestrator:
                 records = await self._retrying(lambda: self._log.read(saga_id))
                 if not records:
                     raise SagaError(saga_id, "no such saga in the log")
-                outcome = self._outcome_of(saga_id, records)
+                outcome = logged_outcome(saga_id, records, self._definitions)
                 if outcome.state.is_final:
                     return outcome
                 await asyncio.sleep(delay)
@@ -419,22 +393,6 @@ class Orchestrator:
             # The run ended before this task started: its outcome is in the log.
             return await self.result(saga_id)
         return await self._join(running.saga, saga_id, running, running.data)
-
-    def _outcome_of(self, saga_id: str, records: list[SagaRecord]) -> SagaOutcome:
-        """How far a logged saga got, with or without its definition at hand."""
-        started = records[0]
-        if type(started) is not SagaStarted:
-            raise SagaError(saga_id, f"log opens with {started!r}, not SagaStarted")
-        saga = self._definitions.get(started.saga)
-        if saga is not None and saga.step_names == tuple(started.steps):
-            plan = saga.plan
-        else:
-            plan = inferred_plan(started, records)
-        try:
-            _, state, results = replay(plan, records)
-        except InvalidTransition as exc:
-            raise SagaError(saga_id, f"its log cannot be replayed: {exc}") from exc
-        return outcome_of(saga_id, plan, state, results)
 
     async def status(self, saga_id: str) -> SagaSummary | None:
         """The saga as the log lists it (status, lease, counts), or None when unknown."""

@@ -1,4 +1,5 @@
-"""What the orchestrator keeps beside its sagas: who is waiting, and how to compare inputs."""
+"""What the orchestrator keeps beside its sagas: who is waiting, how to compare inputs,
+and how a logged saga is read back."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from sagakit.core.machine import Plan
-from sagakit.core.outcome import SagaOutcome
+from sagakit.core.machine import Plan, SagaState, replay
+from sagakit.core.outcome import SagaOutcome, outcome_of
 from sagakit.core.records import CompensationStarted, SagaRecord, SagaStarted, from_json, to_json
-from sagakit.core.saga import SagaDefinition
+from sagakit.core.saga import SagaDefinition, fingerprint
+from sagakit.errors import InvalidTransition, SagaError, SagaIdConflict
 
 __all__ = [
     "Recovered",
@@ -20,6 +22,8 @@ __all__ = [
     "RunnerCancelled",
     "default_owner",
     "inferred_plan",
+    "logged_outcome",
+    "replayed",
     "same_input",
     "settle",
     "shown",
@@ -94,3 +98,51 @@ def inferred_plan(started: SagaStarted, records: Iterable[SagaRecord]) -> Plan:
     the steps it compensated are the ones that have a compensation."""
     undone = {r.step for r in records if type(r) is CompensationStarted}
     return Plan(started.saga, started.steps, tuple(i in undone for i in range(len(started.steps))))
+
+
+def replayed(
+    saga: SagaDefinition,
+    saga_id: str,
+    data: Mapping[str, Any] | None,
+    records: list[SagaRecord],
+) -> tuple[SagaStarted, SagaState, dict[str, Any]]:
+    """A logged saga rebuilt for ``saga``: its opening, state and results.
+
+    Raises SagaIdConflict when the log holds another definition, or (``data``
+    given) another input; SagaError when the log cannot be replayed.
+    """
+    started = records[0]
+    if type(started) is not SagaStarted:
+        raise SagaError(saga_id, f"log opens with {started!r}, not SagaStarted")
+    if started.saga != saga.name or tuple(started.steps) != saga.step_names:
+        raise SagaIdConflict(saga_id, fingerprint(started.saga, started.steps), saga.fingerprint)
+    if data is not None and not same_input(started.data, data):
+        raise SagaIdConflict(
+            saga_id,
+            f"{saga.fingerprint} with input {shown(started.data)}",
+            f"{saga.fingerprint} with input {shown(data)}",
+        )
+    try:
+        _, state, results = replay(saga.plan, records)
+    except InvalidTransition as exc:
+        raise SagaError(saga_id, f"its log cannot be replayed: {exc}") from exc
+    return started, state, results
+
+
+def logged_outcome(
+    saga_id: str, records: list[SagaRecord], definitions: Mapping[str, SagaDefinition]
+) -> SagaOutcome:
+    """How far a logged saga got, with or without its definition at hand."""
+    started = records[0]
+    if type(started) is not SagaStarted:
+        raise SagaError(saga_id, f"log opens with {started!r}, not SagaStarted")
+    saga = definitions.get(started.saga)
+    if saga is not None and saga.step_names == tuple(started.steps):
+        plan = saga.plan
+    else:
+        plan = inferred_plan(started, records)
+    try:
+        _, state, results = replay(plan, records)
+    except InvalidTransition as exc:
+        raise SagaError(saga_id, f"its log cannot be replayed: {exc}") from exc
+    return outcome_of(saga_id, plan, state, results)
