@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sagakit.core.event import Event, new_event_id
+from sagakit.core.event import Event
 from sagakit.core.saga import SagaDefinition, Step, StepContext
 from sagakit.errors import DefinitionError, SagakitError
 
@@ -194,21 +193,13 @@ def test_event_payload_that_is_not_a_mapping_names_the_field(payload: Any) -> No
     assert field_of(excinfo) == "payload"
 
 
-def test_event_defaults() -> None:
-    before = int(time.time())
+def test_event_defaults_are_unstamped() -> None:
+    """The core draws no id and reads no clock: publishing stamps (tests/test_stamping.py)."""
     event = Event("OrderPlaced", "s1")
     assert event.payload == {}
     assert event.source == ""
-    assert before <= event.timestamp <= int(time.time())
-    assert len(event.event_id) == 32
-    int(event.event_id, 16)
-    assert Event("OrderPlaced", "s1").event_id != event.event_id
-
-
-def test_new_event_ids_are_distinct_hex() -> None:
-    ids = {new_event_id() for _ in range(1000)}
-    assert len(ids) == 1000
-    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert event.event_id == ""
+    assert event.timestamp == 0
 
 
 def test_event_payload_access() -> None:
@@ -240,15 +231,12 @@ def test_event_from_body_round_trip() -> None:
     assert list(again.body()) == list(event.body())
 
 
-def test_event_from_body_gives_a_new_event_id_when_none_is_given() -> None:
+def test_event_from_body_without_an_id_or_a_timestamp_is_unstamped() -> None:
     body = {"type": "OrderPlaced", "saga_id": "s1", "timestamp": 5}
-    assert Event.from_body(body).event_id != Event.from_body(body).event_id
-
-
-def test_event_from_body_without_timestamp_uses_now() -> None:
-    before = int(time.time())
+    assert Event.from_body(body).event_id == ""
+    assert Event.from_body(body).timestamp == 5
     event = Event.from_body({"type": "OrderPlaced", "saga_id": "s1", "n": 1})
-    assert before <= event.timestamp <= int(time.time())
+    assert event.timestamp == 0
     assert event.payload == {"n": 1}
 
 

@@ -98,7 +98,7 @@ class TestInMemoryEventBus(EventBusConformance):
         got: list[Event] = []
         await bus.subscribe("Tick", recorder(got))
         payload = {"items": ["a"]}
-        sent = Event("Tick", "s1", payload, headers={"traceparent": "00-ab-cd-01"})
+        sent = Event("Tick", "s1", payload, "", "e1", 5, headers={"traceparent": "00-ab-cd-01"})
         await bus.publish(sent)
         with pytest.raises(DefinitionError) as excinfo:
             await bus.publish(Event("Tick", "s1", {"when": object()}))

@@ -14,14 +14,10 @@ from sagakit.core.event import Event
 from sagakit.errors import BackendUnavailable, ConfigurationError, DefinitionError
 from sagakit.ports.event_bus import ALL_EVENTS, EventBus
 from tests.conformance.choreography import ChoreographyConformance
-from tests.conformance.event_bus import EventBusConformance
+from tests.conformance.event_bus import EventBusConformance, event
 from tests.servers.redis import RedisServer
 
 TIMEOUT = 10.0
-
-
-def event(type_: str = "OrderPlaced", saga_id: str = "o-1", **payload: object) -> Event:
-    return Event(type_, saga_id, payload, timestamp=1_700_000_000)
 
 
 async def drain(bus: RedisEventBus) -> None:
@@ -64,7 +60,7 @@ async def test_is_an_event_bus_and_delivers_id_and_body(buses: Buses) -> None:
     assert isinstance(bus, EventBus)
     got: list[Event] = []
     await bus.subscribe("OrderPlaced", got.append)  # a plain function is a handler too
-    sent = Event("OrderPlaced", "o-9", {"items": ["a", "b"], "amount": 3, "ü": "é"}, timestamp=12)
+    sent = Event("OrderPlaced", "o-9", {"items": ["a", "b"], "amount": 3, "ü": "é"}, "", "e-9", 12)
     await bus.publish(sent)
     await bus.publish(event("Other"))
     await drain(bus)

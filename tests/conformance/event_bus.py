@@ -41,7 +41,7 @@ import pytest
 
 from sagakit.core.event import Event
 from sagakit.errors import BackendError, DefinitionError
-from sagakit.ports.event_bus import ALL_EVENTS, EventBus, Handler
+from sagakit.ports.event_bus import ALL_EVENTS, EventBus, Handler, new_event_id
 
 __all__ = ["EventBusConformance", "bodies", "event", "recorder"]
 
@@ -58,7 +58,8 @@ def recorder(into: list[Event], label: str | None = None, log: list[str] | None 
 
 
 def event(type_: str = "OrderPlaced", saga_id: str = "o-1", **payload: object) -> Event:
-    return Event(type_, saga_id, payload, timestamp=1_700_000_000)
+    """A stamped event (an id and a time of its own), so a test can follow it by its id."""
+    return Event(type_, saga_id, payload, event_id=new_event_id(), timestamp=1_700_000_000)
 
 
 def bodies(events: list[Event]) -> list[dict[str, object]]:
@@ -175,13 +176,49 @@ class EventBusConformance(ABC):
         async with self.opened() as bus:
             got: list[Event] = []
             await bus.subscribe("OrderPlaced", recorder(got))
-            sent = Event("OrderPlaced", "o-9", {"items": ["a", "b"], "amount": 3}, timestamp=12)
+            sent = Event(
+                "OrderPlaced", "o-9", {"items": ["a", "b"], "amount": 3}, "", "e-9", timestamp=12
+            )
             await bus.publish(sent)
             await self.drain(bus)
             assert len(got) == 1
-            assert got[0].event_id == sent.event_id
+            assert got[0].event_id == "e-9"
+            assert got[0].timestamp == 12
             assert got[0].body() == sent.body()
             assert list(got[0].body()) == list(sent.body())
+
+    async def test_an_unstamped_event_gets_a_fresh_id_and_the_time_at_publish(self) -> None:
+        # The core makes no ids and reads no clock: the bus stamps what lacks them.
+        async with self.opened() as bus:
+            got: list[Event] = []
+            await bus.subscribe("OrderPlaced", recorder(got))
+            unstamped = Event("OrderPlaced", "o-1", {"n": 1})
+            before = int(time.time())
+            await bus.publish(unstamped)
+            await bus.publish(unstamped)  # published again: a new event, with a new id
+            after = int(time.time())
+            await self.drain(bus)
+            assert len(got) == 2
+            for received in got:
+                assert len(received.event_id) == 32
+                int(received.event_id, 16)
+                assert before <= received.timestamp <= after
+                assert received.body() | {"timestamp": 0} == unstamped.body()
+            assert got[0].event_id != got[1].event_id
+            assert (unstamped.event_id, unstamped.timestamp) == ("", 0), "events are values"
+
+    async def test_an_event_with_only_an_id_keeps_it_and_gets_the_time(self) -> None:
+        async with self.opened() as bus:
+            got: list[Event] = []
+            await bus.subscribe("OrderPlaced", recorder(got))
+            before = int(time.time())
+            await bus.publish(Event("OrderPlaced", "o-1", event_id="outbox-17"))
+            await bus.publish(Event("OrderPlaced", "o-2", timestamp=5))
+            await self.drain(bus)
+            assert got[0].event_id == "outbox-17"
+            assert before <= got[0].timestamp <= int(time.time())
+            assert got[1].timestamp == 5
+            assert got[1].event_id not in ("", "outbox-17")
 
     async def test_the_envelope_round_trips_every_field(self) -> None:
         publisher, consumer = await self.bus(), await self.bus()
@@ -198,6 +235,7 @@ class EventBusConformance(ABC):
                 "big": 2**53,
             },
             source="payment",
+            event_id="9f2c41d0",
             timestamp=1_700_000_123,
             headers={
                 "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
@@ -553,6 +591,22 @@ class EventBusConformance(ABC):
         await self.quiet()
         assert len(tries) == 2
         assert tries[0].event_id == tries[1].event_id
+
+    async def test_an_unstamped_event_is_redelivered_with_the_id_given_at_publish(self) -> None:
+        # Stamped once, before it is stored: what an inbox deduplicates on stays put.
+        bus = await self.bus()
+        tries: list[Event] = []
+
+        def flaky(e: Event) -> None:
+            tries.append(e)
+            if len(tries) == 1:
+                raise ValueError("first try fails")
+
+        await bus.subscribe("Tick", flaky, group="stamp", backoff=self.backoff)
+        await bus.publish(Event("Tick", "o-1"))
+        await self.eventually(lambda: len(tries) >= 2, "a redelivery")
+        assert tries[0].event_id != ""
+        assert (tries[1].event_id, tries[1].timestamp) == (tries[0].event_id, tries[0].timestamp)
 
     async def test_a_handler_raising_cancelled_error_is_a_failed_delivery(self) -> None:
         # Nobody cancelled the bus or the caller: a handler's own CancelledError

@@ -10,14 +10,17 @@ from typing import Any
 
 from sagakit.core.event import Event
 from sagakit.errors import DefinitionError
+from sagakit.ports.event_bus import stamped
 
-__all__ = ["check_event", "check_limit", "check_subscribe"]
+__all__ = ["check_limit", "check_subscribe", "publishable"]
 
 
-def check_event(event: object) -> None:
-    """Refuse what ``publish`` cannot send: anything but an Event."""
+def publishable(event: object) -> Event:
+    """The event ``publish`` sends: anything but an Event is refused; one without
+    an id or a time is stamped (the port's contract: :func:`stamped`)."""
     if not isinstance(event, Event):
         raise DefinitionError("event", f"must be an Event, got {type(event).__name__}")
+    return stamped(event)
 
 
 def check_subscribe(

@@ -109,7 +109,7 @@ from sagakit.adapters._amqp_delivery import (
     short,
     translate,
 )
-from sagakit.adapters._bus_checks import check_event, check_limit, check_subscribe
+from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
 from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -333,7 +333,7 @@ class AmqpEventBus:
     # --- publishing -----------------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        check_event(event)
+        event = publishable(event)
         if self._state in ("closed", "dead"):
             raise BackendError(self.where, f"the event bus is closed; {event.type} not published")
         if not short(event.type):

@@ -50,7 +50,7 @@ from itertools import count
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
-from sagakit.adapters._bus_checks import check_event, check_limit, check_subscribe
+from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
 from sagakit.adapters._handlers import call_handler, forget
 from sagakit.core.envelope import decode_event, encode_event
 from sagakit.core.event import Event
@@ -473,7 +473,7 @@ class InMemoryEventBus:
         return self._broker.failures
 
     async def publish(self, event: Event) -> None:
-        check_event(event)
+        event = publishable(event)
         if self._state is not _OPEN and not (
             self._state is _CLOSING and _DELIVERING.get() is self._broker
         ):

@@ -96,7 +96,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from sagakit.adapters._bus_checks import check_event, check_limit, check_subscribe
+from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
 from sagakit.adapters.nats_consumer import (
     MAX_BACKOFF,
     PullSubscription,
@@ -343,7 +343,7 @@ class NatsEventBus:
     # -- the port ------------------------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        check_event(event)
+        event = publishable(event)
         if self._closed:
             raise BackendError(self.url, f"the event bus is closed; {event.type} not published")
         data = encode_event(event)  # a payload that is not JSON fails here, by name

@@ -73,7 +73,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
-from sagakit.adapters._bus_checks import check_event, check_limit, check_subscribe
+from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
 from sagakit.adapters._redis_consumer import (
     COMMAND_TIMEOUT,
     Pipeliner,
@@ -217,7 +217,7 @@ class RedisEventBus:
     # Publishing --------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        check_event(event)
+        event = publishable(event)
         if self._closed:
             raise BackendError(self._name, f"the event bus is closed; {event.type} not published")
         # An event whose type is "*" goes to events:* (no one reads it), not twice to all.

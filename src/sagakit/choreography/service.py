@@ -13,6 +13,7 @@ from sagakit.ports.event_bus import (
     DEFAULT_MAX_DELIVERIES,
     EventBus,
     Subscription,
+    new_event,
 )
 
 __all__ = ["Service", "handles"]
@@ -106,7 +107,8 @@ class Service:
         self._bus = None
 
     async def publish(self, event_type: str, saga_id: str, **payload: Any) -> Event:
-        """Publish an event of this service; returns it as published."""
-        event = Event(event_type, saga_id, payload, source=self.name)
+        """Publish an event of this service; returns it as published (stamped with its id
+        and time)."""
+        event = new_event(event_type, saga_id, payload, source=self.name)
         await self.bus.publish(event)
         return event

@@ -77,7 +77,8 @@ def render_letters(letters: Sequence[Any], group: str, url: str, as_json: bool) 
     for d in letters:
         e = d.event
         out.append("")
-        out.append(f"{d.id}  {e.type}  saga {e.saga_id}  event {e.event_id}")
+        # An undecodable message is shown as an event without an id.
+        out.append(f"{d.id}  {e.type}  saga {e.saga_id}  event {e.event_id or '-'}")
         source = f" from {e.source}" if e.source else ""
         out.append(f"  failed {_time(d.failed_at)} after {d.deliveries} deliveries{source}")
         out.append(f"  error: {_one_line(d.error)}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -11,18 +9,13 @@ from typing import Any
 
 from sagakit.errors import DefinitionError
 
-__all__ = ["NO_HEADERS", "Event", "new_event_id"]
+__all__ = ["NO_HEADERS", "Event"]
 
 # Keys of an event's wire body that are the event's own, not its payload.
 RESERVED = frozenset({"type", "saga_id", "timestamp"})
 
 # Most events carry no headers: they share this one read-only mapping.
 NO_HEADERS: Mapping[str, str] = MappingProxyType({})
-
-
-def new_event_id() -> str:
-    # 128 random bits, as uuid4 has, at a fraction of uuid4's cost.
-    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,14 +27,23 @@ class Event:
     (trace context such as ``traceparent``: strings to strings) travel beside
     the body; the event id is also what an inbox deduplicates on. On a broker
     the whole event travels as one envelope (:mod:`sagakit.core.envelope`).
+
+    An event made without ``event_id`` (``""``) or ``timestamp`` (``0``) is
+    unstamped: the core reads no clock and draws no random numbers, so the bus
+    that publishes it gives it a fresh id and the current time
+    (:func:`sagakit.ports.event_bus.stamped`; ``Service.publish`` stamps its
+    events as it makes them). Redeliveries carry the id given at publish, which
+    is what deduplication goes by; publishing one unstamped event twice makes
+    two events. To publish an event again as the same event (a retry after an
+    error), give it an ``event_id`` of your own.
     """
 
     type: str
     saga_id: str
     payload: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
-    event_id: str = field(default_factory=new_event_id)
-    timestamp: int = field(default_factory=lambda: int(time.time()))
+    event_id: str = ""  # "": not stamped yet
+    timestamp: int = 0  # 0: not stamped yet
     headers: Mapping[str, str] = field(default_factory=lambda: NO_HEADERS)
 
     def __post_init__(self) -> None:
@@ -92,9 +94,13 @@ class Event:
     def from_body(
         cls, body: Mapping[str, Any], *, source: str = "", event_id: str | None = None
     ) -> Event:
-        """The inverse of :meth:`body`; the field that is missing or ill-typed is named."""
+        """The inverse of :meth:`body`; the field that is missing or ill-typed is named.
+
+        Without ``event_id``, or a body without ``timestamp``, the event is unstamped
+        (publishing stamps it).
+        """
         payload = {k: v for k, v in body.items() if k not in RESERVED}
-        timestamp = body.get("timestamp", int(time.time()))
+        timestamp = body.get("timestamp", 0)
         if not isinstance(timestamp, int) or isinstance(timestamp, bool):
             raise DefinitionError("timestamp", "must be an integer (seconds since the epoch)")
         return cls(
@@ -102,6 +108,6 @@ class Event:
             saga_id=body.get("saga_id"),  # type: ignore[arg-type]
             payload=payload,
             source=source,
-            event_id=event_id or new_event_id(),
+            event_id=event_id or "",
             timestamp=timestamp,
         )
