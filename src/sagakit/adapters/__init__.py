@@ -8,12 +8,16 @@ the pip command that installs it, before anything else happens.
 from __future__ import annotations
 
 import importlib
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from urllib.parse import urlsplit
 
 from sagakit.errors import ConfigurationError
-from sagakit.ports.event_bus import EventBus
-from sagakit.ports.saga_log import SagaLog
+
+if TYPE_CHECKING:
+    # Annotations only: importing a backend (memory_bus, say) runs this package
+    # first, and a bus has no use for the saga log's port (and core.records).
+    from sagakit.ports.event_bus import EventBus
+    from sagakit.ports.saga_log import SagaLog
 
 __all__ = ["EVENT_BUSES", "SAGA_LOGS", "Backend", "open_event_bus", "open_saga_log"]
 
@@ -68,9 +72,9 @@ def _open(kind: str, registry: dict[str, Backend], url: str) -> Any:
 
 def open_saga_log(url: str = "memory://") -> SagaLog:
     """The saga log the URL names."""
-    return cast(SagaLog, _open("saga log", SAGA_LOGS, url))
+    return cast("SagaLog", _open("saga log", SAGA_LOGS, url))
 
 
 def open_event_bus(url: str = "memory://") -> EventBus:
     """The event bus the URL names."""
-    return cast(EventBus, _open("event bus", EVENT_BUSES, url))
+    return cast("EventBus", _open("event bus", EVENT_BUSES, url))
