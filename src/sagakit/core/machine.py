@@ -326,6 +326,7 @@ def _final_status(plan: Plan, state: SagaState) -> SagaStatus | None:
 
 _decision: Callable[[tuple[Any, ...]], Decision] = partial(tuple.__new__, Decision)
 _step_completed: Callable[[tuple[int, Any]], StepCompleted] = partial(tuple.__new__, StepCompleted)
+_step_failed: Callable[[tuple[int, str, int]], StepFailed] = partial(tuple.__new__, StepFailed)
 _step_started: Callable[[tuple[int, int]], StepStarted] = partial(tuple.__new__, StepStarted)
 _run_step: Callable[[tuple[int, int]], RunStep] = partial(tuple.__new__, RunStep)
 _undo_started: Callable[[tuple[int, int]], CompensationStarted] = partial(
@@ -467,7 +468,7 @@ def decide(plan: Plan, state: SagaState, event: Event, now: float = 0.0) -> Deci
         raise _misfit(StepCompleted(step, result), state)
     if kind is StepRaised:
         step, why = event  # type: ignore[misc]
-        outcome = StepFailed(step, why, tries.get(step, 1))
+        outcome = _step_failed((step, why, tries.get(step, 1)))
         if status is _RUNNING and step == active:
             return _announce(
                 plan, outcome, _COMPENSATING, done, step, why, done, None, None, tries, undo_tries

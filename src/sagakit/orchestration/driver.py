@@ -26,7 +26,7 @@ from sagakit.core.machine import (
 )
 from sagakit.core.outcome import SagaOutcome, outcome_of
 from sagakit.core.records import check_json
-from sagakit.core.saga import PLAIN_RESULTS, SagaDefinition, Step, StepContext
+from sagakit.core.saga import PLAIN_RESULTS, SagaDefinition, StepContext
 from sagakit.errors import InvalidTransition, LeaseLost, SagaError
 from sagakit.ports.saga_log import Journal
 
@@ -80,7 +80,9 @@ async def drive(
                 # Called here, not in a helper coroutine: most steps do not
                 # suspend, and a coroutine per step would cost more than the step.
                 try:
-                    value = step.action(_context((saga_id, name, data, results, attempt, False)))
+                    value = step.action(
+                        _tuple_new(StepContext, (saga_id, name, data, results, attempt, False))
+                    )
                     if value is not None and (
                         step.action_is_async
                         or (type(value) not in PLAIN_RESULTS and hasattr(type(value), "__await__"))
@@ -96,9 +98,23 @@ async def drive(
                         event = _step_succeeded(saga_id, name, index, value, results)
             elif kind is RunCompensation:
                 index, attempt = command  # type: ignore[misc]
-                event = await _run_compensation(
-                    saga_id, steps[index], index, attempt, data, results
-                )
+                step = steps[index]
+                # The machine decides a compensation only for a step that has one.
+                compensation = step.compensation
+                assert compensation is not None
+                try:
+                    value = compensation(
+                        _tuple_new(StepContext, (saga_id, step.name, data, results, attempt, True))
+                    )
+                    if value is not None and (
+                        step.compensation_is_async
+                        or (type(value) not in PLAIN_RESULTS and hasattr(type(value), "__await__"))
+                    ):
+                        await value
+                except Exception as exc:
+                    event = _compensation_raised(saga_id, step.name, index, exc)
+                else:
+                    event = _UNDONE[index] if index < _SHARED else CompensationSucceeded(index)
             else:  # Finish
                 return outcome_of(saga_id, plan, state, results)
         try:
@@ -111,18 +127,23 @@ async def drive(
                 await flush(journal)
 
 
-_context: Callable[[tuple[Any, ...]], StepContext] = partial(tuple.__new__, StepContext)
+# Events and contexts are built with tuple.__new__ from all their fields: calling
+# a NamedTuple class costs about twice as much, and a saga makes several per step.
+_tuple_new = tuple.__new__
+_raised: Callable[[tuple[int, str]], StepRaised] = partial(tuple.__new__, StepRaised)
 _succeeded: Callable[[tuple[int, Any]], StepSucceeded] = partial(tuple.__new__, StepSucceeded)
 # "Step k returned None", the commonest event, made once for the first steps
 # (events are immutable values: one serves every saga).
 _SHARED = 64
 _NO_RESULT = [_succeeded((index, None)) for index in range(_SHARED)]
+_UNDONE = [CompensationSucceeded(index) for index in range(_SHARED)]
 
 
 def _step_raised(saga_id: str, name: str, index: int, exc: Exception) -> Event:
     error = describe(exc)
-    log.info("saga %s: step %s failed: %s", saga_id, name, error)
-    return StepRaised(index, error)
+    if log.isEnabledFor(logging.INFO):  # a third of the benchmark's sagas fail a step
+        log.info("saga %s: step %s failed: %s", saga_id, name, error)
+    return _raised((index, error))
 
 
 def _step_succeeded(
@@ -140,30 +161,7 @@ def _step_succeeded(
     return _succeeded((index, value))
 
 
-def _awaitable(value: Any, is_async: bool) -> bool:
-    # None first: what a synchronous step most often returns.
-    return value is not None and (
-        is_async or (type(value) not in PLAIN_RESULTS and hasattr(type(value), "__await__"))
-    )
-
-
-async def _run_compensation(
-    saga_id: str,
-    step: Step,
-    index: int,
-    attempt: int,
-    data: Mapping[str, Any],
-    results: dict[str, Any],
-) -> Event:
-    # The machine decides a compensation only for a step that has one.
-    compensation = step.compensation
-    assert compensation is not None
-    try:
-        value = compensation(_context((saga_id, step.name, data, results, attempt, True)))
-        if _awaitable(value, step.compensation_is_async):
-            await value
-    except Exception as exc:
-        error = describe(exc)
-        log.error("saga %s: compensation of %s failed: %s", saga_id, step.name, error)
-        return CompensationRaised(index, error)
-    return CompensationSucceeded(index)
+def _compensation_raised(saga_id: str, name: str, index: int, exc: Exception) -> Event:
+    error = describe(exc)
+    log.error("saga %s: compensation of %s failed: %s", saga_id, name, error)
+    return CompensationRaised(index, error)
