@@ -153,7 +153,10 @@ class Orchestrator:
         self, saga: SagaDefinition, saga_id: str, data: Mapping[str, Any] | None = None
     ) -> SagaOutcome:
         """Run ``saga`` as ``saga_id`` with input ``data`` to its end, and report how it ended."""
-        data = self._checked(saga, saga_id, data)
+        if data is None and type(saga) is SagaDefinition and type(saga_id) is str and saga_id:
+            data = NO_INPUT  # the arguments most runs have, checked inline
+        else:
+            data = self._checked(saga, saga_id, data)
         running = self._running.get(saga_id)
         if running is not None:
             return await self._join(saga, saga_id, running, data)
@@ -167,7 +170,9 @@ class Orchestrator:
             if journal is None:
                 outcome = await self._existing(saga, saga_id, data)
             else:
-                self._hold(journal)
+                self._held[saga_id] = journal
+                if self._renewer is None or self._renewer.done():
+                    self._renewer = asyncio.ensure_future(self._renew())
                 try:
                     outcome = await drive(
                         saga, saga_id, data, journal, decision, {}, self._flush, self._lost
@@ -182,7 +187,9 @@ class Orchestrator:
                     await self._give_up(saga_id, journal)
                     raise
                 else:
-                    self._drop(saga_id)
+                    del self._held[saga_id]  # its last record ended the lease
+                    if self._lost:
+                        self._lost.discard(saga_id)
         except BaseException as exc:
             if self._waiters and saga_id in self._waiters:
                 settle(self._waiters.pop(saga_id), exc)
