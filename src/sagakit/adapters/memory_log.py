@@ -81,19 +81,28 @@ class _Saga:
         "status",
     )
 
-    def __init__(self, saga_id: str, started: SagaStarted, now: float) -> None:
+    def __init__(
+        self,
+        saga_id: str,
+        started: SagaStarted,
+        records: list[SagaRecord],
+        now: float,
+        owner: str | None,
+        expires_at: float,
+    ) -> None:
         self.saga_id = saga_id
         self.started = started
-        self.records: list[SagaRecord] = [started]
+        self.records = records
         # When each batch of records was written: the saga's record count after
         # the batch, then the time, for each batch in turn. One stamp per batch,
         # not per record: the records of a batch are written at one time.
-        self.marks: list[float] = [1, now]
+        self.marks: list[float] = [len(records), now]
         self.status = _RUNNING
         self.final = False
-        self.owner: str | None = None
-        self.epoch = 0
-        self.expires_at = 0.0
+        # A saga created with an owner is leased to it, as epoch 1.
+        self.owner = owner
+        self.epoch = 0 if owner is None else 1
+        self.expires_at = expires_at
 
     def stamps(self) -> list[float]:
         """The time each record was written."""
@@ -251,15 +260,23 @@ class InMemorySagaLog:
                 openings.clear()
             started = openings.setdefault((started.saga, started.steps), started)
         now = self._clock()
-        entry = sagas[saga_id] = _Saga(saga_id, started, now)
-        if owner is not None:
-            entry.owner, entry.epoch, entry.expires_at = owner, 1, now + ttl
+        expires_at = 0.0 if owner is None else now + ttl
+        rest = opening[1:]
+        if len(rest) == 1 and type(rest[0]) is StepStarted:
+            # The opening every new saga has (its first step announced): nothing
+            # in it to check, and it leaves the saga running.
+            entry = sagas[saga_id] = _Saga(
+                saga_id, started, [started, rest[0]], now, owner, expires_at
+            )
+            self._unfinished[saga_id] = entry
+            return _Journal(self, entry, owner)
+        entry = sagas[saga_id] = _Saga(saga_id, started, [started], now, owner, expires_at)
         self._unfinished[saga_id] = entry
         journal = _Journal(self, entry, owner)
-        if len(opening) > 1:  # the records after SagaStarted, checked as any batch
+        if rest:  # the records after SagaStarted, checked as any batch
             entry.marks.clear()  # stamped with them, as one batch
             try:
-                journal.stage(opening[1:])
+                journal.stage(rest)
             except BaseException:
                 del sagas[saga_id], self._unfinished[saga_id]
                 raise
