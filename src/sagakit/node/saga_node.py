@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sagakit.core.machine import SagaStatus
 from sagakit.core.saga import SagaDefinition, Step, StepContext
 from sagakit.errors import BackendBusy, BackendUnavailable, DefinitionError, SagaIdConflict
@@ -25,17 +27,20 @@ __all__ = ["SagaNode"]
 class StepRefused(Exception):
     """The simulated failure that ``fail_step`` asks for."""
 
-    def __str__(self) -> str:
-        # Formatted only when read: a third of the benchmark's sagas raise this.
-        return f"{self.args[0]} failed as the request asked"
-
 
 def _step_done(ctx: StepContext) -> None:
     return None
 
 
-def _step_refused(ctx: StepContext) -> None:
-    raise StepRefused(ctx.step)
+def _refusal(step: str) -> Callable[[StepContext], None]:
+    """The action of a step the request asks to fail. Its message is made once per
+    definition: the orchestrator reads it from every failure it records."""
+    message = f"{step} failed as the request asked"
+
+    def refuse(ctx: StepContext) -> None:
+        raise StepRefused(message)
+
+    return refuse
 
 
 def _undone(ctx: StepContext) -> None:
@@ -70,7 +75,7 @@ class _Variants(dict[str | None, SagaDefinition]):
 def build(steps: tuple[str, ...], fail_step: str | None) -> SagaDefinition:
     return SagaDefinition(
         "execute",
-        [Step(s, _step_refused if s == fail_step else _step_done, _undone) for s in steps],
+        [Step(s, _refusal(s) if s == fail_step else _step_done, _undone) for s in steps],
     )
 
 
