@@ -560,3 +560,37 @@ async def test_sagas_read_back_alike() -> None:
     first.append(first[-1])  # a reader's copy: changing it changes nothing kept
     assert await log.read("h-2") == second
     assert await unfinished(log) == []
+
+
+async def test_a_sync_compensation_that_returns_an_awaitable_is_awaited() -> None:
+    """Compensations are called inline, as actions are: what one returns is awaited
+    when it is awaitable, and a failure while awaiting it is the compensation's."""
+    undone: list[str] = []
+
+    async def later(name: str, fail: bool) -> None:
+        await asyncio.sleep(0)
+        if fail:
+            raise RuntimeError(f"cannot undo {name}")
+        undone.append(name)
+
+    def undo_a(ctx: StepContext) -> Any:
+        return later(ctx.step, fail=False)
+
+    def undo_b(ctx: StepContext) -> Any:
+        return later(ctx.step, fail=True)
+
+    def ok(ctx: StepContext) -> None:
+        return None
+
+    def boom(ctx: StepContext) -> None:
+        raise Boom("no")
+
+    undone_first = SagaDefinition("deferred", [Step("a", ok, undo_a), Step("c", boom)])
+    outcome = await Orchestrator().run(undone_first, "o-1")
+    assert outcome.state is SagaStatus.COMPENSATED
+    assert undone == ["a"]
+
+    stuck = SagaDefinition("deferred-stuck", [Step("b", ok, undo_b), Step("c", boom)])
+    outcome = await Orchestrator().run(stuck, "o-2")
+    assert outcome.state is SagaStatus.FAILED
+    assert (outcome.stuck_step, outcome.stuck_error) == ("b", "RuntimeError: cannot undo b")
