@@ -183,3 +183,20 @@ async def test_service_publish_returns_the_event_its_handlers_get() -> None:
     assert before <= charged[0].timestamp <= int(time.time())
     assert charged[0].source == "payment"
     await bus.close()
+
+
+async def test_a_new_event_published_twice_is_the_same_event_twice() -> None:
+    """The retry a README reader is told to write: ``sagakit.new_event`` stamps the event
+    as it is made, so publishing that object again (after a BackendError, say) sends the
+    same id, which consumers deduplicate on."""
+    import sagakit
+
+    bus = InMemoryEventBus()
+    got: list[Event] = []
+    await bus.subscribe("*", got.append)
+    event = sagakit.new_event("OrderPlaced", "o1", {"n": 1})
+    await bus.publish(event)
+    await bus.publish(event)
+    await bus.drain()
+    assert [e.event_id for e in got] == [event.event_id] * 2
+    await bus.close()

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
         SchemaMismatch,
     )
     from sagakit.orchestration import Orchestrator, Recovered
-    from sagakit.ports.event_bus import ALL_EVENTS, DeadLetter, EventBus
+    from sagakit.ports.event_bus import ALL_EVENTS, DeadLetter, EventBus, new_event
     from sagakit.ports.saga_log import Journal, Lease, SagaLog, SagaSummary
 
 __version__ = "0.1.0"
@@ -86,6 +86,7 @@ __all__ = [
     "StepContext",
     "TrackedSaga",
     "handles",
+    "new_event",
     "open_event_bus",
     "open_saga_log",
 ]
@@ -127,6 +128,7 @@ _ORIGINS: dict[str, str] = {
     "StepContext": "sagakit.core.saga",
     "TrackedSaga": "sagakit.choreography.tracker",
     "handles": "sagakit.choreography.service",
+    "new_event": "sagakit.ports.event_bus",
     "open_event_bus": "sagakit.adapters",
     "open_saga_log": "sagakit.adapters",
 }
