@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from sagakit.core.event import Event
 from sagakit.core.saga import SagaDefinition, Step, StepContext
 from sagakit.errors import DefinitionError, SagakitError
+from sagakit.orchestration import Orchestrator
 
 
 def act(ctx: StepContext) -> None:
@@ -287,3 +288,19 @@ def test_event_timestamp_must_be_whole_seconds(timestamp: Any) -> None:
     with pytest.raises(DefinitionError) as excinfo:
         Event("OrderPlaced", "s1", {}, timestamp=timestamp)
     assert field_of(excinfo) == "timestamp"
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "x" * 1025, "\ud800"])
+def test_a_saga_name_no_saga_log_can_keep_is_refused(name: str) -> None:
+    """Saga logs keep the definition's name beside every saga id, as a key: the
+    identifier rule of every backend applies (no NUL, valid Unicode, 1,024 bytes)."""
+    with pytest.raises(DefinitionError) as excinfo:
+        SagaDefinition(name, [Step("a", act)])
+    assert excinfo.value.field == "name"
+
+
+@pytest.mark.parametrize("owner", ["a\x00b", "x" * 1025, "\ud800", ""])
+def test_an_orchestrator_owner_no_saga_log_can_keep_is_refused(owner: str) -> None:
+    with pytest.raises(DefinitionError) as excinfo:
+        Orchestrator(owner=owner)
+    assert excinfo.value.field == "owner"

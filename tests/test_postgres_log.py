@@ -227,28 +227,6 @@ async def test_a_result_that_is_not_json_fails_stage_and_names_the_step(
     assert len(await log.read("o-1")) == 2
 
 
-@pytest.mark.parametrize(
-    "saga_id", ["", "nul\x00inside", "lone \ud800 surrogate", "x" * 1025, "\u00e9" * 513]
-)
-async def test_a_saga_id_postgres_cannot_keep_is_refused_alone(
-    log: PostgresSagaLog, saga_id: str
-) -> None:
-    with pytest.raises(DefinitionError, match="saga_id"):
-        await log.create(saga_id, opening(), owner="w-1", ttl=60)
-    assert await log.read(saga_id) == []
-    assert await log.status(saga_id) is None
-    assert await log.claim(saga_id, owner="w-1", ttl=60) is None
-    await started(log, "x" * 1024)  # the longest id that fits
-
-
-@pytest.mark.parametrize("owner", ["", "a\x00b", "\udfff"])
-async def test_an_owner_postgres_cannot_keep_is_refused(log: PostgresSagaLog, owner: str) -> None:
-    with pytest.raises(DefinitionError, match="owner"):
-        await log.create("o-1", opening(), owner=owner, ttl=60)
-    with pytest.raises(DefinitionError, match="owner"):
-        await log.claim_next(owner=owner, ttl=60, limit=1)
-
-
 @pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf"), True, "5"])
 async def test_a_bad_ttl_is_refused(log: PostgresSagaLog, ttl: Any) -> None:
     with pytest.raises(DefinitionError, match="ttl"):

@@ -6,15 +6,19 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sagakit.core.records import valid_id
 from sagakit.node.host import Host
 from sagakit.node.kinds import default_registry
 from sagakit.node.protocol import Encoded, encode, json_string
 
 # Names with something besides white space: a blank step name is refused (tested below).
 names = st.text(min_size=1, max_size=12).filter(lambda name: name.strip() != "")
+# Saga ids every saga log can keep (no NUL, no lone surrogate); others are refused below.
+saga_ids = names.filter(valid_id)
 
 
 def reply_line(saga_id: str, steps: list[str], fail_step: str | None, msg_id: int) -> str:
@@ -31,7 +35,7 @@ def reply_line(saga_id: str, steps: list[str], fail_step: str | None, msg_id: in
 
 @settings(max_examples=300, deadline=None)
 @given(
-    saga_id=names,
+    saga_id=saga_ids,
     steps=st.lists(names, min_size=1, max_size=5, unique=True),
     fail_at=st.none() | st.integers(min_value=0, max_value=4),
     msg_id=st.integers(min_value=-(2**70), max_value=2**70),
@@ -76,3 +80,13 @@ def test_a_blank_step_name_is_a_malformed_request_not_a_crash() -> None:
     assert line["body"]["type"] == "error"
     assert line["body"]["code"] == 12
     assert line["body"]["text"].startswith("steps: ")
+
+
+@pytest.mark.parametrize("saga_id", ["\x00", "s\ud800", "\u00e9" * 600])
+def test_a_saga_id_no_log_can_keep_is_a_malformed_request_naming_it(saga_id: str) -> None:
+    """The identifier rule of every saga log, memory included: NUL, a lone surrogate
+    or over 1,024 bytes of UTF-8 (here 600 characters, 1,200 bytes)."""
+    body = json.loads(reply_line(saga_id, ["a"], None, 7))["body"]
+    assert (body["type"], body["code"], body["in_reply_to"]) == ("error", 12, 7)
+    assert body["text"].startswith("saga_id: ")
+    assert body["saga_id"] == saga_id

@@ -59,7 +59,7 @@ from sagakit.core.records import (
     StepFailed,
     StepStarted,
 )
-from sagakit.errors import LeaseLost, SagaError
+from sagakit.errors import DefinitionError, LeaseLost, SagaError
 from sagakit.ports.saga_log import Journal, Lease, SagaLog
 
 __all__ = [
@@ -117,6 +117,35 @@ class SagaLogConformance(SagaLogLeaseTests):
             started = (await log.read("one-by-one"))[0]
             assert type(started) is SagaStarted
             assert started.steps == ("reserve", "charge", "ship")  # a tuple, as written
+
+    @pytest.mark.parametrize(
+        "saga_id", ["", "nul\x00inside", "lone \ud800 surrogate", "x" * 1025, "\u00e9" * 513]
+    )
+    async def test_a_saga_id_no_backend_can_keep_is_refused_alone(self, saga_id: str) -> None:
+        """One identifier rule for every backend (core.records.valid_id): what PostgreSQL
+        cannot keep as a key is refused in memory and on SQLite too, and naming it in a
+        read finds nothing."""
+        async with self.opened() as log:
+            with pytest.raises(DefinitionError) as excinfo:
+                await log.create(saga_id, opening(), owner="w-1", ttl=LONG_TTL)
+            assert excinfo.value.field == "saga_id"
+            assert await log.read(saga_id) == []
+            assert await log.history(saga_id) == []
+            assert await log.status(saga_id) is None
+            assert await log.claim(saga_id, owner="w-1", ttl=LONG_TTL) is None
+            await self.started(log, "x" * 1024)  # the longest ids that fit
+            await self.started(log, "\u00e9" * 512)
+            assert len(await log.list()) == 2
+
+    @pytest.mark.parametrize("owner", ["", "a\x00b", "\udfff", "x" * 1025])
+    async def test_an_owner_no_backend_can_keep_is_refused(self, owner: str) -> None:
+        async with self.opened() as log:
+            with pytest.raises(DefinitionError) as excinfo:
+                await log.create("o-1", opening(), owner=owner, ttl=LONG_TTL)
+            assert excinfo.value.field == "owner"
+            with pytest.raises(DefinitionError):
+                await log.claim_next(owner=owner, ttl=LONG_TTL, limit=1)
+            assert await log.read("o-1") == []
 
     async def test_create_of_an_existing_saga_returns_none_and_writes_nothing(self) -> None:
         async with self.opened() as log:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from sagakit.core.records import (
+    MAX_ID_BYTES,
     CompensationCompleted,
     CompensationFailed,
     CompensationStarted,
@@ -38,6 +39,7 @@ from sagakit.core.records import (
     StepCompleted,
     StepFailed,
     StepStarted,
+    check_id,
     check_json,
 )
 from sagakit.errors import ConfigurationError, LeaseLost, SagaError
@@ -206,6 +208,8 @@ class InMemorySagaLog:
         # Batches written before that hold no value to check (no result, no
         # error, no input), and the status each leaves a saga in.
         self._known: dict[tuple[SagaRecord, ...], SagaStatus | None] = {}
+        # The last lease owner found valid: a worker creates all its sagas under one.
+        self._owner_checked: str | None = None
 
     @classmethod
     def from_url(cls, url: str) -> InMemorySagaLog:
@@ -240,6 +244,18 @@ class InMemorySagaLog:
         owner: str | None,
         ttl: float,
     ) -> _Journal | None:
+        # The identifier rule of every backend (see core.records.valid_id); the
+        # common id, short ASCII, is told apart inline: this runs for every saga.
+        if not (
+            type(saga_id) is str
+            and saga_id.isascii()
+            and 0 < len(saga_id) <= MAX_ID_BYTES
+            and "\x00" not in saga_id
+        ):
+            check_id("saga_id", saga_id)
+        if owner is not None and owner is not self._owner_checked:
+            check_id("owner", owner)
+            self._owner_checked = owner
         sagas = self._sagas
         if saga_id in sagas:
             return None
@@ -372,6 +388,7 @@ class InMemorySagaLog:
         return Claim(list(entry.records), _Journal(self, entry, owner))
 
     async def claim(self, saga_id: str, *, owner: str, ttl: float) -> Claim | None:
+        check_id("owner", owner)
         entry = self._unfinished.get(saga_id)
         if entry is None:
             return None
@@ -381,6 +398,7 @@ class InMemorySagaLog:
         return self._take(entry, owner, ttl, now)
 
     async def claim_next(self, *, owner: str, ttl: float, limit: int) -> list[Claim]:
+        check_id("owner", owner)
         now = self._clock()
         free = [
             entry

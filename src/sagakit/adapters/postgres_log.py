@@ -75,7 +75,16 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
-from sagakit.core.records import SagaRecord, SagaStarted, SagaStatus, decode_record, status_after
+from sagakit.core.records import (
+    MAX_ID_BYTES,
+    SagaRecord,
+    SagaStarted,
+    SagaStatus,
+    check_id,
+    decode_record,
+    status_after,
+    valid_id,
+)
 from sagakit.errors import (
     BackendBusy,
     BackendError,
@@ -101,7 +110,6 @@ __all__ = ["MAX_ID_BYTES", "PostgresJournal", "PostgresSagaLog", "PostgresStats"
 
 BACKEND = "postgresql"
 # A saga id is a primary key: a btree entry holds at most about 2,700 bytes.
-MAX_ID_BYTES = 1024
 _MAX_UNREADABLE = 1000  # sagas passed over by claim_next, remembered per log
 _logger = logging.getLogger(__name__)
 
@@ -162,24 +170,6 @@ async def _no_reset(conn: Any) -> None:
 
 
 # --- checks at the boundary: bad input fails its own call, never a shared batch ------------
-
-
-def _text_ok(value: object) -> bool:
-    if not isinstance(value, str) or not value or "\x00" in value:
-        return False
-    try:
-        return len(value.encode()) <= MAX_ID_BYTES
-    except UnicodeEncodeError:  # a lone surrogate
-        return False
-
-
-def _check_text(field: str, value: object) -> None:
-    if not _text_ok(value):
-        raise DefinitionError(
-            field,
-            f"must be non-empty Unicode text without NUL, at most {MAX_ID_BYTES} bytes"
-            f" in UTF-8, not {value!r:.100}",
-        )
 
 
 def _check_ttl(ttl: object) -> float:
@@ -399,16 +389,16 @@ class PostgresSagaLog:
         owner: str | None,
         ttl: float,
     ) -> PostgresJournal | None:
-        _check_text("saga_id", saga_id)
+        check_id("saga_id", saga_id)
         if owner is not None:
-            _check_text("owner", owner)
+            check_id("owner", owner)
         seconds = _check_ttl(ttl)
         started = opening[0] if opening else None
         if not isinstance(started, SagaStarted):
             raise DefinitionError(
                 "opening", f"a saga's log opens with SagaStarted, not {started!r:.100}"
             )
-        _check_text("saga", started.saga)
+        check_id("saga", started.saga)
         rows = [encode(saga_id, record) for record in opening]
         status = status_of([status_after(record) for record in opening]) or SagaStatus.RUNNING
         await self._open()
@@ -426,9 +416,9 @@ class PostgresSagaLog:
     # --- leases -------------------------------------------------------------------------
 
     async def claim(self, saga_id: str, *, owner: str, ttl: float) -> Claim | None:
-        _check_text("owner", owner)
+        check_id("owner", owner)
         seconds = _check_ttl(ttl)
-        if not _text_ok(saga_id):
+        if not valid_id(saga_id):
             return None  # no such saga can be in the log
         rows = await self._write(sql.CLAIM, saga_id, owner, seconds)
         if not rows:
@@ -439,7 +429,7 @@ class PostgresSagaLog:
         return claims[0]
 
     async def claim_next(self, *, owner: str, ttl: float, limit: int) -> list[Claim]:
-        _check_text("owner", owner)
+        check_id("owner", owner)
         seconds = _check_ttl(ttl)
         wanted = _check_limit(limit)
         claims: list[Claim] = []
@@ -521,7 +511,7 @@ class PostgresSagaLog:
         return [entry.record for entry in await self.history(saga_id)]
 
     async def history(self, saga_id: str) -> list[LoggedRecord]:
-        if not _text_ok(saga_id):
+        if not valid_id(saga_id):
             return []
         rows = await self._fetch(sql.HISTORY, saga_id)
         return [
@@ -534,7 +524,7 @@ class PostgresSagaLog:
         ]
 
     async def status(self, saga_id: str) -> SagaSummary | None:
-        if not _text_ok(saga_id):
+        if not valid_id(saga_id):
             return None
         rows = await self._fetch(sql.STATUS, saga_id)
         return _summary(rows[0]) if rows else None

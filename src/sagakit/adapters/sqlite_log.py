@@ -70,6 +70,7 @@ from sagakit.core.records import (
     SagaStatus,
     encode_record,
     status_after,
+    valid_id,
 )
 from sagakit.errors import (
     BackendRefused,
@@ -468,6 +469,8 @@ class SQLiteSagaLog:
     async def claim(self, saga_id: str, *, owner: str, ttl: float) -> Claim | None:
         store.check_owner(owner)
         store.check_ttl(ttl)
+        if not valid_id(saga_id):
+            return None  # no such saga can be in the log
         taken = await self._leasing(
             lambda taken: [] if taken is None else [(saga_id, taken[0])],
             store.claim,
@@ -533,13 +536,13 @@ class SQLiteSagaLog:
         return [entry.record for entry in await self.history(saga_id)]
 
     async def history(self, saga_id: str) -> list[LoggedRecord]:
-        if not isinstance(saga_id, str):
-            return []
+        if not valid_id(saga_id):
+            return []  # no such saga can be in the log (and sqlite3 cannot encode some)
         rows = await self._call(store.history, saga_id, writes=False)
         return [LoggedRecord(seq, record, at) for seq, record, at in rows]
 
     async def status(self, saga_id: str) -> SagaSummary | None:
-        if not isinstance(saga_id, str):
+        if not valid_id(saga_id):
             return None
         row = await self._call(store.status, saga_id, writes=False)
         return None if row is None else store.summary(row)

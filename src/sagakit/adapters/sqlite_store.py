@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sagakit.core.records import SagaRecord, SagaStatus, decode_record
+from sagakit.core.records import check_id as check_text
 from sagakit.errors import (
     BackendBusy,
     BackendError,
@@ -417,17 +418,11 @@ def summary(row: tuple[Any, ...]) -> SagaSummary:
 
 
 def check_id(saga_id: object) -> None:
-    if not isinstance(saga_id, str) or not saga_id:
-        raise DefinitionError("saga_id", f"must be a non-empty string, not {saga_id!r}")
-    try:
-        saga_id.encode()
-    except UnicodeEncodeError:
-        raise DefinitionError("saga_id", f"{saga_id!r} is not valid Unicode text") from None
+    check_text("saga_id", saga_id)
 
 
 def check_owner(owner: object) -> None:
-    if not isinstance(owner, str) or not owner:
-        raise DefinitionError("owner", f"must be a non-empty string, not {owner!r}")
+    check_text("owner", owner)
 
 
 def check_ttl(ttl: object) -> None:

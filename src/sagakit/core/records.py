@@ -19,9 +19,10 @@ from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Any, ClassVar, NamedTuple
 
-from sagakit.errors import SchemaMismatch
+from sagakit.errors import DefinitionError, SchemaMismatch
 
 __all__ = [
+    "MAX_ID_BYTES",
     "RECORD_KINDS",
     "CompensationCompleted",
     "CompensationFailed",
@@ -34,12 +35,14 @@ __all__ = [
     "StepCompleted",
     "StepFailed",
     "StepStarted",
+    "check_id",
     "check_json",
     "decode_record",
     "encode_record",
     "from_json",
     "status_after",
     "to_json",
+    "valid_id",
 ]
 
 
@@ -124,6 +127,37 @@ def check_json(value: Any) -> None:
     if kind in _SCALARS or (kind is int and -(2**63) <= value < 2**64):
         return
     to_json(value)
+
+
+# --- identifiers ----------------------------------------------------------------------
+# Saga ids, lease owners and definition names are keys in every durable backend
+# (PostgreSQL's primary keys and indexes cap them; NUL cannot be stored in its
+# text). One rule for every backend, memory included, so that code that runs on
+# memory:// runs on a database.
+
+MAX_ID_BYTES = 1024
+
+
+def valid_id(value: object) -> bool:
+    """Whether ``value`` is non-empty text without NUL, at most MAX_ID_BYTES in UTF-8."""
+    if type(value) is str and value.isascii():  # the common case, without encoding it
+        return 0 < len(value) <= MAX_ID_BYTES and "\x00" not in value
+    if not isinstance(value, str) or not value or "\x00" in value:
+        return False
+    try:
+        return len(value.encode()) <= MAX_ID_BYTES
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+
+
+def check_id(field: str, value: object) -> None:
+    """DefinitionError naming ``field`` unless :func:`valid_id`."""
+    if not valid_id(value):
+        raise DefinitionError(
+            field,
+            f"must be non-empty Unicode text without NUL, at most {MAX_ID_BYTES} bytes"
+            f" in UTF-8, not {value!r:.100}",
+        )
 
 
 # --- records ------------------------------------------------------------------------

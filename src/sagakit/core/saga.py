@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from sagakit.core.machine import Plan
-from sagakit.core.records import to_json
+from sagakit.core.records import check_id, to_json
 from sagakit.errors import DefinitionError
 
 __all__ = ["NO_INPUT", "SagaDefinition", "Step", "StepAction", "StepContext", "fingerprint"]
@@ -116,6 +116,7 @@ class SagaDefinition:
 
     def __init__(self, name: str, steps: Iterable[Step]) -> None:
         _check_name(name, "name")
+        check_id("name", name)  # saga logs keep it beside every saga id
         if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
             raise DefinitionError("steps", f"must be an iterable of Step, got {steps!r}")
         steps = tuple(steps)

@@ -179,6 +179,10 @@ class SagaNode(Node):
             outcome = await self.orchestrator.run(definition, saga_id)
         except SagaIdConflict as exc:
             raise RequestError(ErrorCode.PRECONDITION_FAILED, str(exc), saga_id=saga_id) from exc
+        except DefinitionError as exc:
+            # An id no saga log can keep (a lone surrogate, NUL, over 1,024 bytes of
+            # UTF-8): refused alike in memory and in a store.
+            raise RequestError(ErrorCode.MALFORMED_REQUEST, str(exc), saga_id=saga_id) from exc
         except (BackendUnavailable, BackendBusy) as exc:
             # The store is down or busy: the saga may be recorded as started, and
             # a retry carries it on from there (or answers it from the record).

@@ -25,6 +25,7 @@ from sagakit.core.records import (
     SagaRecord,
     SagaStarted,
     SagaStatus,
+    check_id,
     check_json,
 )
 from sagakit.core.saga import NO_INPUT, SagaDefinition
@@ -111,8 +112,8 @@ class Orchestrator:
             log = open_saga_log(log)
         if not (isinstance(lease_ttl, (int, float)) and lease_ttl > 0):
             raise DefinitionError("lease_ttl", f"must be a positive number, got {lease_ttl!r}")
-        if owner is not None and (type(owner) is not str or not owner):
-            raise DefinitionError("owner", f"must be a non-empty string, got {owner!r}")
+        if owner is not None:
+            check_id("owner", owner)  # what every saga log can keep
         self._log: SagaLog = log
         self._durable = bool(log.durable)
         self.owner = owner or default_owner()
