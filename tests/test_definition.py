@@ -304,3 +304,10 @@ def test_an_orchestrator_owner_no_saga_log_can_keep_is_refused(owner: str) -> No
     with pytest.raises(DefinitionError) as excinfo:
         Orchestrator(owner=owner)
     assert excinfo.value.field == "owner"
+
+
+@pytest.mark.parametrize("lease_ttl", [0, -1, float("nan"), float("inf"), "30", True])
+def test_a_lease_ttl_no_saga_log_takes_is_refused(lease_ttl: object) -> None:
+    with pytest.raises(DefinitionError) as excinfo:
+        Orchestrator(lease_ttl=lease_ttl)  # type: ignore[arg-type]
+    assert excinfo.value.field == "lease_ttl"

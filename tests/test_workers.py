@@ -213,8 +213,9 @@ async def test_a_lost_lease_stops_the_driver_before_its_next_action(log_kind: An
 async def test_a_journal_fenced_off_raises_lease_lost() -> None:
     log = InMemorySagaLog()
     saga, _ = recording_saga()
-    journal = await log.create("t-1", await _opening(saga), owner="a", ttl=0)
+    journal = await log.create("t-1", await _opening(saga), owner="a", ttl=0.001)
     assert journal is not None
+    await asyncio.sleep(0.01)  # a's lease expires
     assert await log.claim("t-1", owner="b", ttl=10) is not None
     with pytest.raises(LeaseLost):
         journal.stage([StepCompleted(0, 0)])

@@ -147,6 +147,48 @@ class SagaLogConformance(SagaLogLeaseTests):
                 await log.claim_next(owner=owner, ttl=LONG_TTL, limit=1)
             assert await log.read("o-1") == []
 
+    @pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf"), True, "5", None])
+    async def test_a_bad_lease_ttl_is_refused_naming_it(self, ttl: Any) -> None:
+        async with self.opened() as log:
+            with pytest.raises(DefinitionError) as excinfo:
+                await log.create("o-1", opening(), owner="w-1", ttl=ttl)
+            assert excinfo.value.field == "ttl"
+            assert await log.read("o-1") == []
+            await self.started(log, "o-2", owner=None)
+            for call in (
+                lambda: log.claim("o-2", owner="w-1", ttl=ttl),
+                lambda: log.claim_next(owner="w-1", ttl=ttl, limit=1),
+            ):
+                with pytest.raises(DefinitionError) as excinfo:
+                    await call()
+                assert excinfo.value.field == "ttl"
+            summary = await log.status("o-2")
+            assert summary is not None
+            assert summary.owner is None
+
+    @pytest.mark.parametrize("limit", [-1, 2.5, "3", True, None])
+    async def test_a_bad_limit_is_refused_naming_it(self, limit: Any) -> None:
+        async with self.opened() as log:
+            for call in (
+                lambda: log.list(limit=limit),
+                lambda: log.claim_next(owner="w-1", ttl=LONG_TTL, limit=limit),
+            ):
+                with pytest.raises(DefinitionError) as excinfo:
+                    await call()
+                assert excinfo.value.field == "limit"
+
+    async def test_list_takes_a_status_or_its_text_and_refuses_others(self) -> None:
+        async with self.opened() as log:
+            await write(await self.started(log, "done"), FINISHED)
+            await self.started(log, "running")
+            for status in ("completed", SagaStatus.COMPLETED, ["completed"], ("completed",)):
+                assert [s.saga_id for s in await log.list(status=status)] == ["done"]
+            assert await log.list(status=[]) == []
+            for bad in ("bogus", ["completed", "nope"], 5):
+                with pytest.raises(DefinitionError) as excinfo:
+                    await log.list(status=bad)
+                assert excinfo.value.field == "status"
+
     async def test_create_of_an_existing_saga_returns_none_and_writes_nothing(self) -> None:
         async with self.opened() as log:
             first = await self.started(log, "o-1")

@@ -43,7 +43,16 @@ from sagakit.core.records import (
     check_json,
 )
 from sagakit.errors import ConfigurationError, LeaseLost, SagaError
-from sagakit.ports.saga_log import Claim, Lease, LoggedRecord, SagaLog, SagaSummary
+from sagakit.ports.saga_log import (
+    Claim,
+    Lease,
+    LoggedRecord,
+    SagaLog,
+    SagaSummary,
+    check_limit,
+    check_ttl,
+    wanted_statuses,
+)
 
 __all__ = ["DEFAULT_MAX_FINISHED", "InMemorySagaLog"]
 
@@ -208,8 +217,10 @@ class InMemorySagaLog:
         # Batches written before that hold no value to check (no result, no
         # error, no input), and the status each leaves a saga in.
         self._known: dict[tuple[SagaRecord, ...], SagaStatus | None] = {}
-        # The last lease owner found valid: a worker creates all its sagas under one.
+        # The last lease owner and ttl found valid: a worker creates all its sagas
+        # with one of each, so they are checked once, not per saga.
         self._owner_checked: str | None = None
+        self._ttl_checked: float | None = None
 
     @classmethod
     def from_url(cls, url: str) -> InMemorySagaLog:
@@ -253,9 +264,10 @@ class InMemorySagaLog:
             and "\x00" not in saga_id
         ):
             check_id("saga_id", saga_id)
-        if owner is not None and owner is not self._owner_checked:
+        if owner is not None and (owner is not self._owner_checked or ttl is not self._ttl_checked):
             check_id("owner", owner)
-            self._owner_checked = owner
+            check_ttl(ttl)
+            self._owner_checked, self._ttl_checked = owner, ttl
         sagas = self._sagas
         if saga_id in sagas:
             return None
@@ -389,6 +401,7 @@ class InMemorySagaLog:
 
     async def claim(self, saga_id: str, *, owner: str, ttl: float) -> Claim | None:
         check_id("owner", owner)
+        check_ttl(ttl)
         entry = self._unfinished.get(saga_id)
         if entry is None:
             return None
@@ -399,12 +412,14 @@ class InMemorySagaLog:
 
     async def claim_next(self, *, owner: str, ttl: float, limit: int) -> list[Claim]:
         check_id("owner", owner)
+        check_ttl(ttl)
+        check_limit(limit)
         now = self._clock()
         free = [
             entry
             for entry in self._unfinished.values()
             if entry.owner is None or entry.expires_at <= now
-        ][: max(limit, 0)]
+        ][:limit]
         return [self._take(entry, owner, ttl, now) for entry in free]
 
     async def renew(self, journals: Sequence[object], *, ttl: float) -> list[str]:
@@ -465,17 +480,15 @@ class InMemorySagaLog:
         return None if entry is None else self._summary(entry)
 
     async def list(
-        self, *, status: SagaStatus | Sequence[SagaStatus] | None = None, limit: int = 100
+        self,
+        *,
+        status: SagaStatus | str | Sequence[SagaStatus | str] | None = None,
+        limit: int = 100,
     ) -> list[SagaSummary]:
-        wanted: frozenset[SagaStatus] | None
-        if status is None:
-            wanted = None
-        elif isinstance(status, SagaStatus):
-            wanted = frozenset({status})
-        else:
-            wanted = frozenset(SagaStatus(s) for s in status)
+        check_limit(limit)
+        wanted = wanted_statuses(status)
         found: list[SagaSummary] = []
-        if limit <= 0:
+        if limit == 0 or wanted == []:
             return found
         for entry in reversed(self._sagas.values()):
             if wanted is None or entry.status in wanted:

@@ -67,7 +67,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -94,7 +93,16 @@ from sagakit.errors import (
     DefinitionError,
     SchemaMismatch,
 )
-from sagakit.ports.saga_log import Claim, Lease, LoggedRecord, SagaLog, SagaSummary
+from sagakit.ports.saga_log import (
+    Claim,
+    Lease,
+    LoggedRecord,
+    SagaLog,
+    SagaSummary,
+    check_limit,
+    check_ttl,
+    wanted_statuses,
+)
 
 from . import _postgres_sql as sql
 from ._postgres_group import (
@@ -173,16 +181,12 @@ async def _no_reset(conn: Any) -> None:
 
 
 def _check_ttl(ttl: object) -> float:
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
-        raise DefinitionError("ttl", f"must be a positive number of seconds, not {ttl!r}")
     # The server's intervals reach 178,000,000 years; a lease need not.
-    return min(float(ttl), 1e9)
+    return min(check_ttl(ttl), 1e9)
 
 
 def _check_limit(limit: object) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise DefinitionError("limit", f"must be a whole number >= 0, not {limit!r}")
-    return min(limit, 2**31 - 1)
+    return min(check_limit(limit), 2**31 - 1)
 
 
 # --- the log ----------------------------------------------------------------------------
@@ -530,15 +534,13 @@ class PostgresSagaLog:
         return _summary(rows[0]) if rows else None
 
     async def list(
-        self, *, status: SagaStatus | Sequence[SagaStatus] | None = None, limit: int = 100
+        self,
+        *,
+        status: SagaStatus | str | Sequence[SagaStatus | str] | None = None,
+        limit: int = 100,
     ) -> list[SagaSummary]:
         wanted = _check_limit(limit)
-        if status is None:
-            statuses = None
-        elif isinstance(status, str):
-            statuses = [SagaStatus(status).value]
-        else:
-            statuses = sorted({SagaStatus(s).value for s in status})
+        statuses = wanted_statuses(status)
         if wanted == 0 or statuses == []:
             return []
         if statuses is None:

@@ -79,7 +79,16 @@ from sagakit.errors import (
     LeaseLost,
     SagaError,
 )
-from sagakit.ports.saga_log import Claim, Lease, LoggedRecord, SagaLog, SagaSummary
+from sagakit.ports.saga_log import (
+    Claim,
+    Lease,
+    LoggedRecord,
+    SagaLog,
+    SagaSummary,
+    check_limit,
+    check_ttl,
+    wanted_statuses,
+)
 
 __all__ = ["SCHEMA_VERSION", "SQLiteJournal", "SQLiteSagaLog", "SQLiteStats"]
 
@@ -442,7 +451,7 @@ class SQLiteSagaLog:
         store.check_id(saga_id)
         if owner is not None:
             store.check_owner(owner)
-        store.check_ttl(ttl)
+        check_ttl(ttl)
         started = opening[0] if opening else None
         if type(started) is not SagaStarted:
             raise DefinitionError(
@@ -468,7 +477,7 @@ class SQLiteSagaLog:
 
     async def claim(self, saga_id: str, *, owner: str, ttl: float) -> Claim | None:
         store.check_owner(owner)
-        store.check_ttl(ttl)
+        check_ttl(ttl)
         if not valid_id(saga_id):
             return None  # no such saga can be in the log
         taken = await self._leasing(
@@ -482,8 +491,8 @@ class SQLiteSagaLog:
 
     async def claim_next(self, *, owner: str, ttl: float, limit: int) -> list[Claim]:
         store.check_owner(owner)
-        store.check_ttl(ttl)
-        store.check_limit(limit)
+        check_ttl(ttl)
+        check_limit(limit)
         if limit == 0:
             return []
         taken, unreadable = await self._leasing(
@@ -510,7 +519,7 @@ class SQLiteSagaLog:
         return Claim(records, SQLiteJournal(self, saga_id, epoch, len(records), lease))
 
     async def renew(self, journals: Sequence[Any], *, ttl: float) -> list[str]:
-        store.check_ttl(ttl)
+        check_ttl(ttl)
         mine = [self._mine(journal) for journal in journals]
         if not mine:
             return []
@@ -548,19 +557,14 @@ class SQLiteSagaLog:
         return None if row is None else store.summary(row)
 
     async def list(
-        self, *, status: SagaStatus | Sequence[SagaStatus] | None = None, limit: int = 100
+        self,
+        *,
+        status: SagaStatus | str | Sequence[SagaStatus | str] | None = None,
+        limit: int = 100,
     ) -> list[SagaSummary]:
-        store.check_limit(limit)
-        wanted: list[str] | None
-        if status is None:
-            wanted = None
-        elif isinstance(status, str):
-            wanted = [SagaStatus(status).value]
-        else:
-            wanted = sorted({SagaStatus(s).value for s in status})
-            if not wanted:
-                return []
-        if limit == 0:
+        check_limit(limit)
+        wanted = wanted_statuses(status)
+        if limit == 0 or wanted == []:
             return []
         rows = await self._call(store.list_sagas, wanted, limit, writes=False)
         return [store.summary(row) for row in rows]

@@ -7,7 +7,6 @@ writer thread) so that each stays short. Everything here runs on that writer thr
 
 from __future__ import annotations
 
-import math
 import random
 import sqlite3
 import time
@@ -21,7 +20,6 @@ from sagakit.errors import (
     BackendError,
     BackendRefused,
     BackendUnavailable,
-    DefinitionError,
     LeaseLost,
     SagaLogConflict,
     SchemaMismatch,
@@ -423,13 +421,3 @@ def check_id(saga_id: object) -> None:
 
 def check_owner(owner: object) -> None:
     check_text("owner", owner)
-
-
-def check_ttl(ttl: object) -> None:
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
-        raise DefinitionError("ttl", f"must be a positive number of seconds, not {ttl!r}")
-
-
-def check_limit(limit: object) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise DefinitionError("limit", f"must be a whole number >= 0, not {limit!r}")

@@ -205,8 +205,9 @@ class SagaNode(Node):
         )
 
     async def open(self) -> None:
-        # Any read opens the store (a file, a connection) and checks its schema.
-        await self.orchestrator.log.status("")
+        # A read that reaches the store opens it (a file, a connection) and checks
+        # its schema. (Not status(""): an id no log can keep is answered without it.)
+        await self.orchestrator.log.list(limit=1)
 
     async def finish(self) -> None:
         # A store's writer is flushed and closed before the process leaves.

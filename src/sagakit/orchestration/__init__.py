@@ -50,7 +50,7 @@ from sagakit.orchestration.support import (
     settle,
     shown,
 )
-from sagakit.ports.saga_log import Claim, Journal, SagaLog, SagaSummary
+from sagakit.ports.saga_log import Claim, Journal, SagaLog, SagaSummary, check_ttl
 
 __all__ = ["Orchestrator", "Recovered"]
 
@@ -110,8 +110,10 @@ class Orchestrator:
             from sagakit.adapters import open_saga_log
 
             log = open_saga_log(log)
-        if not (isinstance(lease_ttl, (int, float)) and lease_ttl > 0):
-            raise DefinitionError("lease_ttl", f"must be a positive number, got {lease_ttl!r}")
+        try:
+            lease_ttl = check_ttl(lease_ttl)  # what every saga log takes
+        except DefinitionError as exc:
+            raise DefinitionError("lease_ttl", exc.problem) from None
         if owner is not None:
             check_id("owner", owner)  # what every saga log can keep
         self._log: SagaLog = log
@@ -407,10 +409,15 @@ class Orchestrator:
         return await self._log.status(saga_id)
 
     async def list(
-        self, status: SagaStatus | Iterable[SagaStatus] | None = None, limit: int = 100
+        self,
+        status: SagaStatus | str | Iterable[SagaStatus | str] | None = None,
+        limit: int = 100,
     ) -> list[SagaSummary]:
-        """Sagas in the log, newest first, of the given status(es) or all."""
-        wanted = status if status is None or isinstance(status, SagaStatus) else list(status)
+        """Sagas in the log, newest first, of the given status(es) or all (a status is a
+        SagaStatus or its text, ``"running"``; DefinitionError for another)."""
+        # One status (a SagaStatus or its text) is passed as it is; any other
+        # collection once as a list (a generator could not be read twice).
+        wanted = status if status is None or isinstance(status, str) else list(status)
         return await self._log.list(status=wanted, limit=limit)
 
     # --- recovery and serving --------------------------------------------------------

@@ -23,12 +23,24 @@ is one), so workers on machines whose clocks differ still agree on expiry.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from sagakit.core.records import SagaRecord, SagaStatus
+from sagakit.errors import DefinitionError
 
-__all__ = ["Claim", "Journal", "Lease", "LoggedRecord", "SagaLog", "SagaSummary"]
+__all__ = [
+    "Claim",
+    "Journal",
+    "Lease",
+    "LoggedRecord",
+    "SagaLog",
+    "SagaSummary",
+    "check_limit",
+    "check_ttl",
+    "wanted_statuses",
+]
 
 
 class Lease(NamedTuple):
@@ -154,9 +166,46 @@ class SagaLog(Protocol):
     async def status(self, saga_id: str) -> SagaSummary | None: ...
 
     async def list(
-        self, *, status: SagaStatus | Sequence[SagaStatus] | None = None, limit: int = 100
+        self,
+        *,
+        status: SagaStatus | str | Sequence[SagaStatus | str] | None = None,
+        limit: int = 100,
     ) -> list[SagaSummary]:
-        """Sagas, newest first, of the given status(es) or all."""
+        """Sagas, newest first, of the given status(es) or all: a status is a SagaStatus
+        or its text. A bad status, ``limit`` (a whole number >= 0) or lease ``ttl``
+        (positive, finite seconds) is a DefinitionError naming it, on every backend."""
         ...
 
     async def close(self) -> None: ...
+
+
+# --- arguments every saga log checks alike, before any work ----------------------------
+# A bad one is a DefinitionError naming it, on every backend, memory included.
+
+
+def check_ttl(ttl: object) -> float:
+    """A lease's time to live: a positive, finite number of seconds."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+        raise DefinitionError("ttl", f"must be a positive number of seconds, not {ttl!r}")
+    return float(ttl)
+
+
+def check_limit(limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise DefinitionError("limit", f"must be a whole number >= 0, not {limit!r}")
+    return limit
+
+
+def wanted_statuses(status: object) -> list[str] | None:
+    """The status values a listing asks for, sorted (None: all; []: none). One status,
+    as a SagaStatus or its text, or a collection of them."""
+    if status is None:
+        return None
+    given = [status] if isinstance(status, str) else status
+    try:
+        return sorted({SagaStatus(s).value for s in given})  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        known = ", ".join(s.value for s in SagaStatus)
+        raise DefinitionError(
+            "status", f"must be one of {known}, or a collection of them, not {status!r:.100}"
+        ) from None
