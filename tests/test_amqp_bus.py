@@ -33,6 +33,11 @@ from tests.conformance.event_bus import EventBusConformance, event, ids, recorde
 from tests.servers.amqp import AmqpServer
 
 TIMEOUT = 10.0
+_X_DELIVERY_COUNT = (
+    "the quorum queue's x-delivery-count counts the prefetched events given back"
+    " unstarted at close or by a dead consumer: they reach max_deliveries and are"
+    " dead-lettered though no handler tried them"
+)
 
 
 class TestAmqpEventBus(EventBusConformance):
@@ -65,6 +70,14 @@ class TestAmqpEventBus(EventBusConformance):
 
     async def restart_server(self) -> None:
         await self.server.restart()
+
+    @pytest.mark.xfail(strict=True, reason=_X_DELIVERY_COUNT)
+    async def test_events_a_closing_consumer_gives_back_unstarted_are_not_failures(self) -> None:
+        await super().test_events_a_closing_consumer_gives_back_unstarted_are_not_failures()
+
+    @pytest.mark.xfail(strict=True, reason=_X_DELIVERY_COUNT)
+    async def test_events_a_dying_consumer_held_unstarted_are_not_failures(self) -> None:
+        await super().test_events_a_dying_consumer_held_unstarted_are_not_failures()
 
 
 class TestChoreographyOnAmqp(ChoreographyConformance):

@@ -47,6 +47,13 @@ async def _kill(bus: NatsEventBus) -> None:
         await bus._nc.close()
 
 
+_COUNTED_BY_THE_SERVER = (
+    "JetStream's num_delivered counts events pulled ahead and given back unstarted"
+    " (nak at close, or lost with a dead process): they reach max_deliveries and are"
+    " dead-lettered though no handler tried them"
+)
+
+
 class TestNatsEventBus(EventBusConformance):
     @pytest.fixture(autouse=True)
     def _server(self, nats_server: NatsServer) -> None:
@@ -62,6 +69,14 @@ class TestNatsEventBus(EventBusConformance):
 
     async def restart_server(self) -> None:
         await asyncio.to_thread(self.server.restart)
+
+    @pytest.mark.xfail(strict=True, reason=_COUNTED_BY_THE_SERVER)
+    async def test_events_a_closing_consumer_gives_back_unstarted_are_not_failures(self) -> None:
+        await super().test_events_a_closing_consumer_gives_back_unstarted_are_not_failures()
+
+    @pytest.mark.xfail(strict=True, reason=_COUNTED_BY_THE_SERVER)
+    async def test_events_a_dying_consumer_held_unstarted_are_not_failures(self) -> None:
+        await super().test_events_a_dying_consumer_held_unstarted_are_not_failures()
 
 
 class TestNatsEventBusConcurrent(TestNatsEventBus):

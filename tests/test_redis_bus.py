@@ -506,3 +506,11 @@ class TestRedisEventBusConformance(EventBusConformance):
         if not self._server.restartable:
             pytest.skip("an external server (SAGAKIT_TEST_REDIS_URL) is not ours to restart")
         await asyncio.to_thread(self._server.restart)
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="XCLAIM counts the entries of a dead consumer's read batch it never started:"
+        " they reach max_deliveries and are dead-lettered though no handler tried them",
+    )
+    async def test_events_a_dying_consumer_held_unstarted_are_not_failures(self) -> None:
+        await super().test_events_a_dying_consumer_held_unstarted_are_not_failures()

@@ -775,6 +775,153 @@ class EventBusConformance(ABC):
         await asyncio.sleep(self.ack_timeout + self.settle)
         assert again == [], "the event finished before close was delivered again"
 
+    # --- events given back unhandled are not failed deliveries -----------------------------
+
+    async def _backlog(self, publisher: EventBus, count: int) -> list[Event]:
+        """``count`` events of one saga waiting for group ``g`` (none of its consumers runs).
+
+        One saga: each consumer runs one handler at a time on them and holds the
+        rest, pulled ahead or in its prefetch window, without starting them.
+        """
+        subscription = await publisher.subscribe("Tick", recorder([]), group="g")
+        await subscription.cancel()
+        sent = [event("Tick", "o-1", n=i) for i in range(count)]
+        for e in sent:
+            await publisher.publish(e)
+        return sent
+
+    async def _starts(self, started: asyncio.Event) -> bool:
+        """Whether a handler starts within an ack timeout and a few seconds (events held by
+        a dead consumer come back after the ack timeout)."""
+        try:
+            async with asyncio.timeout(self.ack_timeout + 3.0):
+                await started.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _after_the_rounds(
+        self, bus: EventBus, sent: list[Event], handled: set[str], starts: dict[str, int]
+    ) -> set[str]:
+        """A healthy consumer takes the rest over: every event is handled or a dead letter,
+        and a dead letter's handler was started ``max_deliveries`` times. The dead letters' ids."""
+
+        async def healthy(e: Event) -> None:
+            starts[e.event_id] = starts.get(e.event_id, 0) + 1
+            handled.add(e.event_id)
+
+        await bus.subscribe(
+            "Tick",
+            healthy,
+            group="g",
+            max_deliveries=2,
+            ack_timeout=self.ack_timeout,
+            backoff=self.backoff,
+        )
+        dead: set[str] = set()
+
+        async def settled() -> bool:
+            dead.clear()
+            dead.update(d.event.event_id for d in await bus.dead_letters("g"))
+            return all(e.event_id in handled or e.event_id in dead for e in sent)
+
+        deadline = time.monotonic() + self.timeout + self.ack_timeout
+        while not await settled():
+            if time.monotonic() > deadline:
+                missing = [e["n"] for e in sent if e.event_id not in handled | dead]
+                raise AssertionError(f"events {missing} neither handled nor dead-lettered")
+            await asyncio.sleep(0.02)
+        for letter in await bus.dead_letters("g"):
+            tries = starts.get(letter.event.event_id, 0)
+            assert tries >= 2, (
+                f"event {letter.event['n']} dead-lettered after {tries} handler starts"
+                f" (max_deliveries=2): {letter.error} ({letter.deliveries} deliveries counted)"
+            )
+        return dead
+
+    async def test_events_a_closing_consumer_gives_back_unstarted_are_not_failures(
+        self,
+    ) -> None:
+        # A service restarted with a backlog, more often than max_deliveries: each
+        # run handles one event and closes holding the others, never started.
+        publisher = await self.bus()
+        sent = await self._backlog(publisher, 8)
+        handled: set[str] = set()
+        starts: dict[str, int] = {}
+        for _ in range(4):
+            bus = await self.make_bus()
+            started = asyncio.Event()
+            release = asyncio.Event()
+
+            async def hold(
+                e: Event, started: asyncio.Event = started, release: asyncio.Event = release
+            ) -> None:
+                starts[e.event_id] = starts.get(e.event_id, 0) + 1
+                started.set()
+                await release.wait()
+                handled.add(e.event_id)
+
+            await bus.subscribe(
+                "Tick",
+                hold,
+                group="g",
+                max_deliveries=2,
+                ack_timeout=self.timeout,
+                backoff=self.backoff,
+            )
+            if not await self._starts(started):
+                await bus.close()
+                break  # nothing left to start: all handled, or (wrongly) dead letters
+            await asyncio.sleep(0.05)  # the rest arrives and waits behind it
+            closing = asyncio.create_task(bus.close())
+            await asyncio.sleep(0.05)
+            release.set()
+            async with asyncio.timeout(self.timeout):
+                await closing
+        dead = await self._after_the_rounds(await self.bus(), sent, handled, starts)
+        assert dead == set(), "no handler failed, so nothing is a dead letter"
+        assert handled == {e.event_id for e in sent}
+
+    async def test_events_a_dying_consumer_held_unstarted_are_not_failures(self) -> None:
+        # A service crash-looping with a backlog: each run dies while its handler
+        # runs one event, holding others it never started. Only the events whose
+        # handler was running may count (a handler that kills its process).
+        publisher = await self.bus()
+        sent = await self._backlog(publisher, 8)
+        handled: set[str] = set()
+        starts: dict[str, int] = {}
+        release = asyncio.Event()
+        try:
+            for _ in range(4):
+                bus = await self.make_bus()
+                started = asyncio.Event()
+
+                async def hang(e: Event, started: asyncio.Event = started) -> None:
+                    starts[e.event_id] = starts.get(e.event_id, 0) + 1
+                    started.set()
+                    await release.wait()
+
+                await bus.subscribe(
+                    "Tick",
+                    hang,
+                    group="g",
+                    max_deliveries=2,
+                    ack_timeout=self.ack_timeout,
+                    backoff=self.backoff,
+                )
+                self._buses.append(bus)
+                if not await self._starts(started):
+                    break  # nothing left to start: all handled, or (wrongly) dead letters
+                await asyncio.sleep(0.05)  # the rest arrives and waits behind it
+                async with asyncio.timeout(self.timeout):
+                    await self.crash(bus)
+            never_started = {e.event_id for e in sent if e.event_id not in starts}
+            assert never_started, "the test meant some events never to start in the rounds"
+            dead = await self._after_the_rounds(await self.bus(), sent, handled, starts)
+        finally:
+            release.set()
+        assert not dead & never_started
+
     # --- a broker restart ----------------------------------------------------------------
 
     async def test_published_events_survive_a_server_restart(self) -> None:
