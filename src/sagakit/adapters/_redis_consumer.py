@@ -99,8 +99,9 @@ class Subscription:
         await self.bus._unsubscribe(self)
 
 
-# One delivery: entry id, envelope bytes (None when the stream lost it), delivery count.
-_Entry = tuple[bytes, bytes | None, int]
+# One delivery: entry id, envelope bytes (None when the stream lost it), and whether it
+# is a redelivery (claimed from the pending list rather than read new).
+_Entry = tuple[bytes, bytes | None, bool]
 
 
 class Reader:
@@ -124,8 +125,10 @@ class Reader:
         self.stopping = False
         self.busy = False  # a batch is being handled
         self.ack_timeout = DEFAULT_ACK_TIMEOUT
-        # failed entry -> (retry time, deliveries so far, its backoff in ms)
-        self.due: dict[bytes, tuple[float, int, int]] = {}
+        # The group's attempts (see attempts()): a hash, field "<stream> <entry id>".
+        self.ledger = bus._attempts_key(group)
+        # failed entry -> (retry time, its backoff in ms)
+        self.due: dict[bytes, tuple[float, int]] = {}
         self.next_sweep = 0.0
         self.task: asyncio.Task[None] | None = None
 
@@ -152,12 +155,12 @@ class Reader:
                     await self._claim_pending(0, mine=True)
                     recover = False
                 now = loop.time()
-                if self.due and min(t for t, _, _ in self.due.values()) <= now:
+                if self.due and min(t for t, _ in self.due.values()) <= now:
                     await self._retry_due(now)
                 if now >= self.next_sweep:
                     self.next_sweep = now + min(max(self.ack_timeout / 2, 0.05), 5.0)
                     await self._claim_pending(int(self.ack_timeout * 1000), mine=False)
-                wake = min([self.next_sweep, *(t for t, _, _ in self.due.values())])
+                wake = min([self.next_sweep, *(t for t, _ in self.due.values())])
                 block = max(1, int(min(wake - loop.time(), MAX_BLOCK) * 1000))
                 entries = await self._read(acks, block)
                 acks = await self._handle(entries) if entries else []
@@ -210,15 +213,36 @@ class Reader:
         reply = replies[-1]
         if not reply:
             return []
-        return [(eid, _field(fields), 1) for eid, fields in reply[0][1]]
+        return [(eid, _field(fields), False) for eid, fields in reply[0][1]]
 
-    async def _ack(self, ids: list[bytes]) -> None:
+    async def _ack(self, ids: list[bytes], *, claimed: bool = False) -> None:
+        """Acknowledge; for claimed entries, also drop their attempts (see attempts())."""
         if self.delete_acked:
             await self.bus._ack_delete(keys=[self.stream], args=[self.group, *ids])
         else:
             await self.bus._redis.xack(self.stream, self.group, *ids)
+        if claimed:
+            await self.bus._redis.hdel(self.ledger, *(self.attempt(eid) for eid in ids))
 
-    async def _claim(self, ids: list[bytes], min_idle_ms: int, counts: dict[bytes, int]) -> None:
+    def attempt(self, eid: bytes) -> bytes:
+        """The entry's field in the group's attempts."""
+        return self.stream.encode() + b" " + eid
+
+    async def attempts(self, eid: bytes, *, more: int = 1) -> int:
+        """Count a handler start (or failure) of the entry; the starts counted so far.
+
+        Redis's own delivery count (``XPENDING``) counts every ``XCLAIM``, also of
+        entries a dead consumer had read but never started (its read batch): a
+        crash-looping service would dead-letter events no handler tried. So the
+        attempts are counted here, in a hash per group: a redelivered entry's
+        start before its handler runs (so a handler that dies with its process
+        counts), a new entry's only when its handler fails (new entries cost
+        nothing). The field is dropped once the entry is acknowledged or
+        dead-lettered.
+        """
+        return int(await self.bus._redis.hincrby(self.ledger, self.attempt(eid), more))
+
+    async def _claim(self, ids: list[bytes], min_idle_ms: int) -> None:
         reply = await self._command(
             "XCLAIM", self.stream, self.group, self.consumer, min_idle_ms, *ids
         )
@@ -227,23 +251,23 @@ class Reader:
             if item is None:
                 continue
             eid, fields = item
-            entries.append((eid, _field(fields) if fields is not None else None, counts[eid] + 1))
+            entries.append((eid, _field(fields) if fields is not None else None, True))
         acks = await self._handle(entries) if entries else []
         if acks:
-            await self._ack(acks)
+            await self._ack(acks, claimed=True)
 
     async def _retry_due(self, now: float) -> None:
-        ready = {eid: (n, wait) for eid, (t, n, wait) in self.due.items() if t <= now}
+        ready = {eid: wait for eid, (t, wait) in self.due.items() if t <= now}
         for eid in ready:
             del self.due[eid]
         # The entry has been idle at least its backoff since this consumer got
         # it, unless another consumer's sweep took it meanwhile: then its idle
         # time restarted, and this min-idle makes XCLAIM leave it to that one.
-        by_idle: dict[int, dict[bytes, int]] = {}
-        for eid, (n, wait) in ready.items():
-            by_idle.setdefault(max(0, wait - 10), {})[eid] = n
-        for min_idle, counts in by_idle.items():
-            await self._claim(list(counts), min_idle, counts)
+        by_idle: dict[int, list[bytes]] = {}
+        for eid, wait in ready.items():
+            by_idle.setdefault(max(0, wait - 10), []).append(eid)
+        for min_idle, eids in by_idle.items():
+            await self._claim(eids, min_idle)
 
     async def _claim_pending(self, min_idle_ms: int, *, mine: bool) -> None:
         args: list[Any] = [
@@ -259,25 +283,25 @@ class Reader:
         if mine:
             args.append(self.consumer)
         pending = await self._command(*args)
-        counts = {eid: int(n) for eid, _c, _idle, n in pending or () if eid not in self.due}
-        if counts:
-            await self._claim(list(counts), min_idle_ms, counts)
+        eids = [eid for eid, _c, _idle, _n in pending or () if eid not in self.due]
+        if eids:
+            await self._claim(eids, min_idle_ms)
 
     async def _handle(self, entries: list[_Entry]) -> list[bytes]:
         """Run the handlers of a batch: a task per saga, each saga's events in order."""
         self.busy = True
         try:
-            by_saga: dict[str, list[tuple[bytes, Event | None, bytes | None, int]]] = {}
-            for eid, data, n in entries:
+            by_saga: dict[str, list[tuple[bytes, Event | None, bytes | None, bool]]] = {}
+            for eid, data, again in entries:
                 event: Event | None = None
                 if data is not None:
                     try:
                         event = decode_event(data)
                     except (ValueError, KeyError, TypeError, DefinitionError) as exc:
-                        await self.bus._dead_letter(self, eid, data, f"undecodable: {exc!r}", n)
+                        await self.bus._dead_letter(self, eid, data, f"undecodable: {exc!r}", 1)
                         continue
                 key = event.saga_id if event is not None else ""
-                by_saga.setdefault(key, []).append((eid, event, data, n))
+                by_saga.setdefault(key, []).append((eid, event, data, again))
             acks: list[bytes] = []
             chains = [self._chain(chain, acks) for chain in by_saga.values()]
             if len(chains) == 1:
@@ -290,9 +314,9 @@ class Reader:
             self.bus._signal()
 
     async def _chain(
-        self, chain: list[tuple[bytes, Event | None, bytes | None, int]], acks: list[bytes]
+        self, chain: list[tuple[bytes, Event | None, bytes | None, bool]], acks: list[bytes]
     ) -> None:
-        for eid, event, data, n in chain:
+        for eid, event, data, again in chain:
             if event is None or data is None:
                 log.error(
                     "redis stream %s lost entry %s before %s handled it (trimmed at maxlen?)",
@@ -307,15 +331,22 @@ class Reader:
                 # Only a retry stream can hold a type this process's copy of the
                 # group does not handle: count it as a failed delivery.
                 reason = f"no handler for {event.type} in group {self.group} here"
+                n = await self.attempts(eid)
                 if n >= DEFAULT_MAX_DELIVERIES:
                     await self.bus._dead_letter(self, eid, data, reason, n)
                 else:
                     self._later(eid, n, DEFAULT_BACKOFF)
                 continue
+            # A redelivery's start is counted before its handler runs; a new entry
+            # is its first attempt, counted only if it fails (attempts()).
+            n = await self.attempts(eid) if again else 1
             if n > subscription.max_deliveries:
-                # Taken over from consumers that never acknowledged it, as many
-                # times as the group allows: a poisoned event that kills its consumer.
-                reason = f"not acknowledged within {subscription.ack_timeout}s, {n - 1} times"
+                # Its handler was started that many times and never finished: a
+                # poisoned event that kills (or hangs) every consumer that runs it.
+                reason = (
+                    f"not acknowledged within {subscription.ack_timeout}s"
+                    f" on {n - 1} deliveries that reached its handler"
+                )
                 await self.bus._dead_letter(self, eid, data, reason, n - 1)
                 continue
             try:
@@ -334,6 +365,8 @@ class Reader:
             if n >= subscription.max_deliveries:
                 await self.bus._dead_letter(self, eid, data, reason, n)
             else:
+                if not again:
+                    await self.attempts(eid)  # the first attempt, counted now it failed
                 log.info(
                     "redis %s: %s failed delivery %d of %s: %s",
                     self.group,
@@ -346,7 +379,7 @@ class Reader:
 
     def _later(self, eid: bytes, deliveries: int, backoff: float) -> None:
         wait = retry_delay(backoff, deliveries)
-        self.due[eid] = (asyncio.get_running_loop().time() + wait, deliveries, int(wait * 1000))
+        self.due[eid] = (asyncio.get_running_loop().time() + wait, int(wait * 1000))
 
     async def stop(self) -> None:
         self.stopping = True

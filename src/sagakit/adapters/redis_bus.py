@@ -15,16 +15,21 @@ apps share a server):
 - ``<prefix>:dlq:<group>``: the group's dead letters (envelope, last error,
   delivery count, time); ``<prefix>:dlq:`` holds those of subscriptions
   without a group (each has a private group, removed when it is cancelled).
+- ``<prefix>:attempts:<group>``: a hash, the attempts of the group's entries
+  that failed or were redelivered (field ``<stream> <entry id>``), until they
+  are acknowledged or dead-lettered.
 
 Delivery: each subscription has its own consumer, reading with ``XREADGROUP
 BLOCK``; a handler that returns is acknowledged (``XACK``, sent with the next
 read); one that raises stays pending and is claimed again by its consumer
 after ``backoff`` seconds, doubling per failure up to a minute (``XCLAIM``
-with that min-idle time, which counts the delivery). A consumer that dies
-holding events loses them after ``ack_timeout``: every consumer of the group
-sweeps the pending list with ``XPENDING IDLE`` and ``XCLAIM``
-(``XAUTOCLAIM`` does the same but does not return the delivery counts that
-decide on a dead letter). After
+with that min-idle time). A consumer that dies holding events loses them after
+``ack_timeout``: every consumer of the group sweeps the pending list with
+``XPENDING IDLE`` and ``XCLAIM``. Failures are counted in the attempts hash,
+not by Redis's delivery count, which counts every claim, also of entries a
+dead consumer had read and never started: a new entry's attempt is counted
+if its handler fails, a claimed entry's before its handler runs (so a handler
+that dies with its process counts from the entry's second delivery on). After
 ``max_deliveries`` the event goes to the dead letters and is acknowledged in
 one Lua script, atomic as a ``MULTI`` would be. A group created by its first
 ``subscribe`` starts at the stream's end (``$``); from then on it keeps what
@@ -106,8 +111,9 @@ local b = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
 return {a, b}
 """
 # The XACK comes first: an entry that another consumer already acknowledged is
-# not dead-lettered as well.
+# not dead-lettered as well. Its attempts go with it.
 _DEAD_LETTER = """
+redis.call('HDEL', KEYS[3], ARGV[9])
 if redis.call('XACK', KEYS[2], ARGV[2], ARGV[3]) == 0 then return 0 end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[4], 'error', ARGV[5],
   'group', ARGV[2], 'deliveries', ARGV[6], 'failed_at', ARGV[7])
@@ -213,6 +219,9 @@ class RedisEventBus:
 
     def _dlq(self, group: str) -> str:
         return f"{self.prefix}:dlq:{group}"
+
+    def _attempts_key(self, group: str) -> str:
+        return f"{self.prefix}:attempts:{group}"
 
     # Publishing --------------------------------------------------------------
 
@@ -331,6 +340,7 @@ class RedisEventBus:
         for reader in readers:
             if anonymous:
                 await self._redis.xgroup_destroy(reader.stream, reader.group)
+                await self._redis.delete(reader.ledger)
                 if reader.delete_acked:
                     await self._redis.delete(reader.stream)
                 continue
@@ -356,6 +366,7 @@ class RedisEventBus:
             keys=[
                 self._dlq("" if reader.group in self._anonymous else reader.group),
                 reader.stream,
+                reader.ledger,
             ],
             args=[
                 self.maxlen,
@@ -366,6 +377,7 @@ class RedisEventBus:
                 deliveries,
                 repr(time.time()),
                 "1" if reader.delete_acked else "0",
+                reader.attempt(eid),
             ],
         )
 
