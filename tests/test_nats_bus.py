@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 
 import nats
+import nats.js.errors
 import pytest
 
 from sagakit.adapters import open_event_bus
@@ -47,13 +49,6 @@ async def _kill(bus: NatsEventBus) -> None:
         await bus._nc.close()
 
 
-_COUNTED_BY_THE_SERVER = (
-    "JetStream's num_delivered counts events pulled ahead and given back unstarted"
-    " (nak at close, or lost with a dead process): they reach max_deliveries and are"
-    " dead-lettered though no handler tried them"
-)
-
-
 class TestNatsEventBus(EventBusConformance):
     @pytest.fixture(autouse=True)
     def _server(self, nats_server: NatsServer) -> None:
@@ -69,14 +64,6 @@ class TestNatsEventBus(EventBusConformance):
 
     async def restart_server(self) -> None:
         await asyncio.to_thread(self.server.restart)
-
-    @pytest.mark.xfail(strict=True, reason=_COUNTED_BY_THE_SERVER)
-    async def test_events_a_closing_consumer_gives_back_unstarted_are_not_failures(self) -> None:
-        await super().test_events_a_closing_consumer_gives_back_unstarted_are_not_failures()
-
-    @pytest.mark.xfail(strict=True, reason=_COUNTED_BY_THE_SERVER)
-    async def test_events_a_dying_consumer_held_unstarted_are_not_failures(self) -> None:
-        await super().test_events_a_dying_consumer_held_unstarted_are_not_failures()
 
 
 class TestNatsEventBusConcurrent(TestNatsEventBus):
@@ -347,6 +334,90 @@ def test_the_delivery_count_is_read_from_both_ack_subject_forms() -> None:
     assert _deliveries("$JS.ACK.dom.acchash.s-events.g~T.7.10.9.1700000000000000000.0.tok") == 7
     for reply in ("", "_INBOX.abc", "$JS.ACK.a.b.x.1.1.1.0", "$JS.API.a.b.1.1.1.1.0"):
         assert _deliveries(reply) == 0
+
+
+def test_the_stream_sequence_is_read_from_both_ack_subject_forms() -> None:
+    from sagakit.adapters._nats_attempts import stream_sequence
+
+    assert stream_sequence("$JS.ACK.s-events.g~T.3.10.9.1700000000000000000.0") == 10
+    reply = "$JS.ACK.dom.acchash.s-events.g~T.7.12.9.1700000000000000000.0.tok"
+    assert stream_sequence(reply) == 12
+    for reply in ("", "_INBOX.abc", "$JS.ACK.a.b.1.x.1.1.0", "$JS.API.a.b.1.1.1.1.0"):
+        assert stream_sequence(reply) == 0
+
+
+async def test_attempts_are_recorded_for_redeliveries_and_purged_once_settled(
+    bus: NatsEventBus,
+) -> None:
+    """A first delivery costs no record; a failure is recorded, a redelivery's start
+    too (before its handler runs); the record goes once the event is settled."""
+    assert bus._js is not None
+    js, stream = bus._js, f"{bus.prefix}-attempts"
+    seen: list[tuple[int, list[int]]] = []
+
+    async def records() -> list[int]:
+        found, seq = [], 1
+        while True:
+            try:
+                raw = await js.get_msg(stream, seq, subject=f"{bus.prefix}.attempts.>", next=True)
+            except nats.js.errors.NotFoundError:
+                return found
+            found.append(json.loads(raw.data or b"")["n"])
+            seq = (raw.seq or seq) + 1
+
+    async def handler(e: Event) -> None:
+        seen.append((e["n"], await records()))
+        if e["n"] == 1 or len(seen) == 1:
+            raise ValueError("fails")
+
+    await bus.subscribe("Job", handler, group="w", max_deliveries=2, backoff=0.01)
+    await bus.publish(event("Job", n=0))
+    await bus.drain()
+    await bus.publish(event("Job", n=1))
+    await bus.drain()
+    assert seen == [(0, []), (0, [2]), (1, []), (1, [2])], "1 failure + this start"
+    assert len(await bus.dead_letters("w")) == 1
+    assert await records() == []
+
+
+async def test_an_event_whose_handler_kills_every_consumer_is_dead_lettered(
+    nats_server: NatsServer,
+) -> None:
+    """Counted from its second delivery (a first one is counted only if its handler
+    fails): with max_deliveries=2, dead-lettered after three starts, none after."""
+    url = f"{nats_server.url}?prefix={_prefix()}"
+    starts = 0
+    held = asyncio.Event()
+
+    async def hang(e: Event) -> None:
+        nonlocal starts
+        starts += 1
+        held.set()
+        await asyncio.sleep(3600)
+
+    publisher = await NatsEventBus.connect(url)
+    try:
+        await publisher.subscribe("Job", hang, group="w", max_deliveries=2, ack_timeout=0.3)
+        await publisher.publish(event("Job"))
+        dying = publisher
+        for _ in range(3):
+            async with asyncio.timeout(10):
+                await held.wait()
+            held.clear()
+            await _kill(dying)
+            dying = await NatsEventBus.connect(url)
+            await dying.subscribe("Job", hang, group="w", max_deliveries=2, ack_timeout=0.3)
+        for _ in range(200):
+            if await dying.dead_letters("w"):
+                break
+            await asyncio.sleep(0.05)
+        [letter] = await dying.dead_letters("w")
+        assert (starts, letter.deliveries) == (3, 2)
+        assert "not acknowledged" in letter.error
+        await dying.close()
+    finally:
+        if not publisher._closed:
+            await publisher.close()
 
 
 async def test_events_queued_behind_a_slow_handler_are_not_redelivered(

@@ -24,13 +24,13 @@ Delivery: the handler's return acknowledges; a raise is a ``nak`` with a
 delay of ``backoff * 2**(n-1)`` (at most 30 s, or ``backoff`` if larger);
 ``ack_timeout`` is the consumer's ``ack_wait``, after which the server gives an
 unacknowledged event to another puller of the group. Failures are counted by
-the server's delivery count, so a delivery that timed out counts as failed; on
-the ``max_deliveries``-th failure the event is published to the dead letters,
-and only once the server has stored it is the original terminated. (The
-consumer's own ``max_deliver`` is left unlimited: a server-side limit would drop
-an event silently when the dead-letter publish fails.) ``replay_dead_letter``
-publishes the envelope to the replay subject that only the consumer which gave
-up on it listens to, then deletes the dead letter.
+the bus in stream ``<prefix>-attempts``, not by the server's delivery count
+(which counts events pulled ahead and given back unstarted):
+:mod:`._nats_attempts`. On the ``max_deliveries``-th failure the event is
+stored in the dead letters, then the original terminated (the consumer's
+``max_deliver`` stays unlimited: the server would drop an event silently).
+``replay_dead_letter`` publishes the envelope to the replay subject that only
+the consumer which gave up on it listens to, then deletes the dead letter.
 
 Each subscription pulls up to ``batch`` events ahead of its handler
 (:mod:`sagakit.adapters.nats_consumer`). While a handler runs, the events
@@ -69,14 +69,11 @@ event, default 7 days), ``dead_letters`` (dead letters kept per group, default
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import json
 import logging
 import os
-import re
-import time
 from collections.abc import Sequence
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -84,7 +81,6 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -97,13 +93,14 @@ from nats.js.api import (
 )
 
 from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
+from sagakit.adapters._nats_attempts import Attempts
 from sagakit.adapters.nats_consumer import (
-    MAX_BACKOFF,
+    TOKEN,
     PullSubscription,
     describe,
-    dump_record,
     load_record,
     read_dead_letter,
+    token,
 )
 from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
@@ -129,19 +126,11 @@ __all__ = ["NatsEventBus"]
 
 log = logging.getLogger("sagakit.bus.nats")
 
-_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _SOLO_IDLE = 300.0  # seconds before the server deletes an abandoned groupless consumer
 _DRAIN_POLL = 0.005
 _DEFAULTS = {"prefix": "sagakit", "timeout": "5", "batch": "32", "max_age": "604800"}
 _DEFAULTS["dead_letters"] = "100000"
 _DEFAULTS["concurrency"] = "1"
-
-
-def _token(name: str) -> str:
-    """``name`` as one subject token that is also a valid consumer name."""
-    if _TOKEN.fullmatch(name):
-        return name
-    return "~" + base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
 
 
 def _translate(url: str, doing: str, exc: BaseException) -> BackendError:
@@ -181,7 +170,7 @@ class NatsEventBus:
         dead_letters: int = 100_000,
         concurrency: int = 1,
     ) -> None:
-        if not isinstance(prefix, str) or not _TOKEN.fullmatch(prefix) or len(prefix) > 64:
+        if not isinstance(prefix, str) or not TOKEN.fullmatch(prefix) or len(prefix) > 64:
             raise ConfigurationError(
                 f"NATS prefix {prefix!r} must be 1-64 characters of A-Z a-z 0-9 _ -"
             )
@@ -200,6 +189,7 @@ class NatsEventBus:
         self._dead_letter_limit = dead_letters
         self._concurrency = concurrency
         self._stream, self._dlq_stream = f"{prefix}-events", f"{prefix}-dlq"
+        self._attempts = Attempts(self)
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._connecting = asyncio.Lock()
@@ -309,7 +299,7 @@ class NatsEventBus:
             discard=DiscardPolicy.NEW,
             discard_new_per_subject=True,
         )
-        for config in (events, dead):
+        for config in (events, dead, self._attempts.config(self._max_age)):
             try:
                 try:
                     info = await js.stream_info(config.name or "")
@@ -348,7 +338,7 @@ class NatsEventBus:
             raise BackendError(self.url, f"the event bus is closed; {event.type} not published")
         data = encode_event(event)  # a payload that is not JSON fails here, by name
         js = self._js or await self._ready()
-        subject = f"{self.prefix}.events.{_token(event.type)}"
+        subject = f"{self.prefix}.events.{token(event.type)}"
         for attempt in (1, 2):
             try:
                 await self._store(subject, data, event.event_id)
@@ -401,11 +391,11 @@ class NatsEventBus:
         await self._ready()
         nc = self._nc
         assert nc is not None
-        p, type_token = self.prefix, _token(event_type)
+        p, type_token = self.prefix, token(event_type)
         if group is None:
             consumer = f"~solo-{os.urandom(8).hex()}"
         else:
-            consumer = f"{_token(group)}~{type_token}"
+            consumer = f"{token(group)}~{type_token}"
             if len(consumer) > 200:  # the server allows 255; keep it readable and unique
                 digest = hashlib.sha256(f"{group}\0{event_type}".encode()).hexdigest()[:32]
                 consumer = f"{consumer[:150]}~{digest}"
@@ -461,49 +451,6 @@ class NatsEventBus:
             except Exception as exc:  # the server deletes it once idle anyway
                 log.debug("deleting consumer %s: %s", subscription.consumer, describe(exc))
 
-    async def _dead_letter(
-        self,
-        subscription: PullSubscription,
-        msg: Msg,
-        event: Event | None,
-        error: str,
-        deliveries: int,
-    ) -> None:
-        """Store the event in the group's dead letters, then end its delivery."""
-        record = {
-            "v": 1,
-            "group": subscription.group,
-            "consumer": subscription.consumer,
-            "subscription": subscription.event_type,
-            "error": error,
-            "deliveries": deliveries,
-            "failed_at": time.time(),
-            "envelope": msg.data.decode("utf-8", "replace"),
-        }
-        js = self._js
-        try:
-            assert js is not None
-            await js.publish(f"{self.prefix}.dlq.{_token(subscription.group)}", dump_record(record))
-        except Exception as exc:
-            # Not stored: the event stays in the stream and comes back later.
-            log.error(
-                "dead-lettering %s for group %r failed (%s); it will be retried",
-                event.type if event else "an undecodable event",
-                subscription.group,
-                describe(exc),
-            )
-            with contextlib.suppress(nats.errors.Error):
-                await msg.nak(delay=MAX_BACKOFF)
-            return
-        log.error(
-            "dead letter in group %r after %d deliveries: %s",
-            subscription.group,
-            deliveries,
-            error,
-        )
-        with contextlib.suppress(nats.errors.Error):  # else it comes back, is dead-lettered again
-            await msg.term()
-
     async def drain(self) -> None:
         task = asyncio.current_task()
         if any(s.owns(task) for s in self._subscriptions):
@@ -539,7 +486,7 @@ class NatsEventBus:
             raise DefinitionError("group", "must be a string")
         check_limit(limit)
         js = await self._ready()
-        subject = f"{self.prefix}.dlq.{_token(group)}"
+        subject = f"{self.prefix}.dlq.{token(group)}"
         found: list[DeadLetter] = []
         seq = 1
         while len(found) < limit:
@@ -557,7 +504,7 @@ class NatsEventBus:
 
     async def replay_dead_letter(self, group: str, dead_letter_id: str) -> None:
         js = await self._ready()
-        subject = f"{self.prefix}.dlq.{_token(group)}"
+        subject = f"{self.prefix}.dlq.{token(group)}"
         seq = int(dead_letter_id) if str(dead_letter_id).isdigit() else 0
         raw = None
         if 0 < seq < 2**63:

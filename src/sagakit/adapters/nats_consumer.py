@@ -8,18 +8,22 @@ inbox of its own and are handled one at a time, in arrival order (or, with
 clean: the inbox is unsubscribed (the server stops sending to it) and what
 arrived but was not handled is given back with a ``nak``.
 
-Also here: the dead-letter record, as stored in the ``<prefix>-dlq`` stream
-(JSON: ``v``, ``group``, ``consumer``, ``subscription``, ``error``,
-``deliveries``, ``failed_at`` and the original ``envelope`` as text).
+Failures are counted with :mod:`._nats_attempts` (not by the server's delivery
+count); at ``max_deliveries`` the subscription stores the event in the dead
+letters, then terminates it. Also here: the dead-letter record, as stored in the
+``<prefix>-dlq`` stream (JSON: ``v``, ``group``, ``consumer``, ``subscription``,
+``error``, ``deliveries``, ``failed_at`` and the original ``envelope`` as text).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import json
 import logging
+import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -30,6 +34,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js.api import ConsumerConfig
 
+from sagakit.adapters._nats_attempts import stream_sequence
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
 from sagakit.errors import BackendError, DefinitionError
@@ -40,17 +45,27 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_BACKOFF",
+    "TOKEN",
     "PullSubscription",
     "describe",
     "dump_record",
     "load_record",
     "read_dead_letter",
+    "token",
 ]
 
 log = logging.getLogger("sagakit.bus.nats")
 
 MAX_BACKOFF = 30.0
+TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _PULL_EXPIRES = 2.0  # seconds a pull request waits on the server for events
+
+
+def token(name: str) -> str:
+    """``name`` as one subject token that is also a valid consumer name."""
+    if TOKEN.fullmatch(name):
+        return name
+    return "~" + base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
 
 
 def _deliveries(reply: str) -> int:
@@ -212,10 +227,10 @@ class PullSubscription:
             prepared = await self._prepare(msg, fetched_at)
             if prepared is None:
                 continue
-            event, deliveries = prepared
+            event, before, again = prepared
             waiting = self._sagas.get(event.saga_id)
             if waiting is not None:
-                waiting.append([fetched_at, msg, event, deliveries])
+                waiting.append([fetched_at, msg, event, before, again])
                 continue
             try:
                 while len(self._chains) >= self._concurrency:
@@ -226,7 +241,7 @@ class PullSubscription:
                     await self._give_back(msg)
                 raise
             self._sagas[event.saga_id] = deque()
-            chain = loop.create_task(self._chain(msg, event, deliveries))
+            chain = loop.create_task(self._chain(msg, event, before, again))
             self._chains.add(chain)
             chain.add_done_callback(self._chain_done)
 
@@ -261,24 +276,30 @@ class PullSubscription:
         self._chains.discard(chain)
         self._slot.set()
 
-    async def _chain(self, msg: Msg, event: Event, deliveries: int) -> None:
+    async def _chain(self, msg: Msg, event: Event, before: int, again: bool) -> None:
         """Handle one saga's events in order, while more of them arrive."""
         saga_id = event.saga_id
         try:
             while True:
-                await self._handle(msg, event, deliveries)
+                await self._handle(msg, event, before, again)
                 waiting = self._sagas[saga_id]
                 if not waiting or self._stopping:
                     break
-                fetched_at, msg, event, deliveries = waiting.popleft()
+                fetched_at, msg, event, before, again = waiting.popleft()
                 if time.monotonic() - fetched_at > self.ack_timeout / 2:
                     await _in_progress(msg)
         finally:
             for item in self._sagas.pop(saga_id, ()):
                 await self._give_back(item[1])
 
-    async def _prepare(self, msg: Msg, fetched_at: float) -> tuple[Event, int] | None:
-        """The event and its delivery count, or None once it is dead-lettered or skipped."""
+    async def _prepare(self, msg: Msg, fetched_at: float) -> tuple[Event, int, bool] | None:
+        """The event, the attempts that reached a handler before, and whether the server
+        sent it before; None once it is dead-lettered or skipped.
+
+        The server's count also counts deliveries no handler started (pulled ahead
+        and given back, or lost with a dead process), so a redelivery's attempts
+        are read from the bus's own records (:mod:`._nats_attempts`).
+        """
         deliveries = _deliveries(msg.reply)
         if deliveries < 1:  # not a JetStream delivery: nothing to acknowledge
             return None
@@ -293,21 +314,33 @@ class PullSubscription:
             event = decode_event(msg.data)
         except DefinitionError as exc:
             error = f"undecodable envelope: {exc}"
-            await self._bus._dead_letter(self, msg, None, error, deliveries)
+            await self._dead_letter(msg, None, error, deliveries)
             return None
-        if deliveries > self.max_deliveries:
-            # Earlier deliveries were never acknowledged (consumers died or hung).
-            error = f"not acknowledged within {self.ack_timeout}s on {deliveries - 1} deliveries"
-            await self._bus._dead_letter(self, msg, event, error, deliveries - 1)
+        if deliveries == 1:
+            return event, 0, False
+        seq = stream_sequence(msg.reply)
+        before, error = await self._bus._attempts.count(self.consumer, seq)
+        if before >= self.max_deliveries:
+            # Its handler was started that often and did not finish (its consumers
+            # died or hung), or failed under a higher max_deliveries.
+            error = error or self._unfinished(before)
+            await self._dead_letter(msg, event, error, before, counted=True)
             return None
-        return event, deliveries
+        return event, before, True
+
+    def _unfinished(self, attempts: int) -> str:
+        return f"not acknowledged within {self.ack_timeout}s on {attempts} deliveries"
 
     async def _deliver(self, msg: Msg, fetched_at: float) -> None:
         prepared = await self._prepare(msg, fetched_at)
         if prepared is not None:
             await self._handle(msg, *prepared)
 
-    async def _handle(self, msg: Msg, event: Event, deliveries: int) -> None:
+    async def _handle(self, msg: Msg, event: Event, before: int, again: bool) -> None:
+        """Run the handler on its attempt ``before + 1``; ``again``: a redelivery, whose
+        attempt is recorded before the handler runs (a handler that never returns, or
+        dies with its process, counts), and whose record goes once it is settled."""
+        deliveries = before + 1
         self._handling += 1
         started = time.monotonic()
         if started - self._kept_at >= self.ack_timeout / 3:
@@ -319,6 +352,11 @@ class PullSubscription:
             )
         )
         try:
+            if again:
+                seq = stream_sequence(msg.reply)
+                await self._bus._attempts.record(
+                    self.consumer, seq, deliveries, self._unfinished(deliveries)
+                )
             result = self.handler(event)
             if inspect.isawaitable(result):
                 await result
@@ -326,14 +364,17 @@ class PullSubscription:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # we are being cancelled, not the handler failing
-            await self._failed(msg, event, exc, deliveries)
+            await self._failed(msg, event, exc, deliveries, again)
         except Exception as exc:
-            await self._failed(msg, event, exc, deliveries)
+            await self._failed(msg, event, exc, deliveries, again)
         else:
             try:
                 await msg.ack()
             except nats.errors.Error as exc:
                 log.warning("ack of %s failed (%s): it will come again", event.type, describe(exc))
+            else:
+                if again:
+                    await self._bus._attempts.forget(self.consumer, stream_sequence(msg.reply))
         finally:
             self._handling -= 1
             keeper[0].cancel()
@@ -355,7 +396,9 @@ class PullSubscription:
             self.ack_timeout / 3, self._keep_pending, started, keeper
         )
 
-    async def _failed(self, msg: Msg, event: Event, exc: BaseException, deliveries: int) -> None:
+    async def _failed(
+        self, msg: Msg, event: Event, exc: BaseException, deliveries: int, again: bool
+    ) -> None:
         log.warning(
             "handler of %s (group %r) failed on %s of saga %s, delivery %d: %s",
             self.event_type,
@@ -367,11 +410,62 @@ class PullSubscription:
             exc_info=exc,
         )
         if deliveries >= self.max_deliveries:
-            await self._bus._dead_letter(self, msg, event, describe(exc), deliveries)
+            await self._dead_letter(msg, event, describe(exc), deliveries, counted=again)
             return
+        if not again:  # a first delivery's attempt is recorded only now, as it failed
+            await self._bus._attempts.record(
+                self.consumer, stream_sequence(msg.reply), deliveries, describe(exc)
+            )
         delay = max(self.backoff, min(self.backoff * 2 ** (deliveries - 1), MAX_BACKOFF))
         with contextlib.suppress(nats.errors.Error):  # else redelivered after ack_wait
             await msg.nak(delay=delay)
+
+    async def _dead_letter(
+        self,
+        msg: Msg,
+        event: Event | None,
+        error: str,
+        deliveries: int,
+        *,
+        counted: bool = False,
+    ) -> None:
+        """Store the event in the group's dead letters, then end its delivery (and drop
+        its attempts, if ``counted``: recorded in the attempts stream)."""
+        record = {
+            "v": 1,
+            "group": self.group,
+            "consumer": self.consumer,
+            "subscription": self.event_type,
+            "error": error,
+            "deliveries": deliveries,
+            "failed_at": time.time(),
+            "envelope": msg.data.decode("utf-8", "replace"),
+        }
+        bus, js = self._bus, self._bus._js
+        try:
+            assert js is not None
+            await js.publish(f"{bus.prefix}.dlq.{token(self.group)}", dump_record(record))
+        except Exception as exc:
+            # Not stored: the event stays in the stream and comes back later.
+            log.error(
+                "dead-lettering %s for group %r failed (%s); it will be retried",
+                event.type if event else "an undecodable event",
+                self.group,
+                describe(exc),
+            )
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak(delay=MAX_BACKOFF)
+            return
+        log.error(
+            "dead letter in group %r after %d deliveries: %s",
+            self.group,
+            deliveries,
+            error,
+        )
+        with contextlib.suppress(nats.errors.Error):  # else it comes back, is dead-lettered again
+            await msg.term()
+        if counted:
+            await bus._attempts.forget(self.consumer, stream_sequence(msg.reply))
 
     def _keep(self, now: float) -> None:
         """An in-progress ack for each queued event that waited a third of the ack timeout."""
