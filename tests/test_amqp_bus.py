@@ -33,11 +33,6 @@ from tests.conformance.event_bus import EventBusConformance, event, ids, recorde
 from tests.servers.amqp import AmqpServer
 
 TIMEOUT = 10.0
-_X_DELIVERY_COUNT = (
-    "the quorum queue's x-delivery-count counts the prefetched events given back"
-    " unstarted at close or by a dead consumer: they reach max_deliveries and are"
-    " dead-lettered though no handler tried them"
-)
 
 
 class TestAmqpEventBus(EventBusConformance):
@@ -71,13 +66,36 @@ class TestAmqpEventBus(EventBusConformance):
     async def restart_server(self) -> None:
         await self.server.restart()
 
-    @pytest.mark.xfail(strict=True, reason=_X_DELIVERY_COUNT)
-    async def test_events_a_closing_consumer_gives_back_unstarted_are_not_failures(self) -> None:
-        await super().test_events_a_closing_consumer_gives_back_unstarted_are_not_failures()
+    async def test_an_event_whose_consumers_die_in_its_handler_comes_back_uncounted(
+        self,
+    ) -> None:
+        # Only failures are counted here (the sagakit-failures header of the event put
+        # back): the broker's x-delivery-count cannot tell the event a handler was
+        # running from those held unstarted, so a death counts for neither.
+        release = asyncio.Event()
+        starts: list[str] = []
 
-    @pytest.mark.xfail(strict=True, reason=_X_DELIVERY_COUNT)
-    async def test_events_a_dying_consumer_held_unstarted_are_not_failures(self) -> None:
-        await super().test_events_a_dying_consumer_held_unstarted_are_not_failures()
+        async def hang(e: Event) -> None:
+            starts.append(e.event_id)
+            await release.wait()
+
+        sent = event("Job")
+        try:
+            for i in range(3):
+                bus = await self.bus()
+                await bus.subscribe("Job", hang, group="w", max_deliveries=2)
+                if i == 0:
+                    await bus.publish(sent)
+                await self.eventually(lambda n=i: len(starts) > n, "the handler to start")
+                await self.crash(bus)
+        finally:
+            release.set()
+        got: list[Event] = []
+        healthy = await self.bus()
+        await healthy.subscribe("Job", recorder(got), group="w", max_deliveries=2)
+        await self.eventually(lambda: len(got) == 1, "the event handled at last")
+        assert ids(got) == [sent.event_id]
+        assert await healthy.dead_letters("w") == []
 
 
 class TestChoreographyOnAmqp(ChoreographyConformance):

@@ -60,10 +60,12 @@ H_DELIVERIES, H_FAILED_AT, H_QUEUE = (
     "sagakit-failed-at-ms",
     "sagakit-queue",
 )
+# On an event put back in its queue after its handler failed: how many times it failed.
+H_FAILURES = "sagakit-failures"
 # Dropped on replay: the dead letter's own, and the count of its dead-letter queue's
 # listings (a replayed event starts with a fresh count of deliveries).
 DEAD_LETTER_HEADERS = frozenset(
-    {H_ID, H_GROUP, H_ERROR, H_DELIVERIES, H_FAILED_AT, H_QUEUE, "x-delivery-count"}
+    {H_ID, H_GROUP, H_ERROR, H_DELIVERIES, H_FAILED_AT, H_QUEUE, H_FAILURES, "x-delivery-count"}
 )
 # Errors that mean the connection or channel is gone: a retry may help.
 LOST = (
@@ -386,10 +388,17 @@ class Consumer:
             self.held -= len(lane)  # left unacknowledged for the channel's close to give back
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        """Run the handler; count its failures in the event's ``sagakit-failures`` header.
+
+        Not the quorum queue's ``x-delivery-count``: it also counts the events a
+        consumer held in its prefetch window and gave back unstarted (closing, or
+        dying), so a service restarted with a backlog would dead-letter events no
+        handler tried (and RabbitMQ 4.3 no longer counts a ``basic.nack``).
+        """
         if gone(message):
             return  # its connection went: the broker has given it back already
         private = self.group is None
-        count = (message.headers or {}).get("x-delivery-count", 0)
+        count = (message.headers or {}).get(H_FAILURES, 0)
         before = count if type(count) is int and count > 0 else 0
         try:
             event = decode_event(message.body)
@@ -397,7 +406,8 @@ class Consumer:
             await self._dead_letter(message, f"undecodable event: {exc}", before + 1)
             return
         if not private and before >= self.max_deliveries:
-            reason = f"given back unacknowledged {before} times (its consumers stopped or died)"
+            # Put back by a consumer of the group with a higher max_deliveries.
+            reason = f"failed {before} times, max_deliveries is {self.max_deliveries}"
             await self._dead_letter(message, reason, before)
             return
         deliveries = before + 1
@@ -419,12 +429,39 @@ class Consumer:
                 await self._dead_letter(message, error, deliveries)
                 return
             await self._pause(deliveries)
-            if not private or self.stopping:
-                # Given back, for any consumer of the group to try again.
+            if not private:
+                # Back in the queue, counted, for any consumer of the group to try again.
+                await self._put_back(message, deliveries)
+                return
+            if self.stopping:  # the private queue goes with its subscription
                 await self._settle(message, ack=False)
                 return
-            # A private queue has no other consumer, and no delivery count: retry here.
+            # A private queue has no other consumer: retry here.
             deliveries += 1
+
+    async def _put_back(self, message: AbstractIncomingMessage, failures: int) -> None:
+        """Publish the event again to its queue with its count of failures, confirmed, then
+        acknowledge this delivery (a crash in between: both, at least once)."""
+        headers: dict[str, Any] = dict(message.headers or {})
+        headers.pop("x-delivery-count", None)
+        headers[H_FAILURES] = failures
+        again = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            type=message.type,
+        )
+        try:
+            await self.bus._send(again, self.queue_name, what="putting back", direct=True)
+        except BackendError as exc:
+            # Given back instead: retried, this failure not counted.
+            log.warning("%s: cannot put a failed event back: %s", self.queue_name, exc)
+            await self._settle(message, ack=False)
+            return
+        await self._settle(message, ack=True)
 
     async def _attempt(self, event: Event) -> str | None:
         """Run the handler once: None if it returned, else the error it ended with."""
@@ -471,6 +508,7 @@ class Consumer:
     ) -> None:
         headers: dict[str, Any] = dict(message.headers or {})
         headers.pop("x-delivery-count", None)
+        headers.pop(H_FAILURES, None)
         headers.update(
             {
                 H_ID: os.urandom(16).hex(),

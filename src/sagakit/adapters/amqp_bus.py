@@ -33,22 +33,27 @@ Topology, all derived from the prefix:
 Delivery: manual acknowledgement. A handler that returns acknowledges. One that
 raises (or outlives ``ack_timeout``: it is cancelled) is a failed delivery:
 the bus holds the event for ``backoff * 2**(n-1)`` seconds (at most 30, or
-``backoff`` if larger), then gives it back (``basic.nack``, requeue), and the
-broker delivers it again to some consumer of the group. The delivery count is
-the quorum queue's ``x-delivery-count``, which also counts events given back
-because a consumer closed or died holding them. At ``max_deliveries`` the bus
-publishes the event to the group's dead-letter queue with the last error, the
-group, the count, the time and the queue it came from as headers, waits for the
-confirm, then acknowledges the original (so a crash in between leaves the event
-in both places: at least once). An event arriving with ``max_deliveries`` or
-more deliveries behind it (its consumers kept dying) is dead-lettered without
-running the handler, which stops a poisoned event from crash-looping a service.
+``backoff`` if larger), then puts it back: it publishes the event again to its
+queue with its count of failures in the header ``sagakit-failures``, waits for
+the confirm and acknowledges the delivery (a crash in between: both, at least
+once), and the broker delivers it to some consumer of the group, behind the
+events queued meanwhile. The quorum queue's ``x-delivery-count`` is not used:
+it also counts the events a consumer held in its prefetch window and gave back
+unstarted, closing or dying, so a service restarted often with a backlog would
+dead-letter events no handler tried (and RabbitMQ 4.3 no longer counts a
+``basic.nack``). So only failures count: an event whose consumer dies while
+its handler runs comes back uncounted (a handler that kills its process is not
+dead-lettered by count). At ``max_deliveries`` the bus publishes the event to
+the group's dead-letter queue with the last error, the group, the count, the
+time and the queue it came from as headers, waits for the confirm, then
+acknowledges the original (so a crash in between leaves the event in both
+places: at least once).
 
 ``ack_timeout`` on RabbitMQ: a consumer whose connection closes or drops gives
 its unacknowledged events back at once, when the broker notices (at once for a
 closed socket, after the heartbeat timeout for a silent peer). A live consumer
 whose handler holds an event longer than ``ack_timeout`` cancels that handler
-and gives the event back as a failed delivery. The broker's own
+and puts the event back as a failed delivery. The broker's own
 ``consumer_timeout`` (30 minutes by default) is the last resort behind both.
 
 Dead letters are listed with ``basic.get`` on a channel of their own, without
@@ -62,7 +67,7 @@ Ordering: a queue is FIFO, and one subscription runs the events of one saga
 one at a time, in the order the queue delivers them (events of different sagas
 run concurrently, up to ``prefetch``). So with one consumer in a group, one
 saga's events are handled in publication order, as long as no delivery fails.
-A failed event given back may be overtaken by later events of its saga, and
+A failed event put back comes behind later events of its saga, and
 several consumers of one group may handle one saga's events at the same time.
 
 A lost connection is re-established in the background (with a growing pause,
