@@ -40,9 +40,11 @@ async def _kill(bus: NatsEventBus) -> None:
     """Die holding events: loops stop without acknowledging, the connection drops."""
     tasks = [s._task for s in bus._subscriptions if s._task is not None]
     tasks += [chain for s in bus._subscriptions for chain in s._chains]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    pending = set(tasks)
+    while pending:  # again: Python 3.11's wait_for (in nats-py's requests) may swallow one
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
     bus._subscriptions = []
     bus._closed = True
     if bus._nc is not None:

@@ -495,8 +495,11 @@ class PullSubscription:
                 self.wake()  # the loop runs the handler itself: let it finish
                 await asyncio.wait([task])
             else:
-                task.cancel()
-                await asyncio.wait([task])
+                while not task.done():
+                    # Again after a while: Python 3.11's asyncio.wait_for (nats-py's
+                    # requests use it) may swallow a cancellation that meets its reply.
+                    task.cancel()
+                    await asyncio.wait([task], timeout=1.0)
         if self._chains:  # each finishes its handler and gives back what waits behind it
             await asyncio.wait(list(self._chains))
         if self._sub is not None:
