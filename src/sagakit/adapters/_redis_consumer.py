@@ -228,7 +228,7 @@ class Reader:
         """The entry's field in the group's attempts."""
         return self.stream.encode() + b" " + eid
 
-    async def attempts(self, eid: bytes, *, more: int = 1) -> int:
+    async def attempts(self, eid: bytes) -> int:
         """Count a handler start (or failure) of the entry; the starts counted so far.
 
         Redis's own delivery count (``XPENDING``) counts every ``XCLAIM``, also of
@@ -240,7 +240,7 @@ class Reader:
         nothing). The field is dropped once the entry is acknowledged or
         dead-lettered.
         """
-        return int(await self.bus._redis.hincrby(self.ledger, self.attempt(eid), more))
+        return int(await self.bus._redis.hincrby(self.ledger, self.attempt(eid), 1))
 
     async def _claim(self, ids: list[bytes], min_idle_ms: int) -> None:
         reply = await self._command(
