@@ -445,15 +445,7 @@ class Consumer:
         headers: dict[str, Any] = dict(message.headers or {})
         headers.pop("x-delivery-count", None)
         headers[H_FAILURES] = failures
-        again = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            type=message.type,
-        )
+        again = _copy(message, headers)
         try:
             await self.bus._send(again, self.queue_name, what="putting back", direct=True)
         except BackendError as exc:
@@ -519,15 +511,7 @@ class Consumer:
                 H_QUEUE: self.queue_name,
             }
         )
-        letter = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            type=message.type,
-        )
+        letter = _copy(message, headers)
         try:
             try:
                 await self.bus._send(
@@ -546,3 +530,16 @@ class Consumer:
             return
         log.error("%s: dead letter after %d deliveries: %s", self.queue_name, deliveries, error)
         await self._settle(message, ack=True)
+
+
+def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """The delivered event as a new persistent message, with ``headers``."""
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        type=message.type,
+    )
