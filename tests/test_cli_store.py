@@ -100,6 +100,19 @@ def test_a_bad_store_url_is_a_clear_error() -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("command", [("list",), ("show", "order-1")])
+def test_reading_a_missing_sqlite_file_is_an_error_and_creates_nothing(
+    command: tuple[str, ...], tmp_path: Path
+) -> None:
+    # A typo in the path must not list an empty log and leave a new file behind.
+    missing = tmp_path / "typo.db"
+    done = run("sagas", *command, "--store", f"sqlite:///{missing}")
+    assert done.returncode == 2, done.stdout
+    assert f"no saga log at {missing}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("spec", "problem"),
     [

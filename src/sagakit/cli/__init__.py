@@ -151,8 +151,7 @@ def sagas_list(
     """List sagas, newest first."""
     import asyncio
 
-    from sagakit.adapters import open_saga_log
-    from sagakit.cli.sagas import parse_statuses, print_table, show_list
+    from sagakit.cli.sagas import open_existing, parse_statuses, print_table, show_list
     from sagakit.errors import SagakitError
 
     try:
@@ -160,7 +159,7 @@ def sagas_list(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--status") from None
     try:
-        print_table(asyncio.run(show_list(open_saga_log(store), statuses, limit)))
+        print_table(asyncio.run(show_list(open_existing(store), statuses, limit)))
     except SagakitError as exc:
         typer.echo(f"sagakit sagas list: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -174,12 +173,11 @@ def sagas_show(
     """Show every record of one saga: step, attempt, result or error, time."""
     import asyncio
 
-    from sagakit.adapters import open_saga_log
-    from sagakit.cli.sagas import print_table, show_saga
+    from sagakit.cli.sagas import open_existing, print_table, show_saga
     from sagakit.errors import SagakitError
 
     try:
-        table = asyncio.run(show_saga(open_saga_log(store), saga_id))
+        table = asyncio.run(show_saga(open_existing(store), saga_id))
     except SagakitError as exc:
         typer.echo(f"sagakit sagas show: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -23,7 +23,7 @@ from sagakit.core.records import (
 )
 from sagakit.ports.saga_log import LoggedRecord, SagaLog, SagaSummary
 
-__all__ = ["list_table", "parse_statuses", "timeline_table"]
+__all__ = ["list_table", "open_existing", "parse_statuses", "timeline_table"]
 
 
 def _time(seconds: float | None) -> str:
@@ -116,6 +116,26 @@ def timeline_table(saga_id: str, history: Sequence[LoggedRecord], *, times: bool
         when = [_clock(logged.recorded_at)] if times else []
         table.add_row(str(logged.seq), *when, event, step, attempt, detail)
     return table
+
+
+def open_existing(store: str) -> SagaLog:
+    """The saga log ``store`` names, for reading only: an SQLite file must exist.
+
+    Opening a missing file would create an empty saga log there, so a typo in
+    the path would list nothing and leave a stray file behind; a worker or a
+    node creates the file, ``sagas list|show`` only read one.
+    """
+    from sagakit.adapters import open_saga_log
+    from sagakit.adapters.sqlite_log import SQLiteSagaLog
+    from sagakit.errors import ConfigurationError
+
+    log = open_saga_log(store)
+    if isinstance(log, SQLiteSagaLog) and not log.path.is_file():
+        raise ConfigurationError(
+            f"no saga log at {log.path}: the file does not exist"
+            " (a worker or a node creates it on first use)"
+        )
+    return log
 
 
 async def show_list(log: SagaLog, statuses: list[SagaStatus] | None, limit: int) -> Table:
