@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +22,7 @@ from sagakit.core.records import (
     StepStarted,
 )
 from sagakit.core.saga import NO_INPUT
+from sagakit.node.runner import parse_settings
 from sagakit.ports.saga_log import LoggedRecord, SagaSummary
 from tests.test_node import MAIN, REPO, execute, run_node
 
@@ -64,17 +65,26 @@ def test_a_store_that_cannot_be_opened_stops_the_node_at_once(tmp_path: Path) ->
 # --- a saga left in flight by a dead node ---------------------------------------------
 # The node leases each saga it runs for 30 s (the orchestrator's default) and
 # renews it every 10 s while it runs. A node killed mid-saga leaves the saga
-# running in the file, leased to it; the next node asked to execute that saga
-# id waits for the lease to run out, claims the saga and carries it on: the
-# step that was started and never finished runs again, as attempt 2.
+# running in the file, leased to it. The same node restarted (the same owner:
+# its node id, or "saga" before an init, @ the host) takes the saga over at
+# once; another node asked to execute that saga id waits for the lease to run
+# out. Either claims the saga and carries it on: the step that was started and
+# never finished runs again, as attempt 2.
 
 NODE_LEASE = 30.0  # the lease the node takes (Orchestrator's DEFAULT_LEASE_TTL)
 
 
-def _plant_in_flight(db: Path, saga_id: str, steps: tuple[str, ...], *, lease_left: float) -> float:
+def _plant_in_flight(
+    db: Path,
+    saga_id: str,
+    steps: tuple[str, ...],
+    *,
+    lease_left: float,
+    owner: str = "dead-node",
+) -> float:
     """Record ``saga_id`` as a node that died mid-saga would have left it: the first step
-    completed, the second started and not finished, under a 30 s lease of owner
-    ``dead-node`` that has ``lease_left`` seconds to go (negative: expired that long ago).
+    completed, the second started and not finished, under a 30 s lease of ``owner``
+    that has ``lease_left`` seconds to go (negative: expired that long ago).
 
     The records are those the node writes for ``steps`` (its definition is named
     "execute", its input empty), so their fingerprint is the node's. Returns the
@@ -87,7 +97,7 @@ def _plant_in_flight(db: Path, saga_id: str, steps: tuple[str, ...], *, lease_le
         log = SQLiteSagaLog(db, clock=lambda: time.time() - ago)
         try:
             opening = [SagaStarted("execute", steps, NO_INPUT), StepStarted(0)]
-            journal = await log.create(saga_id, opening, owner="dead-node", ttl=NODE_LEASE)
+            journal = await log.create(saga_id, opening, owner=owner, ttl=NODE_LEASE)
             assert journal is not None
             assert journal.lease is not None
             journal.stage([StepCompleted(0), StepStarted(1)])
@@ -195,6 +205,72 @@ def test_a_dead_nodes_expired_lease_is_taken_over_at_once(tmp_path: Path) -> Non
     assert history[4].recorded_at - began < 5.0
 
 
+def _init(node_id: str) -> str:
+    body = {"type": "init", "msg_id": 0, "node_id": node_id, "node_ids": [node_id]}
+    return json.dumps({"src": "c0", "dest": "saga", "body": body}) + "\n"
+
+
+HOST = socket.gethostname()
+
+
+@pytest.mark.parametrize(
+    ("owner", "before", "options"),
+    [
+        (f"saga@{HOST}", "", []),  # no init: the node's name
+        (f"n1@{HOST}", _init("n1"), []),
+        ("blue", _init("n1"), ["--owner", "blue"]),
+    ],
+)
+def test_the_same_node_restarted_takes_its_own_saga_over_at_once(
+    tmp_path: Path, owner: str, before: str, options: list[str]
+) -> None:
+    db = tmp_path / "sagas.db"
+    # The lease the dead node took is live for another 25 s: it is the node's own.
+    _plant_in_flight(db, "s", ("a", "b", "c"), lease_left=25.0, owner=owner)
+    began = time.time()
+    run = run_node(
+        before + execute(1, "s", ["a", "b", "c"]), [*MAIN, "--store", f"sqlite:///{db}", *options]
+    )
+    assert run.code == 0, run.stderr
+    assert run.reply(1)["type"] == "saga_completed"
+    history = _history(db, "s")
+    assert history[4].record == StepStarted(1, attempt=2)
+    assert history[4].recorded_at - began < 5.0  # far below the 25 s left
+    summary = _summary(db, "s")
+    assert summary is not None
+    assert (summary.status, summary.owner) == (SagaStatus.COMPLETED, None)
+
+
+def test_another_node_on_the_host_does_not_take_a_live_lease(tmp_path: Path) -> None:
+    db = tmp_path / "sagas.db"
+    # n2's live lease; this node is n1, so it waits: a conflicting step list shows it
+    # (answered at once, the saga left as it was) without the test waiting 25 s.
+    _plant_in_flight(db, "s", ("a", "b", "c"), lease_left=25.0, owner=f"n2@{HOST}")
+    before = _history(db, "s")
+    run = run_node(
+        _init("n1") + execute(1, "s", ["a", "b"]) + execute(2, "t", ["a"]),
+        [*MAIN, "--store", f"sqlite:///{db}"],
+    )
+    assert run.code == 0, run.stderr
+    assert (run.reply(1)["type"], run.reply(1)["code"]) == ("error", 22)
+    assert _history(db, "s") == before
+    summary = _summary(db, "t")
+    assert summary is not None
+    history = _history(db, "t")
+    assert history[-1].record == SagaFinished(SagaStatus.COMPLETED)
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ"),
+    [(["--owner", "x" * 1025], {}), ([], {"SAGAKIT_OWNER": "é" * 513})],
+)
+def test_an_owner_no_store_can_keep_is_refused_at_start(
+    argv: list[str], environ: dict[str, str]
+) -> None:
+    with pytest.raises(SystemExit, match="owner must be text without NUL, at most 1,024 bytes"):
+        parse_settings(argv, environ)
+
+
 def test_a_saga_in_flight_under_another_step_list_is_a_conflict_at_once(
     tmp_path: Path,
 ) -> None:
@@ -225,9 +301,8 @@ def test_a_killed_nodes_saga_is_carried_on_by_the_next_node(tmp_path: Path) -> N
     seconds) and the node killed as soon as the log shows it running. The file is
     opened with ``synchronous=normal``: safe against a killed process, which is all
     this test does to it, and fast on any disk. The dead node's lease has 30 s to
-    run; rather than wait them, the test brings its expiry forward to 1.5 s from now
-    (the one write behind the log's back). The waiting itself, on a lease left as
-    the dead node wrote it, is shown by the tests above.
+    run, but the new node is the same node (the same owner): it takes the saga over
+    at once. The waiting of another node is shown by the tests above.
     """
     db = tmp_path / "sagas.db"
     store = f"sqlite:///{db}?synchronous=normal"
@@ -266,12 +341,8 @@ def test_a_killed_nodes_saga_is_carried_on_by_the_next_node(tmp_path: Path) -> N
     assert type(in_flight) is StepStarted
     assert in_flight.attempt == 1
 
-    expires_at = time.time() + 1.5
-    with sqlite3.connect(db) as connection:
-        connection.execute(
-            "UPDATE sagas SET lease_expires_at = ? WHERE saga_id = ?", (expires_at, "big")
-        )
-    connection.close()
+    assert killed.owner == f"saga@{HOST}"
+    began = time.time()
     proc = subprocess.run(
         [*MAIN, "--store", store],
         input=request.encode(),
@@ -292,7 +363,9 @@ def test_a_killed_nodes_saga_is_carried_on_by_the_next_node(tmp_path: Path) -> N
     assert records[: len(left)] == left
     takeover = history[len(left)]
     assert takeover.record == StepStarted(in_flight.step, attempt=2)
-    assert takeover.recorded_at >= expires_at
+    assert takeover.recorded_at - began < 10.0  # not after the 30 s lease
+    assert killed.lease_expires_at is not None
+    assert takeover.recorded_at < killed.lease_expires_at
     assert [r for r in records if type(r) is StepStarted and r.attempt > 1] == [takeover.record]
     assert sum(type(r) is StepCompleted for r in records) == len(steps)
     assert records[-1] == SagaFinished(SagaStatus.COMPLETED)

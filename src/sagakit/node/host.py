@@ -50,6 +50,8 @@ class NodeSettings:
     a new saga. ``max_line``: the longest line (or value over several lines)
     read, in characters. ``max_plain_nodes``: nodes of unregistered names kept.
     ``store``: the saga log's URL for the ``saga`` node (in memory otherwise).
+    ``owner``: the name the ``saga`` node takes leases under (default: its node
+    id, or its name before an ``init``, ``@`` the host name).
     """
 
     max_sagas: int = 100_000
@@ -58,6 +60,9 @@ class NodeSettings:
     # The saga node's log, when not in memory: sqlite:///path keeps every saga
     # across restarts (a retry after a restart is answered from the file).
     store: str | None = None
+    # Stable across restarts by default, so that a node restarted on its store
+    # takes over the sagas its predecessor left in flight at once (see SagaNode).
+    owner: str | None = None
 
 
 class Node:

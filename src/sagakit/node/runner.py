@@ -15,6 +15,7 @@ import threading
 from collections.abc import Mapping
 from typing import BinaryIO, NoReturn, Protocol
 
+from sagakit.core.records import valid_id
 from sagakit.errors import SagakitError
 from sagakit.node.host import Host, NodeSettings, Registry
 from sagakit.node.kinds import default_registry
@@ -225,6 +226,7 @@ def parse_settings(argv: list[str], environ: Mapping[str, str]) -> NodeSettings:
     max_sagas = environ.get("SAGAKIT_MAX_SAGAS")
     max_line = environ.get("SAGAKIT_MAX_LINE")
     store = environ.get("SAGAKIT_STORE") or None
+    owner = environ.get("SAGAKIT_OWNER") or None
     if argv:
         import argparse
 
@@ -250,14 +252,27 @@ def parse_settings(argv: list[str], environ: Mapping[str, str]) -> NodeSettings:
             help="the saga node's log, e.g. sqlite:///sagas.db: sagas outlive the process "
             "(env SAGAKIT_STORE; default in memory, capped by --max-sagas)",
         )
+        parser.add_argument(
+            "--owner",
+            metavar="NAME",
+            help="the name the saga node takes leases under in the store (env SAGAKIT_OWNER;"
+            " default: its node id, or 'saga' before an init, @ this host's name)",
+        )
         args = parser.parse_args(argv)
         max_sagas = args.max_sagas or max_sagas
         max_line = args.max_line or max_line
         store = args.store or store
+        owner = args.owner or owner
+    if owner is not None and not valid_id(owner):
+        raise SystemExit(
+            "sagakit node: owner must be text without NUL, at most 1,024 bytes of UTF-8,"
+            f" got {owner[:80]!r}"
+        )
     return NodeSettings(
         max_sagas=defaults.max_sagas if max_sagas is None else _positive("max-sagas", max_sagas),
         max_line=defaults.max_line if max_line is None else _positive("max-line", max_line),
         store=store,
+        owner=owner,
     )
 
 

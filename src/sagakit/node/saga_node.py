@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 from sagakit.core.machine import SagaStatus
+from sagakit.core.records import valid_id
 from sagakit.core.saga import SagaDefinition, Step, StepContext
 from sagakit.errors import BackendBusy, BackendUnavailable, DefinitionError, SagaIdConflict
 from sagakit.node.host import Body, Host, Node
@@ -22,6 +24,20 @@ from sagakit.node.protocol import (
 from sagakit.orchestration import Orchestrator
 
 __all__ = ["SagaNode"]
+
+
+def _owner(node: str) -> str:
+    """The node's default lease owner: the same for the same node on the same host.
+
+    A node killed mid-saga leaves that saga leased to it. Restarted on its store
+    under the same name, it takes the saga over at once (a saga log lets a lease's
+    owner claim it again) instead of waiting out the lease it can no longer renew.
+    Two processes running at once under one name would take each other's sagas
+    over: correct still (the epoch fences the one that lost it, which then reports
+    the other's outcome), but a step in flight would run twice; such processes
+    need ``--owner`` names of their own.
+    """
+    return f"{node}@{socket.gethostname()}"
 
 
 class StepRefused(Exception):
@@ -100,7 +116,8 @@ class SagaNode(Node):
         # runs); a store keeps them all, across restarts.
         settings = host.settings
         self.orchestrator = Orchestrator(
-            settings.store or f"memory://?max_finished={settings.max_sagas}"
+            settings.store or f"memory://?max_finished={settings.max_sagas}",
+            owner=settings.owner or _owner(name),
         )
         # Requests repeat the same step lists; building definitions per request
         # would cost more than running the saga.
@@ -149,6 +166,16 @@ class SagaNode(Node):
             if not steps:
                 return None  # a core that wants a step: the node completes it itself
             raise RequestError(ErrorCode.MALFORMED_REQUEST, f"steps: {exc}") from exc
+
+    async def on_init(self, src: str, body: Body) -> Body | None:
+        reply = await super().on_init(src, body)
+        # Leases are taken under the node's id from now on: the same node restarted
+        # is the same owner, another node on this host is not.
+        if self.host.settings.owner is None and self.node_id is not None:
+            owner = _owner(self.node_id)
+            if valid_id(owner):
+                self.orchestrator.owner = owner
+        return reply
 
     async def on_execute(self, src: str, body: Body) -> Encoded:
         # Checked inline on the way every request takes; the helpers, which
