@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -463,6 +465,29 @@ async def test_saga_must_be_a_definition() -> None:
     with pytest.raises(DefinitionError) as excinfo:
         await Orchestrator().run("shop", "o-1")  # type: ignore[arg-type]
     assert excinfo.value.field == "saga"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("retry_for", math.nan),  # would retry an outage for ever
+        ("retry_for", -1.0),
+        ("retry_for", math.inf),
+        ("retry_for", "30"),
+        ("poll_interval", 0.0),  # would poll a held saga in a busy loop
+        ("poll_interval", math.nan),
+        ("poll_interval", True),
+        ("lease_ttl", 0),
+    ],
+)
+def test_bad_timing_options_are_definition_errors_naming_the_option(
+    option: str, value: Any, tmp_path: Path
+) -> None:
+    db = tmp_path / "never.db"
+    with pytest.raises(DefinitionError) as excinfo:
+        Orchestrator(f"sqlite:///{db}", **{option: value})
+    assert excinfo.value.field == option
+    assert not db.exists()  # refused before the URL was opened
 
 
 async def test_open_by_url() -> None:

@@ -26,7 +26,6 @@ from sagakit.core.records import (
     SagaStarted,
     SagaStatus,
     check_id,
-    check_json,
 )
 from sagakit.core.saga import NO_INPUT, SagaDefinition
 from sagakit.errors import (
@@ -43,6 +42,8 @@ from sagakit.orchestration.support import (
     Recovered,
     Run,
     RunnerCancelled,
+    check_seconds,
+    checked_input,
     default_owner,
     logged_outcome,
     replayed,
@@ -77,6 +78,8 @@ class Orchestrator:
     of it). ``retry_for``: how long a flush, claim or renewal that failed with a
     retryable :class:`~sagakit.errors.BackendError` is retried, with backoff,
     before the error is raised (workers ride out a database restart).
+    ``poll_interval``: the longest wait between two looks at the log (``serve``,
+    ``result``, a saga another worker holds).
 
     Every intent is recorded before the work it announces (and made durable
     first on a durable log), so a saga interrupted anywhere can be carried on
@@ -101,6 +104,16 @@ class Orchestrator:
         retry_for: float = 30.0,
         poll_interval: float = 1.0,
     ) -> None:
+        # Checked before a URL is opened: a refused argument leaves nothing open.
+        try:
+            lease_ttl = check_ttl(lease_ttl)  # what every saga log takes
+        except DefinitionError as exc:
+            raise DefinitionError("lease_ttl", exc.problem) from None
+        if owner is not None:
+            check_id("owner", owner)  # what every saga log can keep
+        # NaN would retry for ever; a poll interval of 0 would poll in a busy loop.
+        retry_for = check_seconds("retry_for", retry_for, minimum=0.0)
+        poll_interval = check_seconds("poll_interval", poll_interval, minimum=0.001)
         # A log opened here from a URL is this orchestrator's to close; one
         # handed in belongs to the caller.
         self._owns_log = isinstance(log, str)
@@ -110,16 +123,10 @@ class Orchestrator:
             from sagakit.adapters import open_saga_log
 
             log = open_saga_log(log)
-        try:
-            lease_ttl = check_ttl(lease_ttl)  # what every saga log takes
-        except DefinitionError as exc:
-            raise DefinitionError("lease_ttl", exc.problem) from None
-        if owner is not None:
-            check_id("owner", owner)  # what every saga log can keep
         self._log: SagaLog = log
         self._durable = bool(log.durable)
         self.owner = owner or default_owner()
-        self.lease_ttl = float(lease_ttl)
+        self.lease_ttl = lease_ttl
         self.retry_for = retry_for
         self.poll_interval = poll_interval
         self._definitions: dict[str, SagaDefinition] = {}
@@ -159,7 +166,7 @@ class Orchestrator:
         if data is None and type(saga) is SagaDefinition and type(saga_id) is str and saga_id:
             data = NO_INPUT  # the arguments most runs have, checked inline
         else:
-            data = self._checked(saga, saga_id, data)
+            data = checked_input(saga, saga_id, data)
         running = self._running.get(saga_id)
         if running is not None:
             return await self._join(saga, saga_id, running, data)
@@ -202,28 +209,6 @@ class Orchestrator:
         if self._waiters and saga_id in self._waiters:
             settle(self._waiters.pop(saga_id), outcome)
         return outcome
-
-    def _checked(
-        self, saga: SagaDefinition, saga_id: str, data: Mapping[str, Any] | None
-    ) -> Mapping[str, Any]:
-        """The saga's input as it will be recorded, once the arguments are checked."""
-        if not isinstance(saga, SagaDefinition):
-            raise DefinitionError("saga", f"must be a SagaDefinition, got {type(saga).__name__}")
-        if type(saga_id) is not str or not saga_id:
-            raise DefinitionError("saga_id", f"must be a non-empty string, got {saga_id!r}")
-        if not data:
-            if data is not None and not isinstance(data, Mapping):
-                raise DefinitionError("data", f"must be a mapping, got {type(data).__name__}")
-            return NO_INPUT
-        if not isinstance(data, Mapping):
-            raise DefinitionError("data", f"must be a mapping, got {type(data).__name__}")
-        # Copied: the log records the input, which the caller may go on changing.
-        data = dict(data)
-        try:
-            check_json(data)
-        except (TypeError, ValueError) as exc:
-            raise SagaError(saga_id, f"its input is not a JSON value: {exc}") from exc
-        return data
 
     def _create(self, saga_id: str, opening: Sequence[SagaRecord]) -> Awaitable[Journal | None]:
         if self._durable:  # retried through an outage (the in-memory log has none)
@@ -365,7 +350,7 @@ class Orchestrator:
         SagaIdConflict when it was recorded for another. The definition is
         registered here, so that this orchestrator's :meth:`serve` runs it.
         """
-        data = self._checked(saga, saga_id, data)
+        data = checked_input(saga, saga_id, data)
         self.register(saga)
         opening = [SagaStarted(saga.name, saga.step_names, data)]
         journal = await self._retrying(

@@ -4,6 +4,7 @@ and how a logged saga is read back."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 import uuid
@@ -12,14 +13,23 @@ from typing import Any, NamedTuple
 
 from sagakit.core.machine import Plan, SagaState, replay
 from sagakit.core.outcome import SagaOutcome, outcome_of
-from sagakit.core.records import CompensationStarted, SagaRecord, SagaStarted, from_json, to_json
-from sagakit.core.saga import SagaDefinition, fingerprint
-from sagakit.errors import InvalidTransition, SagaError, SagaIdConflict
+from sagakit.core.records import (
+    CompensationStarted,
+    SagaRecord,
+    SagaStarted,
+    check_json,
+    from_json,
+    to_json,
+)
+from sagakit.core.saga import NO_INPUT, SagaDefinition, fingerprint
+from sagakit.errors import DefinitionError, InvalidTransition, SagaError, SagaIdConflict
 
 __all__ = [
     "Recovered",
     "Run",
     "RunnerCancelled",
+    "check_seconds",
+    "checked_input",
     "default_owner",
     "inferred_plan",
     "logged_outcome",
@@ -70,6 +80,39 @@ def settle(
             waiter.set_exception(outcome)
         else:
             waiter.set_result(outcome)
+
+
+def checked_input(
+    saga: SagaDefinition, saga_id: str, data: Mapping[str, Any] | None
+) -> Mapping[str, Any]:
+    """The saga's input as it will be recorded, once the arguments are checked."""
+    if not isinstance(saga, SagaDefinition):
+        raise DefinitionError("saga", f"must be a SagaDefinition, got {type(saga).__name__}")
+    if type(saga_id) is not str or not saga_id:
+        raise DefinitionError("saga_id", f"must be a non-empty string, got {saga_id!r}")
+    if not data:
+        if data is not None and not isinstance(data, Mapping):
+            raise DefinitionError("data", f"must be a mapping, got {type(data).__name__}")
+        return NO_INPUT
+    if not isinstance(data, Mapping):
+        raise DefinitionError("data", f"must be a mapping, got {type(data).__name__}")
+    # Copied: the log records the input, which the caller may go on changing.
+    data = dict(data)
+    try:
+        check_json(data)
+    except (TypeError, ValueError) as exc:
+        raise SagaError(saga_id, f"its input is not a JSON value: {exc}") from exc
+    return data
+
+
+def check_seconds(field: str, value: object, *, minimum: float) -> float:
+    """A number of seconds, finite and at least ``minimum``; DefinitionError naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DefinitionError(field, f"must be a number of seconds, not {value!r}")
+    if not minimum <= value < math.inf:  # NaN too
+        problem = f"must be at least {minimum:g} seconds and finite, not {value!r}"
+        raise DefinitionError(field, problem)
+    return float(value)
 
 
 def default_owner() -> str:
