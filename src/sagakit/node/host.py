@@ -51,7 +51,8 @@ class NodeSettings:
     read, in characters. ``max_plain_nodes``: nodes of unregistered names kept.
     ``store``: the saga log's URL for the ``saga`` node (in memory otherwise).
     ``owner``: the name the ``saga`` node takes leases under (default: its node
-    id, or its name before an ``init``, ``@`` the host name).
+    id, or its name before an ``init``, ``@`` the host name). ``retry_for``: how
+    long a request retries a store that is down before it is answered code 11.
     """
 
     max_sagas: int = 100_000
@@ -63,6 +64,7 @@ class NodeSettings:
     # Stable across restarts by default, so that a node restarted on its store
     # takes over the sagas its predecessor left in flight at once (see SagaNode).
     owner: str | None = None
+    retry_for: float = 30.0
 
 
 class Node:

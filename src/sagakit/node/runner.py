@@ -220,6 +220,16 @@ def _positive(name: str, raw: str) -> int:
     return value
 
 
+def _seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86_400:  # NaN too
+        raise SystemExit(f"sagakit node: {name} must be seconds from 0 to 86400, got {raw!r}")
+    return value
+
+
 def parse_settings(argv: list[str], environ: Mapping[str, str]) -> NodeSettings:
     """The node's settings from its arguments, then its environment, then the defaults."""
     defaults = NodeSettings()
@@ -227,6 +237,7 @@ def parse_settings(argv: list[str], environ: Mapping[str, str]) -> NodeSettings:
     max_line = environ.get("SAGAKIT_MAX_LINE")
     store = environ.get("SAGAKIT_STORE") or None
     owner = environ.get("SAGAKIT_OWNER") or None
+    retry_for = environ.get("SAGAKIT_RETRY_FOR") or None
     if argv:
         import argparse
 
@@ -258,11 +269,18 @@ def parse_settings(argv: list[str], environ: Mapping[str, str]) -> NodeSettings:
             help="the name the saga node takes leases under in the store (env SAGAKIT_OWNER;"
             " default: its node id, or 'saga' before an init, @ this host's name)",
         )
+        parser.add_argument(
+            "--retry-for",
+            metavar="SECONDS",
+            help="how long a request retries a store that is down before it is answered"
+            f" code 11 (env SAGAKIT_RETRY_FOR; default {defaults.retry_for:g})",
+        )
         args = parser.parse_args(argv)
         max_sagas = args.max_sagas or max_sagas
         max_line = args.max_line or max_line
         store = args.store or store
         owner = args.owner or owner
+        retry_for = args.retry_for or retry_for
     if owner is not None and not valid_id(owner):
         raise SystemExit(
             "sagakit node: owner must be text without NUL, at most 1,024 bytes of UTF-8,"
@@ -273,6 +291,7 @@ def parse_settings(argv: list[str], environ: Mapping[str, str]) -> NodeSettings:
         max_line=defaults.max_line if max_line is None else _positive("max-line", max_line),
         store=store,
         owner=owner,
+        retry_for=defaults.retry_for if retry_for is None else _seconds("retry-for", retry_for),
     )
 
 

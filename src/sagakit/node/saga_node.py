@@ -118,6 +118,7 @@ class SagaNode(Node):
         self.orchestrator = Orchestrator(
             settings.store or f"memory://?max_finished={settings.max_sagas}",
             owner=settings.owner or _owner(name),
+            retry_for=settings.retry_for,
         )
         # Requests repeat the same step lists; building definitions per request
         # would cost more than running the saga.
