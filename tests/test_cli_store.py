@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_cli import SAGAKIT, run
 
 from sagakit import Orchestrator, SagaDefinition, Step, StepContext
+from sagakit.adapters import open_saga_log
 from sagakit.cli.worker import load_sagas
+from sagakit.core.records import StepStarted
 from sagakit.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +34,14 @@ async def _refund(ctx: StepContext) -> None:
 
 
 SHOP = SagaDefinition("shop", [Step("reserve", _refund, _refund), Step("charge", _charge, _refund)])
+
+
+async def _hang_first_time(ctx: StepContext) -> None:
+    if ctx.attempt == 1:
+        await asyncio.sleep(600)  # until the test kills its worker
+
+
+SLOW = SagaDefinition("slow", [Step("a", _refund), Step("b", _hang_first_time)])
 
 
 @pytest.fixture
@@ -161,6 +172,68 @@ def test_worker_runs_started_sagas_and_stops_cleanly_on_sigterm(store: str, tmp_
     shown = run("sagas", "show", "order-3", "--store", store)
     assert "saga finished" in shown.stdout
     assert "completed" in shown.stdout
+
+
+def _worker(store: str, spec: str, log: Path, *options: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src")])}
+    with open(log, "ab") as err:
+        return subprocess.Popen(
+            [*SAGAKIT, "worker", "--store", store, "--sagas", spec, *options],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def test_a_worker_killed_and_restarted_under_its_name_carries_its_saga_on_at_once(
+    tmp_path: Path,
+) -> None:
+    store = f"sqlite:///{tmp_path / 'sagas.db'}"
+
+    async def start() -> None:
+        orchestrator = Orchestrator(store)
+        try:
+            await orchestrator.start(SLOW, "slow-1")
+        finally:
+            await orchestrator.close()
+
+    asyncio.run(start())
+    log = tmp_path / "workers.log"
+    # A lease far longer than the test: only the same name can take the saga early.
+    options = ("--owner", "w1", "--lease-ttl", "120")
+    first = _worker(store, "test_cli_store:SLOW", log, *options)
+    try:
+        deadline = time.monotonic() + 30
+        while "│ b " not in run("sagas", "show", "slow-1", "--store", store).stdout:
+            assert time.monotonic() < deadline, log.read_text()
+            assert first.poll() is None, log.read_text()
+            time.sleep(0.1)
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    began = time.monotonic()
+    second = _worker(store, "test_cli_store:SLOW", log, *options)
+    try:
+        while "completed" not in run("sagas", "list", "--store", store).stdout:
+            assert time.monotonic() - began < 30, log.read_text()  # not after the 120 s lease
+            assert second.poll() is None, log.read_text()
+            time.sleep(0.1)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        code = second.wait(timeout=30)
+    assert code == 0, log.read_text()
+
+    async def records() -> list[Any]:
+        saga_log = open_saga_log(store)
+        try:
+            return [logged.record for logged in await saga_log.history("slow-1")]
+        finally:
+            await saga_log.close()
+
+    # Step b, cut off by the kill, ran again as attempt 2; nothing else did.
+    started = [r for r in asyncio.run(records()) if type(r) is StepStarted]
+    assert started == [StepStarted(0, 1), StepStarted(1, 1), StepStarted(1, 2)]
 
 
 def test_worker_with_a_bad_spec_exits_2_with_one_line(store: str) -> None:

@@ -167,6 +167,57 @@ async def test_a_saga_whose_holder_died_is_taken_over_when_its_lease_expires() -
     assert [c[:2] for c in calls] == [("do s0", 2), ("do s1", 1)]
 
 
+@pytest.mark.parametrize("log_kind", [InMemorySagaLog, BufferedLog])
+@pytest.mark.parametrize("how", ["recover", "serve"])
+async def test_a_worker_restarted_under_its_name_takes_its_sagas_over_at_once(
+    log_kind: Any, how: str
+) -> None:
+    clock = Clock()
+    inner = InMemorySagaLog(clock=clock)
+    log = inner if log_kind is InMemorySagaLog else BufferedLog(inner)
+    saga, calls = recording_saga(n=2)
+    # "w1" died after announcing the first step; its lease has 30 s to go.
+    journal = await log.create("t-1", await _opening(saga), owner="w1", ttl=30)
+    assert journal is not None
+    await journal.flush()
+    # Another name leaves it alone while the lease lives.
+    assert await Orchestrator(log, sagas=[saga], owner="w2").recover() == []
+    # The same name, in a new process, takes it over at once (the clock never moves).
+    again = Orchestrator(log, sagas=[saga], owner="w1", poll_interval=0.01)
+    if how == "recover":
+        recovered = await again.recover()
+        assert [o.saga_id for o in recovered] == ["t-1"]
+    else:
+        async with again, asyncio.timeout(5):
+            outcome = await again.result("t-1")
+        assert outcome.ok
+    assert [c[:2] for c in calls] == [("do s0", 2), ("do s1", 1)]
+    summary = await log.status("t-1")
+    assert summary is not None
+    assert (summary.status, summary.owner) == (SagaStatus.COMPLETED, None)
+
+
+async def test_recover_leaves_the_sagas_its_own_runs_drive_alone() -> None:
+    log = InMemorySagaLog()
+    gate = asyncio.Event()
+    attempts: list[int] = []
+
+    async def slow(ctx: StepContext) -> None:
+        attempts.append(ctx.attempt)
+        await gate.wait()
+
+    saga = SagaDefinition("slow", [Step("slow", slow)])
+    worker = Orchestrator(log, sagas=[saga], owner="w1")
+    running = asyncio.create_task(worker.run(saga, "s-1"))
+    await asyncio.sleep(0.01)
+    # Leased to "w1", and driven here: not left behind by anyone.
+    assert await worker.recover() == []
+    gate.set()
+    async with asyncio.timeout(5):
+        assert (await running).ok
+    assert attempts == [1]
+
+
 async def _opening(saga: SagaDefinition) -> list[Any]:
     from sagakit.core.machine import Begin, decide, initial_state
 

@@ -95,7 +95,11 @@ def worker(
     ],
     owner: Annotated[
         str | None,
-        typer.Option("--owner", help="This worker's name in leases (default: host:pid)."),
+        typer.Option(
+            "--owner",
+            help="This worker's name in leases (default: host:pid:random). Restarted under"
+            " the same name, it takes over at once the sagas it left leased.",
+        ),
     ] = None,
     lease_ttl: Annotated[
         float | None,

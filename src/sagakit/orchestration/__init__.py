@@ -37,7 +37,7 @@ from sagakit.errors import (
     SagaIdConflict,
 )
 from sagakit.orchestration.driver import drive
-from sagakit.orchestration.leases import renew_leases, retrying
+from sagakit.orchestration.leases import claim_left_behind, renew_leases, retrying
 from sagakit.orchestration.support import (
     Recovered,
     Run,
@@ -125,6 +125,8 @@ class Orchestrator:
             log = open_saga_log(log)
         self._log: SagaLog = log
         self._durable = bool(log.durable)
+        # Only a name given here can have been an earlier process's (see _left_behind).
+        self._named = owner is not None
         self.owner = owner or default_owner()
         self.lease_ttl = lease_ttl
         self.retry_for = retry_for
@@ -424,10 +426,12 @@ class Orchestrator:
         recovered = Recovered()
         skipped: list[Journal] = []
         try:
+            left_behind = await self._left_behind()
             while True:
-                claims = await self._retrying(
+                claims = left_behind or await self._retrying(
                     lambda: self._log.claim_next(owner=self.owner, ttl=self.lease_ttl, limit=64)
                 )
+                left_behind = []
                 if not claims:
                     break
                 runnable = []
@@ -488,6 +492,11 @@ class Orchestrator:
         whose worker died (lease expired). Polls with backoff while there is none."""
         delay = 0.01
         try:
+            try:
+                for claim in await self._left_behind():
+                    self._spawn(claim)
+            except BackendError as exc:
+                log.error("claiming the sagas left under this name failed: %s", exc)
             while True:
                 free = concurrency - len(self._served)
                 claims: list[Claim] = []
@@ -512,6 +521,13 @@ class Orchestrator:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _left_behind(self) -> Sequence[Claim]:
+        """The sagas an earlier process under this owner's name left leased, claimed."""
+        if not self._named:  # a name made for this process: no earlier one had it
+            return []
+        busy = set(self._running) | set(self._held)
+        return await claim_left_behind(self._log, self.owner, self.lease_ttl, busy, self.retry_for)
 
     def _spawn(self, claim: Claim) -> bool:
         """Run the claimed saga in a task of its own; False when its definition is unknown.

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import TypeVar
 
+from sagakit.core.records import SagaStatus
 from sagakit.errors import BackendError
-from sagakit.ports.saga_log import Journal, SagaLog
+from sagakit.ports.saga_log import Claim, Journal, SagaLog
 
-__all__ = ["renew_leases", "retrying"]
+__all__ = ["LEFT_BEHIND_SCAN", "claim_left_behind", "renew_leases", "retrying"]
 
 log = logging.getLogger("sagakit.orchestrator")
 
@@ -49,6 +50,45 @@ async def renew_leases(
             if saga_id in held:
                 log.warning("saga %s: its lease was lost; stopping its driver", saga_id)
                 lost.add(saga_id)
+
+
+# How many of the newest unfinished sagas a worker looks through, when it starts
+# serving or recovering, for those still leased to its own name.
+LEFT_BEHIND_SCAN = 1000
+
+
+async def claim_left_behind(
+    saga_log: SagaLog,
+    owner: str,
+    ttl: float,
+    busy: Container[str],
+    retry_for: float,
+) -> list[Claim]:
+    """Claim the unfinished sagas still leased to ``owner`` that are not ``busy`` here.
+
+    A worker named by its operator (``owner``) that died or was restarted left
+    its sagas leased to that name; the same name claims them at once (a saga log
+    lets a lease's owner claim it again) instead of waiting out leases no one
+    renews. Among the newest LEFT_BEHIND_SCAN unfinished sagas: older ones are
+    claimed as usual once their leases expire.
+    """
+    unfinished = [SagaStatus.RUNNING, SagaStatus.COMPENSATING]
+    summaries = await retrying(
+        lambda: saga_log.list(status=unfinished, limit=LEFT_BEHIND_SCAN), retry_for
+    )
+    claims: list[Claim] = []
+    for summary in summaries:
+        saga_id = summary.saga_id
+        if summary.owner != owner or saga_id in busy:
+            continue
+        claim = await retrying(
+            lambda: saga_log.claim(saga_id, owner=owner, ttl=ttl),  # noqa: B023 - awaited here
+            retry_for,
+        )
+        if claim is not None:
+            log.info("saga %s: left leased to %s by an earlier process; taken over", saga_id, owner)
+            claims.append(claim)
+    return claims
 
 
 async def retrying(call: Callable[[], Awaitable[T]], retry_for: float) -> T:
