@@ -6,16 +6,19 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import nats
 import nats.js.errors
 import pytest
 
 from sagakit.adapters import open_event_bus
-from sagakit.adapters.nats_bus import NatsEventBus
+from sagakit.adapters.nats_bus import NatsEventBus, check_server
 from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -651,3 +654,57 @@ async def test_a_consumer_process_killed_with_sigkill_loses_its_event_to_another
         if child.returncode is None:
             child.kill()
             await child.wait()
+
+
+# --- servers too old for the bus --------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["2.9.10", "2.2.0", "1.4.1"])
+def test_a_server_before_2_10_is_refused(version: str) -> None:
+    refusal = rf"version {re.escape(version)}; .* needs 2\.10 or newer"
+    with pytest.raises(BackendRefused, match=refusal) as info:
+        check_server("nats://h:4222", version)
+    assert not info.value.retryable
+
+
+@pytest.mark.parametrize("version", ["2.10.0", "2.10.26", "2.15.1", "3.0.0", ""])
+def test_a_server_from_2_10_is_taken(version: str) -> None:
+    check_server("nats://h:4222", version)
+
+
+def _old_server() -> str | None:
+    """A nats-server binary older than 2.10 on this machine (Debian 12 packages 2.9)."""
+    for candidate in ("/usr/sbin/nats-server", "/usr/bin/nats-server"):
+        if not os.access(candidate, os.X_OK):
+            continue
+        shown = subprocess.run([candidate, "--version"], capture_output=True, text=True).stdout
+        found = re.search(r"v(\d+)\.(\d+)", shown)
+        if found and (int(found[1]), int(found[2])) < (2, 10):
+            return candidate
+    return None
+
+
+async def test_a_real_server_before_2_10_is_refused_before_anything_is_created(
+    tmp_path: Path,
+) -> None:
+    # Such a server takes a consumer with several filter subjects and ignores them:
+    # every handler would get events of every type (a shipment for a declined order).
+    binary = _old_server()
+    if binary is None:
+        pytest.skip("no nats-server older than 2.10 here (the pure check above still runs)")
+    server = NatsServer(f"nats://127.0.0.1:{free_port()}", binary=binary, store=tmp_path / "store")
+    server.start()
+    try:
+        bus = NatsEventBus.from_url(f"{server.url}?prefix={_prefix()}")
+        with pytest.raises(BackendRefused, match=r"needs 2\.10 or newer"):
+            await bus.subscribe("OrderPlaced", lambda e: None, group="g")
+        with pytest.raises(BackendRefused, match=r"needs 2\.10 or newer"):
+            await bus.publish(event("OrderPlaced", "s1"))
+        await bus.close()
+        connection = await nats.connect(server.url)
+        try:
+            assert await connection.jetstream().streams_info() == []
+        finally:
+            await connection.close()
+    finally:
+        server.stop()

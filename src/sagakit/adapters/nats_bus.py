@@ -74,6 +74,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -131,6 +132,33 @@ _DRAIN_POLL = 0.005
 _DEFAULTS = {"prefix": "sagakit", "timeout": "5", "batch": "32", "max_age": "604800"}
 _DEFAULTS["dead_letters"] = "100000"
 _DEFAULTS["concurrency"] = "1"
+
+
+# Consumers filter on two subjects (their event type and their replays), which
+# servers before 2.10 do not refuse but ignore: every consumer would then get every
+# event, each handler events of other types.
+MIN_SERVER = (2, 10)
+
+
+def check_server(url: str, version: str) -> None:
+    """Refuse a NATS server older than MIN_SERVER (BackendRefused: a retry cannot help)."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is not None and (int(found[1]), int(found[2])) < MIN_SERVER:
+        need = ".".join(map(str, MIN_SERVER))
+        raise BackendRefused(
+            url,
+            f"the NATS server is version {version}; the nats:// event bus needs {need} or"
+            " newer (consumers that filter on several subjects)",
+        )
+
+
+def _version_of(nc: Client) -> str:
+    """The connected server's version as ``major.minor.patch`` ("" when it sent none)."""
+    version = nc.connected_server_version
+    try:
+        return f"{version.major}.{version.minor}.{version.patch}"
+    except ValueError:  # not a semantic version: nothing to compare
+        return ""
 
 
 def _translate(url: str, doing: str, exc: BaseException) -> BackendError:
@@ -271,6 +299,7 @@ class NatsEventBus:
                 raise _translate(self.url, doing, exc) from exc
             js = nc.jetstream(timeout=self._timeout)
             try:
+                check_server(self.url, _version_of(nc))
                 await self._ensure_streams(js)
             except BaseException:
                 await nc.close()
