@@ -18,7 +18,8 @@ import nats.js.errors
 import pytest
 
 from sagakit.adapters import open_event_bus
-from sagakit.adapters.nats_bus import NatsEventBus, check_server
+from sagakit.adapters._bus_checks import check_server_version
+from sagakit.adapters.nats_bus import MIN_SERVER, NatsEventBus
 from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -663,13 +664,13 @@ async def test_a_consumer_process_killed_with_sigkill_loses_its_event_to_another
 def test_a_server_before_2_10_is_refused(version: str) -> None:
     refusal = rf"version {re.escape(version)}; .* needs 2\.10 or newer"
     with pytest.raises(BackendRefused, match=refusal) as info:
-        check_server("nats://h:4222", version)
+        check_server_version("nats://h:4222", "NATS", version, MIN_SERVER, "filters")
     assert not info.value.retryable
 
 
 @pytest.mark.parametrize("version", ["2.10.0", "2.10.26", "2.15.1", "3.0.0", ""])
 def test_a_server_from_2_10_is_taken(version: str) -> None:
-    check_server("nats://h:4222", version)
+    check_server_version("nats://h:4222", "NATS", version, MIN_SERVER, "filters")
 
 
 def _old_server() -> str | None:

@@ -9,9 +9,15 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
+from sagakit.adapters._bus_checks import check_server_version
 from sagakit.adapters.redis_bus import RedisEventBus
 from sagakit.core.event import Event
-from sagakit.errors import BackendUnavailable, ConfigurationError, DefinitionError
+from sagakit.errors import (
+    BackendRefused,
+    BackendUnavailable,
+    ConfigurationError,
+    DefinitionError,
+)
 from sagakit.ports.event_bus import ALL_EVENTS, EventBus
 from tests.conformance.choreography import ChoreographyConformance
 from tests.conformance.event_bus import EventBusConformance, event
@@ -534,3 +540,27 @@ class TestRedisEventBusConformance(EventBusConformance):
         if not self._server.restartable:
             pytest.skip("an external server (SAGAKIT_TEST_REDIS_URL) is not ours to restart")
         await asyncio.to_thread(self._server.restart)
+
+
+# --- servers too old for the bus --------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["6.0.16", "5.0.14"])
+def test_a_server_before_6_2_is_refused(version: str) -> None:
+    # Its consumers' sweeps (XPENDING IDLE) and the janitor's trims (XTRIM MINID) would
+    # fail for ever: a dead consumer's events stuck, the streams unbounded.
+    with pytest.raises(BackendRefused, match=rf"Redis server is version {version}; ") as info:
+        check_server_version("redis://h:6379", "Redis", version, (6, 2), "XPENDING IDLE")
+    assert not info.value.retryable
+
+
+async def test_the_servers_version_is_read_once_before_the_first_subscription(
+    redis_server: RedisServer,
+) -> None:
+    bus = RedisEventBus.from_url(f"{redis_server.url}?prefix={uuid.uuid4().hex}")
+    try:
+        assert not bus._server_checked
+        await bus.subscribe("OrderPlaced", lambda e: None, group="g")
+        assert bus._server_checked  # the private server (6.2 or newer) was taken
+    finally:
+        await bus.close()

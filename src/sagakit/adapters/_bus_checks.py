@@ -6,13 +6,14 @@ A backend adds its own limits after these (a broker's name rules, a server's max
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from sagakit.core.event import Event
-from sagakit.errors import DefinitionError
+from sagakit.errors import BackendRefused, DefinitionError
 from sagakit.ports.event_bus import stamped
 
-__all__ = ["check_limit", "check_subscribe", "publishable"]
+__all__ = ["check_limit", "check_server_version", "check_subscribe", "publishable"]
 
 
 def publishable(event: object) -> Event:
@@ -58,6 +59,24 @@ def check_limit(limit: object, *, least: int = 0) -> int:
     if type(limit) is not int or limit < least:
         raise DefinitionError("limit", f"must be an integer >= {least}, got {limit!r}")
     return limit
+
+
+def check_server_version(
+    backend: str, server: str, version: str, least: tuple[int, int], needs: str
+) -> None:
+    """Refuse a broker older than ``least`` (BackendRefused: a retry cannot help).
+
+    ``version`` as the server reports it ("" or another form: not refused);
+    ``needs``: what the bus relies on that older servers lack or get wrong.
+    """
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is not None and (int(found[1]), int(found[2])) < least:
+        need = ".".join(map(str, least))
+        raise BackendRefused(
+            backend,
+            f"the {server} server is version {version}; this event bus needs {need} or newer"
+            f" ({needs})",
+        )
 
 
 def _seconds(value: Any) -> bool:

@@ -74,7 +74,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -93,7 +92,12 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
+from sagakit.adapters._bus_checks import (
+    check_limit,
+    check_server_version,
+    check_subscribe,
+    publishable,
+)
 from sagakit.adapters._nats_attempts import Attempts
 from sagakit.adapters.nats_consumer import (
     TOKEN,
@@ -138,18 +142,6 @@ _DEFAULTS["concurrency"] = "1"
 # servers before 2.10 do not refuse but ignore: every consumer would then get every
 # event, each handler events of other types.
 MIN_SERVER = (2, 10)
-
-
-def check_server(url: str, version: str) -> None:
-    """Refuse a NATS server older than MIN_SERVER (BackendRefused: a retry cannot help)."""
-    found = re.match(r"(\d+)\.(\d+)", version)
-    if found is not None and (int(found[1]), int(found[2])) < MIN_SERVER:
-        need = ".".join(map(str, MIN_SERVER))
-        raise BackendRefused(
-            url,
-            f"the NATS server is version {version}; the nats:// event bus needs {need} or"
-            " newer (consumers that filter on several subjects)",
-        )
 
 
 def _version_of(nc: Client) -> str:
@@ -299,7 +291,9 @@ class NatsEventBus:
                 raise _translate(self.url, doing, exc) from exc
             js = nc.jetstream(timeout=self._timeout)
             try:
-                check_server(self.url, _version_of(nc))
+                check_server_version(
+                    self.url, "NATS", _version_of(nc), MIN_SERVER, "consumers on several subjects"
+                )
                 await self._ensure_streams(js)
             except BaseException:
                 await nc.close()

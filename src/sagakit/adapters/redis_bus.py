@@ -78,7 +78,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
-from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
+from sagakit.adapters._bus_checks import (
+    check_limit,
+    check_server_version,
+    check_subscribe,
+    publishable,
+)
 from sagakit.adapters._redis_consumer import (
     COMMAND_TIMEOUT,
     Pipeliner,
@@ -181,6 +186,7 @@ class RedisEventBus:
         self._janitor: asyncio.Task[None] | None = None
         self._janitor_stop: asyncio.Event | None = None
         self._closing = self._closed = False
+        self._server_checked = False
 
     @classmethod
     def from_url(cls, url: str) -> RedisEventBus:
@@ -258,6 +264,8 @@ class RedisEventBus:
         )
         if self._closing:
             raise BackendError(self._name, "the event bus is closed; cannot subscribe")
+        if not self._server_checked:
+            await self._check_server()
         anonymous = group is None
         name = group if group is not None else f"~{uuid.uuid4().hex}"
         subscription = Subscription(
@@ -299,6 +307,16 @@ class RedisEventBus:
             self._janitor_stop = asyncio.Event()
             self._janitor = asyncio.get_running_loop().create_task(self._janitor_loop())
         return subscription
+
+    async def _check_server(self) -> None:
+        # Consumers sweep with XPENDING IDLE and the janitor trims with XTRIM MINID: on an
+        # older server both fail for ever, dead consumers' events stuck, streams unbounded.
+        try:
+            version = str((await self._redis.info("server")).get("redis_version", ""))
+        except (rexc.RedisError, OSError) as exc:
+            raise translate(exc, self._name, "reading the server's version") from exc
+        check_server_version(self._name, "Redis", version, (6, 2), "XPENDING IDLE, XTRIM MINID")
+        self._server_checked = True
 
     def _router(self, group: str) -> Callable[[Event], Subscription | None]:
         def route(event: Event) -> Subscription | None:
