@@ -564,3 +564,21 @@ async def test_the_servers_version_is_read_once_before_the_first_subscription(
         assert bus._server_checked  # the private server (6.2 or newer) was taken
     finally:
         await bus.close()
+
+
+async def test_an_evicting_memory_policy_is_warned_about_once(
+    redis_server: RedisServer, raw: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = (await raw.config_get("maxmemory-policy"))["maxmemory-policy"]
+    await raw.config_set("maxmemory-policy", "allkeys-lru")
+    bus = RedisEventBus.from_url(f"{redis_server.url}?prefix={uuid.uuid4().hex}")
+    try:
+        with caplog.at_level("WARNING", logger="sagakit.bus.redis"):
+            await bus.subscribe("OrderPlaced", lambda e: None, group="g")
+            await bus.subscribe("OrderPaid", lambda e: None, group="g")
+        warned = [r for r in caplog.records if "maxmemory-policy is allkeys-lru" in r.message]
+        assert len(warned) == 1
+        assert "lose events; use noeviction" in warned[0].message
+    finally:
+        await bus.close()
+        await raw.config_set("maxmemory-policy", before)

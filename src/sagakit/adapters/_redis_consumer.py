@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as rexc
 
+from sagakit.adapters._bus_checks import check_server_version
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -43,6 +44,35 @@ log = logging.getLogger("sagakit.bus.redis")
 BATCH = 256  # entries per read: enough for many sagas in flight, bounded memory
 MAX_BLOCK = 2.0  # seconds a read blocks before the consumer looks at its timers
 COMMAND_TIMEOUT = 30.0  # seconds without a reply after which the connection is given up
+
+
+# Policies under which the server may delete any key, the bus's streams included.
+_EVICTING = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
+
+
+async def check_server(redis: Any, backend: str) -> None:
+    """Refuse a server before 6.2; warn when its memory policy may evict the streams.
+
+    Consumers sweep with XPENDING IDLE and the janitor trims with XTRIM MINID: on
+    an older server both fail for ever (a dead consumer's events stuck, the streams
+    unbounded). An evicting policy would drop events under memory pressure without
+    anyone being told: said once, as the bus starts consuming.
+    """
+    try:
+        server = await redis.info("server")
+        memory = await redis.info("memory")
+    except (rexc.RedisError, OSError) as exc:
+        raise translate(exc, backend, "reading the server's version") from exc
+    version = str(server.get("redis_version", ""))
+    check_server_version(backend, "Redis", version, (6, 2), "XPENDING IDLE, XTRIM MINID")
+    policy = str(memory.get("maxmemory_policy", ""))
+    if policy in _EVICTING:
+        log.warning(
+            "%s: maxmemory-policy is %s: under memory pressure the server may evict the"
+            " bus's streams and lose events; use noeviction",
+            backend,
+            policy,
+        )
 
 
 def retry_delay(backoff: float, deliveries: int) -> float:

@@ -78,17 +78,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
-from sagakit.adapters._bus_checks import (
-    check_limit,
-    check_server_version,
-    check_subscribe,
-    publishable,
-)
+from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
 from sagakit.adapters._redis_consumer import (
     COMMAND_TIMEOUT,
     Pipeliner,
     Reader,
     Subscription,
+    check_server,
     sid,
     translate,
 )
@@ -309,13 +305,7 @@ class RedisEventBus:
         return subscription
 
     async def _check_server(self) -> None:
-        # Consumers sweep with XPENDING IDLE and the janitor trims with XTRIM MINID: on an
-        # older server both fail for ever, dead consumers' events stuck, streams unbounded.
-        try:
-            version = str((await self._redis.info("server")).get("redis_version", ""))
-        except (rexc.RedisError, OSError) as exc:
-            raise translate(exc, self._name, "reading the server's version") from exc
-        check_server_version(self._name, "Redis", version, (6, 2), "XPENDING IDLE, XTRIM MINID")
+        await check_server(self._redis, self._name)  # a server too old, or evicting
         self._server_checked = True
 
     def _router(self, group: str) -> Callable[[Event], Subscription | None]:
