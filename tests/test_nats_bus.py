@@ -709,3 +709,29 @@ async def test_a_real_server_before_2_10_is_refused_before_anything_is_created(
             await connection.close()
     finally:
         server.stop()
+
+
+class _WithoutJetStream(NatsServer):
+    def command(self, binary: str) -> list[str]:
+        return [binary, "--addr", "127.0.0.1", "--port", str(self.port)]
+
+
+async def test_a_server_without_jetstream_is_refused_not_retried(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # The same binary as the session's server, started without --jetstream: a
+    # configuration no retry changes, unlike JetStream that is still starting.
+    if nats_server._binary is None:
+        pytest.skip("the session's NATS server is external: no binary to start another")
+    server = _WithoutJetStream(
+        f"nats://127.0.0.1:{free_port()}", binary=nats_server._binary, store=tmp_path / "unused"
+    )
+    server.start()
+    try:
+        bus = NatsEventBus.from_url(f"{server.url}?prefix={_prefix()}&timeout=2")
+        with pytest.raises(BackendRefused, match="runs without JetStream") as info:
+            await bus.publish(event("OrderPlaced", "s1"))
+        assert not info.value.retryable
+        await bus.close()
+    finally:
+        server.stop()

@@ -300,6 +300,15 @@ class NatsEventBus:
                     " current nats-server",
                 )
                 await self._ensure_streams(js)
+            except BackendUnavailable as exc:
+                await nc.close()
+                # JetStream that answers nothing: starting up (retry), or not enabled
+                # at all, which the server's INFO says and no retry changes.
+                if not getattr(nc, "_server_info", {}).get("jetstream"):
+                    raise BackendRefused(
+                        self.url, "the NATS server runs without JetStream (start it with -js)"
+                    ) from exc
+                raise
             except BaseException:
                 await nc.close()
                 raise
