@@ -19,7 +19,7 @@ from sagakit.adapters.memory_log import InMemorySagaLog
 from sagakit.core.event import Event
 from sagakit.core.records import SagaFinished, SagaStatus
 from sagakit.errors import BackendBusy, BackendError, ConfigurationError, DefinitionError
-from sagakit.ports.event_bus import ALL_EVENTS, EventBus
+from sagakit.ports.event_bus import ALL_EVENTS, EventBus, new_event
 from sagakit.ports.saga_log import SagaLog
 
 
@@ -548,3 +548,22 @@ class TestInMemoryEventBusThroughTheEnvelope(EventBusConformance):
     async def kill(self, bus: EventBus) -> None:
         assert isinstance(bus, InMemoryEventBus)
         await bus.crash()
+
+
+@pytest.mark.parametrize(
+    "payload", [{"a": {1, 2}}, {"a": float("nan")}, {"a": 10**30}, {1: "x"}], ids=repr
+)
+@pytest.mark.parametrize("url", ["memory://", "memory://?envelope=true"])
+async def test_the_in_memory_bus_refuses_what_every_broker_refuses(
+    url: str, payload: dict[Any, Any]
+) -> None:
+    bus = open_event_bus(url)
+    seen: list[Event] = []
+    await bus.subscribe("X", seen.append, group="g")
+    try:
+        with pytest.raises(DefinitionError, match="payload: event X of saga s is not JSON"):
+            await bus.publish(new_event("X", "s", payload))
+        await bus.drain()
+        assert seen == []
+    finally:
+        await bus.close()

@@ -4,8 +4,9 @@
 on the broker of that name, shared by every ``memory://NAME`` bus of the process
 while any of them is referenced (so tests can run several consumers of one group).
 ``?capacity=N`` bounds the broker's queue of published events (default 10,000);
-``?envelope=true`` sends each event through the JSON envelope as a broker would
-(a payload that is not JSON fails at ``publish``; handlers get a copy).
+A payload that is not JSON fails at ``publish`` (``DefinitionError``), as on every
+broker, so code that works here works there. ``?envelope=true`` also sends each
+event through the JSON envelope as a broker would: handlers get a copy.
 
 How it delivers (its ordering guarantees):
 
@@ -427,7 +428,7 @@ class InMemoryEventBus:
         self, *, capacity: int = DEFAULT_CAPACITY, name: str | None = None, envelope: bool = False
     ) -> None:
         """``envelope=True`` sends every event through the JSON envelope, as a broker would:
-        a payload that is not JSON fails at ``publish``, and handlers get a copy."""
+        handlers get a copy. (A payload that is not JSON fails at ``publish`` either way.)"""
         if type(capacity) is not int or capacity < 1:
             raise DefinitionError("capacity", f"must be a positive integer, got {capacity!r}")
         if name is None:
@@ -480,8 +481,10 @@ class InMemoryEventBus:
             raise BackendError(
                 self._broker.name, f"the event bus is closed; {event.type} not published"
             )
+        # Encoded as a broker would, so that what a broker refuses is refused here.
+        data = encode_event(event)
         if self._envelope:
-            event = decode_event(encode_event(event))
+            event = decode_event(data)
         await self._broker.put(event)
 
     async def subscribe(
