@@ -490,6 +490,23 @@ def test_bad_timing_options_are_definition_errors_naming_the_option(
     assert not db.exists()  # refused before the URL was opened
 
 
+@pytest.mark.parametrize("seconds", [math.nan, -1.0, math.inf, "5", True])
+async def test_result_refuses_a_timeout_that_is_not_seconds(seconds: Any) -> None:
+    orchestrator = Orchestrator()
+    await orchestrator.start(Shop(n=1).saga, "o-1")
+    with pytest.raises(DefinitionError) as excinfo:
+        await orchestrator.result("o-1", timeout=seconds)
+    assert excinfo.value.field == "timeout"
+
+
+@pytest.mark.parametrize("concurrency", [0, -3, 2.0, "4", True])
+async def test_serve_refuses_a_concurrency_that_is_not_a_count(concurrency: Any) -> None:
+    # 0 used to poll for ever without ever running a saga.
+    with pytest.raises(DefinitionError) as excinfo:
+        await asyncio.wait_for(Orchestrator().serve(concurrency=concurrency), 5)
+    assert excinfo.value.field == "concurrency"
+
+
 async def test_open_by_url() -> None:
     orchestrator = Orchestrator("memory://")
     assert isinstance(orchestrator.log, InMemorySagaLog)

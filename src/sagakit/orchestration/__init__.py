@@ -42,6 +42,7 @@ from sagakit.orchestration.support import (
     Recovered,
     Run,
     RunnerCancelled,
+    check_count,
     check_seconds,
     checked_input,
     default_owner,
@@ -370,7 +371,8 @@ class Orchestrator:
 
         SagaError when the saga id is unknown.
         """
-        async with asyncio.timeout(timeout):
+        limit = None if timeout is None else check_seconds("timeout", timeout, minimum=0.0)
+        async with asyncio.timeout(limit):
             delay = 0.01
             while True:
                 running = self._running.get(saga_id)
@@ -490,6 +492,7 @@ class Orchestrator:
     async def serve(self, *, concurrency: int = 64) -> None:
         """Run sagas from the log until cancelled: those others started, and those
         whose worker died (lease expired). Polls with backoff while there is none."""
+        check_count("concurrency", concurrency, least=1)  # 0 would idle for ever
         delay = 0.01
         try:
             try:
@@ -581,9 +584,7 @@ class Orchestrator:
         if self._owns_log:
             await self._log.close()
 
-    # --- leases ----------------------------------------------------------------------
-
-    def _hold(self, journal: Journal) -> None:
+    def _hold(self, journal: Journal) -> None:  # leases, below
         self._held[journal.saga_id] = journal
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.ensure_future(self._renew())

@@ -28,6 +28,7 @@ __all__ = [
     "Recovered",
     "Run",
     "RunnerCancelled",
+    "check_count",
     "check_seconds",
     "checked_input",
     "default_owner",
@@ -103,6 +104,13 @@ def checked_input(
     except (TypeError, ValueError) as exc:
         raise SagaError(saga_id, f"its input is not a JSON value: {exc}") from exc
     return data
+
+
+def check_count(field: str, value: object, *, least: int) -> int:
+    """A whole number at least ``least``; DefinitionError naming ``field``."""
+    if type(value) is not int or value < least:
+        raise DefinitionError(field, f"must be a whole number >= {least}, not {value!r}")
+    return value
 
 
 def check_seconds(field: str, value: object, *, minimum: float) -> float:
