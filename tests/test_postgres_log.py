@@ -21,7 +21,13 @@ from conformance.saga_log import FINISHED, SagaLogConformance, opening, typed, w
 from sagakit import Orchestrator, SagaDefinition, Step, StepContext
 from sagakit.adapters import open_saga_log
 from sagakit.adapters.postgres_log import PostgresSagaLog
-from sagakit.core.records import SagaFinished, SagaStatus, StepCompleted, StepStarted
+from sagakit.core.records import (
+    SagaFinished,
+    SagaStarted,
+    SagaStatus,
+    StepCompleted,
+    StepStarted,
+)
 from sagakit.errors import (
     BackendError,
     BackendRefused,
@@ -641,3 +647,26 @@ async def test_missing_privileges_are_refused(postgres_url: str) -> None:
     finally:
         await sql(postgres_url, f"DROP OWNED BY {role}")
         await sql(postgres_url, f"DROP ROLE {role}")
+
+
+async def test_a_worker_restarted_under_its_name_takes_its_sagas_over_at_once(
+    log: PostgresSagaLog,
+) -> None:
+    # What tests/test_workers.py shows in memory, on the database's clock and claims.
+    calls: list[tuple[str, int]] = []
+
+    def step(ctx: StepContext) -> None:
+        calls.append((ctx.step, ctx.attempt))
+
+    saga = SagaDefinition("trip", [Step("a", step), Step("b", step)])
+    first = [SagaStarted("trip", ("a", "b"), {}), StepStarted(0)]
+    journal = await log.create("t-1", first, owner="w1", ttl=60)
+    assert journal is not None
+    await journal.flush()
+    assert await Orchestrator(log, sagas=[saga], owner="w2").recover() == []
+    recovered = await Orchestrator(log, sagas=[saga], owner="w1").recover()
+    assert [o.saga_id for o in recovered] == ["t-1"]
+    assert calls == [("a", 2), ("b", 1)]
+    summary = await log.status("t-1")
+    assert summary is not None
+    assert (summary.status, summary.owner) == (SagaStatus.COMPLETED, None)
