@@ -414,7 +414,8 @@ class Orchestrator:
     async def recover(
         self, sagas: Mapping[str, SagaDefinition] | Iterable[SagaDefinition] | None = None
     ) -> Recovered:
-        """Claim every unfinished saga whose lease expired (or was given up) and carry it on.
+        """Claim every unfinished saga whose lease expired (or was given up) and carry it on;
+        with an ``owner`` given, first those still leased to that name (see _left_behind).
 
         ``sagas``: definitions to know besides the registered ones (a mapping
         of names to definitions, or definitions). A saga whose definition is
