@@ -667,3 +667,33 @@ async def test_a_publish_the_broker_nacks_raises_backend_busy(buses: Buses) -> N
     async with asyncio.timeout(TIMEOUT):
         await bus.drain()
     assert len(got) == 1
+
+
+async def test_a_publish_to_a_broker_blocking_publishers_fails_after_timeout(
+    amqp_server: AmqpServer, buses: Buses
+) -> None:
+    # Under a memory or disk alarm RabbitMQ blocks its publishers for as long as the
+    # alarm lasts: publish used to wait that long, however long it was.
+    bus = await buses(timeout=1)
+    got: list[Event] = []
+    await bus.subscribe("Tick", recorder(got), group="g")
+    sent = event("Tick")
+    async with amqp_server.memory_alarm():
+        began = time.monotonic()
+        # (The outer bound fails the test, rather than hanging it, if publish waits on.)
+        with pytest.raises(BackendBusy, match="no confirm within 1s") as info:
+            async with asyncio.timeout(15):
+                await bus.publish(sent)
+        assert time.monotonic() - began < 10
+        assert info.value.retryable
+    # The alarm over, the same event published again arrives (once or, if the blocked
+    # one went through as well, twice with one id: consumers know it by its id).
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                await bus.publish(sent)
+                break
+            except BackendBusy:
+                await asyncio.sleep(0.2)
+    await wait_for(lambda: len(got) >= 1, "the event after the alarm")
+    assert {e.event_id for e in got} == {sent.event_id}

@@ -124,6 +124,21 @@ class AmqpServer:
                 await connection.close()
                 return
 
+    @contextlib.asynccontextmanager
+    async def memory_alarm(self) -> AsyncIterator[None]:
+        """The broker blocks its publishers inside the block (a memory alarm), as when full."""
+        if os.environ.get(ENV_RESTART) != "1":
+            unavailable(f"raising an alarm on the shared RabbitMQ needs {ENV_RESTART}=1")
+        was = await self._ctl_run("eval", "vm_memory_monitor:get_vm_memory_high_watermark().")
+        was = was.strip()
+        # A relative fraction is restored as it was; an absolute setting, to the default.
+        restore = was if was.replace(".", "", 1).isdigit() else "0.4"
+        await self._ctl_run("set_vm_memory_high_watermark", "0")
+        try:
+            yield
+        finally:
+            await self._ctl_run("set_vm_memory_high_watermark", restore)
+
     async def delete_namespace(self, prefix: str) -> None:
         """Delete the queues and the exchange of one bus prefix."""
         names: list[str] = []

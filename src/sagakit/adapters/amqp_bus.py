@@ -4,8 +4,8 @@ URL: ``amqp://user:password@host:5672/vhost?prefix=app``. Options of sagakit's
 own, in the query: ``prefix`` (default ``sagakit``; letters, digits, ``-`` and
 ``_``) names everything this bus creates, so two apps share a broker;
 ``prefetch`` (default 64) is how many events one subscription may hold at once;
-``timeout`` (seconds, default 10) bounds connecting and waiting for a lost
-connection to come back. Other query options (``heartbeat``, ``name``, TLS
+``timeout`` (seconds, default 10) bounds connecting, waiting for a lost
+connection to come back, and waiting for a publish's confirm. Other query options (``heartbeat``, ``name``, TLS
 files) go to aio-pika as they are.
 
 Topology, all derived from the prefix:
@@ -118,6 +118,7 @@ from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishab
 from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
+    BackendBusy,
     BackendError,
     BackendRefused,
     BackendUnavailable,
@@ -360,7 +361,16 @@ class AmqpEventBus:
         link = await self._ready()
         exchange = link.channel.default_exchange if direct else link.exchange
         try:
-            await exchange.publish(message, routing_key=routing_key, mandatory=direct)
+            # Bounded: a broker under a memory or disk alarm blocks its publishers
+            # for as long as the alarm lasts, and a caller must hear of it.
+            async with asyncio.timeout(self._timeout):
+                await exchange.publish(message, routing_key=routing_key, mandatory=direct)
+        except TimeoutError as exc:
+            raise BackendBusy(
+                self.where,
+                f"{what}: no confirm within {self._timeout:g}s (is the broker blocking"
+                " publishers under a memory or disk alarm?); it may still arrive",
+            ) from exc
         except Exception as exc:
             raise translate(self.where, what, exc) from exc
 
