@@ -5,8 +5,8 @@ own, in the query: ``prefix`` (default ``sagakit``; letters, digits, ``-`` and
 ``_``) names everything this bus creates, so two apps share a broker;
 ``prefetch`` (default 64) is how many events one subscription may hold at once;
 ``timeout`` (seconds, default 10) bounds connecting, waiting for a lost
-connection to come back, and waiting for a publish's confirm. Other query options (``heartbeat``, ``name``, TLS
-files) go to aio-pika as they are.
+connection to come back, and waiting for a publish's confirm. Other query
+options (``heartbeat``, ``name``, TLS files) go to aio-pika as they are.
 
 Topology, all derived from the prefix:
 
