@@ -13,6 +13,7 @@ from sagakit.adapters._bus_checks import check_server_version
 from sagakit.adapters.redis_bus import RedisEventBus
 from sagakit.core.event import Event
 from sagakit.errors import (
+    BackendBusy,
     BackendRefused,
     BackendUnavailable,
     ConfigurationError,
@@ -582,3 +583,25 @@ async def test_an_evicting_memory_policy_is_warned_about_once(
     finally:
         await bus.close()
         await raw.config_set("maxmemory-policy", before)
+
+
+async def test_a_server_out_of_memory_is_busy_not_refused(
+    redis_server: RedisServer, raw: aioredis.Redis
+) -> None:
+    # Inside the publish script Redis words it without its "OOM" prefix; a retry may
+    # succeed once consumers acknowledge and the streams are trimmed.
+    bus = RedisEventBus.from_url(f"{redis_server.url}?prefix={uuid.uuid4().hex}")
+    before = (await raw.config_get("maxmemory"))["maxmemory"]
+    await raw.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(BackendBusy, match="maxmemory") as info:
+            await bus.publish(event("OrderPlaced", "s1", blob="x" * 1000))
+        assert info.value.retryable
+    finally:
+        await raw.config_set("maxmemory", before)
+        await bus.close()
+    bus = RedisEventBus.from_url(f"{redis_server.url}?prefix={uuid.uuid4().hex}")
+    try:
+        await bus.publish(event("OrderPlaced", "s1"))  # memory back: it goes through
+    finally:
+        await bus.close()

@@ -96,7 +96,9 @@ def translate(exc: BaseException, backend: str, what: str) -> BackendError:
     text = str(exc)
     if text.startswith(("LOADING", "MASTERDOWN", "TRYAGAIN", "READONLY", "BUSY ")):
         return BackendUnavailable(backend, message)
-    if text.startswith("OOM"):
+    # Out of memory: "OOM ..." from a command, without the prefix from inside a script
+    # (publish is one). Consumers acknowledging and the trims free memory: retryable.
+    if text.startswith("OOM") or "used memory > 'maxmemory'" in text:
         return BackendBusy(backend, message)
     return BackendRefused(backend, message)
 
