@@ -23,6 +23,7 @@ from sagakit.adapters.nats_bus import MIN_SERVER, NatsEventBus
 from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
+    BackendBusy,
     BackendError,
     BackendRefused,
     BackendUnavailable,
@@ -732,6 +733,51 @@ async def test_a_server_without_jetstream_is_refused_not_retried(
         with pytest.raises(BackendRefused, match="runs without JetStream") as info:
             await bus.publish(event("OrderPlaced", "s1"))
         assert not info.value.retryable
+        await bus.close()
+    finally:
+        server.stop()
+
+
+class _SmallStore(NatsServer):
+    """A server whose JetStream may keep 1 MB on disk."""
+
+    def command(self, binary: str) -> list[str]:
+        assert self._store is not None
+        self._store.mkdir(parents=True, exist_ok=True)
+        config = self._store.parent / "small.conf"
+        config.write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            f'jetstream {{ store_dir: "{self._store}", max_file_store: 1MB }}\n'
+        )
+        return [binary, "-c", str(config)]
+
+
+async def test_a_full_jetstream_is_busy_not_unavailable(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # Full is a state a retry may outlive (consumers acknowledge, events expire);
+    # it used to be reported as the server being down.
+    if nats_server._binary is None:
+        pytest.skip("the session's NATS server is external: no binary to start another")
+    server = _SmallStore(
+        f"nats://127.0.0.1:{free_port()}", binary=nats_server._binary, store=tmp_path / "store"
+    )
+    server.start()
+    try:
+        bus = NatsEventBus.from_url(f"{server.url}?prefix={_prefix()}")
+        # A group that exists and reads nothing: the stream keeps every event for it.
+        subscription = await bus.subscribe("Blob", recorder([]), group="idle")
+        await subscription.cancel()
+        refused: BackendError | None = None
+        for n in range(2000):
+            try:
+                await bus.publish(event("Blob", f"s{n}", blob="x" * 2000))
+            except BackendError as exc:
+                refused = exc
+                break
+        assert isinstance(refused, BackendBusy), refused
+        assert "storage is full" in str(refused)
+        assert refused.retryable
         await bus.close()
     finally:
         server.stop()

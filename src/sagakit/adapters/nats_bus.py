@@ -144,6 +144,10 @@ _DEFAULTS["concurrency"] = "1"
 MIN_SERVER = (2, 10)
 
 
+# JetStream's "insufficient resources" and "insufficient storage": full, not down.
+_JS_FULL = frozenset({10023, 10047})
+
+
 def _version_of(nc: Client) -> str:
     """The connected server's version as ``major.minor.patch`` ("" when it sent none)."""
     version = nc.connected_server_version
@@ -158,6 +162,8 @@ def _translate(url: str, doing: str, exc: BaseException) -> BackendError:
     message = f"{doing}: {describe(exc)}"
     if isinstance(exc, nats.js.errors.APIError):
         code = exc.code or 0
+        if exc.err_code in _JS_FULL:
+            return BackendBusy(url, f"{message} (JetStream's storage is full)")
         if code == 503 or isinstance(exc, nats.js.errors.ServiceUnavailableError):
             return BackendUnavailable(url, message)
         if code == 429:
