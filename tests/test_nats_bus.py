@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -717,25 +717,32 @@ class _WithoutJetStream(NatsServer):
         return [binary, "--addr", "127.0.0.1", "--port", str(self.port)]
 
 
+@contextlib.contextmanager
+def _another(kind: type[NatsServer], session: NatsServer, tmp_path: Path) -> Iterator[NatsServer]:
+    """A private server of ``kind``, from the session's server's binary, for one test."""
+    if session._binary is None:
+        pytest.skip("the session's NATS server is external: no binary to start another")
+    server = kind(
+        f"nats://127.0.0.1:{free_port()}", binary=session._binary, store=tmp_path / "store"
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 async def test_a_server_without_jetstream_is_refused_not_retried(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     # The same binary as the session's server, started without --jetstream: a
     # configuration no retry changes, unlike JetStream that is still starting.
-    if nats_server._binary is None:
-        pytest.skip("the session's NATS server is external: no binary to start another")
-    server = _WithoutJetStream(
-        f"nats://127.0.0.1:{free_port()}", binary=nats_server._binary, store=tmp_path / "unused"
-    )
-    server.start()
-    try:
+    with _another(_WithoutJetStream, nats_server, tmp_path) as server:
         bus = NatsEventBus.from_url(f"{server.url}?prefix={_prefix()}&timeout=2")
         with pytest.raises(BackendRefused, match="runs without JetStream") as info:
             await bus.publish(event("OrderPlaced", "s1"))
         assert not info.value.retryable
         await bus.close()
-    finally:
-        server.stop()
 
 
 class _SmallStore(NatsServer):
@@ -757,13 +764,7 @@ async def test_a_full_jetstream_is_busy_not_unavailable(
 ) -> None:
     # Full is a state a retry may outlive (consumers acknowledge, events expire);
     # it used to be reported as the server being down.
-    if nats_server._binary is None:
-        pytest.skip("the session's NATS server is external: no binary to start another")
-    server = _SmallStore(
-        f"nats://127.0.0.1:{free_port()}", binary=nats_server._binary, store=tmp_path / "store"
-    )
-    server.start()
-    try:
+    with _another(_SmallStore, nats_server, tmp_path) as server:
         bus = NatsEventBus.from_url(f"{server.url}?prefix={_prefix()}")
         # A group that exists and reads nothing: the stream keeps every event for it.
         subscription = await bus.subscribe("Blob", recorder([]), group="idle")
@@ -779,5 +780,3 @@ async def test_a_full_jetstream_is_busy_not_unavailable(
         assert "storage is full" in str(refused)
         assert refused.retryable
         await bus.close()
-    finally:
-        server.stop()
