@@ -585,7 +585,7 @@ class Orchestrator:
         if self._owns_log:
             await self._log.close()
 
-    def _hold(self, journal: Journal) -> None:  # leases, below
+    def _hold(self, journal: Journal) -> None:
         self._held[journal.saga_id] = journal
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.ensure_future(self._renew())
