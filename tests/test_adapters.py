@@ -68,3 +68,62 @@ def test_the_scheme_is_case_insensitive_and_may_carry_a_driver_suffix() -> None:
     assert isinstance(open_saga_log("MEMORY://"), InMemorySagaLog)
     assert isinstance(open_saga_log("memory+fast://"), InMemorySagaLog)
     assert "memory" in EVENT_BUSES
+
+
+# A user's URL often holds a password: whatever goes wrong with it, an error
+# message (which ends up in logs) must not show it.
+SECRET = "s3cret-pw"
+
+
+@pytest.mark.parametrize(
+    ("opener", "url", "what"),
+    [
+        # Malformed for urllib: an unclosed IPv6 bracket, a port that is not a number.
+        (open_saga_log, f"postgresql://u:{SECRET}@[::1:5432/db", "Invalid IPv6"),
+        (open_saga_log, f"postgresql://u:{SECRET}@host:notaport/db", "Port could not be cast"),
+        (open_saga_log, f"postgresql://u:{SECRET}@host:99999/db", "Port out of range"),
+        (open_event_bus, f"nats://u:{SECRET}@[::1:4222", "Invalid IPv6"),
+        (open_event_bus, f"nats://u:{SECRET}@host:port", "Port could not be cast"),
+        (open_event_bus, f"redis://:{SECRET}@host:port", "Port could not be cast"),
+        (open_event_bus, f"amqp://u:{SECRET}@[::1/", "Invalid IPv6"),
+        # Several PostgreSQL hosts: each port is checked (the driver raised a bare
+        # ValueError on first use).
+        (open_saga_log, f"postgresql://u:{SECRET}@h1:5432,h2:port/db", "port 'port'"),
+        (open_saga_log, f"postgresql://u:{SECRET}@h1:5432,h2:0/db", "port '0'"),
+        # A Redis path that is not a database number (redis-py read it as db 0).
+        (open_event_bus, f"redis://:{SECRET}@127.0.0.1:6379/prod", "database by number"),
+        # Each backend's own checks.
+        (open_saga_log, f"sqlite://u:{SECRET}@host/x.db", "three slashes"),
+        (open_saga_log, f"sqlite:///x.db?password={SECRET}", "unknown option"),
+        (open_saga_log, f"memory://u:{SECRET}@x", "memory:// takes only"),
+        (open_event_bus, f"memory://u:{SECRET}@x?capacity=q", "capacity"),
+        (open_event_bus, f"nats://u:{SECRET}@host:4222?batch=q", "invalid literal"),
+        (open_event_bus, f"redis://:{SECRET}@host:6379/0?maxlen=q", "invalid literal"),
+    ],
+)
+def test_a_bad_url_is_a_configuration_error_that_hides_its_password(
+    opener: object, url: str, what: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=what) as excinfo:
+        opener(url)  # type: ignore[operator]
+    assert SECRET not in str(excinfo.value)
+
+
+def test_redact_url_hides_the_password_and_nothing_else() -> None:
+    from sagakit.adapters import redact_url
+
+    assert redact_url("amqp://guest:s3cret@host:5672/vh") == "amqp://guest:***@host:5672/vh"
+    assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+    assert redact_url("redis://:s3cret@h/0") == "redis://:***@h/0"
+    assert (
+        redact_url("postgresql://u@h/db?sslmode=disable") == "postgresql://u@h/db?sslmode=disable"
+    )
+    # A password holding an @; one in libpq's password= option; a URL urllib refuses.
+    assert redact_url("postgresql://u:p@ss@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert (
+        redact_url("postgresql://u@h/db?a=1&password=s3cret&b=2")
+        == "postgresql://u@h/db?a=1&password=***&b=2"
+    )
+    assert redact_url("postgresql://u:s3cret@[::1:5432/db") == "postgresql://u:***@[::1:5432/db"
+    # An @ in a path is not a user part.
+    assert redact_url("sqlite:///a:b@c.db") == "sqlite:///a:b@c.db"

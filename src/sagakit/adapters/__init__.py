@@ -8,6 +8,7 @@ the pip command that installs it, before anything else happens.
 from __future__ import annotations
 
 import importlib
+import re
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from urllib.parse import urlsplit
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from sagakit.ports.event_bus import EventBus
     from sagakit.ports.saga_log import SagaLog
 
-__all__ = ["EVENT_BUSES", "SAGA_LOGS", "Backend", "open_event_bus", "open_saga_log"]
+__all__ = ["EVENT_BUSES", "SAGA_LOGS", "Backend", "open_event_bus", "open_saga_log", "redact_url"]
 
 
 class Backend(NamedTuple):
@@ -45,12 +46,48 @@ EVENT_BUSES: dict[str, Backend] = {
 }
 
 
+# A password=... option in a URL's query (libpq reads one): redact_url hides it.
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, fit for an error message or a log.
+
+    Works on text alone, so that a URL too malformed to parse (the usual reason
+    for printing one) is redacted too.
+    """
+    # The last @ of the authority ends the user part: a password may hold an @.
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        end = len(rest)
+        for mark in "/?#":
+            found = rest.find(mark)
+            if found != -1:
+                end = min(end, found)
+        authority, path = rest[:end], rest[end:]
+        user, at, host = authority.rpartition("@")
+        if at and ":" in user:
+            authority = f"{user.partition(':')[0]}:***@{host}"
+        url = f"{scheme}://{authority}{path}"
+    return _QUERY_PASSWORD.sub(r"\1***", url)
+
+
 def _open(kind: str, registry: dict[str, Backend], url: str) -> Any:
     if not isinstance(url, str) or "://" not in url:
+        shown = redact_url(url) if isinstance(url, str) else url
         raise ConfigurationError(
-            f"{kind} URL {url!r} is malformed: expected scheme://..., e.g. memory://"
+            f"{kind} URL {shown!r} is malformed: expected scheme://..., e.g. memory://"
         )
-    scheme = urlsplit(url).scheme.split("+", 1)[0].lower()
+    try:
+        parts = urlsplit(url)
+        # A port that is not a number from 0 to 65535 is refused here, at once,
+        # not by the driver on first use. (Several hosts, as PostgreSQL and NATS
+        # allow, are the backend's to check.)
+        if "," not in parts.netloc:
+            parts.port  # noqa: B018 - the property checks
+    except ValueError as exc:  # an unclosed [IPv6 address, a port that is not a number
+        raise ConfigurationError(f"{kind} URL {redact_url(url)!r} is malformed: {exc}") from None
+    scheme = parts.scheme.split("+", 1)[0].lower()
     backend = registry.get(scheme)
     if backend is None:
         known = ", ".join(f"{s}://" for s in sorted(registry))

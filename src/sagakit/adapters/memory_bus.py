@@ -51,6 +51,7 @@ from itertools import count
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
+from sagakit.adapters import redact_url
 from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
 from sagakit.adapters._handlers import call_handler, forget
 from sagakit.core.envelope import decode_event, encode_event
@@ -447,26 +448,27 @@ class InMemoryEventBus:
     @classmethod
     def from_url(cls, url: str) -> InMemoryEventBus:
         parts = urlsplit(url)
+        shown = redact_url(url)
         name = (parts.netloc + parts.path).strip("/") or None
         capacity, envelope = DEFAULT_CAPACITY, False
         for key, values in parse_qs(parts.query).items():
             if key == "envelope" and values[-1] in ("0", "1", "false", "true"):
                 envelope = values[-1] in ("1", "true")
             elif key == "envelope":
-                raise ConfigurationError(f"{url}: envelope must be true or false")
+                raise ConfigurationError(f"{shown}: envelope must be true or false")
             elif key != "capacity":
                 raise ConfigurationError(
-                    f"{url}: unknown option {key!r} (known: capacity, envelope)"
+                    f"{shown}: unknown option {key!r} (known: capacity, envelope)"
                 )
             else:
                 try:
                     capacity = int(values[-1])
                 except ValueError:
-                    raise ConfigurationError(f"{url}: capacity must be an integer") from None
+                    raise ConfigurationError(f"{shown}: capacity must be an integer") from None
         try:
             return cls(capacity=capacity, name=name, envelope=envelope)
         except DefinitionError as exc:
-            raise ConfigurationError(f"{url}: {exc}") from exc
+            raise ConfigurationError(f"{shown}: {exc}") from exc
 
     @property
     def failures(self) -> list[DeliveryFailure]:

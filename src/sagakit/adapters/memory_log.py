@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
+from sagakit.adapters import redact_url
 from sagakit.core.records import (
     MAX_ID_BYTES,
     CompensationCompleted,
@@ -229,7 +230,7 @@ class InMemorySagaLog:
         unknown = set(options) - {"max_finished"}
         if unknown or parts.netloc or parts.path not in ("", "/"):
             raise ConfigurationError(
-                f"saga log URL {url!r}: memory:// takes only ?max_finished=N"
+                f"saga log URL {redact_url(url)!r}: memory:// takes only ?max_finished=N"
                 + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else "")
             )
         raw = options.get("max_finished")
@@ -241,7 +242,8 @@ class InMemorySagaLog:
             max_finished = -1
         if max_finished < 0:
             raise ConfigurationError(
-                f"saga log URL {url!r}: max_finished must be a whole number >= 0, got {raw!r}"
+                f"saga log URL {redact_url(url)!r}: max_finished must be a whole number >= 0,"
+                f" got {raw!r}"
             )
         return cls(max_finished=max_finished)
 

@@ -92,6 +92,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from sagakit.adapters import redact_url
 from sagakit.adapters._bus_checks import (
     check_limit,
     check_server_version,
@@ -229,7 +230,9 @@ class NatsEventBus:
         parts = urlsplit(url)
         scheme = {"nats": "nats", "nats+tls": "tls"}.get(parts.scheme.lower())
         if scheme is None or not parts.hostname:
-            raise ConfigurationError(f"NATS URL {url!r} must be nats://host:port[?prefix=...]")
+            raise ConfigurationError(
+                f"NATS URL {redact_url(url)!r} must be nats://host:port[?prefix=...]"
+            )
         options = dict(_DEFAULTS)
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key not in _DEFAULTS:
@@ -241,7 +244,7 @@ class NatsEventBus:
             batch, dead_letters = int(options["batch"]), int(options["dead_letters"])
             concurrency = int(options["concurrency"])
         except ValueError as exc:
-            raise ConfigurationError(f"NATS URL {url!r}: {exc}") from exc
+            raise ConfigurationError(f"NATS URL {redact_url(url)!r}: {exc}") from exc
         return cls(
             urlunsplit((scheme, parts.netloc, "", "", "")),
             prefix=options["prefix"],

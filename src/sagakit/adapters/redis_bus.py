@@ -78,6 +78,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
+from sagakit.adapters import redact_url
 from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
 from sagakit.adapters._redis_consumer import (
     COMMAND_TIMEOUT,
@@ -166,7 +167,7 @@ class RedisEventBus:
             # the cancellation of a task in a command, and the task runs on.)
             self._pool = aioredis.ConnectionPool.from_url(url, socket_connect_timeout=10.0)
         except ValueError as exc:
-            raise ConfigurationError(f"redis bus URL {url!r}: {exc}") from exc
+            raise ConfigurationError(f"redis bus URL {redact_url(url)!r}: {exc}") from exc
         # Typed Any: redis-py's stubs type replies as unions the caller narrows anyway.
         self._redis: Any = aioredis.Redis(connection_pool=self._pool)
         self._publisher = Pipeliner(self._pool, _PUBLISH)
@@ -188,6 +189,12 @@ class RedisEventBus:
     def from_url(cls, url: str) -> RedisEventBus:
         """``redis://[user:password@]host:port/db?prefix=app&maxlen=N&trim_interval=S``."""
         parts = urlsplit(url)
+        # redis-py reads a path that is not /N as database 0: a typo would share it.
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise ConfigurationError(
+                f"redis bus URL {redact_url(url)!r}: the path names a database by"
+                f" number (/0, /1...), not {parts.path!r}"
+            )
         ours: dict[str, str] = {}
         theirs: list[tuple[str, str]] = []
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -205,7 +212,7 @@ class RedisEventBus:
                 trim_interval=float(ours.get("trim_interval", 10.0)),
             )
         except ValueError as exc:
-            raise ConfigurationError(f"redis bus URL {url!r}: {exc}") from exc
+            raise ConfigurationError(f"redis bus URL {redact_url(url)!r}: {exc}") from exc
 
     # Keys ------------------------------------------------------------------
 

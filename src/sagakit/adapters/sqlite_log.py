@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from sagakit.adapters import redact_url
 from sagakit.adapters import sqlite_store as store
 from sagakit.adapters.sqlite_store import (
     SCHEMA_VERSION,
@@ -280,22 +281,23 @@ class SQLiteSagaLog:
         parts = urlsplit(url)
         if parts.netloc:
             raise ConfigurationError(
-                f"saga log URL {url!r}: sqlite:///relative.db or sqlite:////absolute.db"
-                f" (three slashes before the path; {parts.netloc!r} looks like a host)"
+                f"saga log URL {redact_url(url)!r}: sqlite:///relative.db or"
+                " sqlite:////absolute.db (three slashes before the path;"
+                f" {redact_url(url).partition('://')[2].partition('/')[0]!r} looks like a host)"
             )
         path = unquote(parts.path[1:])  # drop the slash that ends "sqlite://"
         options = dict(parse_qsl(parts.query, keep_blank_values=True))
         unknown = set(options) - {"busy_timeout", "synchronous"}
         if unknown:
             raise ConfigurationError(
-                f"saga log URL {url!r}: unknown option(s) {', '.join(sorted(unknown))}"
+                f"saga log URL {redact_url(url)!r}: unknown option(s) {', '.join(sorted(unknown))}"
                 " (sqlite:// takes busy_timeout and synchronous)"
             )
         try:
             busy_timeout = float(options.get("busy_timeout", "5"))
         except ValueError:
             raise ConfigurationError(
-                f"saga log URL {url!r}: busy_timeout must be a number of seconds"
+                f"saga log URL {redact_url(url)!r}: busy_timeout must be a number of seconds"
             ) from None
         return cls(path, busy_timeout=busy_timeout, synchronous=options.get("synchronous", "full"))
 

@@ -186,7 +186,9 @@ def sagas_show(
         typer.echo(f"sagakit sagas show: {exc}", err=True)
         raise typer.Exit(2) from None
     if table is None:
-        typer.echo(f"sagakit sagas show: no saga {saga_id!r} in {store}", err=True)
+        from sagakit.adapters import redact_url
+
+        typer.echo(f"sagakit sagas show: no saga {saga_id!r} in {redact_url(store)}", err=True)
         raise typer.Exit(1)
     print_table(table)
 

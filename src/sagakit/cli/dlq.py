@@ -15,9 +15,10 @@ import datetime
 import json
 from collections.abc import Sequence
 from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import typer
+
+from sagakit.adapters import redact_url as redact
 
 __all__ = ["dlq_app", "redact", "render_letters"]
 
@@ -31,17 +32,6 @@ BusOption = Annotated[
 GroupOption = Annotated[
     str, typer.Option("--group", help="The consumer group (a service's name, e.g. payment).")
 ]
-
-
-def redact(url: str) -> str:
-    """The URL without its password, fit to print."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def _time(seconds: float) -> str:
