@@ -207,6 +207,18 @@ def test_node_command_serves_the_protocol_on_stdout_only() -> None:
     assert done.stdout == EXECUTE_REPLY + "\n"
 
 
+def test_node_command_names_itself_in_its_help_and_usage_errors() -> None:
+    # Its options are python3 main.py's, parsed by the same code: the usage
+    # line must name the command the user typed.
+    done = run("node", "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: sagakit node ")
+    assert "--store URL" in done.stdout
+    done = run("node", "--no-such-option", stdin="")
+    assert done.returncode == 2
+    assert "sagakit node: error: unrecognized arguments: --no-such-option" in done.stderr
+
+
 def test_node_command_does_not_load_rich() -> None:
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "sagakit.cli", "node"],

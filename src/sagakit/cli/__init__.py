@@ -201,5 +201,5 @@ def main() -> None:
         from sagakit.node.runner import exit_now
         from sagakit.node.runner import main as serve_node
 
-        exit_now(serve_node(sys.argv[2:]))
+        exit_now(serve_node(sys.argv[2:], prog="sagakit node"))
     app(prog_name="sagakit")

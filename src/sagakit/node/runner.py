@@ -230,8 +230,13 @@ def _seconds(name: str, raw: str) -> float:
     return value
 
 
-def parse_settings(argv: list[str], environ: Mapping[str, str]) -> NodeSettings:
-    """The node's settings from its arguments, then its environment, then the defaults."""
+def parse_settings(
+    argv: list[str], environ: Mapping[str, str], prog: str = "python3 main.py"
+) -> NodeSettings:
+    """The node's settings from its arguments, then its environment, then the defaults.
+
+    ``prog``: the command named in ``--help`` and usage errors.
+    """
     defaults = NodeSettings()
     max_sagas = environ.get("SAGAKIT_MAX_SAGAS")
     max_line = environ.get("SAGAKIT_MAX_LINE")
@@ -242,7 +247,7 @@ def parse_settings(argv: list[str], environ: Mapping[str, str]) -> NodeSettings:
         import argparse
 
         parser = argparse.ArgumentParser(
-            prog="python3 main.py",
+            prog=prog,
             description="The protocol node: JSON messages on stdin, replies on stdout.",
         )
         parser.add_argument(
@@ -295,9 +300,9 @@ def parse_settings(argv: list[str], environ: Mapping[str, str]) -> NodeSettings:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python3 main.py") -> int:
     """Entry point of ``python3 main.py`` and ``sagakit node``: ``argv`` are their options."""
-    settings = parse_settings(argv or [], os.environ)
+    settings = parse_settings(argv or [], os.environ, prog)
     logging.basicConfig(
         stream=sys.stderr,
         level=os.environ.get("SAGAKIT_LOG", "WARNING").upper(),
