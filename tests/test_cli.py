@@ -392,6 +392,16 @@ def test_demo_with_an_unusable_bus_says_why() -> None:
     assert "sagakit demo: no event bus backend for carrier-pigeon://" in done.stderr
 
 
+def test_demo_on_an_unreachable_broker_fails_before_running_anything() -> None:
+    # Nothing listens on port 1: the demo says so at once, instead of running the
+    # orchestration and durability parts (seconds, a worker killed) for nothing.
+    done = run("demo", "--bus", "redis://127.0.0.1:1/0")
+    assert done.returncode == 2
+    assert "sagakit demo: redis://127.0.0.1:1" in done.stderr
+    assert "Orchestration" not in done.stdout
+    assert "Durability" not in done.stdout
+
+
 @pytest.mark.parametrize("server", ["nats_server", "redis_server", "amqp_server"])
 def test_dlq_on_a_broker(server: str, request: pytest.FixtureRequest) -> None:
     """List and replay from a shell the dead letters another process left on a real broker."""

@@ -165,21 +165,16 @@ async def _settle(bus: EventBus, shop: Shop) -> list[str]:
 
 
 async def _choreography(
-    console: Console, symbols: Symbols, bus_url: str = "memory://"
+    console: Console, symbols: Symbols, bus: EventBus, shop: Shop, bus_url: str
 ) -> list[SummaryRow]:
-    bus = open_event_bus(bus_url)
-    try:
-        shop = await open_shop(bus)
-        for saga_id, failing in ORDERS:
-            if failing is not None:
-                shop.faults.fail(saga_id, failing)
-        # All orders are placed before any is handled, as concurrent customers would:
-        # the bus interleaves their events, and the tracker sorts them out per saga.
-        for saga_id, _ in ORDERS:
-            await shop.order(saga_id, "book-42")
-        stuck = await _settle(bus, shop)
-    finally:
-        await bus.close()
+    for saga_id, failing in ORDERS:
+        if failing is not None:
+            shop.faults.fail(saga_id, failing)
+    # All orders are placed before any is handled, as concurrent customers would:
+    # the bus interleaves their events, and the tracker sorts them out per saga.
+    for saga_id, _ in ORDERS:
+        await shop.order(saga_id, "book-42")
+    stuck = await _settle(bus, shop)
     for saga_id in stuck:
         console.print(
             Text(f"{saga_id} did not finish within {SETTLE_TIMEOUT:.0f}s on {redact(bus_url)}"),
@@ -225,18 +220,25 @@ async def _demo(console: Console, bus_url: str = "memory://") -> list[SummaryRow
     )
     console.print(Text.assemble(("sagakit demo", "bold"), where))
     console.print()
-    console.rule("Orchestration: booking a trip (Orchestrator over memory://)", style="cyan")
-    rows = await _orchestration(console, symbols)
-    console.print()
-    console.rule(
-        "Durability: a worker killed mid-saga, another one finishing it (SQLite)", style="cyan"
-    )
-    saga_id, state, completed = await run_durability(console)
-    rows.append(SummaryRow(saga_id, "orchestration", state, completed, ()))
-    console.print()
-    over = "an in-memory bus" if in_memory else redact(bus_url)
-    console.rule(f"Choreography: placing an order (services over {over})", style="cyan")
-    rows += await _choreography(console, symbols, bus_url)
+    bus = open_event_bus(bus_url)
+    try:
+        # The shop's services subscribe first: a bus that cannot be used fails the
+        # demo now, not after the orchestration part has run for seconds.
+        shop = await open_shop(bus)
+        console.rule("Orchestration: booking a trip (Orchestrator over memory://)", style="cyan")
+        rows = await _orchestration(console, symbols)
+        console.print()
+        console.rule(
+            "Durability: a worker killed mid-saga, another one finishing it (SQLite)", style="cyan"
+        )
+        saga_id, state, completed = await run_durability(console)
+        rows.append(SummaryRow(saga_id, "orchestration", state, completed, ()))
+        console.print()
+        over = "an in-memory bus" if in_memory else redact(bus_url)
+        console.rule(f"Choreography: placing an order (services over {over})", style="cyan")
+        rows += await _choreography(console, symbols, bus, shop, bus_url)
+    finally:
+        await bus.close()
     console.print(summary_table(rows, symbols))
     return rows
 
