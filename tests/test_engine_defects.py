@@ -170,3 +170,36 @@ async def test_a_step_result_that_is_not_json_fails_the_step_and_compensates(
     assert "'b'" in outcome.error
     assert undone == ["a"]
     assert "b" not in outcome.results
+
+
+@pytest.mark.parametrize("in_compensation", [False, True])
+async def test_an_error_message_that_is_not_utf8_is_recorded_and_the_saga_ends(
+    tmp_path: Any, in_compensation: bool
+) -> None:
+    """A message with a lone surrogate (a file name decoded with surrogateescape) once
+    made the error record unwritable on a durable log: run() raised and the saga was
+    left running, failing the same way on every retry."""
+    message = "no such file: caf\udce9.txt"
+
+    def broken(ctx: StepContext) -> None:
+        raise FileNotFoundError(message)
+
+    def fail(ctx: StepContext) -> None:
+        raise ValueError("no")
+
+    steps = (
+        [Step("a", lambda ctx: 1, broken), Step("b", fail)]
+        if in_compensation
+        else [Step("a", lambda ctx: 1, lambda ctx: None), Step("b", broken)]
+    )
+    saga = SagaDefinition("files", steps)
+    orchestrator = Orchestrator(f"sqlite:///{tmp_path / 'sagas.db'}")
+    try:
+        outcome = await orchestrator.run(saga, "f-1")
+        assert await unfinished(orchestrator.log) == []
+        assert (await orchestrator.result("f-1")) == outcome
+    finally:
+        await orchestrator.close()
+    error = outcome.stuck_error if in_compensation else outcome.error
+    assert outcome.state is (SagaStatus.FAILED if in_compensation else SagaStatus.COMPENSATED)
+    assert error == "FileNotFoundError: no such file: caf\\udce9.txt"

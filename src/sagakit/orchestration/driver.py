@@ -36,13 +36,22 @@ log = logging.getLogger("sagakit.orchestrator")
 
 
 def describe(exc: BaseException) -> str:
-    """``Type: message`` for an exception, whatever its ``__str__`` does."""
+    """``Type: message`` for an exception, whatever its ``__str__`` does, as text every
+    saga log can record (valid UTF-8)."""
     name = type(exc).__name__
     try:
         text = str(exc)
     except Exception:  # a broken __str__ must not leave the saga unfinished
         return f"{name}: (its message could not be read)"
-    return f"{name}: {text}" if text else name
+    error = f"{name}: {text}" if text else name
+    if not error.isascii():
+        try:
+            error.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate (a file name decoded with surrogateescape, say) has no
+            # UTF-8: no saga log could record the error, and the saga would be stuck.
+            error = error.encode("utf-8", "backslashreplace").decode()
+    return error
 
 
 async def drive(
