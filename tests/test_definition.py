@@ -299,6 +299,16 @@ def test_a_saga_name_no_saga_log_can_keep_is_refused(name: str) -> None:
     assert excinfo.value.field == "name"
 
 
+@pytest.mark.parametrize("name", ["\ud800", "caf\udce9"])
+def test_a_step_name_that_is_not_valid_unicode_is_refused(name: str) -> None:
+    """Every saga log records the step names: one with a lone surrogate ran on
+    memory:// and failed on SQLite and PostgreSQL with "its input is not a JSON value"."""
+    with pytest.raises(DefinitionError) as excinfo:
+        Step(name, act)
+    assert excinfo.value.field == "name"
+    assert Step("café ☕ 日本", act).name == "café ☕ 日本"
+
+
 @pytest.mark.parametrize("owner", ["a\x00b", "x" * 1025, "\ud800", ""])
 def test_an_orchestrator_owner_no_saga_log_can_keep_is_refused(owner: str) -> None:
     with pytest.raises(DefinitionError) as excinfo:

@@ -89,6 +89,13 @@ class Step:
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name")
+        if not self.name.isascii():
+            try:
+                self.name.encode()
+            except UnicodeEncodeError:  # a lone surrogate: no saga log can record it
+                raise DefinitionError(
+                    "name", f"must be valid Unicode (UTF-8), not {self.name!r:.100}"
+                ) from None
         if not callable(self.action):
             raise DefinitionError("action", f"step {self.name!r}: must be callable")
         if self.compensation is not None and not callable(self.compensation):
