@@ -203,3 +203,37 @@ async def test_an_error_message_that_is_not_utf8_is_recorded_and_the_saga_ends(
     error = outcome.stuck_error if in_compensation else outcome.error
     assert outcome.state is (SagaStatus.FAILED if in_compensation else SagaStatus.COMPENSATED)
     assert error == "FileNotFoundError: no such file: caf\\udce9.txt"
+
+
+@pytest.mark.parametrize("log_kind", [InMemorySagaLog, BufferedLog])
+async def test_an_input_changed_by_its_caller_after_the_start_changes_nothing(
+    log_kind: Any,
+) -> None:
+    """The input was copied one level deep: a list inside it, changed by the caller
+    while the saga ran, changed what the steps read and (in memory) what was logged."""
+    seen: list[Any] = []
+
+    async def look(ctx: StepContext) -> None:
+        await asyncio.sleep(0)
+        seen.append(ctx.data["order"]["items"])
+
+    saga = SagaDefinition("order", [Step("a", look), Step("b", look)])
+    log = log_kind()
+    orchestrator = Orchestrator(log)
+    data: dict[str, Any] = {"order": {"items": [1, 2]}}
+    running = asyncio.create_task(orchestrator.run(saga, "o-1", data))
+    await asyncio.sleep(0)
+    data["order"]["items"].append(3)
+    data["order"]["note"] = "changed"
+    assert (await running).ok
+    assert seen == [[1, 2], [1, 2]]
+    assert (await log.read("o-1"))[0].data == {"order": {"items": [1, 2]}}
+    # The same request again is answered from the log, and the changed one conflicts.
+    assert (await orchestrator.run(saga, "o-1", {"order": {"items": [1, 2]}})).ok
+    with pytest.raises(SagaIdConflict):
+        await orchestrator.run(saga, "o-1", data)
+    # start() records a copy too.
+    later: dict[str, Any] = {"order": {"items": [7]}}
+    assert await orchestrator.start(saga, "o-2", later)
+    later["order"]["items"].append(8)
+    assert (await log.read("o-2"))[0].data == {"order": {"items": [7]}}

@@ -17,7 +17,6 @@ from sagakit.core.records import (
     CompensationStarted,
     SagaRecord,
     SagaStarted,
-    check_json,
     from_json,
     to_json,
 )
@@ -97,13 +96,14 @@ def checked_input(
         return NO_INPUT
     if not isinstance(data, Mapping):
         raise DefinitionError("data", f"must be a mapping, got {type(data).__name__}")
-    # Copied: the log records the input, which the caller may go on changing.
-    data = dict(data)
+    # Copied all the way down (a JSON round trip, which checks it too): the log
+    # records the input and the steps read it, and the caller may go on changing
+    # it, or the lists and dicts inside it.
     try:
-        check_json(data)
+        copy: dict[str, Any] = from_json(to_json(dict(data)))
     except (TypeError, ValueError) as exc:
         raise SagaError(saga_id, f"its input is not a JSON value: {exc}") from exc
-    return data
+    return copy
 
 
 def check_count(field: str, value: object, *, least: int) -> int:
