@@ -636,3 +636,34 @@ async def test_a_sync_compensation_that_returns_an_awaitable_is_awaited() -> Non
     outcome = await Orchestrator().run(stuck, "o-2")
     assert outcome.state is SagaStatus.FAILED
     assert (outcome.stuck_step, outcome.stuck_error) == ("b", "RuntimeError: cannot undo b")
+
+
+_ONE = SagaDefinition("one", [Step("a", lambda ctx: None)])
+
+
+@pytest.mark.parametrize("sagas", [_ONE, None, 5, "one", [_ONE, 5]])
+def test_sagas_that_are_not_definitions_are_refused_naming_the_option(sagas: Any) -> None:
+    """One definition on its own or None raised a bare TypeError (not iterable)."""
+    with pytest.raises(DefinitionError) as excinfo:
+        Orchestrator(sagas=sagas)
+    assert excinfo.value.field == "sagas"
+
+
+@pytest.mark.parametrize("sagas", [_ONE, 5, "one", [_ONE, 5], {"one": 5}, {"one": "one"}])
+async def test_recover_refuses_sagas_that_are_not_definitions_naming_the_option(
+    sagas: Any,
+) -> None:
+    """recover([5]) raised AttributeError ('int' object has no attribute 'name')."""
+    orchestrator = Orchestrator()
+    with pytest.raises(DefinitionError) as excinfo:
+        await orchestrator.recover(sagas)
+    assert excinfo.value.field == "sagas"
+    assert await orchestrator.recover({"one": _ONE}) == []
+    assert await orchestrator.recover([_ONE]) == []
+
+
+@pytest.mark.parametrize("status", [5, object(), [5]])
+async def test_list_of_a_status_that_is_not_one_names_the_option(status: Any) -> None:
+    with pytest.raises(DefinitionError) as excinfo:
+        await Orchestrator().list(status=status)
+    assert excinfo.value.field == "status"

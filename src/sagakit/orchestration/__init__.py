@@ -46,11 +46,13 @@ from sagakit.orchestration.support import (
     check_seconds,
     checked_input,
     default_owner,
+    definitions_in,
     logged_outcome,
     replayed,
     same_input,
     settle,
     shown,
+    wanted_status,
 )
 from sagakit.ports.saga_log import Claim, Journal, SagaLog, SagaSummary, check_ttl
 
@@ -133,7 +135,7 @@ class Orchestrator:
         self.retry_for = retry_for
         self.poll_interval = poll_interval
         self._definitions: dict[str, SagaDefinition] = {}
-        for saga in sagas:
+        for saga in definitions_in(sagas):
             self.register(saga)
         self._running: dict[str, Run] = {}
         # The callers waiting for a run of another caller's, by saga id.
@@ -404,10 +406,7 @@ class Orchestrator:
     ) -> list[SagaSummary]:
         """Sagas in the log, newest first, of the given status(es) or all (a status is a
         SagaStatus or its text, ``"running"``; DefinitionError for another)."""
-        # One status (a SagaStatus or its text) is passed as it is; any other
-        # collection once as a list (a generator could not be read twice).
-        wanted = status if status is None or isinstance(status, str) else list(status)
-        return await self._log.list(status=wanted, limit=limit)
+        return await self._log.list(status=wanted_status(status), limit=limit)
 
     # --- recovery and serving --------------------------------------------------------
 
@@ -424,7 +423,7 @@ class Orchestrator:
         """
         definitions = dict(self._definitions)
         if sagas is not None:
-            given = sagas.values() if isinstance(sagas, Mapping) else sagas
+            given = definitions_in(sagas.values() if isinstance(sagas, Mapping) else sagas)
             definitions.update((saga.name, saga) for saga in given)
         recovered = Recovered()
         skipped: list[Journal] = []

@@ -31,12 +31,14 @@ __all__ = [
     "check_seconds",
     "checked_input",
     "default_owner",
+    "definitions_in",
     "inferred_plan",
     "logged_outcome",
     "replayed",
     "same_input",
     "settle",
     "shown",
+    "wanted_status",
 ]
 
 
@@ -104,6 +106,28 @@ def checked_input(
     except (TypeError, ValueError) as exc:
         raise SagaError(saga_id, f"its input is not a JSON value: {exc}") from exc
     return copy
+
+
+def definitions_in(sagas: object) -> list[SagaDefinition]:
+    """The definitions in ``sagas`` (an iterable of them); DefinitionError naming
+    ``sagas`` for anything else, one definition on its own included."""
+    if isinstance(sagas, str | bytes | SagaDefinition) or not isinstance(sagas, Iterable):
+        problem = f"must be an iterable of SagaDefinitions, got {type(sagas).__name__}"
+        raise DefinitionError("sagas", problem)
+    found = list(sagas)
+    for saga in found:
+        if not isinstance(saga, SagaDefinition):
+            raise DefinitionError("sagas", f"must be SagaDefinitions, got {type(saga).__name__}")
+    return found
+
+
+def wanted_status(status: Any) -> Any:
+    """The ``status`` of a listing, for the log: one status (a SagaStatus or its text) as
+    it is, any other collection once as a list (a generator could not be read twice), and
+    anything else as it is, for the log to refuse with a DefinitionError."""
+    if isinstance(status, Iterable) and not isinstance(status, str):
+        return list(status)
+    return status
 
 
 def check_count(field: str, value: object, *, least: int) -> int:
