@@ -5,12 +5,20 @@ in-memory log acting durable (flushes, round trips)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from saga_logs import BufferedLog, FlakyLog, unfinished
+from worker_sagas import STUBBORN
 
 from sagakit.adapters.memory_log import InMemorySagaLog
+from sagakit.cli.worker import load_sagas
 from sagakit.core.records import (
     CompensationCompleted,
     CompensationStarted,
@@ -19,8 +27,16 @@ from sagakit.core.records import (
     StepStarted,
 )
 from sagakit.core.saga import SagaDefinition, Step, StepContext
-from sagakit.errors import BackendUnavailable, LeaseLost, SagaError, SagaIdConflict
+from sagakit.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    LeaseLost,
+    SagaError,
+    SagaIdConflict,
+)
 from sagakit.orchestration import Orchestrator
+
+_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Clock:
@@ -432,3 +448,62 @@ async def test_result_asked_as_the_run_ends_gets_its_outcome() -> None:
     outcome = await orch.result("x", timeout=2)
     assert outcome.state is SagaStatus.COMPLETED
     assert (await running) == outcome
+
+
+# --- the worker command ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_ends_a_worker_whose_step_ignores_the_first(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """The first signal asks the sagas to stop; a step that ignores cancellation (or
+    blocks) kept the worker alive, and signals after it did nothing: only SIGKILL
+    ended it. The second one now ends it at once, as a kill would."""
+    store = f"sqlite:///{tmp_path / 'sagas.db'}"
+
+    async def start() -> None:
+        orchestrator = Orchestrator(store)
+        try:
+            await orchestrator.start(STUBBORN, "stubborn-1")
+        finally:
+            await orchestrator.close()
+
+    asyncio.run(start())
+    mark = tmp_path / "step-started"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(_ROOT / "tests"), str(_ROOT / "src")]),
+        "SAGAKIT_TEST_MARK": str(mark),
+    }
+    command = [sys.executable, "-m", "sagakit.cli", "worker", "--store", store]
+    with open(tmp_path / "worker.log", "wb") as err:
+        worker = subprocess.Popen(
+            [*command, "--sagas", "worker_sagas:STUBBORN"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not mark.exists():
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+            assert time.monotonic() < deadline, "the worker did not start the step"
+            time.sleep(0.05)
+        worker.send_signal(signum)
+        time.sleep(0.5)
+        assert worker.poll() is None  # still waiting for the step, as asked
+        worker.send_signal(signum)
+        code = worker.wait(timeout=15)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert code == -signum, (tmp_path / "worker.log").read_text()
+
+
+@pytest.mark.parametrize(("spec", "problem"), [(".relative:X", "relative"), ("..up:X", "relative")])
+def test_a_worker_spec_naming_a_relative_module_is_refused(spec: str, problem: str) -> None:
+    """import_module raised a bare TypeError ('package' argument is required)."""
+    with pytest.raises(ConfigurationError, match=problem):
+        load_sagas(spec)

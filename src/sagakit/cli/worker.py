@@ -4,7 +4,7 @@ It claims every unfinished saga whose lease expired (a dead worker's, or one
 that ``Orchestrator.start`` only recorded), drives it to its end, and goes on
 doing so until SIGTERM or SIGINT; then it stops taking work, lets the step in
 flight finish or be abandoned at the next record, and gives its leases up so
-another worker may carry on at once.
+another worker may carry on at once. A second signal ends it at once.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ def load_sagas(spec: str) -> list[SagaDefinition]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigurationError(f"--sagas {spec!r}: expected package.module:NAME")
+    if module_name.startswith("."):  # import_module would raise a TypeError
+        raise ConfigurationError(
+            f"--sagas {spec!r}: {module_name} is relative; give the module's full name"
+        )
     if "" not in sys.path:
         sys.path.insert(0, "")
     try:
@@ -70,15 +74,26 @@ async def run_worker(
     orchestrator = Orchestrator(store, sagas=sagas, owner=owner, **options)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def stopping_now() -> None:
+        # A second signal ends the process at once, as a kill would (the leases
+        # then expire): a step that ignores cancellation, or blocks, would
+        # otherwise keep the worker alive whatever the operator did.
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_DFL)
+        stop.set()
+
+    for signum in signals:
+        loop.add_signal_handler(signum, stopping_now)
     serving = asyncio.create_task(orchestrator.serve(concurrency=concurrency))
     stopping = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if serving.done():
             serving.result()  # serve() ended by itself: say why
-        log.info("stopping: giving the leases up")
+        log.info("stopping: giving the leases up (signal again to exit at once)")
     finally:
         stopping.cancel()
         serving.cancel()
