@@ -507,3 +507,23 @@ def test_a_worker_spec_naming_a_relative_module_is_refused(spec: str, problem: s
     """import_module raised a bare TypeError ('package' argument is required)."""
     with pytest.raises(ConfigurationError, match=problem):
         load_sagas(spec)
+
+
+async def test_a_run_in_flight_when_its_orchestrator_closes_keeps_its_lease() -> None:
+    """close() stopped renewing the leases of run()s still in flight: another worker
+    took the saga over mid-step and ran that step again while it still ran here."""
+    log = InMemorySagaLog()
+    attempts: list[tuple[str, int]] = []
+
+    async def slow(ctx: StepContext) -> None:
+        attempts.append((ctx.step, ctx.attempt))
+        await asyncio.sleep(0.4)
+
+    saga = SagaDefinition("slow", [Step("a", slow), Step("b", slow)])
+    first = Orchestrator(log, lease_ttl=0.15)
+    running = asyncio.create_task(first.run(saga, "s-1"))
+    await asyncio.sleep(0.05)
+    await first.close()
+    async with Orchestrator(log, sagas=[saga], lease_ttl=0.15):
+        assert (await running).ok
+    assert attempts == [("a", 1), ("b", 1)]

@@ -577,8 +577,9 @@ class Orchestrator:
         if server is not None:
             server.cancel()
             await asyncio.gather(server, return_exceptions=True)
-        renewer, self._renewer = self._renewer, None
-        if renewer is not None:
+        # Callers' run()s still in flight on a log not closed here keep their leases renewed.
+        if self._renewer is not None and (self._owns_log or not self._held):
+            renewer, self._renewer = self._renewer, None
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
         if self._owns_log:
