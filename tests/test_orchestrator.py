@@ -323,6 +323,39 @@ async def test_a_cancelled_joiner_of_a_cancelled_run_stays_cancelled() -> None:
     assert [o.ok for o in outcomes] == [True]
 
 
+async def test_result_calls_that_timed_out_leave_nothing_behind() -> None:
+    """result() joined a run here in a shielded task of its own: each call that timed out
+    left that task and a waiter behind for as long as the run lasted (without bound for a
+    saga stuck in a step), and when the run's caller was cancelled those orphans carried
+    the saga on for callers long gone."""
+    gate, saga = _gated()
+    orchestrator = Orchestrator()
+    runner = asyncio.create_task(orchestrator.run(saga, "order-1"))
+    await asyncio.sleep(0)
+    tasks = len(asyncio.all_tasks())
+    for _ in range(100):
+        with pytest.raises(TimeoutError):
+            await orchestrator.result("order-1", timeout=0.001)
+    assert len(asyncio.all_tasks()) == tasks
+    runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+    gate.set()
+    await asyncio.sleep(0.05)
+    assert len(asyncio.all_tasks()) == tasks - 1
+    # Nobody carried it on: it waits, in the log, for recover().
+    assert await unfinished(orchestrator.log) == ["order-1"]
+    # A result() caller still waiting when the runner is cancelled carries it on.
+    gate, saga = _gated()
+    runner = asyncio.create_task(orchestrator.run(saga, "order-2"))
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(orchestrator.result("order-2", timeout=5))
+    await asyncio.sleep(0)
+    runner.cancel()
+    gate.set()
+    assert (await waiting).ok
+
+
 async def test_a_failing_compensation_leaves_the_saga_failed() -> None:
     log = InMemorySagaLog()
     shop = Shop(n=4, fail_at=3, stuck_at=1)

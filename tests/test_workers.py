@@ -433,8 +433,8 @@ async def test_a_worker_leaves_a_saga_it_has_no_definition_for_without_spinning(
 
 
 async def test_result_asked_as_the_run_ends_gets_its_outcome() -> None:
-    """result() joins a run in a task of its own (shielded); a run that ends before that
-    task starts must not leave it waiting for ever."""
+    """result() once joined a run in a task of its own; a run that ended before that
+    task started must not leave it waiting for ever."""
     orch = Orchestrator()
     gate = asyncio.Event()
 

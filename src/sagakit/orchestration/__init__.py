@@ -52,6 +52,7 @@ from sagakit.orchestration.support import (
     same_input,
     settle,
     shown,
+    wait_for_run,
     wanted_status,
 )
 from sagakit.ports.saga_log import Claim, Journal, SagaLog, SagaSummary, check_ttl
@@ -333,10 +334,8 @@ class Orchestrator:
                 f"{saga.fingerprint} with input {shown(running.data)}",
                 f"{saga.fingerprint} with input {shown(data)}",
             )
-        waiter: asyncio.Future[SagaOutcome] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(saga_id, []).append(waiter)
         try:
-            return await waiter
+            return await wait_for_run(self._waiters, saga_id)
         except RunnerCancelled:
             # Its log shows where it stopped: carry it on from there, for this
             # caller (and any other waiter, which joins this run in turn).
@@ -378,8 +377,8 @@ class Orchestrator:
             delay = 0.01
             while True:
                 running = self._running.get(saga_id)
-                if running is not None:
-                    return await asyncio.shield(self._join_quietly(saga_id, running))
+                if running is not None:  # joined as run() joins it: no task of its own
+                    return await self._join(running.saga, saga_id, running, running.data)
                 records = await self._retrying(lambda: self._log.read(saga_id))
                 if not records:
                     raise SagaError(saga_id, "no such saga in the log")
@@ -388,12 +387,6 @@ class Orchestrator:
                     return outcome
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.poll_interval)
-
-    async def _join_quietly(self, saga_id: str, running: Run) -> SagaOutcome:
-        if self._running.get(saga_id) is not running:
-            # The run ended before this task started: its outcome is in the log.
-            return await self.result(saga_id)
-        return await self._join(running.saga, saga_id, running, running.data)
 
     async def status(self, saga_id: str) -> SagaSummary | None:
         """The saga as the log lists it (status, lease, counts), or None when unknown."""

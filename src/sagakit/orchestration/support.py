@@ -38,6 +38,7 @@ __all__ = [
     "same_input",
     "settle",
     "shown",
+    "wait_for_run",
     "wanted_status",
 ]
 
@@ -82,6 +83,26 @@ def settle(
             waiter.set_exception(outcome)
         else:
             waiter.set_result(outcome)
+
+
+async def wait_for_run(
+    waiters: dict[str, list[asyncio.Future[SagaOutcome]]], saga_id: str
+) -> SagaOutcome:
+    """Wait, among ``waiters``, for the outcome of the run of ``saga_id`` under way.
+
+    A caller that stops waiting (cancelled, timed out) is struck off at once: one
+    asking again and again while a long saga runs must not pile up.
+    """
+    waiter: asyncio.Future[SagaOutcome] = asyncio.get_running_loop().create_future()
+    waiting = waiters.setdefault(saga_id, [])
+    waiting.append(waiter)
+    try:
+        return await waiter
+    finally:
+        if waiter.cancelled() and waiters.get(saga_id) is waiting:
+            waiting.remove(waiter)
+            if not waiting:
+                del waiters[saga_id]
 
 
 def checked_input(
