@@ -28,6 +28,7 @@ from sagakit.core.records import (
 )
 from sagakit.core.saga import SagaDefinition, Step, StepContext
 from sagakit.errors import (
+    BackendRefused,
     BackendUnavailable,
     ConfigurationError,
     LeaseLost,
@@ -35,6 +36,7 @@ from sagakit.errors import (
     SagaIdConflict,
 )
 from sagakit.orchestration import Orchestrator
+from sagakit.ports.saga_log import Claim
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -448,6 +450,43 @@ async def test_result_asked_as_the_run_ends_gets_its_outcome() -> None:
     outcome = await orch.result("x", timeout=2)
     assert outcome.state is SagaStatus.COMPLETED
     assert (await running) == outcome
+
+
+class RefusingLog(InMemorySagaLog):
+    """Answers ``answers`` claims, then refuses every one for good (as PostgreSQL
+    does for a database that does not exist)."""
+
+    def __init__(self, answers: int) -> None:
+        super().__init__()
+        self.answers = answers
+        self.claims = 0
+
+    async def claim_next(self, *, owner: str, ttl: float, limit: int) -> list[Claim]:
+        self.claims += 1
+        if self.claims > self.answers:
+            raise BackendRefused("test", 'database "nosuchdb" does not exist')
+        return await super().claim_next(owner=owner, ttl=ttl, limit=limit)
+
+
+async def test_serve_on_a_log_that_refuses_from_the_first_claim_raises() -> None:
+    """serve() logged the refusal every second for ever: `sagakit worker` with a
+    database that does not exist (or a bad password) never exited."""
+    log = RefusingLog(answers=0)
+    with pytest.raises(BackendRefused, match="nosuchdb"):
+        async with asyncio.timeout(5):
+            await Orchestrator(log).serve()
+    assert log.claims == 1
+
+
+async def test_serve_rides_out_a_refusal_once_the_log_has_answered() -> None:
+    log = RefusingLog(answers=1)
+    serving = asyncio.create_task(Orchestrator(log, poll_interval=0.01).serve())
+    await asyncio.sleep(0.2)
+    assert not serving.done()
+    assert log.claims > 2
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
 
 
 # --- the worker command ---------------------------------------------------------------

@@ -484,9 +484,13 @@ class Orchestrator:
 
     async def serve(self, *, concurrency: int = 64) -> None:
         """Run sagas from the log until cancelled: those others started, and those
-        whose worker died (lease expired). Polls with backoff while there is none."""
+        whose worker died (lease expired). Polls with backoff while there is none.
+
+        A log that refuses the first claim for good (a BackendError that is not
+        retryable) is an error raised here; later failures are logged and ridden out."""
         check_count("concurrency", concurrency, least=1)  # 0 would idle for ever
         delay = 0.01
+        reached = False  # whether the log ever answered a claim
         try:
             try:
                 for claim in await self._left_behind():
@@ -503,7 +507,10 @@ class Orchestrator:
                                 owner=self.owner, ttl=self.lease_ttl, limit=free
                             )
                         )
+                        reached = True
                     except BackendError as exc:
+                        if not (exc.retryable or reached):  # no such database, bad password
+                            raise
                         log.error("claiming sagas failed: %s", exc)
                 spawned = [self._spawn(claim) for claim in claims]
                 if any(spawned):
