@@ -566,3 +566,12 @@ async def test_a_run_in_flight_when_its_orchestrator_closes_keeps_its_lease() ->
     async with Orchestrator(log, sagas=[saga], lease_ttl=0.15):
         assert (await running).ok
     assert attempts == [("a", 1), ("b", 1)]
+
+
+async def test_a_refusal_that_stops_serving_under_async_with_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = RefusingLog(answers=0)
+    async with Orchestrator(log):
+        await asyncio.sleep(0.05)
+    assert "nosuchdb" in caplog.text

@@ -509,9 +509,9 @@ class Orchestrator:
                         )
                         reached = True
                     except BackendError as exc:
+                        log.error("claiming sagas failed: %s", exc)  # said under async with too
                         if not (exc.retryable or reached):  # no such database, bad password
                             raise
-                        log.error("claiming sagas failed: %s", exc)
                 spawned = [self._spawn(claim) for claim in claims]
                 if any(spawned):
                     delay = 0.01
