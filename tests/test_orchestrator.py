@@ -700,3 +700,12 @@ async def test_list_of_a_status_that_is_not_one_names_the_option(status: Any) ->
     with pytest.raises(DefinitionError) as excinfo:
         await Orchestrator().list(status=status)
     assert excinfo.value.field == "status"
+
+
+@pytest.mark.parametrize("log", [None, 5, b"memory://", object()])
+def test_a_log_that_is_neither_a_saga_log_nor_a_url_is_refused_naming_it(log: Any) -> None:
+    """Orchestrator(None) (an unset environment variable, say) raised AttributeError:
+    'NoneType' object has no attribute 'durable'."""
+    with pytest.raises(DefinitionError) as excinfo:
+        Orchestrator(log)
+    assert excinfo.value.field == "log"

@@ -37,7 +37,12 @@ from sagakit.errors import (
     SagaIdConflict,
 )
 from sagakit.orchestration.driver import drive
-from sagakit.orchestration.leases import claim_left_behind, renew_leases, retrying
+from sagakit.orchestration.leases import (
+    claim_left_behind,
+    renew_leases,
+    retrying,
+    wait_for_holder,
+)
 from sagakit.orchestration.support import (
     Recovered,
     Run,
@@ -120,6 +125,8 @@ class Orchestrator:
         poll_interval = check_seconds("poll_interval", poll_interval, minimum=0.001)
         # A log opened here from a URL is this orchestrator's to close; one
         # handed in belongs to the caller.
+        if not isinstance(log, str | SagaLog):  # None, say, from an unset variable
+            raise DefinitionError("log", f"must be a saga log or its URL, not {log!r:.100}")
         self._owns_log = isinstance(log, str)
         if isinstance(log, str):
             # Imported here: the orchestrator depends on the SagaLog port, and
@@ -288,7 +295,7 @@ class Orchestrator:
                     return await self._resume(saga, saga_id, claim)
                 except LeaseLost:
                     log.warning("saga %s: lease lost; waiting for its new holder", saga_id)
-            await self._wait_for_holder(saga_id)
+            await wait_for_holder(self._log, saga_id, self.poll_interval, self.retry_for)
 
     async def _resume(self, saga: SagaDefinition, saga_id: str, claim: Claim) -> SagaOutcome:
         started, state, results = replayed(saga, saga_id, None, claim.records)
@@ -308,19 +315,6 @@ class Orchestrator:
                 await self._log.release(journal)
                 raise
         return await self._drive(saga, saga_id, started.data, journal, decision, results)
-
-    async def _wait_for_holder(self, saga_id: str) -> None:
-        """Wait until the saga is finished or its lease is given up, or for a while
-        (the caller then tries to claim it again: the log, on its own clock, says
-        whether the lease expired)."""
-        delay = 0.01
-        deadline = time.monotonic() + self.poll_interval
-        while time.monotonic() < deadline:
-            await asyncio.sleep(delay)
-            summary = await self._retrying(lambda: self._log.status(saga_id))
-            if summary is None or summary.status.is_final or summary.owner is None:
-                return
-            delay = min(delay * 2, self.poll_interval)
 
     async def _join(
         self, saga: SagaDefinition, saga_id: str, running: Run, data: Mapping[str, Any]

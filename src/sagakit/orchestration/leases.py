@@ -20,7 +20,7 @@ from sagakit.core.records import SagaStatus
 from sagakit.errors import BackendError
 from sagakit.ports.saga_log import Claim, Journal, SagaLog
 
-__all__ = ["LEFT_BEHIND_SCAN", "claim_left_behind", "renew_leases", "retrying"]
+__all__ = ["LEFT_BEHIND_SCAN", "claim_left_behind", "renew_leases", "retrying", "wait_for_holder"]
 
 log = logging.getLogger("sagakit.orchestrator")
 
@@ -89,6 +89,22 @@ async def claim_left_behind(
             log.info("saga %s: left leased to %s by an earlier process; taken over", saga_id, owner)
             claims.append(claim)
     return claims
+
+
+async def wait_for_holder(
+    saga_log: SagaLog, saga_id: str, poll_interval: float, retry_for: float
+) -> None:
+    """Wait until the saga is finished or its lease is given up, or for a while
+    (the caller then tries to claim it again: the log, on its own clock, says
+    whether the lease expired)."""
+    delay = 0.01
+    deadline = time.monotonic() + poll_interval
+    while time.monotonic() < deadline:
+        await asyncio.sleep(delay)
+        summary = await retrying(lambda: saga_log.status(saga_id), retry_for)
+        if summary is None or summary.status.is_final or summary.owner is None:
+            return
+        delay = min(delay * 2, poll_interval)
 
 
 async def retrying(call: Callable[[], Awaitable[T]], retry_for: float) -> T:
