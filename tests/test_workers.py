@@ -489,6 +489,77 @@ async def test_serve_rides_out_a_refusal_once_the_log_has_answered() -> None:
         await serving
 
 
+TOO_BIG = "x" * 100
+
+
+class TooBigLog(BufferedLog):
+    """Refuses for good to record the step result TOO_BIG (as a database refuses a value
+    too large for it)."""
+
+    def _wrap(self, journal: Any) -> Any:
+        wrapped = super()._wrap(journal)
+        if wrapped is not None:
+            flush = wrapped.flush
+
+            async def refusing_flush() -> None:
+                if any(type(r) is StepCompleted and r.result == TOO_BIG for r in wrapped._staged):
+                    raise BackendRefused("test", "value too large")
+                await flush()
+
+            wrapped.flush = refusing_flush
+        return wrapped
+
+
+def _too_big_saga() -> tuple[SagaDefinition, list[int]]:
+    attempts: list[int] = []
+
+    def big(ctx: StepContext) -> str:
+        attempts.append(ctx.attempt)
+        return TOO_BIG
+
+    return SagaDefinition("big", [Step("a", big), Step("b", lambda ctx: None)]), attempts
+
+
+async def test_recover_tries_a_saga_the_log_refuses_once_and_returns() -> None:
+    """A failed saga's lease was given up at once: recover() claimed it again in the
+    same call, re-ran its step and failed again, for ever (hundreds of runs a second)."""
+    saga, attempts = _too_big_saga()
+    log = TooBigLog()
+    orchestrator = Orchestrator(log, sagas=[saga])
+    await orchestrator.start(saga, "b-1")
+    async with asyncio.timeout(5):
+        recovered = await orchestrator.recover()
+    assert list(recovered) == []
+    assert isinstance(recovered.errors["b-1"], BackendRefused)
+    assert attempts == [1]
+    # Kept, unrenewed, until it expires: then any worker tries it again.
+    summary = await log.status("b-1")
+    assert summary is not None
+    assert summary.owner == orchestrator.owner
+
+
+async def test_serve_retries_a_saga_the_log_refuses_once_a_lease_not_in_a_loop() -> None:
+    saga, attempts = _too_big_saga()
+    log = TooBigLog()
+    orchestrator = Orchestrator(log, sagas=[saga], lease_ttl=0.4, poll_interval=0.01)
+    await orchestrator.start(saga, "b-1")
+    serving = asyncio.create_task(orchestrator.serve())
+    await asyncio.sleep(1.0)
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert 2 <= len(attempts) <= 4, attempts  # once, then once each time the lease ran out
+
+
+async def test_a_run_the_log_refuses_can_be_run_again_at_once_by_its_caller() -> None:
+    saga, attempts = _too_big_saga()
+    orchestrator = Orchestrator(TooBigLog())
+    for _ in range(2):
+        with pytest.raises(BackendRefused):
+            await orchestrator.run(saga, "b-1")
+    assert attempts == [1, 2]
+
+
 # --- the worker command ---------------------------------------------------------------
 
 

@@ -206,8 +206,8 @@ class Orchestrator:
                     # lease): its outcome is the one to report.
                     log.warning("saga %s: lease lost; waiting for its new holder", saga_id)
                     outcome = await self._existing(saga, saga_id, data)
-                except BaseException:
-                    await self._give_up(saga_id, journal)
+                except BaseException as exc:
+                    await self._give_up(saga_id, journal, exc)
                     raise
                 else:
                     del self._held[saga_id]  # its last record ended the lease
@@ -251,8 +251,8 @@ class Orchestrator:
         except LeaseLost:
             self._drop(saga_id)  # nothing of ours to give up
             raise
-        except BaseException:
-            await self._give_up(saga_id, journal)
+        except BaseException as exc:
+            await self._give_up(saga_id, journal, exc)
             raise
         self._drop(saga_id)  # its last record ended the lease too
         return outcome
@@ -263,10 +263,14 @@ class Orchestrator:
         if self._lost:
             self._lost.discard(saga_id)
 
-    async def _give_up(self, saga_id: str, journal: Journal) -> None:
-        """A saga stopped unfinished (cancelled, a step's BaseException, a backend error):
-        give its lease up, so that another worker may carry it on at once."""
+    async def _give_up(self, saga_id: str, journal: Journal, exc: BaseException) -> None:
+        """A saga stopped unfinished (cancelled, a step's BaseException): give its lease up,
+        so that another worker may carry it on at once. One that failed (``exc`` is an
+        Exception: a backend error, a record the log refused) keeps it, unrenewed, until it
+        expires: given up, it would be claimed and fail again (its step re-run) at once."""
         self._drop(saga_id)
+        if isinstance(exc, Exception):
+            return
         try:
             await self._log.release(journal)
         except Exception:
@@ -302,8 +306,7 @@ class Orchestrator:
         journal = claim.journal
         try:
             decision = decide(saga.plan, state, Resume(), time.time())
-        except InvalidTransition as exc:
-            await self._log.release(journal)
+        except InvalidTransition as exc:  # the lease is kept: see _give_up
             raise SagaError(saga_id, f"its log cannot be carried on: {exc}") from exc
         if decision.records:
             log.info("resuming saga %s with %s", saga_id, decision.commands)
@@ -311,8 +314,8 @@ class Orchestrator:
                 journal.stage(decision.records)
                 if self._flush is not None:
                     await self._flush(journal)
-            except BaseException:
-                await self._log.release(journal)
+            except BaseException as exc:
+                await self._give_up(saga_id, journal, exc)
                 raise
         return await self._drive(saga, saga_id, started.data, journal, decision, results)
 
