@@ -237,3 +237,68 @@ async def test_an_input_changed_by_its_caller_after_the_start_changes_nothing(
     assert await orchestrator.start(saga, "o-2", later)
     later["order"]["items"].append(8)
     assert (await log.read("o-2"))[0].data == {"order": {"items": [7]}}
+
+
+@pytest.mark.parametrize("in_compensation", [False, True])
+async def test_a_step_whose_awaited_future_was_cancelled_elsewhere_fails(
+    in_compensation: bool,
+) -> None:
+    """A CancelledError out of a step whose own task nobody cancelled (it awaited a
+    future cancelled elsewhere) stopped the saga as a cancellation would: run() raised
+    CancelledError to a caller nobody cancelled, and serve() gave the lease up and ran
+    the step again at once, a thousand times a second, without a word."""
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    gone.cancel()
+    calls: list[str] = []
+
+    async def wait(ctx: StepContext) -> None:
+        calls.append(ctx.step)
+        await gone
+
+    def fail(ctx: StepContext) -> None:
+        raise ValueError("no")
+
+    steps = (
+        [Step("a", lambda ctx: 1, wait), Step("b", fail)]
+        if in_compensation
+        else [Step("a", lambda ctx: 1, lambda ctx: None), Step("b", wait)]
+    )
+    saga = SagaDefinition("waits", steps)
+    log = InMemorySagaLog()
+    orchestrator = Orchestrator(log, sagas=[saga])
+    outcome = await orchestrator.run(saga, "w-1")
+    if in_compensation:
+        assert outcome.state is SagaStatus.FAILED
+        assert outcome.stuck_error == "CancelledError"
+    else:
+        assert outcome.state is SagaStatus.COMPENSATED
+        assert outcome.error == "CancelledError"
+    # Served: run once, not again and again.
+    await orchestrator.start(saga, "w-2")
+    serving = asyncio.create_task(orchestrator.serve())
+    await asyncio.sleep(0.2)
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert calls == [calls[0]] * 2
+    assert await unfinished(log) == []
+
+
+async def test_a_run_cancelled_from_outside_still_stops_and_gives_its_lease_up() -> None:
+    entered = asyncio.Event()
+
+    async def wait(ctx: StepContext) -> None:
+        entered.set()
+        await asyncio.sleep(3600)
+
+    saga = SagaDefinition("waits", [Step("a", wait)])
+    log = InMemorySagaLog()
+    running = asyncio.create_task(Orchestrator(log).run(saga, "w-1"))
+    await entered.wait()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    summary = await log.status("w-1")
+    assert summary is not None
+    assert summary.status is SagaStatus.RUNNING
+    assert summary.owner is None

@@ -8,6 +8,7 @@ commands one at a time, in the order the state machine gives them.
 from __future__ import annotations
 
 import logging
+from asyncio import CancelledError, current_task
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from time import time
@@ -99,6 +100,10 @@ async def drive(
                         value = await value
                 except Exception as exc:
                     event = _step_raised(saga_id, name, index, exc)
+                except CancelledError as exc:
+                    if _stopping():
+                        raise
+                    event = _step_raised(saga_id, name, index, exc)
                 else:
                     if value is None:  # most steps' result: nothing to check
                         results[name] = None
@@ -121,6 +126,10 @@ async def drive(
                     ):
                         await value
                 except Exception as exc:
+                    event = _compensation_raised(saga_id, step.name, index, exc)
+                except CancelledError as exc:
+                    if _stopping():
+                        raise
                     event = _compensation_raised(saga_id, step.name, index, exc)
                 else:
                     event = _UNDONE[index] if index < _SHARED else CompensationSucceeded(index)
@@ -148,7 +157,15 @@ _NO_RESULT = [_succeeded((index, None)) for index in range(_SHARED)]
 _UNDONE = [CompensationSucceeded(index) for index in range(_SHARED)]
 
 
-def _step_raised(saga_id: str, name: str, index: int, exc: Exception) -> Event:
+def _stopping() -> bool:
+    """Whether a CancelledError out of a step is this task being cancelled (the saga
+    stops) rather than the step's own error: something it awaited was cancelled
+    elsewhere, which would raise the same again on every retry."""
+    task = current_task()
+    return task is None or task.cancelling() > 0
+
+
+def _step_raised(saga_id: str, name: str, index: int, exc: BaseException) -> Event:
     error = describe(exc)
     if log.isEnabledFor(logging.INFO):  # a third of the benchmark's sagas fail a step
         log.info("saga %s: step %s failed: %s", saga_id, name, error)
@@ -170,7 +187,7 @@ def _step_succeeded(
     return _succeeded((index, value))
 
 
-def _compensation_raised(saga_id: str, name: str, index: int, exc: Exception) -> Event:
+def _compensation_raised(saga_id: str, name: str, index: int, exc: BaseException) -> Event:
     error = describe(exc)
     log.error("saga %s: compensation of %s failed: %s", saga_id, name, error)
     return CompensationRaised(index, error)
