@@ -292,6 +292,47 @@ async def test_a_file_that_cannot_be_opened_is_unavailable_until_it_can(tmp_path
     await log.close()
 
 
+@pytest.mark.parametrize("how", ["deleted", "moved", "replaced"])
+async def test_a_file_deleted_or_replaced_under_the_log_fails_writes_rather_than_losing_them(
+    tmp_path: Path, how: str
+) -> None:
+    """The connection would go on writing to the file it opened: after an unlink, an
+    inode nobody will ever read again; after a rename, not the log at this path. Every
+    flush "succeeded", and the next process found none of it."""
+    path = tmp_path / "sagas.db"
+    log = SQLiteSagaLog(path)
+    journal = await started(log)
+    aside = tmp_path / "aside.db"
+    if how == "deleted":
+        for name in ("sagas.db", "sagas.db-wal", "sagas.db-shm"):
+            (tmp_path / name).unlink()
+    else:
+        path.rename(aside)
+        if how == "replaced":  # by another log's file, as a restore from a backup would
+            (tmp_path / "other").mkdir()
+            other = SQLiteSagaLog(tmp_path / "other" / "sagas.db")
+            await started(other, "o-other")
+            await other.close()
+            (tmp_path / "other" / "sagas.db").rename(path)
+    journal.stage(FINISHED[:2])
+    with pytest.raises(BackendRefused, match="deleted or replaced") as raised:
+        await journal.flush()
+    assert not raised.value.retryable
+    assert journal.version == 4  # staged records are kept
+    with pytest.raises(BackendRefused, match="deleted or replaced"):
+        await log.create("o-2", opening(), owner=None, ttl=60)
+    if how == "moved":  # put back: the log goes on where it was
+        aside.rename(path)
+        await journal.flush()
+        assert typed(await log.read("o-1")) == typed(opening() + FINISHED[:2])
+    await log.close()
+    if how != "replaced":  # (a file replaced under SQLite meets the old one's -wal: sqlite.org)
+        again = SQLiteSagaLog(path)
+        expected = {"deleted": [], "moved": ["o-1"]}[how]
+        assert [s.saga_id for s in await again.list()] == expected
+        await again.close()
+
+
 async def test_a_closed_log_refuses_and_finishes_what_it_accepted(log: SQLiteSagaLog) -> None:
     journals = [await started(log, f"o-{i}") for i in range(8)]
     tasks = [asyncio.create_task(write(j, FINISHED)) for j in journals]

@@ -34,6 +34,10 @@ again every fraction of a millisecond rather than with SQLite's own growing
 sleeps, so that busy processes share the file instead of starving each other. Leases are measured on
 ``clock`` (default :func:`time.time`), which processes of one machine share.
 
+Every batch checks, before writing and after committing, that the path still names
+the file the connection opened: SQLite would go on writing to a deleted or replaced
+file, every flush lost. Otherwise :class:`~sagakit.errors.BackendRefused`.
+
 The schema is created on first use and its version kept in ``schema_version``;
 a newer version, or a file that is not sagakit's, is refused with
 :class:`~sagakit.errors.SchemaMismatch`.
@@ -356,6 +360,7 @@ class SQLiteSagaLog:
 
     def _serve(self) -> None:
         connection: sqlite3.Connection | None = None
+        opened: store.FileId | None = None  # the file the connection has open
         stop = False
         try:
             while not stop:
@@ -375,7 +380,8 @@ class SQLiteSagaLog:
                 try:
                     if connection is None:
                         connection = open_connection(self.path, self.busy_timeout, self.synchronous)
-                    done = self._run(connection, batch)
+                        opened = store.file_id(self.path)
+                    done = self._run(connection, batch, opened)
                 except Exception as exc:  # a failing clock, a bug: never a caller left waiting
                     if connection is not None and connection.in_transaction:
                         with contextlib.suppress(sqlite3.Error):
@@ -387,7 +393,7 @@ class SQLiteSagaLog:
                 connection.close()
 
     def _run(
-        self, db: sqlite3.Connection, batch: list[_Request]
+        self, db: sqlite3.Connection, batch: list[_Request], opened: store.FileId | None
     ) -> list[tuple[_Request, Any, BaseException | None]]:
         writes = any(r.writes for r in batch)
         done: list[tuple[_Request, Any, BaseException | None]] = []
@@ -396,6 +402,7 @@ class SQLiteSagaLog:
                 begin_write(db, self.busy_timeout)
             else:
                 db.execute("BEGIN")
+            store.check_in_place(self.path, opened)
             now = self._clock()  # one moment per transaction: a batch's records share it
             for request in batch:
                 if len(batch) > 1:
@@ -421,6 +428,8 @@ class SQLiteSagaLog:
                 db.execute("COMMIT")
                 if writes:
                     self.stats.commits += 1
+                    # Moved while committing: those records are not in the log at path.
+                    store.check_in_place(self.path, opened)
             self.stats.requests += len(batch)
         except sqlite3.Error as exc:
             self.stats.rollbacks += 1

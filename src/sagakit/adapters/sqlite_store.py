@@ -7,6 +7,7 @@ writer thread) so that each stays short. Everything here runs on that writer thr
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import time
@@ -28,14 +29,18 @@ from sagakit.ports.saga_log import SagaSummary
 
 __all__ = [
     "SCHEMA_VERSION",
+    "FileId",
     "Row",
     "backend_name",
     "begin_write",
+    "check_in_place",
+    "file_id",
     "open_connection",
     "translate",
 ]
 
 Row = tuple[str, int, str]  # (kind, schema version, JSON payload) as stored
+FileId = tuple[int, int]  # (device, inode): which file a path names
 UNFINISHED = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
 _SUMMARY = (
     "SELECT saga_id, saga, status, version, owner, lease_expires_at, created_at, updated_at"
@@ -110,6 +115,32 @@ def open_connection(path: Path, busy_timeout: float, synchronous: str) -> sqlite
             raise translate(exc, path) from exc
         raise
     return db
+
+
+def file_id(path: Path) -> FileId | None:
+    """The file ``path`` names now; None when there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def check_in_place(path: Path, opened: FileId | None) -> None:
+    """BackendRefused unless ``path`` still names the file the connection opened.
+
+    SQLite goes on using the file it opened: once deleted, every commit would go to
+    a file nobody will read again; once renamed or replaced, to a file that is no
+    longer the log at ``path``. Either way each flush would "succeed" and be lost.
+    (SQLite's own check, SQLITE_READONLY_DBMOVED, does not cover WAL mode.)
+    """
+    if opened is None or file_id(path) != opened:
+        raise BackendRefused(
+            backend_name(path),
+            "the file was deleted or replaced while this log had it open; nothing is"
+            " written to it any more, since it would be lost: put the file back, or stop"
+            " every process using it and open the log again",
+        )
 
 
 def _ensure_schema(db: sqlite3.Connection, path: Path) -> None:
