@@ -388,6 +388,41 @@ async def test_claim_next_passes_over_a_saga_it_cannot_read(
         await log.claim("o-0", owner="w", ttl=60)
 
 
+@pytest.mark.parametrize("payload", ['{"saga": "order"}', "[1, 2]", '{"step": 0, "x": 2}'])
+async def test_a_damaged_record_is_refused_and_its_lease_given_back(
+    log: PostgresSagaLog, postgres_url: str, payload: str
+) -> None:
+    """Edited by hand: a SchemaMismatch, never the decoder's KeyError, and no lease kept."""
+    for saga_id in ("bad", "ok"):
+        await log.create(saga_id, opening(), owner=None, ttl=60)
+    await sql(
+        postgres_url,
+        "UPDATE sagakit_records SET payload = $1::json WHERE saga_id = 'bad' AND seq = 1",
+        payload,
+    )
+    with pytest.raises(SchemaMismatch, match="damaged"):
+        await log.read("bad")
+    with pytest.raises(SchemaMismatch):
+        await log.claim("bad", owner="w", ttl=60)
+    claims = await log.claim_next(owner="w-2", ttl=60, limit=2)
+    assert [c.journal.saga_id for c in claims] == ["ok"]
+    summary = await log.status("bad")
+    assert summary is not None
+    assert summary.owner is None
+
+
+async def test_a_status_written_by_a_newer_sagakit_is_refused(
+    log: PostgresSagaLog, postgres_url: str
+) -> None:
+    """As on SQLite: a SchemaMismatch, not the enum's ValueError."""
+    await started(log)
+    await sql(postgres_url, "UPDATE sagakit_sagas SET status = 'paused'")
+    with pytest.raises(SchemaMismatch, match="paused"):
+        await log.status("o-1")
+    with pytest.raises(SchemaMismatch, match="paused"):
+        await log.list()
+
+
 # --- two pools ---------------------------------------------------------------------------
 
 

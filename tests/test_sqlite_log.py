@@ -182,6 +182,28 @@ async def test_records_of_an_unknown_kind_are_refused_and_left_for_others(
     await log.close()
 
 
+@pytest.mark.parametrize(
+    "payload", ["not json", '{"saga": "order"}', "[1, 2]", '{"step": 0, "attempt": 1, "x": 2}']
+)
+async def test_a_damaged_record_is_refused_and_does_not_block_claim_next(
+    log: SQLiteSagaLog, payload: str
+) -> None:
+    """A record edited by hand, or damaged: a SchemaMismatch naming the saga, never the
+    decoder's KeyError or TypeError, and claim_next takes the sagas behind it."""
+    for saga_id in ("bad", "ok"):
+        await started(log, saga_id, owner=None)
+    db = sqlite3.connect(log.path)
+    db.execute("UPDATE records SET payload = ? WHERE saga_id = 'bad' AND seq = 1", (payload,))
+    db.commit()
+    db.close()
+    with pytest.raises(SchemaMismatch, match="damaged"):
+        await log.read("bad")
+    with pytest.raises(SchemaMismatch):
+        await log.claim("bad", owner="w-1", ttl=60)
+    claims = await log.claim_next(owner="w-1", ttl=60, limit=2)
+    assert [c.journal.saga_id for c in claims] == ["ok"]
+
+
 # --- reopening --------------------------------------------------------------------------
 
 

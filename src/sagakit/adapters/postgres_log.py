@@ -563,10 +563,16 @@ class PostgresSagaLog:
 
 
 def _summary(row: Any) -> SagaSummary:
+    try:
+        status = SagaStatus(row["status"])
+    except ValueError:
+        raise SchemaMismatch(
+            BACKEND, f"saga {row['saga_id']!r} has status {row['status']!r}: a newer sagakit's?"
+        ) from None
     return SagaSummary(
         row["saga_id"],
         row["saga"],
-        SagaStatus(row["status"]),
+        status,
         row["version"],
         row["owner"],
         row["expires_at"],

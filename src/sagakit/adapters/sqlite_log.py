@@ -517,7 +517,7 @@ class SQLiteSagaLog:
             if saga_id not in self._unreadable and len(self._unreadable) < 1000:
                 self._unreadable.add(saga_id)
                 _logger.warning(
-                    "saga %r in %s has records this sagakit cannot read; left for a newer worker",
+                    "saga %r in %s has records this sagakit cannot read (newer, or damaged); left",
                     saga_id,
                     self.path,
                 )

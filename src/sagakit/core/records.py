@@ -348,10 +348,17 @@ def decode_record(kind: str, version: int, payload: bytes | str) -> SagaRecord:
             "saga log",
             f"record kind {kind!r} has schema version {version}; this sagakit reads up to {newest}",
         )
-    fields = from_json(payload)
-    if cls is SagaStarted:
-        return SagaStarted(fields["saga"], tuple(fields["steps"]), fields["data"])
-    if cls is SagaFinished:
-        return SagaFinished(SagaStatus(fields["status"]))
-    record: SagaRecord = cls(**fields)
+    try:
+        fields = from_json(payload)
+        if cls is SagaStarted:
+            return SagaStarted(fields["saga"], tuple(fields["steps"]), fields["data"])
+        if cls is SagaFinished:
+            return SagaFinished(SagaStatus(fields["status"]))
+        record: SagaRecord = cls(**fields)
+    except (ValueError, TypeError, KeyError) as exc:
+        # Edited by hand, or damaged: refused like a newer record (claim_next passes
+        # over it), never the decoder's own error.
+        raise SchemaMismatch(
+            "saga log", f"a {kind!r} record is damaged: its payload does not fit ({exc!r:.200})"
+        ) from exc
     return record
