@@ -278,6 +278,35 @@ async def test_a_request_that_fails_rolls_back_alone(log: SQLiteSagaLog) -> None
     assert summary.records == 2  # the failed flush left its counter alone
 
 
+async def test_a_value_too_big_for_sqlite_fails_its_own_flush_alone(log: SQLiteSagaLog) -> None:
+    """SQLite takes at most 1,000,000,000 bytes in one value (SQLITE_TOOBIG): that saga's
+    flush fails, not every other saga's flush in the same group commit. (Tried with a
+    1 GB result: all four flushes of the transaction failed, as not retryable.)"""
+    journals = [await started(log, f"o-{i}") for i in range(4)]
+
+    def small_limit(db: sqlite3.Connection, now: float) -> None:
+        db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10_000)
+
+    def busy(db: sqlite3.Connection, now: float) -> None:
+        time.sleep(0.1)  # holds the writer thread while the flushes queue up behind it
+
+    await log._call(small_limit, writes=False)
+    hold = asyncio.ensure_future(log._call(busy, writes=False))
+    await asyncio.sleep(0.02)
+    results = await asyncio.gather(
+        *(
+            write(j, [StepCompleted(0, "x" * (20_000 if i == 0 else 10))])
+            for i, j in enumerate(journals)
+        ),
+        return_exceptions=True,
+    )
+    await hold
+    assert isinstance(results[0], BackendRefused)
+    assert "too big" in str(results[0])
+    assert results[1:] == [None, None, None]
+    assert [s.records for s in await log.list()] == [3, 3, 3, 2]
+
+
 # --- errors ---------------------------------------------------------------------------
 
 

@@ -410,8 +410,9 @@ class SQLiteSagaLog:
                 try:
                     result = request.run(db, now, *request.args)
                 except Exception as exc:
+                    # Its own data (a constraint, SQLITE_TOOBIG) fails a request alone;
                     if isinstance(exc, sqlite3.Error) and not isinstance(
-                        exc, sqlite3.IntegrityError
+                        exc, sqlite3.IntegrityError | sqlite3.DataError
                     ):
                         raise  # I/O, a full disk, damage: the transaction is gone, for all
                     if len(batch) > 1:

@@ -217,7 +217,7 @@ def _primary(exc: sqlite3.Error) -> int | None:
 
 # SQLite's primary result codes (https://sqlite.org/rescode.html).
 _PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT = 3, 5, 6, 8, 10, 11
-_FULL, _CANTOPEN, _PROTOCOL, _AUTH, _NOTADB = 13, 14, 15, 23, 26
+_FULL, _CANTOPEN, _PROTOCOL, _TOOBIG, _AUTH, _NOTADB = 13, 14, 15, 18, 23, 26
 
 
 def translate(exc: sqlite3.Error, path: Path) -> BackendError:
@@ -233,6 +233,8 @@ def translate(exc: sqlite3.Error, path: Path) -> BackendError:
         error = BackendUnavailable(where, message)
     elif primary == _NOTADB:
         error = SchemaMismatch(where, f"{message}: the file is not an SQLite database")
+    elif primary == _TOOBIG:
+        error = BackendRefused(where, f"{message}: a value over SQLite's 1 GB limit")
     elif primary == _CORRUPT:
         error = BackendRefused(where, f"{message}: the database file is damaged")
     else:  # permissions, read-only files, constraint violations, misuse: no retry helps
