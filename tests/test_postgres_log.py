@@ -19,7 +19,7 @@ import pytest
 from conformance.saga_log import FINISHED, SagaLogConformance, opening, typed, write
 
 from sagakit import Orchestrator, SagaDefinition, Step, StepContext
-from sagakit.adapters import open_saga_log
+from sagakit.adapters import _postgres_group, open_saga_log
 from sagakit.adapters.postgres_log import PostgresSagaLog
 from sagakit.core.records import (
     SagaFinished,
@@ -290,6 +290,40 @@ async def test_creates_share_commits_too(log: PostgresSagaLog) -> None:
     )
     assert all(j is not None for j in journals)
     assert log.stats.commits - before <= 8
+
+
+async def test_large_flushes_go_in_batches_of_bounded_size(
+    log: PostgresSagaLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL takes at most 1 GB in one statement: four sagas flushing 300 MB results
+    at once, in one batch, each had its connection cut ("invalid message length") and
+    failed as unavailable, again on every retry that batched them together."""
+    monkeypatch.setattr(_postgres_group, "MAX_BATCH_BYTES", 25_000)
+    journals = [await started(log, f"o-{i}") for i in range(8)]
+    before = log.stats.batches
+    await asyncio.gather(*(write(j, [StepCompleted(0, "x" * 10_000)]) for j in journals))
+    assert log.stats.batches - before == 4  # two 10 KB flushes a batch
+    small = [await started(log, f"s-{i}") for i in range(8)]
+    before = log.stats.batches
+    await asyncio.gather(*(write(j, [StepCompleted(0, "x")]) for j in small))
+    assert log.stats.batches - before == 1
+    for i in range(8):
+        assert len(await log.read(f"o-{i}")) == 3
+
+
+async def test_a_record_over_the_size_limit_fails_stage(
+    log: PostgresSagaLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over 1 GB: no statement could carry it (the server cuts the connection, which
+    looks retryable), so it is refused at once, as a value that is not JSON is."""
+    monkeypatch.setattr(_postgres_group, "MAX_RECORD_BYTES", 1_000)
+    journal = await started(log)
+    with pytest.raises(SagaError, match=r"step 0 is 1,222 bytes.*at most 1,000"):
+        journal.stage([StepCompleted(0, "\u00e9" * 600)])  # 1,200 bytes in UTF-8, 1,222 as JSON
+    assert journal.version == 2
+    with pytest.raises(SagaError, match="input"):
+        await log.create("o-2", opening(data={"x": "x" * 1_000}), owner=None, ttl=60)
+    await write(journal, [StepCompleted(0, "x" * 900)])
 
 
 async def test_a_lost_lease_fails_only_its_own_flush_in_a_batch(

@@ -1,9 +1,9 @@
 """Journals and group commit for the PostgreSQL saga log (:mod:`sagakit.adapters.postgres_log`).
 
 Flushes and creates wait in one queue per log; a batch takes everything queued
-(one operation per saga) and writes it as one statement, so one commit. While
-that batch commits, the next one gathers (``batches_in_flight`` batches may run
-at once; one by default).
+(one operation per saga, up to MAX_BATCH of them and MAX_BATCH_BYTES of records)
+and writes it as one statement, so one commit. While that batch commits, the next
+one gathers (``batches_in_flight`` batches may run at once; one by default).
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 __all__ = ["Committer", "Create", "PostgresJournal", "encode", "status_of"]
 
 MAX_BATCH = 512  # operations per group commit: bounded statements, bounded memory
+# A statement carries at most 1 GB (the server cuts the connection otherwise): a batch
+# stops taking operations past this many characters of payload (4 bytes each at most).
+MAX_BATCH_BYTES = 64 * 2**20
+MAX_RECORD_BYTES = 1_000_000_000  # one record's JSON, as on SQLite: no statement takes more
 BUSY_RETRIES = 3  # a batch that hit a deadlock or serialization failure is tried again
 # One: measured against two on this project's machine (2 cores, local server), two
 # gave no gain and 1.7x the commits; sagas in step move in lockstep, so a second
@@ -45,6 +49,12 @@ def encode(saga_id: str, record: SagaRecord) -> Row:
         raise SagaError(
             saga_id, f"the result of step {step} is not a JSON value: {exc}", step=str(step)
         ) from exc
+    if len(payload) > MAX_RECORD_BYTES:
+        step = getattr(record, "step", None)
+        what = "its input" if isinstance(record, SagaStarted) else f"{record.KIND} of step {step}"
+        raise SagaError(
+            saga_id, f"{what} is {len(payload):,} bytes of JSON: at most {MAX_RECORD_BYTES:,}"
+        )
     return kind, version, payload.decode()
 
 
@@ -211,25 +221,32 @@ class Committer:
                 self._kick()
 
     def _take(self) -> tuple[list[Create], Flushes]:
-        """The next batch: at most one operation per saga, none for a saga in flight."""
+        """The next batch: at most one operation per saga, none for a saga in flight, and
+        at most MAX_BATCH operations and MAX_BATCH_BYTES of payload (one, whatever its size)."""
         seen: set[str] = set()
         busy = self._busy
+        size = 0
+
+        def fits(saga_id: str, rows: list[Row]) -> bool:
+            nonlocal size
+            if saga_id in seen or saga_id in busy or len(seen) >= MAX_BATCH:
+                return False
+            more = sum(len(row[2]) for row in rows)
+            if seen and size + more > MAX_BATCH_BYTES:
+                return False
+            seen.add(saga_id)
+            size += more
+            return True
+
         creates: list[Create] = []
         rest: list[Create] = []
         for op in self._creates:
-            if op.saga_id in seen or op.saga_id in busy or len(seen) >= MAX_BATCH:
-                rest.append(op)
-            else:
-                seen.add(op.saga_id)
-                creates.append(op)
+            (creates if fits(op.saga_id, op.rows) else rest).append(op)
         self._creates = rest
         flushes: Flushes = {}
         for journal in list(self._flushes):
-            saga_id = journal.saga_id
-            if saga_id in seen or saga_id in busy or len(seen) >= MAX_BATCH:
-                continue
-            seen.add(saga_id)
-            flushes[journal] = self._flushes.pop(journal)
+            if fits(journal.saga_id, journal.rows):
+                flushes[journal] = self._flushes.pop(journal)
         return creates, flushes
 
     async def _commit(self, creates: list[Create], flushes: Flushes) -> None:
