@@ -123,6 +123,15 @@ class SagaLogLeaseTests(SagaLogHarness):
             assert [c.journal.saga_id for c in later] == ["o-2", "o-3"]
             assert typed(later[1].records) == typed([*opening(), StepCompleted(0, "still mine")])
 
+    async def test_a_limit_beyond_any_count_means_all(self) -> None:
+        # Any whole number >= 0 is a limit (the port's rule): SQLite's 64-bit
+        # integers once turned 2**70 into an OverflowError.
+        async with self.opened() as log:
+            await self.started(log, "o-1", owner=None)
+            assert [s.saga_id for s in await log.list(limit=2**70)] == ["o-1"]
+            claims = await log.claim_next(owner="w-1", ttl=LONG_TTL, limit=2**70)
+            assert [c.journal.saga_id for c in claims] == ["o-1"]
+
     async def test_concurrent_claim_next_never_shares_a_saga(self) -> None:
         async with self.opened() as log:
             ids = [f"o-{i:02}" for i in range(40)]

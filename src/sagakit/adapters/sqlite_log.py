@@ -504,7 +504,7 @@ class SQLiteSagaLog:
     async def claim_next(self, *, owner: str, ttl: float, limit: int) -> list[Claim]:
         store.check_owner(owner)
         check_ttl(ttl)
-        check_limit(limit)
+        limit = min(check_limit(limit), 2**63 - 1)  # SQLite's integers are 64-bit
         if limit == 0:
             return []
         taken, unreadable = await self._leasing(
@@ -574,7 +574,7 @@ class SQLiteSagaLog:
         status: SagaStatus | str | Sequence[SagaStatus | str] | None = None,
         limit: int = 100,
     ) -> list[SagaSummary]:
-        check_limit(limit)
+        limit = min(check_limit(limit), 2**63 - 1)  # SQLite's integers are 64-bit
         wanted = wanted_statuses(status)
         if limit == 0 or wanted == []:
             return []
