@@ -197,3 +197,34 @@ async def test_a_process_killed_mid_flush_leaves_a_consistent_file(tmp_path: Pat
     for claim in claims:
         assert claim.journal.version == len(claim.records)
     await log.close()
+
+
+def test_a_log_used_in_a_forked_child_says_so_rather_than_hanging(tmp_path: Path) -> None:
+    """The writer thread does not survive a fork: the child's calls used to wait for ever
+    on a queue nobody serves. The child must open a log of its own."""
+    log = SQLiteSagaLog(tmp_path / "sagas.db")
+    assert asyncio.run(log.create("o-1", opening(), owner=None, ttl=60)) is not None
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+
+            async def child() -> str:
+                try:
+                    await asyncio.wait_for(log.read("o-1"), 5)
+                except Exception as exc:
+                    return f"{type(exc).__name__}: {exc}"
+                return "read"
+
+            os.write(write, asyncio.run(child()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as answer:
+        said = answer.read()
+    assert said.startswith("ConfigurationError"), said
+    assert "fork" in said
+    records = asyncio.run(log.read("o-1"))  # the parent's log is unharmed
+    assert len(records) == 2
+    asyncio.run(log.close())

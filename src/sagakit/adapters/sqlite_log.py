@@ -17,7 +17,8 @@ user, never the default.) A process killed mid-transaction leaves nothing of
 it: WAL replays only committed transactions.
 
 Work off the event loop. A dedicated writer thread owns the one connection
-and runs every statement; the loop only queues requests and awaits futures.
+and runs every statement; the loop only queues requests and awaits futures. That
+thread stays in the process that started it: a forked child opens a log of its own.
 
 Group commit. Requests queue up while the writer thread commits; it then takes
 everything queued (up to ``max_batch``) into one ``BEGIN IMMEDIATE``
@@ -49,6 +50,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import queue
 import sqlite3
 import threading
@@ -73,8 +75,6 @@ from sagakit.core.records import (
     SagaRecord,
     SagaStarted,
     SagaStatus,
-    encode_record,
-    status_after,
     valid_id,
 )
 from sagakit.errors import (
@@ -82,7 +82,6 @@ from sagakit.errors import (
     ConfigurationError,
     DefinitionError,
     LeaseLost,
-    SagaError,
 )
 from sagakit.ports.saga_log import (
     Claim,
@@ -191,7 +190,7 @@ class SQLiteJournal:
     def stage(self, records: Sequence[SagaRecord]) -> None:
         # Encoded now, so that a value that is not JSON fails here, whole, and the
         # staged batch is never one that no flush could write.
-        rows, statuses = _encode(self.saga_id, records)
+        rows, statuses = store.encode_rows(self.saga_id, records)
         self._rows += rows
         self._statuses += statuses
 
@@ -229,21 +228,6 @@ class SQLiteJournal:
             self.lease = self.lease._replace(expires_at=expires_at)
 
 
-def _encode(saga_id: str, records: Sequence[SagaRecord]) -> tuple[list[Row], list[Any]]:
-    rows: list[Row] = []
-    statuses: list[SagaStatus | None] = []
-    for record in records:
-        try:
-            kind, version, payload = encode_record(record)
-        except (TypeError, ValueError) as exc:
-            step = getattr(record, "step", None)
-            where = "its input" if type(record) is SagaStarted else f"{record.KIND} of step {step}"
-            raise SagaError(saga_id, f"{where} is not a JSON value: {exc}") from exc
-        rows.append((kind, version, payload.decode()))
-        statuses.append(status_after(record))
-    return rows, statuses
-
-
 class SQLiteSagaLog:
     """A :class:`~sagakit.ports.saga_log.SagaLog` in an SQLite file; see the module docstring."""
 
@@ -276,6 +260,7 @@ class SQLiteSagaLog:
         self._clock = clock
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._pid = 0  # the process the writer thread runs in
         self._lock = threading.Lock()
         self._closed = False
         self._unreadable: set[str] = set()  # warned about once each (a bounded set)
@@ -316,6 +301,11 @@ class SQLiteSagaLog:
         on_done: Callable[[Any, BaseException | None], None] | None = None,
     ) -> _Request:
         request = _Request(run, args, writes, on_done)
+        if self._thread is not None and self._pid != os.getpid():  # else: waits for ever
+            raise ConfigurationError(
+                f"{backend_name(self.path)}: this log was opened before a fork, and its writer"
+                " thread stayed in the parent; open a log in each process"
+            )
         with self._lock:
             if self._closed:
                 raise BackendRefused(backend_name(self.path), "the saga log is closed")
@@ -324,6 +314,7 @@ class SQLiteSagaLog:
                     target=self._serve, name=f"sagakit-sqlite:{self.path.name}", daemon=True
                 )
                 self._thread.start()
+                self._pid = os.getpid()
             self._queue.put(request)
         return request
 
@@ -469,7 +460,7 @@ class SQLiteSagaLog:
             raise DefinitionError(
                 "opening", f"a saga's log opens with SagaStarted, not {started!r}"
             )
-        rows, statuses = _encode(saga_id, opening)
+        rows, statuses = store.encode_rows(saga_id, opening)
         status = next((s for s in reversed(statuses) if s is not None), SagaStatus.RUNNING)
         made = await self._leasing(
             lambda made: [] if made is None or owner is None else [(saga_id, made[0])],

@@ -11,10 +11,18 @@ import os
 import random
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sagakit.core.records import SagaRecord, SagaStatus, decode_record
+from sagakit.core.records import (
+    SagaRecord,
+    SagaStarted,
+    SagaStatus,
+    decode_record,
+    encode_record,
+    status_after,
+)
 from sagakit.core.records import check_id as check_text
 from sagakit.errors import (
     BackendBusy,
@@ -22,6 +30,7 @@ from sagakit.errors import (
     BackendRefused,
     BackendUnavailable,
     LeaseLost,
+    SagaError,
     SagaLogConflict,
     SchemaMismatch,
 )
@@ -443,6 +452,23 @@ def summary(row: tuple[Any, ...]) -> SagaSummary:
             "sqlite", f"saga {saga_id!r} has status {status!r}: written by a newer sagakit?"
         ) from None
     return SagaSummary(saga_id, saga, known, version, owner, expires_at, created_at, updated_at)
+
+
+def encode_rows(saga_id: str, records: Sequence[SagaRecord]) -> tuple[list[Row], list[Any]]:
+    """The rows to store for ``records``, and the status after each; SagaError when a value
+    in them is not JSON (raised when staged, so that no flush holds a batch it cannot write)."""
+    rows: list[Row] = []
+    statuses: list[SagaStatus | None] = []
+    for record in records:
+        try:
+            kind, version, payload = encode_record(record)
+        except (TypeError, ValueError) as exc:
+            step = getattr(record, "step", None)
+            where = "its input" if type(record) is SagaStarted else f"{record.KIND} of step {step}"
+            raise SagaError(saga_id, f"{where} is not a JSON value: {exc}") from exc
+        rows.append((kind, version, payload.decode()))
+        statuses.append(status_after(record))
+    return rows, statuses
 
 
 # --- arguments, checked on the caller's side before any work --------------------------
