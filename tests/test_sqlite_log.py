@@ -525,6 +525,21 @@ async def test_claims_whose_caller_was_cancelled_are_given_back(log: SQLiteSagaL
     assert [c.journal.saga_id for c in claims] == ["o-0", "o-1", "o-2", "o-new"]
 
 
+async def test_a_busy_timeout_past_sqlites_range_waits_the_longest_it_can(
+    tmp_path: Path,
+) -> None:
+    """Over 24.8 days in milliseconds, SQLite's busy_timeout (a C int) read 0: no wait."""
+    log = SQLiteSagaLog(tmp_path / "sagas.db", busy_timeout=1e7)
+
+    def busy_timeout(db: sqlite3.Connection, now: float) -> int:
+        value: int = db.execute("PRAGMA busy_timeout").fetchone()[0]
+        return value
+
+    assert await log._call(busy_timeout, writes=True) == 2**31 - 1  # after a write's reset
+    assert await log._call(busy_timeout, writes=False) == 2**31 - 1
+    await log.close()
+
+
 @pytest.mark.parametrize(("url_option", "expected"), [("", 2), ("?synchronous=normal", 1)])
 async def test_the_connection_runs_wal_with_the_synchronous_level_asked(
     tmp_path: Path, url_option: str, expected: int

@@ -108,7 +108,7 @@ def open_connection(path: Path, busy_timeout: float, synchronous: str) -> sqlite
     except sqlite3.Error as exc:
         raise translate(exc, path) from exc
     try:
-        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        db.execute(f"PRAGMA busy_timeout = {_millis(busy_timeout)}")
         (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
         if str(mode).lower() != "wal":
             raise BackendRefused(
@@ -196,6 +196,11 @@ def _ensure_schema(db: sqlite3.Connection, path: Path) -> None:
             db.execute("ROLLBACK")
 
 
+def _millis(seconds: float) -> int:
+    # SQLite keeps a C int: past 2**31 - 1 ms (24.8 days) it would wait not at all.
+    return min(int(seconds * 1000), 2**31 - 1)
+
+
 def begin_write(db: sqlite3.Connection, busy_timeout: float) -> None:
     """``BEGIN IMMEDIATE``, trying for the write lock again every fraction of a millisecond.
 
@@ -216,7 +221,7 @@ def begin_write(db: sqlite3.Connection, busy_timeout: float) -> None:
                     raise
             time.sleep(random.uniform(0.0, 0.0005))
     finally:
-        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        db.execute(f"PRAGMA busy_timeout = {_millis(busy_timeout)}")
 
 
 def _primary(exc: sqlite3.Error) -> int | None:
