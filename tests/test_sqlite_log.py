@@ -343,7 +343,7 @@ async def test_a_file_that_cannot_be_opened_is_unavailable_until_it_can(tmp_path
     await log.close()
 
 
-@pytest.mark.parametrize("how", ["deleted", "moved", "replaced"])
+@pytest.mark.parametrize("how", ["deleted", "moved", "replaced", "wal deleted"])
 async def test_a_file_deleted_or_replaced_under_the_log_fails_writes_rather_than_losing_them(
     tmp_path: Path, how: str
 ) -> None:
@@ -357,6 +357,8 @@ async def test_a_file_deleted_or_replaced_under_the_log_fails_writes_rather_than
     if how == "deleted":
         for name in ("sagas.db", "sagas.db-wal", "sagas.db-shm"):
             (tmp_path / name).unlink()
+    elif how == "wal deleted":  # a killed process would leave its records nowhere
+        (tmp_path / "sagas.db-wal").unlink()
     else:
         path.rename(aside)
         if how == "replaced":  # by another log's file, as a restore from a backup would
@@ -379,7 +381,7 @@ async def test_a_file_deleted_or_replaced_under_the_log_fails_writes_rather_than
     await log.close()
     if how != "replaced":  # (a file replaced under SQLite meets the old one's -wal: sqlite.org)
         again = SQLiteSagaLog(path)
-        expected = {"deleted": [], "moved": ["o-1"]}[how]
+        expected = {"deleted": [], "moved": ["o-1"], "wal deleted": ["o-1"]}[how]
         assert [s.saga_id for s in await again.list()] == expected
         await again.close()
 

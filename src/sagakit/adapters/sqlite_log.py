@@ -35,9 +35,9 @@ again every fraction of a millisecond rather than with SQLite's own growing
 sleeps, so that busy processes share the file instead of starving each other. Leases are measured on
 ``clock`` (default :func:`time.time`), which processes of one machine share.
 
-Every batch checks, before writing and after committing, that the path still names
-the file the connection opened: SQLite would go on writing to a deleted or replaced
-file, every flush lost. Otherwise :class:`~sagakit.errors.BackendRefused`.
+Every batch checks, before writing and after committing, that the path (and its -wal
+and -shm) still names the file the connection opened: SQLite would go on writing to a
+deleted or replaced file, every flush lost. Otherwise :class:`~sagakit.errors.BackendRefused`.
 
 The schema is created on first use and its version kept in ``schema_version``;
 a newer version, or a file that is not sagakit's, is refused with
@@ -351,7 +351,7 @@ class SQLiteSagaLog:
 
     def _serve(self) -> None:
         connection: sqlite3.Connection | None = None
-        opened: store.FileId | None = None  # the file the connection has open
+        opened: store.FileId = ()  # the files the connection has open
         stop = False
         try:
             while not stop:
@@ -384,7 +384,7 @@ class SQLiteSagaLog:
                 connection.close()
 
     def _run(
-        self, db: sqlite3.Connection, batch: list[_Request], opened: store.FileId | None
+        self, db: sqlite3.Connection, batch: list[_Request], opened: store.FileId
     ) -> list[tuple[_Request, Any, BaseException | None]]:
         writes = any(r.writes for r in batch)
         done: list[tuple[_Request, Any, BaseException | None]] = []

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 Row = tuple[str, int, str]  # (kind, schema version, JSON payload) as stored
-FileId = tuple[int, int]  # (device, inode): which file a path names
+FileId = tuple[tuple[int, int] | None, ...]  # (device, inode) of the file and its -wal, -shm
 UNFINISHED = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
 _SUMMARY = (
     "SELECT saga_id, saga, status, version, owner, lease_expires_at, created_at, updated_at"
@@ -126,30 +126,38 @@ def open_connection(path: Path, busy_timeout: float, synchronous: str) -> sqlite
     return db
 
 
-def file_id(path: Path) -> FileId | None:
-    """The file ``path`` names now; None when there is none."""
-    try:
-        found = os.stat(path)
-    except OSError:
-        return None
-    return found.st_dev, found.st_ino
+def file_id(path: Path) -> FileId:
+    """The files ``path`` and its ``-wal`` and ``-shm`` name now (None: no such file)."""
+    found: list[tuple[int, int] | None] = []
+    for name in (str(path), f"{path}-wal", f"{path}-shm"):
+        try:
+            stat = os.stat(name)
+        except OSError:
+            found.append(None)
+        else:
+            found.append((stat.st_dev, stat.st_ino))
+    return tuple(found)
 
 
-def check_in_place(path: Path, opened: FileId | None) -> None:
-    """BackendRefused unless ``path`` still names the file the connection opened.
+def check_in_place(path: Path, opened: FileId) -> None:
+    """BackendRefused unless ``path`` (and its -wal and -shm) still name the files the
+    connection opened.
 
-    SQLite goes on using the file it opened: once deleted, every commit would go to
-    a file nobody will read again; once renamed or replaced, to a file that is no
-    longer the log at ``path``. Either way each flush would "succeed" and be lost.
-    (SQLite's own check, SQLITE_READONLY_DBMOVED, does not cover WAL mode.)
+    SQLite goes on using the files it opened: the database deleted, every commit would go
+    to a file nobody will read again; renamed or replaced, to a file that is no longer the
+    log at ``path``; the -wal deleted (taken for a temporary file), to a write-ahead log
+    that a killed process leaves nowhere. Each flush would "succeed" and be lost. (SQLite's
+    own check, SQLITE_READONLY_DBMOVED, does not cover WAL mode.)
     """
-    if opened is None or file_id(path) != opened:
-        raise BackendRefused(
-            backend_name(path),
-            "the file was deleted or replaced while this log had it open; nothing is"
-            " written to it any more, since it would be lost: put the file back, or stop"
-            " every process using it and open the log again",
-        )
+    now = file_id(path)
+    for suffix, was, is_ in zip(("", "-wal", "-shm"), opened, now, strict=True):
+        if is_ != was and (was is not None or not suffix):
+            raise BackendRefused(
+                backend_name(path),
+                f"{path.name}{suffix} was deleted or replaced while this log had it open;"
+                " nothing is written any more, since it would be lost: put the file back,"
+                " or stop every process using it and open the log again",
+            )
 
 
 def _ensure_schema(db: sqlite3.Connection, path: Path) -> None:
