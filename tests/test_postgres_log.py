@@ -19,7 +19,7 @@ import pytest
 from conformance.saga_log import FINISHED, SagaLogConformance, opening, typed, write
 
 from sagakit import Orchestrator, SagaDefinition, Step, StepContext
-from sagakit.adapters import _postgres_group, open_saga_log
+from sagakit.adapters import _postgres_group, open_saga_log, postgres_log
 from sagakit.adapters.postgres_log import PostgresSagaLog
 from sagakit.core.records import (
     SagaFinished,
@@ -420,6 +420,22 @@ async def test_claim_next_passes_over_a_saga_it_cannot_read(
     assert await log.claim_next(owner="w", ttl=60, limit=5) == []
     with pytest.raises(SchemaMismatch):
         await log.claim("o-0", owner="w", ttl=60)
+
+
+async def test_claim_next_ends_with_more_unreadable_sagas_than_it_remembers(
+    log: PostgresSagaLog, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the 1,000 it remembers (a rolling upgrade leaves that many to newer workers),
+    claim_next took the same unreadable sagas and gave them back for ever: 9,000
+    commits in 5 seconds, and no return."""
+    monkeypatch.setattr(postgres_log, "_MAX_UNREADABLE", 2)
+    for i in range(5):
+        await log.create(f"new-{i}", opening(), owner=None, ttl=60)
+    await log.create("old", opening(), owner=None, ttl=60)
+    await sql(postgres_url, "UPDATE sagakit_records SET version = 9 WHERE saga_id LIKE 'new-%'")
+    claims = await asyncio.wait_for(log.claim_next(owner="w", ttl=60, limit=3), 10)
+    assert [c.journal.saga_id for c in claims] == ["old"]
+    assert await asyncio.wait_for(log.claim_next(owner="w", ttl=60, limit=3), 10) == []
 
 
 @pytest.mark.parametrize("payload", ['{"saga": "order"}', "[1, 2]", '{"step": 0, "x": 2}'])

@@ -439,9 +439,12 @@ class PostgresSagaLog:
         seconds = _check_ttl(ttl)
         wanted = _check_limit(limit)
         claims: list[Claim] = []
+        # Those this call passed over too, remembered or not: else, past the cap, it
+        # would take the same ones again and again.
+        skip = set(self._unreadable)
         while len(claims) < wanted:
             rows = await self._write(
-                sql.CLAIM_NEXT, owner, seconds, wanted - len(claims), list(self._unreadable)
+                sql.CLAIM_NEXT, owner, seconds, wanted - len(claims), list(skip)
             )
             got, unreadable = await self._claims(owner, sorted(rows, key=lambda r: r["id"]))
             claims += got
@@ -449,6 +452,7 @@ class PostgresSagaLog:
                 break
             # Left for a worker that can read them, and never again in this one's way.
             for saga_id, error in unreadable:
+                skip.add(saga_id)
                 if len(self._unreadable) < _MAX_UNREADABLE:
                     self._unreadable.add(saga_id)
                 _logger.warning("saga %r passed over: %s", saga_id, error)
