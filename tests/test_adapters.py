@@ -88,8 +88,8 @@ SECRET = "s3cret-pw"
         (open_event_bus, f"amqp://u:{SECRET}@[::1/", "Invalid IPv6"),
         # Several PostgreSQL hosts: each port is checked (the driver raised a bare
         # ValueError on first use).
-        (open_saga_log, f"postgresql://u:{SECRET}@h1:5432,h2:port/db", "port 'port'"),
-        (open_saga_log, f"postgresql://u:{SECRET}@h1:5432,h2:0/db", "port '0'"),
+        (open_saga_log, f"postgresql://u:{SECRET}@h1:5432,h2:port/db", "Port could not be cast"),
+        (open_saga_log, f"postgresql://u:{SECRET}@h1:5432,h2:70000/db", "Port out of range"),
         # A Redis path that is not a database number (redis-py read it as db 0).
         (open_event_bus, f"redis://:{SECRET}@127.0.0.1:6379/prod", "database by number"),
         # Each backend's own checks.

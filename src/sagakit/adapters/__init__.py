@@ -81,10 +81,11 @@ def _open(kind: str, registry: dict[str, Backend], url: str) -> Any:
     try:
         parts = urlsplit(url)
         # A port that is not a number from 0 to 65535 is refused here, at once,
-        # not by the driver on first use. (Several hosts, as PostgreSQL and NATS
-        # allow, are the backend's to check.)
-        if "," not in parts.netloc:
-            parts.port  # noqa: B018 - the property checks
+        # not by the driver on first use; each of several hosts' too
+        # (postgresql://h1:5432,h2:5433/db).
+        user, at, hosts = parts.netloc.rpartition("@")
+        for host in hosts.split(","):
+            urlsplit(f"//{user}{at}{host}").port  # noqa: B018 - the property checks
     except ValueError as exc:  # an unclosed [IPv6 address, a port that is not a number
         raise ConfigurationError(f"{kind} URL {redact_url(url)!r} is malformed: {exc}") from None
     scheme = parts.scheme.split("+", 1)[0].lower()

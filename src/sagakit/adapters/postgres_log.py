@@ -74,7 +74,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
-from sagakit.adapters import redact_url
 from sagakit.core.records import (
     MAX_ID_BYTES,
     SagaRecord,
@@ -234,7 +233,6 @@ class PostgresSagaLog:
     @classmethod
     def from_url(cls, url: str) -> PostgresSagaLog:
         parts = urlsplit(url)
-        _check_hosts(url, parts.netloc)
         query = parse_qsl(parts.query, keep_blank_values=True)
         values: dict[str, float] = {}
         for name, raw in query:
@@ -583,19 +581,6 @@ def _summary(row: Any) -> SagaSummary:
         row["created_at"],
         row["updated_at"],
     )
-
-
-def _check_hosts(url: str, netloc: str) -> None:
-    """Refuse a port that is not a number from 1 to 65535 in any of the URL's hosts
-    (``host1:5432,host2:5433``), as ConfigurationError now rather than the driver's
-    ValueError on first use."""
-    for host in netloc.rpartition("@")[2].split(","):
-        port = host.rpartition("]")[2] if host.startswith("[") else host
-        port = port.rpartition(":")[2] if ":" in port else ""
-        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-            raise ConfigurationError(
-                f"saga log URL {redact_url(url)!r}: port {port!r} is not a number from 1 to 65535"
-            )
 
 
 from_url = PostgresSagaLog.from_url  # the registry's entry point (adapters/__init__.py)
