@@ -216,6 +216,64 @@ async def test_an_undecodable_message_is_dead_lettered_and_later_events_flow(
     assert "newer" in letters[1].error
 
 
+async def test_a_large_event_or_garbage_is_dead_lettered_whole_and_replays_exactly(
+    bus: NatsEventBus, nats_server: NatsServer
+) -> None:
+    # A dead letter used to be a JSON record with the envelope inside as text: escaped
+    # again, a 700 KB event full of quotes (or 300 KB of control bytes, each \u0001)
+    # passed the server's 1 MB maximum, the dead-lettering failed and was retried for
+    # ever (every 30 s, and drain() never returned).
+    got: list[Event] = []
+    failing = True
+
+    def handler(e: Event) -> None:
+        if failing:
+            raise ValueError("no")
+        got.append(e)
+
+    await bus.subscribe("Tick", handler, group="g", max_deliveries=1)
+    nc = await nats.connect(nats_server.url)
+    garbage = b"\x01" * 300_000
+    await nc.jetstream().publish(f"{bus.prefix}.events.Tick", garbage)
+    at_limit = b"\xff" * nc.max_payload  # leaves no room for the dead letter's header
+    await nc.jetstream().publish(f"{bus.prefix}.events.Tick", at_limit)
+    await nc.close()
+    big = event("Tick", quotes='"' * 350_000)
+    await bus.publish(big)
+    await asyncio.wait_for(bus.drain(), 20)
+    letters = await bus.dead_letters("g")
+    assert [d.event.type for d in letters] == ["sagakit.Undecodable"] * 2 + ["Tick"]
+    assert letters[0].event["envelope"] == garbage[:10_000].decode()
+    assert letters[2].event == big
+    with pytest.raises(DefinitionError, match="cut to fit"):
+        await bus.replay_dead_letter("g", letters[1].id)
+    failing = False
+    await bus.replay_dead_letter("g", letters[2].id)
+    await asyncio.wait_for(bus.drain(), 20)
+    assert got == [big]
+
+
+async def test_dead_letters_stored_by_an_earlier_version_are_listed_and_replayed(
+    bus: NatsEventBus, nats_server: NatsServer
+) -> None:
+    got: list[Event] = []
+    await bus.subscribe("Tick", recorder(got), group="g")  # makes the streams
+    consumer = bus._subscriptions[0].consumer
+    old = event("Tick", n=1)
+    record = {"v": 1, "group": "g", "consumer": consumer, "subscription": "Tick",
+              "error": "ValueError: no", "deliveries": 5, "failed_at": 1.5,
+              "envelope": encode_event(old).decode()}  # fmt: skip
+    nc = await nats.connect(nats_server.url)
+    await nc.jetstream().publish(f"{bus.prefix}.dlq.g", json.dumps(record).encode())
+    await nc.close()
+    [letter] = await bus.dead_letters("g")
+    assert (letter.event, letter.error, letter.deliveries) == (old, "ValueError: no", 5)
+    await bus.replay_dead_letter("g", letter.id)
+    await bus.drain()
+    assert got == [old]
+    assert await bus.dead_letters("g") == []
+
+
 async def test_the_same_event_published_twice_is_stored_once(bus: NatsEventBus) -> None:
     got: list[Event] = []
     await bus.subscribe("Tick", recorder(got), group="g")

@@ -14,8 +14,8 @@ apps with different prefixes share a server without seeing each other:
 - a subscription without a group gets a consumer of its own, deleted when it
   is cancelled (or by the server, once idle, if the process died);
 - stream ``<prefix>-dlq`` holds the dead letters, subject ``<prefix>.dlq.<group>``:
-  the original envelope with the group, the consumer, the last error, the
-  delivery count and the time.
+  the original message as it was, with the group, the consumer, the last
+  error, the delivery count and the time in a header (:mod:`._nats_dead_letters`).
 
 Names that are not plain ``[A-Za-z0-9_-]`` tokens (dots, spaces, unicode) are
 written as ``~`` and their URL-safe base64, so any event type or group works.
@@ -100,14 +100,8 @@ from sagakit.adapters._bus_checks import (
     publishable,
 )
 from sagakit.adapters._nats_attempts import Attempts
-from sagakit.adapters.nats_consumer import (
-    TOKEN,
-    PullSubscription,
-    describe,
-    load_record,
-    read_dead_letter,
-    token,
-)
+from sagakit.adapters._nats_dead_letters import read_dead_letter, replay_body
+from sagakit.adapters.nats_consumer import TOKEN, PullSubscription, describe, token
 from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -543,9 +537,7 @@ class NatsEventBus:
             except Exception as exc:
                 raise _translate(self.url, f"reading dead letters of {group!r}", exc) from exc
             seq = (raw.seq or seq) + 1
-            letter = read_dead_letter(str(raw.seq), raw.data or b"")
-            if letter is not None:
-                found.append(letter)
+            found.append(read_dead_letter(str(raw.seq), raw.data or b"", raw.headers))
         return found
 
     async def replay_dead_letter(self, group: str, dead_letter_id: str) -> None:
@@ -564,13 +556,9 @@ class NatsEventBus:
             raise DefinitionError(
                 "dead_letter_id", f"group {group!r} holds no dead letter {dead_letter_id!r}"
             )
-        record = load_record(raw.data or b"")
-        consumer = record.get("consumer") if record else None
-        envelope = record.get("envelope") if record else None
-        if not isinstance(consumer, str) or not isinstance(envelope, str):
-            raise DefinitionError("dead_letter_id", f"dead letter {dead_letter_id} is corrupt")
+        consumer, original = replay_body(dead_letter_id, raw.data or b"", raw.headers)
         try:
-            await js.publish(f"{self.prefix}.replay.{consumer}", envelope.encode())
+            await js.publish(f"{self.prefix}.replay.{consumer}", original)
             await js.delete_msg(self._dlq_stream, seq)
         except nats.js.errors.NotFoundError:
             pass  # replayed and removed meanwhile by another process

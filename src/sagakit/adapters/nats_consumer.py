@@ -10,9 +10,7 @@ arrived but was not handled is given back with a ``nak``.
 
 Failures are counted with :mod:`._nats_attempts` (not by the server's delivery
 count); at ``max_deliveries`` the subscription stores the event in the dead
-letters, then terminates it. Also here: the dead-letter record, as stored in the
-``<prefix>-dlq`` stream (JSON: ``v``, ``group``, ``consumer``, ``subscription``,
-``error``, ``deliveries``, ``failed_at`` and the original ``envelope`` as text).
+letters (as :mod:`._nats_dead_letters` stores them), then terminates it.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import asyncio
 import base64
 import contextlib
 import inspect
-import json
 import logging
 import re
 import time
@@ -35,10 +32,11 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js.api import ConsumerConfig
 
 from sagakit.adapters._nats_attempts import stream_sequence
+from sagakit.adapters._nats_dead_letters import dead_letter_message
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
 from sagakit.errors import BackendError, DefinitionError
-from sagakit.ports.event_bus import DeadLetter, Handler
+from sagakit.ports.event_bus import Handler
 
 if TYPE_CHECKING:
     from sagakit.adapters.nats_bus import NatsEventBus
@@ -48,9 +46,6 @@ __all__ = [
     "TOKEN",
     "PullSubscription",
     "describe",
-    "dump_record",
-    "load_record",
-    "read_dead_letter",
     "token",
 ]
 
@@ -431,20 +426,20 @@ class PullSubscription:
     ) -> None:
         """Store the event in the group's dead letters, then end its delivery (and drop
         its attempts, if ``counted``: recorded in the attempts stream)."""
-        record = {
-            "v": 1,
+        bus, js, nc = self._bus, self._bus._js, self._bus._nc
+        meta = {
             "group": self.group,
             "consumer": self.consumer,
             "subscription": self.event_type,
             "error": error,
             "deliveries": deliveries,
             "failed_at": time.time(),
-            "envelope": msg.data.decode("utf-8", "replace"),
         }
-        bus, js = self._bus, self._bus._js
         try:
             assert js is not None
-            await js.publish(f"{bus.prefix}.dlq.{token(self.group)}", dump_record(record))
+            assert nc is not None
+            body, headers = dead_letter_message(msg.data, meta, nc.max_payload)
+            await js.publish(f"{bus.prefix}.dlq.{token(self.group)}", body, headers=headers)
         except Exception as exc:
             # Not stored: the event stays in the stream and comes back later.
             log.error(
@@ -457,10 +452,11 @@ class PullSubscription:
                 await msg.nak(delay=MAX_BACKOFF)
             return
         log.error(
-            "dead letter in group %r after %d deliveries: %s",
+            "dead letter in group %r after %d deliveries: %s%s",
             self.group,
             deliveries,
             error,
+            "" if len(body) == len(msg.data) else f" (stored cut to {len(body)} bytes)",
         )
         with contextlib.suppress(nats.errors.Error):  # else it comes back, is dead-lettered again
             await msg.term()
@@ -514,40 +510,3 @@ class PullSubscription:
             return
         self._cancelled = True
         await self._bus._unsubscribe(self)
-
-
-# --- dead letters as stored in the <prefix>-dlq stream ---------------------------------
-
-
-def dump_record(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def load_record(data: bytes) -> dict[str, Any] | None:
-    try:
-        record = json.loads(data)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def read_dead_letter(letter_id: str, data: bytes) -> DeadLetter | None:
-    """A stored dead letter; one that cannot be read is shown with what it holds."""
-    record = load_record(data) or {}
-    envelope = record.get("envelope")
-    try:
-        event = decode_event(envelope if isinstance(envelope, str) else "")
-    except DefinitionError:
-        # Keep it visible (and replayable) even when its envelope is not ours.
-        text = envelope if isinstance(envelope, str) else data.decode("utf-8", "replace")
-        event = Event("sagakit.Undecodable", "unknown", {"envelope": text[:10_000]})
-    deliveries = record.get("deliveries")
-    failed_at = record.get("failed_at")
-    return DeadLetter(
-        id=letter_id,
-        group=str(record.get("group", "")),
-        event=event,
-        error=str(record.get("error", "")),
-        deliveries=deliveries if type(deliveries) is int else 0,
-        failed_at=float(failed_at) if isinstance(failed_at, int | float) else 0.0,
-    )
