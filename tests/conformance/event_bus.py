@@ -615,6 +615,41 @@ class EventBusConformance(ABC):
         await self.drain(bus)
         assert tries.count(0) == 2
 
+    async def test_a_handler_raising_a_base_exception_is_a_failed_delivery(self) -> None:
+        # pytest.fail() raises one (BaseException, not Exception): it used to end the
+        # consumer's task, with the event unsettled, later events undelivered and
+        # drain() waiting for ever (the in-process bus lost the event).
+        bus = await self.bus()
+        tries: list[int] = []
+        done: list[int] = []
+
+        class Abort(BaseException):
+            pass
+
+        def sync(e: Event) -> None:
+            tries.append(e["n"])
+            if e["n"] == 0:
+                raise Abort("sync")
+            done.append(e["n"])
+
+        async def suspending(e: Event) -> None:
+            await asyncio.sleep(0)
+            tries.append(e["n"])
+            if e["n"] == 1:
+                raise Abort("async")
+            done.append(e["n"])
+
+        for handler, kind in ((sync, "Tick"), (suspending, "Tock")):
+            await bus.subscribe(kind, handler, group="g", max_deliveries=2, backoff=self.backoff)
+        for i, kind in enumerate(["Tick", "Tock", "Tick", "Tock"]):
+            await bus.publish(event(kind, f"o-{i}", n=i))
+        await self.dead_letters_of(bus, "g", 2)
+        await self.eventually(lambda: sorted(done) == [2, 3], "the later events handled")
+        await self.drain(bus)
+        letters = await bus.dead_letters("g")
+        assert sorted(d.error for d in letters) == ["Abort: async", "Abort: sync"]
+        assert sorted(tries) == [0, 0, 1, 1, 2, 3]
+
     async def test_max_deliveries_then_a_dead_letter_with_the_last_error(self) -> None:
         bus = await self.bus()
         tries: list[Event] = []

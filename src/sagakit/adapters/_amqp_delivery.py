@@ -27,6 +27,7 @@ from aio_pika.abc import (
 )
 from pamqp.common import FieldTable
 
+from sagakit.adapters._handlers import ENDS_PROCESS
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -472,7 +473,9 @@ class Consumer:
             if expiry.expired():
                 return f"TimeoutError: still running after the ack timeout ({self.ack_timeout:g}s)"
             return describe(exc)
-        except Exception as exc:
+        except ENDS_PROCESS:
+            raise
+        except BaseException as exc:
             return describe(exc)
         return None
 

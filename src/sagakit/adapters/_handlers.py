@@ -11,7 +11,12 @@ from collections.abc import Awaitable, Callable, Generator
 from types import CoroutineType
 from typing import Any
 
-__all__ = ["call_handler", "forget"]
+__all__ = ["ENDS_PROCESS", "call_handler", "forget"]
+
+# What a handler may raise to end the process (Ctrl-C, sys.exit()): let through, as
+# anywhere else. Any other exception, BaseException subclasses included (pytest.fail()
+# raises one), is a failed delivery: caught as such, it cannot kill a consumer's task.
+ENDS_PROCESS = (KeyboardInterrupt, SystemExit)
 
 
 def call_handler(handler: Callable[[Any], Any], event: Any) -> asyncio.Task[Any] | None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from redis import exceptions as rexc
 
 from sagakit.adapters._bus_checks import check_server_version
+from sagakit.adapters._handlers import ENDS_PROCESS
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -388,7 +389,9 @@ class Reader:
                 if task is not None and task.cancelling():
                     raise
                 error: BaseException = exc
-            except Exception as exc:
+            except ENDS_PROCESS:
+                raise
+            except BaseException as exc:
                 error = exc
             else:
                 acks.append(eid)

@@ -53,7 +53,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from sagakit.adapters import redact_url
 from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
-from sagakit.adapters._handlers import call_handler, forget
+from sagakit.adapters._handlers import ENDS_PROCESS, call_handler, forget
 from sagakit.core.envelope import decode_event, encode_event
 from sagakit.core.event import Event
 from sagakit.errors import BackendBusy, BackendError, ConfigurationError, DefinitionError
@@ -309,7 +309,9 @@ class _Broker:
                 raise  # the dispatcher itself is being cancelled
             self._failed(consumer, event, deliveries, exc)
             return None
-        except Exception as exc:
+        except ENDS_PROCESS:
+            raise
+        except BaseException as exc:
             self._failed(consumer, event, deliveries, exc)
             return None
         return self._settle(consumer, task, event, deliveries)

@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js.api import ConsumerConfig
 
+from sagakit.adapters._handlers import ENDS_PROCESS
 from sagakit.adapters._nats_attempts import stream_sequence
 from sagakit.adapters._nats_dead_letters import dead_letter_message
 from sagakit.core.envelope import decode_event
@@ -360,7 +361,9 @@ class PullSubscription:
             if task is not None and task.cancelling():
                 raise  # we are being cancelled, not the handler failing
             await self._failed(msg, event, exc, deliveries, again)
-        except Exception as exc:
+        except ENDS_PROCESS:
+            raise
+        except BaseException as exc:
             await self._failed(msg, event, exc, deliveries, again)
         else:
             try:
