@@ -177,6 +177,30 @@ async def test_any_event_type_and_group_travels(bus: NatsEventBus, event_type: s
     assert [e.type for e in other] == ["OrderPlaced"]
 
 
+async def test_a_name_too_long_for_a_subject_is_refused_and_the_connection_stays(
+    bus: NatsEventBus,
+) -> None:
+    # A subject past the server's control line (4 KB) used to be sent: the server closed
+    # the connection (every subscription with it) and the publish timed out as
+    # BackendUnavailable, retryable, so a retry knocked the connection down again.
+    got: list[Event] = []
+    await bus.subscribe("Tick", recorder(got), group="g")
+    longest = "x" * 3000
+    await bus.subscribe(longest, recorder(got), group="g")
+    await bus.publish(event(longest))
+    for name in ("x" * 3001, "é" * 1200):  # é: 2 bytes, base64 on the subject
+        with pytest.raises(DefinitionError, match="event_type"):
+            await bus.subscribe(name, recorder(got), group="g")
+        with pytest.raises(DefinitionError, match="group"):
+            await bus.subscribe("Tick", recorder(got), group=name)
+        with pytest.raises(DefinitionError, match="type"):
+            await bus.publish(event(name))
+    sent = event("Tick")
+    await bus.publish(sent)
+    await bus.drain()
+    assert sorted(e.type for e in got) == sorted(["Tick", longest])
+
+
 async def test_two_prefixes_share_a_server_without_seeing_each_other(
     nats_server: NatsServer,
 ) -> None:

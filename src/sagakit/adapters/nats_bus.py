@@ -101,7 +101,13 @@ from sagakit.adapters._bus_checks import (
 )
 from sagakit.adapters._nats_attempts import Attempts
 from sagakit.adapters._nats_dead_letters import read_dead_letter, replay_body
-from sagakit.adapters.nats_consumer import TOKEN, PullSubscription, describe, token
+from sagakit.adapters.nats_consumer import (
+    TOKEN,
+    PullSubscription,
+    describe,
+    subject_token,
+    token,
+)
 from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -376,9 +382,9 @@ class NatsEventBus:
         event = publishable(event)
         if self._closed:
             raise BackendError(self.url, f"the event bus is closed; {event.type} not published")
+        subject = f"{self.prefix}.events.{subject_token(event.type, 'type')}"
         data = encode_event(event)  # a payload that is not JSON fails here, by name
         js = self._js or await self._ready()
-        subject = f"{self.prefix}.events.{token(event.type)}"
         for attempt in (1, 2):
             try:
                 await self._store(subject, data, event.event_id)
@@ -426,16 +432,19 @@ class NatsEventBus:
                 raise DefinitionError(name, f"must be at most 86400 seconds, got {value!r}")
         if ack_timeout < 0.01:
             raise DefinitionError("ack_timeout", "must be at least 0.01 seconds")
+        type_token = "" if event_type == ALL_EVENTS else subject_token(event_type, "event_type")
+        if group is not None:
+            subject_token(group, "group")  # its dead letters' subject
         if self._closed:
             raise BackendError(self.url, "the event bus is closed")
         await self._ready()
         nc = self._nc
         assert nc is not None
-        p, type_token = self.prefix, token(event_type)
+        p = self.prefix
         if group is None:
             consumer = f"~solo-{os.urandom(8).hex()}"
         else:
-            consumer = f"{token(group)}~{type_token}"
+            consumer = f"{token(group)}~{token(event_type)}"
             if len(consumer) > 200:  # the server allows 255; keep it readable and unique
                 digest = hashlib.sha256(f"{group}\0{event_type}".encode()).hexdigest()[:32]
                 consumer = f"{consumer[:150]}~{digest}"

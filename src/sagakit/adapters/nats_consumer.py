@@ -47,6 +47,7 @@ __all__ = [
     "TOKEN",
     "PullSubscription",
     "describe",
+    "subject_token",
     "token",
 ]
 
@@ -62,6 +63,23 @@ def token(name: str) -> str:
     if TOKEN.fullmatch(name):
         return name
     return "~" + base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+
+
+# The server's control line (4,096 bytes by default) carries a publish's subject, its reply
+# subject and sizes; a longer line makes the server close the connection ("maximum control
+# line exceeded"), every subscription of the process with it, and the publish time out.
+MAX_TOKEN = 3000
+
+
+def subject_token(name: str, field: str) -> str:
+    """:func:`token`, refused (naming ``field``) when too long for a subject the server takes."""
+    written = token(name)
+    if len(written) > MAX_TOKEN:
+        raise DefinitionError(
+            field,
+            f"{name[:40]!r}... is {len(written)} characters on a NATS subject; at most {MAX_TOKEN}",
+        )
+    return written
 
 
 def _deliveries(reply: str) -> int:
