@@ -236,8 +236,12 @@ async def test_undecodable_entries_go_to_the_dead_letters(
     await drain(bus)
     assert len(got) == 1
     letters = await bus.dead_letters("g")
-    assert len(letters) == 1  # the entry without an envelope is logged as lost
-    assert "undecodable" in letters[0].error
+    assert all("undecodable" in d.error for d in letters)
+    # An entry without an envelope was acknowledged and only logged, as "lost entry
+    # (trimmed at maxlen?)": now it is kept, fields and all, like any undecodable one.
+    assert [d.event.type for d in letters] == ["sagakit.Undecodable"] * 2
+    assert "no envelope" in letters[1].error
+    assert letters[1].event["raw"] == "other field"
 
 
 async def test_trim_keeps_only_what_a_group_still_needs(buses: Buses, raw: aioredis.Redis) -> None:

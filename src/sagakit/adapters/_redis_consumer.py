@@ -327,6 +327,10 @@ class Reader:
             by_saga: dict[str, list[tuple[bytes, Event | None, bytes | None, bool]]] = {}
             for eid, data, again in entries:
                 event: Event | None = None
+                if isinstance(data, _Foreign):
+                    reason = "undecodable: no envelope (field 'e') in the entry"
+                    await self.bus._dead_letter(self, eid, data, reason, 1)
+                    continue
                 if data is not None:
                     try:
                         event = decode_event(data)
@@ -426,11 +430,18 @@ class Reader:
                 await asyncio.wait_for(asyncio.shield(self.task), 0.05)
 
 
+class _Foreign(bytes):
+    """The fields of an entry with no envelope (written by something else), as text."""
+
+
 def _field(fields: list[bytes]) -> bytes | None:
+    """The entry's envelope; None for an entry without fields (deleted, trimmed)."""
     for i in range(0, len(fields) - 1, 2):
         if fields[i] == b"e":
             return fields[i + 1]
-    return None
+    if not fields:
+        return None
+    return _Foreign(b" ".join(fields)[:2000])
 
 
 def raw_connection(pool: Any) -> Any:
