@@ -14,7 +14,7 @@ from conformance.choreography import ChoreographyConformance, types
 
 from sagakit import Event, InMemoryEventBus, SagaStatus, Service, handles
 from sagakit.choreography.ecommerce import Faults, Shop, open_shop
-from sagakit.errors import BackendError
+from sagakit.errors import BackendError, DefinitionError
 from sagakit.ports.event_bus import EventBus
 
 
@@ -181,6 +181,62 @@ async def test_attach_is_all_or_nothing() -> None:
     await audit.attach(bus)  # and it can attach again; its group kept the event meanwhile
     await bus.drain()
     assert audit.seen == ["letters:A"]
+
+
+async def test_two_methods_of_a_named_service_handling_one_type_are_refused() -> None:
+    # In the service's group the two subscriptions competed: each method silently
+    # got every other event, and missed the rest.
+    class Mail(Service):
+        name = "mail"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        @handles("OrderPlaced")
+        def confirm(self, event: Event) -> None:
+            self.seen.append("confirm")
+
+        @handles("OrderPlaced", "*")
+        def audit(self, event: Event) -> None:
+            self.seen.append("audit")
+
+    bus, mail = InMemoryEventBus(), Mail()
+    with pytest.raises(DefinitionError, match="'OrderPlaced' is handled by confirm and audit"):
+        await mail.attach(bus)
+    with pytest.raises(RuntimeError):
+        mail.bus  # noqa: B018  (nothing was attached)
+
+    class Anonymous(Mail):
+        name = ""  # subscriptions of its own: both methods get every event
+
+    anonymous = Anonymous()
+    await anonymous.attach(bus)
+    await bus.publish(Event("OrderPlaced", "s1"))
+    await bus.drain()
+    assert sorted(anonymous.seen) == ["audit", "audit", "confirm"]
+
+
+async def test_one_method_marked_twice_for_a_type_is_subscribed_once() -> None:
+    class Twice(Service):
+        name = "twice"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        @handles("A")
+        @handles("A", "B")
+        def on(self, event: Event) -> None:
+            self.seen.append(event.type)
+
+    bus, twice = InMemoryEventBus(), Twice()
+    await twice.attach(bus)
+    for event_type in ("A", "B", "A"):
+        await bus.publish(Event(event_type, "s1"))
+    await bus.drain()
+    assert twice.seen == ["A", "B", "A"]
+    assert len(twice._subscriptions) == 2
 
 
 async def test_attach_twice_is_refused() -> None:

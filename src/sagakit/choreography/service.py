@@ -43,7 +43,9 @@ class Service:
     subscribes them to a bus in the consumer group named after the service, so
     copies of one service compete for its events (it scales out) while every
     other service gets them too. A service only ever talks to others through
-    the events it publishes: no service holds a reference to another.
+    the events it publishes: no service holds a reference to another. In a
+    named service one method handles each type: :meth:`attach` refuses two
+    (in the group they would compete, each getting only some of the events).
 
     At-least-once buses deliver some events twice, and out of order when a
     delivery is retried: handlers must be idempotent per saga. The delivery
@@ -64,7 +66,10 @@ class Service:
             for attr, value in vars(klass).items():
                 if callable(value) and hasattr(value, _HANDLES):
                     found[attr] = getattr(value, _HANDLES)
-        cls._handled = tuple((t, attr) for attr, types in found.items() for t in types)
+        # One subscription per (type, method): a type marked twice on one method is one.
+        cls._handled = tuple(
+            dict.fromkeys((t, attr) for attr, types in found.items() for t in types)
+        )
 
     def __init__(self) -> None:
         self._bus: EventBus | None = None
@@ -82,8 +87,10 @@ class Service:
         """Subscribe this service's handlers to ``bus``, in the group named after it."""
         if self._bus is not None:
             raise RuntimeError(f"service {self.name!r} is already attached")
-        self._bus = bus
         group = self.name or None  # an unnamed service: subscriptions of its own
+        if group is not None:
+            _one_method_per_type(type(self).__name__, self._handled)
+        self._bus = bus
         try:
             for event_type, attr in self._handled:
                 subscription = await bus.subscribe(
@@ -112,3 +119,19 @@ class Service:
         event = new_event(event_type, saga_id, payload, source=self.name)
         await self.bus.publish(event)
         return event
+
+
+def _one_method_per_type(service: str, handled: tuple[tuple[str, str], ...]) -> None:
+    """Refuse two methods handling one type: in the service's group their subscriptions
+    would compete, each method getting some of the events and missing the others."""
+    methods: dict[str, list[str]] = {}
+    for event_type, attr in handled:
+        methods.setdefault(event_type, []).append(attr)
+    for event_type, attrs in methods.items():
+        if len(attrs) > 1:
+            raise DefinitionError(
+                "handles",
+                f"{service}: {event_type!r} is handled by {' and '.join(attrs)}; in the"
+                " service's group they would compete for its events, each seeing only"
+                " some: handle it in one method",
+            )
