@@ -121,6 +121,29 @@ def test_a_payload_that_is_not_json_is_refused(value: object) -> None:
     assert "Tick" in str(excinfo.value)
 
 
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"saga_id": "s\ud800"}, "saga_id"),
+        ({"type": "Tick\udfff"}, "type"),
+        ({"source": "\ud800"}, "source"),
+        ({"event_id": "\ud800", "timestamp": 1}, "event_id"),
+        ({"headers": {"traceparent": "\ud800"}}, "headers"),
+        ({"payload": {"k\ud800": 1}}, "payload"),
+    ],
+)
+def test_a_lone_surrogate_is_refused_naming_its_field(
+    changes: dict[str, object], field: str
+) -> None:
+    # Not UTF-8, so not JSON: it used to be blamed on the payload whatever held it, in a
+    # message that itself could not be written as UTF-8 (a strict stdout raised on it).
+    fields: dict[str, object] = {"type": "Tick", "saga_id": "s1", **changes}
+    with pytest.raises(DefinitionError) as excinfo:
+        encode_event(Event(**fields))  # type: ignore[arg-type]
+    assert excinfo.value.field == field
+    str(excinfo.value).encode("utf-8")  # printable
+
+
 @pytest.mark.parametrize("headers", [{"a": 1}, {1: "a"}, ["traceparent"], {"traceparent": None}])
 def test_event_headers_are_strings_to_strings(headers: object) -> None:
     with pytest.raises(DefinitionError) as excinfo:

@@ -70,16 +70,37 @@ def encode_event(event: Event) -> bytes:
         data = _dumps(envelope)
     except _ENCODE_ERRORS as exc:
         raise DefinitionError(
-            "payload", f"event {event.type} of saga {event.saga_id} is not JSON: {exc}"
+            _culprit(envelope), f"event {_named(event)} is not JSON: {exc}"
         ) from exc
     # orjson writes NaN and infinities as null: a value would change on the way.
     # Only a text with a null in it can hide one, so only such texts are looked at.
     if b"null" in data and _has_non_finite(envelope["payload"]):
         raise DefinitionError(
             "payload",
-            f"event {event.type} of saga {event.saga_id} is not JSON: NaN or infinity",
+            f"event {_named(event)} is not JSON: NaN or infinity",
         )
     return data
+
+
+# The Event field behind each envelope key, to name the one that cannot be encoded.
+_FIELDS = {"id": "event_id", "time": "timestamp"}
+
+
+def _culprit(envelope: Mapping[str, Any]) -> str:
+    """The Event field that makes ``envelope`` unencodable: a payload value that is not
+    JSON, or a lone surrogate (not UTF-8) in a type, saga id, source, id or header."""
+    for key, value in envelope.items():
+        try:
+            _dumps(value)
+        except _ENCODE_ERRORS:
+            return _FIELDS.get(key, key)
+    return "payload"
+
+
+def _named(event: Event) -> str:
+    # Lone surrogates written as escapes: the message itself must be printable as UTF-8.
+    text = f"{event.type} of saga {event.saga_id}"
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 def _has_non_finite(value: Any) -> bool:
