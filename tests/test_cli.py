@@ -402,6 +402,44 @@ def test_demo_on_an_unreachable_broker_fails_before_running_anything() -> None:
     assert "Durability" not in done.stdout
 
 
+def test_dlq_replay_all_goes_past_a_dead_letter_that_cannot_be_replayed(
+    nats_server: Any,
+) -> None:
+    """One unreplayable dead letter (here a record that is not one) used to end ``--all``
+    at it, leaving every dead letter behind it where it was, for ever."""
+    import nats
+
+    from sagakit import Event, open_event_bus
+
+    url = f"{nats_server.url}?prefix=dlq{uuid.uuid4().hex[:12]}"
+    prefix = url.rsplit("prefix=", 1)[1]
+
+    async def fill() -> None:
+        bus = open_event_bus(url)
+
+        def decline(event: Event) -> None:
+            raise RuntimeError("card declined")
+
+        await bus.subscribe("PaymentRequested", decline, group="payment", max_deliveries=1)
+        nc = await nats.connect(nats_server.url)
+        await nc.jetstream().publish(f"{prefix}.dlq.payment", b"not a dead letter")
+        await nc.close()
+        await bus.publish(Event("PaymentRequested", "o-1", source="shop"))
+        async with asyncio.timeout(20):
+            while len(await bus.dead_letters("payment")) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await bus.close()
+
+    asyncio.run(fill())
+    done = run("dlq", "replay", "--bus", url, "--group", "payment", "--all")
+    assert done.returncode == 1
+    assert "corrupt" in done.stderr
+    assert done.stdout.count("replayed ") == 1
+    listed = run("dlq", "list", "--bus", url, "--group", "payment", "--json")
+    [left] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert left["event"]["type"] == "sagakit.Undecodable"
+
+
 @pytest.mark.parametrize("server", ["nats_server", "redis_server", "amqp_server"])
 def test_dlq_on_a_broker(server: str, request: pytest.FixtureRequest) -> None:
     """List and replay from a shell the dead letters another process left on a real broker."""

@@ -2,8 +2,9 @@
 
 ``list`` prints the group's dead letters, oldest first (``--json``: one object
 per line, for scripts); ``replay`` delivers the named ones again to that group
-and removes them from its dead letters. Exit status: 0 done, 1 a dead letter id
-the group does not hold, 2 a bus that cannot be used (bad URL, missing extra,
+and removes them from its dead letters (``--all``: every one that can be, the
+others named on stderr). Exit status: 0 done, 1 a dead letter id the group does
+not hold or cannot replay, 2 a bus that cannot be used (bad URL, missing extra,
 server unreachable). ``memory://`` buses live inside one process, so from a
 shell their dead letters are always empty.
 """
@@ -85,22 +86,34 @@ async def _list(url: str, group: str, limit: int) -> Sequence[Any]:
         await bus.close()
 
 
-async def _replay(url: str, group: str, ids: Sequence[str], every: bool) -> list[str]:
+async def _replay(
+    url: str, group: str, ids: Sequence[str], every: bool
+) -> tuple[list[str], list[Exception]]:
+    """The ids replayed, and with ``every`` the letters that could not be (the others
+    are replayed all the same: one that cannot be must not hold back the rest)."""
     from sagakit.adapters import open_event_bus
+    from sagakit.errors import DefinitionError
 
     bus = open_event_bus(url)
     replayed: list[str] = []
+    refused: list[Exception] = []
     try:
         if every:
             ids = [d.id for d in await bus.dead_letters(group, limit=1_000_000)]
         for letter_id in ids:
-            await bus.replay_dead_letter(group, letter_id)
+            try:
+                await bus.replay_dead_letter(group, letter_id)
+            except DefinitionError as exc:
+                if not every:
+                    raise
+                refused.append(exc)  # one that cannot be replayed, or replayed meanwhile
+                continue
             replayed.append(letter_id)
     finally:
         await bus.close()
         for letter_id in replayed:
             typer.echo(f"replayed {letter_id} to group {group!r}")
-    return replayed
+    return replayed, refused
 
 
 def _fail(command: str, exc: Exception, status: int) -> typer.Exit:
@@ -146,10 +159,14 @@ def dlq_replay(
     if bool(ids) == every:
         raise typer.BadParameter("name the dead letters' ids, or give --all (not both)")
     try:
-        replayed = asyncio.run(_replay(bus, group, ids or [], every))
+        replayed, refused = asyncio.run(_replay(bus, group, ids or [], every))
     except DefinitionError as exc:
         raise _fail("replay", exc, 1) from None
     except SagakitError as exc:
         raise _fail("replay", exc, 2) from None
+    for error in refused:
+        typer.echo(f"sagakit dlq replay: {error}", err=True)
+    if refused:
+        raise typer.Exit(1)
     if every and not replayed:
         typer.echo(f"no dead letters in group {group!r} on {redact(bus)}")
