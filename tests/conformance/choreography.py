@@ -38,7 +38,7 @@ from sagakit.choreography.ecommerce import (
 from sagakit.choreography.tracker import SagaTracker
 from sagakit.core.event import Event
 from sagakit.core.machine import SagaStatus
-from sagakit.errors import BackendError
+from sagakit.errors import BackendError, BackendUnavailable
 from sagakit.ports.event_bus import EventBus
 
 __all__ = ["ChoreographyConformance", "count", "event_of", "types"]
@@ -297,6 +297,35 @@ class ChoreographyConformance(ABC):
         assert len(payment.charges) == 1
         assert list(await bus.dead_letters("payment")) == []
 
+    async def test_a_publish_the_bus_refuses_once_is_made_again_on_the_redelivery(
+        self,
+    ) -> None:
+        # A service recorded its outcome (a charge, a shipment), then its publish failed
+        # (a broker away for a moment): the delivery failed and came again, found the
+        # outcome recorded and published nothing, and the saga stayed stuck for ever.
+        bus = _RefusingOnce(await self.bus(), refuse={"PaymentCharged", "ShipmentFailed",
+                            "PaymentRefunded", "InventoryReleased", "ShipmentCreated"})  # fmt: skip
+        faults = Faults()
+        tracker = SagaTracker(STATUS_AFTER)
+        await tracker.attach(bus)
+        inventory, payment, shipping = (
+            Inventory(None, faults),
+            Payment(faults=faults),
+            Shipping(faults),
+        )
+        for service in (inventory, payment, shipping):
+            service.backoff = 0.05
+            await service.attach(bus)
+        shop = Shop(bus, inventory, payment, shipping, tracker, faults)
+        faults.fail("o2", "shipping")
+        await shop.order("o1", "abc")
+        await shop.order("o2", "abc")
+        await self.settled(shop, ("o1", 3), ("o2", 5))
+        assert tracker["o1"].status is SagaStatus.COMPLETED
+        assert tracker["o2"].status is SagaStatus.COMPENSATED
+        assert bus.refused == 5
+        assert (len(payment.charges), len(payment.refunded)) == (2, 1)  # charged once each
+
     async def test_a_service_that_always_fails_leaves_a_dead_letter(self) -> None:
         class BrokenShipping(Shipping):
             backoff = 0.01
@@ -414,3 +443,20 @@ class ChoreographyConformance(ABC):
             await shop2.bus.publish(Event(event_type, "o2", {}, source="test"))
         await self.settled(shop2, ("o2", 2))
         assert shop2.tracker["o2"].status is SagaStatus.COMPENSATING
+
+
+class _RefusingOnce:
+    """A bus whose broker refuses the first publish of each of some event types."""
+
+    def __init__(self, bus: EventBus, refuse: set[str]) -> None:
+        self._bus, self._refuse, self.refused = bus, set(refuse), 0
+
+    async def publish(self, event: Event) -> None:
+        if event.type in self._refuse:
+            self._refuse.discard(event.type)
+            self.refused += 1
+            raise BackendUnavailable("test://", f"broker away; {event.type} not published")
+        await self._bus.publish(event)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bus, name)

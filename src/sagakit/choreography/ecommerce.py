@@ -7,7 +7,10 @@ Compensations: ``PaymentFailed -> InventoryReleased`` and
 
 Every handler is idempotent per saga: a redelivered event (at-least-once
 brokers redeliver) finds the saga's effect already recorded and publishes
-nothing new.
+nothing new, except what the bus has not taken yet: an outcome is recorded
+before it is published, so a publish that fails (a broker away for a moment)
+fails the delivery, and its redelivery publishes that same event again (same
+event id) rather than nothing (which left the saga stuck for ever).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from sagakit.choreography.tracker import SagaTracker
 from sagakit.core.event import Event
 from sagakit.core.machine import SagaStatus
 from sagakit.errors import DefinitionError
-from sagakit.ports.event_bus import EventBus
+from sagakit.ports.event_bus import EventBus, new_event
 
 __all__ = [
     "SERVICES",
@@ -82,6 +85,30 @@ class _Counter:
         return f"{self._prefix}{self._n}"
 
 
+class _Outboxed(Service):
+    """A service that publishes each outcome it recorded until the bus has taken it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._outbox: dict[str, list[Event]] = {}  # saga id -> recorded, not yet published
+
+    async def _announce(self, event_type: str, saga_id: str, **payload: Any) -> None:
+        """Publish an outcome just recorded; kept to publish again if the bus refuses it."""
+        event = new_event(event_type, saga_id, payload, source=self.name)
+        self._outbox.setdefault(saga_id, []).append(event)
+        await self._resend(saga_id)
+
+    async def _resend(self, saga_id: str) -> None:
+        """Publish what this service recorded for the saga and the bus has not taken yet."""
+        waiting = self._outbox.get(saga_id, [])
+        for event in list(waiting):
+            await self.bus.publish(event)
+            if event in waiting:  # another handler of the saga may have sent it meanwhile
+                waiting.remove(event)
+        if not waiting:
+            self._outbox.pop(saga_id, None)
+
+
 class Reservation(NamedTuple):
     saga_id: str
     reservation_id: str | None  # None when the reservation failed
@@ -94,7 +121,7 @@ class Reservation(NamedTuple):
         return self.reservation_id is not None
 
 
-class Inventory(Service):
+class Inventory(_Outboxed):
     """Stock per SKU. ``stock=None`` means every SKU is always available."""
 
     name = "inventory"
@@ -121,9 +148,13 @@ class Inventory(Service):
             reason = "out_of_stock"
         if reason is not None:
             failed = self.reservations[saga_id] = Reservation(saga_id, None, sku, quantity, reason)
-            await self.publish(
-                "InventoryReservationFailed", saga_id, sku=sku, quantity=quantity, reason=reason
-            )
+            try:
+                await self.publish(
+                    "InventoryReservationFailed", saga_id, sku=sku, quantity=quantity, reason=reason
+                )
+            except BaseException:
+                del self.reservations[saga_id]  # not published: a retry decides again
+                raise
             return failed
         if self.stock is not None:
             self.stock[sku] -= quantity
@@ -149,16 +180,17 @@ class Inventory(Service):
     async def release(self, event: Event) -> None:
         reservation = self.reservations.get(event.saga_id)
         if reservation is None or not reservation.ok or event.saga_id in self.released:
+            await self._resend(event.saga_id)
             return
         self.released.add(event.saga_id)
         if self.stock is not None:
             self.stock[reservation.sku] = self.stock.get(reservation.sku, 0) + reservation.quantity
-        await self.publish(
+        await self._announce(
             "InventoryReleased", event.saga_id, reservation_id=reservation.reservation_id
         )
 
 
-class Payment(Service):
+class Payment(_Outboxed):
     """Charges for reserved stock at ``prices[sku]`` (``default_price`` otherwise)."""
 
     name = "payment"
@@ -182,27 +214,29 @@ class Payment(Service):
     async def charge(self, event: Event) -> None:
         saga_id = event.saga_id
         if saga_id in self.charges or saga_id in self.declined:
+            await self._resend(saga_id)
             return
         reason = self.faults.reason(saga_id, self.name)
         if reason is not None:
             self.declined[saga_id] = reason
-            await self.publish("PaymentFailed", saga_id, reason=reason)
+            await self._announce("PaymentFailed", saga_id, reason=reason)
             return
         unit = self.prices.get(event.get("sku", ""), self.default_price)
         amount = round(unit * event.get("quantity", 1), 2)
         charge = self.charges[saga_id] = {"payment_id": self._ids(), "amount": amount}
-        await self.publish("PaymentCharged", saga_id, **charge)
+        await self._announce("PaymentCharged", saga_id, **charge)
 
     @handles("ShipmentFailed")
     async def refund(self, event: Event) -> None:
         charge = self.charges.get(event.saga_id)
         if charge is None or event.saga_id in self.refunded:
+            await self._resend(event.saga_id)
             return
         self.refunded.add(event.saga_id)
-        await self.publish("PaymentRefunded", event.saga_id, **charge)
+        await self._announce("PaymentRefunded", event.saga_id, **charge)
 
 
-class Shipping(Service):
+class Shipping(_Outboxed):
     name = "shipping"
 
     def __init__(self, faults: Faults | None = None):
@@ -216,14 +250,15 @@ class Shipping(Service):
     async def ship(self, event: Event) -> None:
         saga_id = event.saga_id
         if saga_id in self.shipments or saga_id in self.failed:
+            await self._resend(saga_id)
             return
         reason = self.faults.reason(saga_id, self.name)
         if reason is not None:
             self.failed[saga_id] = reason
-            await self.publish("ShipmentFailed", saga_id, reason=reason)
+            await self._announce("ShipmentFailed", saga_id, reason=reason)
             return
         shipment_id = self.shipments[saga_id] = self._ids()
-        await self.publish("ShipmentCreated", saga_id, shipment_id=shipment_id)
+        await self._announce("ShipmentCreated", saga_id, shipment_id=shipment_id)
 
 
 SERVICES = ("inventory", "payment", "shipping")
@@ -275,6 +310,8 @@ class Shop:
             records.pop(saga_id, None)
         self.inventory.released.discard(saga_id)
         self.payment.refunded.discard(saga_id)
+        for service in (self.inventory, self.payment, self.shipping):
+            service._outbox.pop(saga_id, None)
         self.faults.forget(saga_id)
 
 
