@@ -314,3 +314,27 @@ def test_faults_plan() -> None:
     assert faults.reason("s1", "shipping") == "storm"
     assert faults.reason("s1", "inventory") is None
     assert faults.reason("s2", "payment") is None
+
+
+async def test_an_order_whose_failure_was_not_published_is_decided_again_on_retry() -> None:
+    # The failed reservation was recorded before its InventoryReservationFailed was
+    # published: when that publish failed, the retried order found it and returned
+    # without publishing, and the saga was never seen by anyone.
+    class Refusing(InMemoryEventBus):
+        refused = False
+
+        async def publish(self, event: Event) -> None:
+            if event.type == "InventoryReservationFailed" and not self.refused:
+                self.refused = True
+                raise BackendError("memory://", "broker away")
+            await super().publish(event)
+
+    bus = Refusing()
+    shop = await open_shop(bus, stock={"abc": 0})
+    with pytest.raises(BackendError):
+        await shop.order("o1", "abc")
+    reservation = await shop.order("o1", "abc")
+    await bus.drain()
+    assert (reservation.ok, reservation.reason) == (False, "out_of_stock")
+    assert types(shop, "o1") == ["InventoryReservationFailed"]
+    assert shop.tracker["o1"].status is SagaStatus.COMPENSATED
