@@ -7,6 +7,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +22,15 @@ from sagakit.core.records import SagaFinished, SagaStatus
 from sagakit.errors import BackendBusy, BackendError, ConfigurationError, DefinitionError
 from sagakit.ports.event_bus import ALL_EVENTS, EventBus, new_event
 from sagakit.ports.saga_log import SagaLog
+
+
+# Handlers no bus can run: calling them only makes a generator.
+def _generator(event: Event) -> Iterator[None]:
+    yield
+
+
+async def _async_generator(event: Event) -> AsyncIterator[None]:
+    yield
 
 
 class TestInMemorySagaLog(SagaLogConformance):
@@ -115,6 +125,8 @@ class TestInMemoryEventBus(EventBusConformance):
         [
             ("event_type", {"event_type": ""}),
             ("handler", {"handler": 42}),
+            ("handler", {"handler": _generator}),  # its body would never run
+            ("handler", {"handler": _async_generator}),
             ("group", {"group": ""}),
             ("max_deliveries", {"max_deliveries": 0}),
             ("max_deliveries", {"max_deliveries": 2.5}),

@@ -5,6 +5,7 @@ A backend adds its own limits after these (a broker's name rules, a server's max
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from typing import Any
@@ -37,6 +38,12 @@ def check_subscribe(
         raise DefinitionError("event_type", "must be a non-empty string")
     if not callable(handler):
         raise DefinitionError("handler", "must be a function or coroutine function")
+    # Calling one only makes a generator: its body would never run, and every event
+    # would be acknowledged unhandled.
+    if inspect.isgeneratorfunction(handler) or inspect.isasyncgenfunction(handler):
+        raise DefinitionError(
+            "handler", f"{handler!r} is a generator function (a yield in it?): it would never run"
+        )
     # A blank group would name a queue, a stream key or a consumer nobody can tell apart.
     if group is not None and (not isinstance(group, str) or not group.strip()):
         raise DefinitionError("group", f"must be a non-empty string, or None; got {group!r}")
