@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -444,6 +445,62 @@ async def test_a_deleted_stream_is_recreated_by_its_consumer(
     await bus.publish(event("Tick", n=1))
     await drain(bus)
     assert got == [1]
+
+
+async def test_a_consumer_outlives_a_failure_to_recreate_its_deleted_stream(
+    buses: Buses, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The group was made again inside the handler of NOGROUP: an error there (the
+    # server loading after a restart, out of memory, the connection lost) escaped
+    # the consumer's loop and ended its task, and the subscription delivered no more.
+    bus = buses()
+    got: list[int] = []
+    await bus.subscribe("Tick", lambda e: got.append(e["n"]), group="g")
+    create = bus._create_group
+    failures: list[str] = []
+
+    async def failing_once(stream: str, group: str, start: str) -> None:
+        if not failures:
+            failures.append(stream)
+            raise BackendUnavailable("redis://test", "LOADING Redis is loading the dataset")
+        await create(stream, group, start)
+
+    monkeypatch.setattr(bus, "_create_group", failing_once)
+    await raw.delete(f"{buses.prefix}:events:Tick")
+    for _ in range(200):
+        if await raw.exists(f"{buses.prefix}:events:Tick"):
+            break
+        await asyncio.sleep(0.05)
+    assert failures
+    await bus.publish(event("Tick", n=1))
+    await drain(bus)
+    assert got == [1]
+
+
+async def test_a_refusal_that_lasts_is_retried_with_a_growing_pause(
+    buses: Buses, raw: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stream replaced by a key of another kind (WRONGTYPE) was read again every 50 ms
+    # for ever: twenty warnings a second in the log.
+    bus = buses()
+    await bus.subscribe("Tick", lambda e: None, group="g")
+    stream = f"{buses.prefix}:events:Tick"
+    caplog.set_level(logging.WARNING, logger="sagakit.bus.redis")
+    await raw.set(f"{stream}~", "not a stream")
+    await raw.rename(f"{stream}~", stream)  # replaced at once: never missing (NOGROUP)
+
+    def refused() -> int:
+        return sum("WRONGTYPE" in r.getMessage() for r in caplog.records)
+
+    for _ in range(100):  # the read blocked when the stream was replaced ends first
+        if refused():
+            break
+        await asyncio.sleep(0.05)
+    first = refused()
+    await asyncio.sleep(2.0)
+    assert first >= 1
+    assert refused() - first <= 8
+    await raw.delete(stream)
 
 
 async def test_publish_refuses_a_payload_that_is_not_json_before_sending(buses: Buses) -> None:

@@ -176,12 +176,17 @@ class Reader:
         loop = asyncio.get_running_loop()
         pause = 0.05
         acks: list[bytes] = []
-        recover = True
+        recover, regroup = True, False
         while not self.stopping:
             try:
                 if not self.conn.is_connected:
                     await self.conn.connect()
                     self.client_id = int(await self._command("CLIENT", "ID"))
+                if regroup:
+                    # Here, not in the handler of NOGROUP: an error making the group
+                    # must be retried like any other, not end the consumer.
+                    await self.bus._create_group(self.stream, self.group, "$")
+                    regroup = False
                 if recover:
                     # Entries read just before a lost connection are ours in the
                     # pending list, and no one else's until ack_timeout.
@@ -203,10 +208,11 @@ class Reader:
                 if str(exc).startswith("NOGROUP"):
                     # The stream was deleted (FLUSHALL, a server without persistence):
                     # start the group again rather than stop delivering.
-                    await self.bus._create_group(self.stream, self.group, "$")
+                    regroup = True
                     continue
                 log.warning("redis consumer %s on %s: %s", self.group, self.stream, exc)
                 await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)  # a refusal that lasts (a key of another kind)
             except (rexc.ConnectionError, rexc.TimeoutError, OSError, BackendError) as exc:
                 await self.conn.disconnect()
                 recover = True
