@@ -469,6 +469,59 @@ async def test_attempts_are_recorded_for_redeliveries_and_purged_once_settled(
     assert await records() == []
 
 
+@pytest.mark.parametrize("deleted", ["attempts", "dlq"])
+async def test_a_poisoned_event_is_dead_lettered_after_the_bus_streams_were_deleted(
+    bus: NatsEventBus, deleted: str
+) -> None:
+    # Writing an attempt or a dead letter to a stream deleted by hand meets
+    # NoStreamResponseError (js.publish's, not the NoRespondersError the bus looked for):
+    # the stream was never made again, attempts were never counted, and the event was
+    # retried for ever instead of dead-lettered.
+    assert bus._js is not None
+    tries: list[int] = []
+
+    def poisoned(e: Event) -> None:
+        tries.append(e["n"])
+        raise ValueError("poisoned")
+
+    await bus.subscribe("Job", poisoned, group="w", max_deliveries=2, backoff=0.01)
+    await bus._js.delete_stream(f"{bus.prefix}-{deleted}")
+    await bus.publish(event("Job", n=0))
+    async with asyncio.timeout(20):
+        while not await bus.dead_letters("w"):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        await bus.drain()
+    assert tries == [0, 0]
+
+
+async def test_a_subscription_outlives_a_failure_to_remake_the_attempts_stream(
+    bus: NatsEventBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Recording a failed attempt with the attempts stream deleted now makes the streams
+    # again (the test above); an error doing so (JetStream full, the server going away)
+    # must not escape the handler's error path, which would end the subscription's loop.
+    assert bus._js is not None
+    tries: list[int] = []
+
+    def handler(e: Event) -> None:
+        tries.append(e["n"])
+        if e["n"] == 0 and tries.count(0) == 1:
+            raise ValueError("fails once")
+
+    await bus.subscribe("Job", handler, group="w", backoff=0.01)
+    await bus._js.delete_stream(f"{bus.prefix}-attempts")
+
+    async def full(js: object) -> None:
+        raise BackendBusy(bus.url, "JetStream storage full")
+
+    monkeypatch.setattr(bus, "_ensure_streams", full)
+    await bus.publish(event("Job", n=0))
+    await bus.publish(event("Job", n=1))
+    async with asyncio.timeout(10):
+        await bus.drain()
+    assert sorted(tries) == [0, 0, 1]
+
+
 async def test_an_event_whose_handler_kills_every_consumer_is_dead_lettered(
     nats_server: NatsServer,
 ) -> None:

@@ -30,9 +30,13 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 if TYPE_CHECKING:
     from sagakit.adapters.nats_bus import NatsEventBus
 
-__all__ = ["Attempts", "stream_sequence"]
+__all__ = ["NO_STREAM", "Attempts", "stream_sequence"]
 
 log = logging.getLogger("sagakit.bus.nats")
+
+# What a JetStream publish to a subject no stream takes raises: js.publish turns the
+# core client's NoRespondersError into NoStreamResponseError.
+NO_STREAM = (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)
 
 
 def stream_sequence(reply: str) -> int:
@@ -96,9 +100,13 @@ class Attempts:
             try:
                 await js.publish(subject, data)
                 return
-            except nats.errors.NoRespondersError:
+            except NO_STREAM:
                 if attempt == 1:  # the stream was deleted by hand: make it again, once
-                    await self._bus._ensure_streams(js)
+                    try:
+                        await self._bus._ensure_streams(js)
+                    except Exception as exc:  # counted low, not lost (see count())
+                        log.warning("remaking stream %s: %r", self.stream, exc)
+                        return
                     continue
                 log.warning("recording an attempt of %s #%d: no stream", consumer, seq)
             except Exception as exc:

@@ -32,7 +32,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js.api import ConsumerConfig
 
 from sagakit.adapters._handlers import ENDS_PROCESS
-from sagakit.adapters._nats_attempts import stream_sequence
+from sagakit.adapters._nats_attempts import NO_STREAM, stream_sequence
 from sagakit.adapters._nats_dead_letters import dead_letter_message
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
@@ -460,7 +460,12 @@ class PullSubscription:
             assert js is not None
             assert nc is not None
             body, headers = dead_letter_message(msg.data, meta, nc.max_payload)
-            await js.publish(f"{bus.prefix}.dlq.{token(self.group)}", body, headers=headers)
+            subject = f"{bus.prefix}.dlq.{token(self.group)}"
+            try:
+                await js.publish(subject, body, headers=headers)
+            except NO_STREAM:  # the stream was deleted by hand: make it again, once
+                await bus._ensure_streams(js)
+                await js.publish(subject, body, headers=headers)
         except Exception as exc:
             # Not stored: the event stays in the stream and comes back later.
             log.error(
