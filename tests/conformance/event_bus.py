@@ -41,7 +41,7 @@ import pytest
 
 from sagakit.core.event import Event
 from sagakit.errors import BackendError, DefinitionError
-from sagakit.ports.event_bus import ALL_EVENTS, EventBus, Handler, new_event_id
+from sagakit.ports.event_bus import ALL_EVENTS, EventBus, Handler, Subscription, new_event_id
 
 __all__ = ["EventBusConformance", "bodies", "event", "recorder"]
 
@@ -390,6 +390,35 @@ class EventBusConformance(ABC):
             await bus.publish(event("Tick"))
             await self.drain(bus)
             assert len(got) == 1
+
+    async def test_a_handler_may_cancel_its_own_subscription(self) -> None:
+        # "Handle one, then stop": cancel() waited for the loop running the handler that
+        # awaited it (NATS, Redis): a deadlock, with the event never acknowledged and
+        # drain() and close() hanging behind it.
+        bus = await self.bus()
+        got: list[int] = []
+        subscriptions: list[Subscription] = []
+
+        returned: list[int] = []
+
+        async def once(e: Event) -> None:
+            got.append(e["n"])
+            await subscriptions[0].cancel()
+            returned.append(e["n"])
+
+        subscriptions.append(
+            await bus.subscribe("Tick", once, group="g", ack_timeout=self.ack_timeout)
+        )
+        for i in range(3):
+            await bus.publish(event("Tick", f"o-{i}", n=i))
+        await self.eventually(lambda: bool(returned), "cancel() to return in the handler")
+        await self.drain(bus)
+        rest: list[int] = []
+        await bus.subscribe(
+            "Tick", lambda e: rest.append(e["n"]), group="g", ack_timeout=self.ack_timeout
+        )
+        await self.eventually(lambda: {*got, *rest} == {0, 1, 2}, "each event handled")
+        await self.drain(bus)
 
     async def test_cancelling_a_subscription_again_leaves_a_newer_one_alone(self) -> None:
         async with self.opened() as bus:

@@ -15,12 +15,13 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as rexc
 
 from sagakit.adapters._bus_checks import check_server_version
-from sagakit.adapters._handlers import ENDS_PROCESS
+from sagakit.adapters._handlers import ENDS_PROCESS, forget
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
     from sagakit.adapters.redis_bus import RedisEventBus
 
 log = logging.getLogger("sagakit.bus.redis")
+
+# The reader whose handlers run in this context (a handler cancelling a subscription).
+_HANDLING: ContextVar[Reader | None] = ContextVar("sagakit_redis_handling", default=None)
 
 BATCH = 256  # entries per read: enough for many sagas in flight, bounded memory
 MAX_BLOCK = 2.0  # seconds a read blocks before the consumer looks at its timers
@@ -126,9 +130,25 @@ class Subscription:
         self.anonymous, self.max_deliveries = anonymous, max_deliveries
         self.ack_timeout, self.backoff = ack_timeout, backoff
         self.reader: Reader | None = None
+        self.unsubscribing: asyncio.Task[None] | None = None  # cancel() from a handler
 
     async def cancel(self) -> None:
         """Stop this subscription's deliveries; what it holds goes back to its group."""
+        running = _HANDLING.get()
+        if running is not None and running.bus is self.bus and self.reader is not None:
+            # From a handler of this bus: stopping waits for the reader running that
+            # handler, which waits for this call (a deadlock). It reads no more from
+            # now on and is removed once its handlers return; until then it stays the
+            # bus's, so drain() and close() wait for its acknowledgements.
+            self.reader.stopping = True
+            self.unsubscribing = asyncio.get_running_loop().create_task(self._cancel_later())
+            self.unsubscribing.add_done_callback(forget)
+            return
+        await self.bus._unsubscribe(self)
+
+    async def _cancel_later(self) -> None:
+        if self.reader is not None:
+            await self.reader.stop()
         await self.bus._unsubscribe(self)
 
 
@@ -329,6 +349,7 @@ class Reader:
     async def _handle(self, entries: list[_Entry]) -> list[bytes]:
         """Run the handlers of a batch: a task per saga, each saga's events in order."""
         self.busy = True
+        handling = _HANDLING.set(self)  # seen by the handlers' tasks too (a copied context)
         try:
             by_saga: dict[str, list[tuple[bytes, Event | None, bytes | None, bool]]] = {}
             for eid, data, again in entries:
@@ -353,6 +374,7 @@ class Reader:
                 await asyncio.gather(*chains)
             return acks
         finally:
+            _HANDLING.reset(handling)
             self.busy = False
             self.bus._signal()
 

@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js.api import ConsumerConfig
 
-from sagakit.adapters._handlers import ENDS_PROCESS
+from sagakit.adapters._handlers import ENDS_PROCESS, forget
 from sagakit.adapters._nats_attempts import NO_STREAM, stream_sequence
 from sagakit.adapters._nats_dead_letters import dead_letter_message
 from sagakit.core.envelope import decode_event
@@ -159,6 +159,7 @@ class PullSubscription:
         self._chains: set[asyncio.Task[None]] = set()
         self._slot = asyncio.Event()
         self._cancelled = False
+        self._unsubscribing: asyncio.Task[None] | None = None  # cancel() by its own handler
 
     async def start(self, nc: Client) -> None:
         self._inbox = nc.new_inbox()
@@ -261,8 +262,8 @@ class PullSubscription:
 
     async def _give_back_pending(self) -> None:
         """Events pulled but not handled go back to the group at once."""
-        while self._pending:
-            msg = self._pending.popleft()[1]
+        pending, self._pending = self._pending, deque()
+        for _, msg in pending:
             if not _is_status(msg):
                 await self._give_back(msg)
 
@@ -283,6 +284,11 @@ class PullSubscription:
         await asyncio.sleep(0.25)  # do not spin on a refusal
 
     async def _give_back(self, msg: Msg) -> None:
+        if self._stopping and self._sub is not None:
+            # Its inbox still open, a nak would send it straight back here, to be lost
+            # when the inbox goes: stop() gives it back once the inbox is gone.
+            self._pending.append([time.monotonic(), msg])
+            return
         with contextlib.suppress(nats.errors.Error):  # else redelivered after ack_wait
             await msg.nak()
 
@@ -511,6 +517,13 @@ class PullSubscription:
     async def stop(self) -> None:
         """Finish the handler in flight, give the rest back, stop pulling."""
         self._stopping = True
+        # The inbox goes first: the server then stops serving this subscription's open
+        # pull request. An event given back (nak) while that request is open is sent
+        # straight back to it, and once the inbox is gone it is lost until ack_wait.
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
         task = self._task
         if task is not None and not task.done():
             if self._handling and self._concurrency == 1:
@@ -524,15 +537,23 @@ class PullSubscription:
                     await asyncio.wait([task], timeout=1.0)
         if self._chains:  # each finishes its handler and gives back what waits behind it
             await asyncio.wait(list(self._chains))
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-            self._sub = None
-        await self._give_back_pending()  # whatever arrived meanwhile
+        await self._give_back_pending()  # whatever arrived before the inbox went
 
     async def cancel(self) -> None:
         """Stop this subscription's deliveries; cancelling again does nothing."""
         if self._cancelled:
             return
         self._cancelled = True
+        if self.owns(asyncio.current_task()):
+            # From its own handler, which the stop would wait for (a deadlock): no more
+            # events from now on, the rest once the handler has returned. Until then it
+            # stays the bus's, so drain() and close() wait for its acknowledgement.
+            self._stopping = True
+            self._unsubscribing = asyncio.get_running_loop().create_task(self._cancel_later())
+            self._unsubscribing.add_done_callback(forget)
+            return
+        await self._bus._unsubscribe(self)
+
+    async def _cancel_later(self) -> None:
+        await self.stop()
         await self._bus._unsubscribe(self)
