@@ -420,6 +420,28 @@ class EventBusConformance(ABC):
         await self.eventually(lambda: {*got, *rest} == {0, 1, 2}, "each event handled")
         await self.drain(bus)
 
+    async def test_a_handler_may_close_its_bus(self) -> None:
+        # A "Stop" event's handler closing the bus deadlocked on NATS and Redis: close()
+        # waited for the handler that awaited it.
+        bus = await self.make_bus()
+        returned: list[int] = []
+
+        async def stop(e: Event) -> None:
+            await bus.close()
+            returned.append(e["n"])
+
+        await bus.subscribe("Stop", stop, group="g")
+        await bus.publish(event("Stop", n=1))
+        await self.eventually(lambda: returned == [1], "close() to return in the handler")
+        deadline = time.monotonic() + self.timeout
+        while True:  # closed for good once the handler returned
+            try:
+                await bus.publish(event("Tick"))
+            except BackendError:
+                break
+            assert time.monotonic() < deadline, "the bus never closed"
+            await asyncio.sleep(0.02)
+
     async def test_cancelling_a_subscription_again_leaves_a_newer_one_alone(self) -> None:
         async with self.opened() as bus:
             got: list[Event] = []

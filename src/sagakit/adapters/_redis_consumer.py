@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +108,23 @@ def translate(exc: BaseException, backend: str, what: str) -> BackendError:
     return BackendRefused(backend, message)
 
 
+def in_handler(bus: RedisEventBus) -> bool:
+    """Whether this runs in a handler of ``bus`` (which stopping its reader waits for)."""
+    running = _HANDLING.get()
+    return running is not None and running.bus is bus
+
+
+_SPAWNED: set[asyncio.Task[Any]] = set()
+
+
+def spawn(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` in a task of its own, kept until done (a stop a handler asked for)."""
+    task = asyncio.get_running_loop().create_task(work)
+    _SPAWNED.add(task)
+    task.add_done_callback(_SPAWNED.discard)
+    task.add_done_callback(forget)
+
+
 async def _call(handler: Handler, event: Event) -> None:
     result = handler(event)
     if inspect.isawaitable(result):
@@ -130,19 +147,16 @@ class Subscription:
         self.anonymous, self.max_deliveries = anonymous, max_deliveries
         self.ack_timeout, self.backoff = ack_timeout, backoff
         self.reader: Reader | None = None
-        self.unsubscribing: asyncio.Task[None] | None = None  # cancel() from a handler
 
     async def cancel(self) -> None:
         """Stop this subscription's deliveries; what it holds goes back to its group."""
-        running = _HANDLING.get()
-        if running is not None and running.bus is self.bus and self.reader is not None:
+        if in_handler(self.bus) and self.reader is not None:
             # From a handler of this bus: stopping waits for the reader running that
             # handler, which waits for this call (a deadlock). It reads no more from
             # now on and is removed once its handlers return; until then it stays the
             # bus's, so drain() and close() wait for its acknowledgements.
             self.reader.stopping = True
-            self.unsubscribing = asyncio.get_running_loop().create_task(self._cancel_later())
-            self.unsubscribing.add_done_callback(forget)
+            spawn(self._cancel_later())
             return
         await self.bus._unsubscribe(self)
 

@@ -99,6 +99,7 @@ from sagakit.adapters._bus_checks import (
     check_subscribe,
     publishable,
 )
+from sagakit.adapters._handlers import forget
 from sagakit.adapters._nats_attempts import Attempts
 from sagakit.adapters._nats_dead_letters import read_dead_letter, replay_body
 from sagakit.adapters.nats_consumer import (
@@ -222,6 +223,7 @@ class NatsEventBus:
         self._connecting = asyncio.Lock()
         self._subscriptions: list[PullSubscription] = []
         self._closed = False
+        self._closing: asyncio.Task[None] | None = None  # close() from a handler
         self._connect_error = ""
 
     @classmethod
@@ -579,6 +581,14 @@ class NatsEventBus:
         if self._closed:
             return
         self._closed = True
+        if any(s.owns(asyncio.current_task()) for s in self._subscriptions):
+            # From a handler, which closing waits for (a deadlock): done once it returns.
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+            self._closing.add_done_callback(forget)
+            return
+        await self._close()
+
+    async def _close(self) -> None:
         subscriptions, self._subscriptions = self._subscriptions, []
         await asyncio.gather(*(self._unsubscribe(s) for s in subscriptions))
         nc, self._nc, self._js = self._nc, None, None

@@ -86,7 +86,9 @@ from sagakit.adapters._redis_consumer import (
     Reader,
     Subscription,
     check_server,
+    in_handler,
     sid,
+    spawn,
     translate,
 )
 from sagakit.core.envelope import decode_event, encode_event
@@ -515,6 +517,12 @@ class RedisEventBus:
         if self._closing:
             return
         self._closing = True
+        if in_handler(self):  # which closing waits for (a deadlock): done once it returns
+            spawn(self._close())
+            return
+        await self._close()
+
+    async def _close(self) -> None:
         readers = [(r, s.anonymous) for s in self._subscriptions if (r := s.reader) is not None]
         retries = [(r, g in self._anonymous) for g, r in self._retry_readers.items()]
         await asyncio.gather(*(r.stop() for r, _ in [*readers, *retries]))
