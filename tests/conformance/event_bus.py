@@ -420,6 +420,25 @@ class EventBusConformance(ABC):
         await self.eventually(lambda: {*got, *rest} == {0, 1, 2}, "each event handled")
         await self.drain(bus)
 
+    async def test_drain_inside_a_handler_is_refused_not_a_hang(self) -> None:
+        # It waits for the handlers to finish, the caller's own included: refused with a
+        # RuntimeError everywhere (the Redis bus waited for ever).
+        bus = await self.bus()
+        errors: list[str] = []
+
+        async def impatient(e: Event) -> None:
+            try:
+                async with asyncio.timeout(self.timeout / 2):
+                    await bus.drain()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+
+        await bus.subscribe("Tick", impatient, group="g")
+        await bus.publish(event("Tick"))
+        await self.eventually(lambda: bool(errors), "drain() in the handler to be refused")
+        assert "wait for itself" in errors[0]
+        await self.drain(bus)
+
     async def test_a_handler_may_close_its_bus(self) -> None:
         # A "Stop" event's handler closing the bus deadlocked on NATS and Redis: close()
         # waited for the handler that awaited it.

@@ -114,6 +114,12 @@ def in_handler(bus: RedisEventBus) -> bool:
     return running is not None and running.bus is bus
 
 
+def refuse_in_handler(bus: RedisEventBus) -> None:
+    """drain() from a handler would wait for that handler's reader: refused, as elsewhere."""
+    if in_handler(bus):
+        raise RuntimeError("drain() inside an event handler would wait for itself")
+
+
 _SPAWNED: set[asyncio.Task[Any]] = set()
 
 

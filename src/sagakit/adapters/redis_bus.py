@@ -87,6 +87,7 @@ from sagakit.adapters._redis_consumer import (
     Subscription,
     check_server,
     in_handler,
+    refuse_in_handler,
     sid,
     spawn,
     translate,
@@ -457,6 +458,7 @@ class RedisEventBus:
             self._progress.set()
 
     async def drain(self) -> None:
+        refuse_in_handler(self)
         if self._progress is None:
             self._progress = asyncio.Event()
         targets: dict[str, tuple[int, int]] = {}
