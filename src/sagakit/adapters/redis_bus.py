@@ -92,6 +92,7 @@ from sagakit.adapters._redis_consumer import (
     spawn,
     translate,
 )
+from sagakit.adapters._redis_scripts import ACK_DELETE, DEAD_LETTER, PUBLISH, REPLAY
 from sagakit.core.envelope import decode_event, encode_event
 from sagakit.core.event import Event
 from sagakit.errors import BackendError, BackendUnavailable, ConfigurationError, DefinitionError
@@ -107,41 +108,6 @@ from sagakit.ports.event_bus import (
 __all__ = ["RedisEventBus"]
 
 log = logging.getLogger("sagakit.bus.redis")
-
-# Two XADDs in one script: the type stream and the all-events stream hold an
-# event together or not at all.
-_PUBLISH = """
-local a = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
-local b = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
-return {a, b}
-"""
-# The XACK comes first: an entry that another consumer already acknowledged is
-# not dead-lettered as well. Its attempts go with it.
-_DEAD_LETTER = """
-redis.call('HDEL', KEYS[3], ARGV[9])
-if redis.call('XACK', KEYS[2], ARGV[2], ARGV[3]) == 0 then return 0 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[4], 'error', ARGV[5],
-  'group', ARGV[2], 'deliveries', ARGV[6], 'failed_at', ARGV[7])
-if ARGV[8] == '1' then redis.call('XDEL', KEYS[2], ARGV[3]) end
-return 1
-"""
-_REPLAY = """
-local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
-if #found == 0 then return 0 end
-local fields, envelope = found[1][2], nil
-for i = 1, #fields, 2 do if fields[i] == 'e' then envelope = fields[i + 1] end end
-if envelope == nil then return 0 end
-redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
-local added = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', envelope)
-redis.call('XDEL', KEYS[1], ARGV[1])
-return added
-"""
-# Retried entries are deleted once acknowledged: the retry stream has one group.
-_ACK_DELETE = """
-redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
-return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
-"""
-
 
 STALE_CONSUMER = 3600.0  # seconds idle, with nothing pending, before a consumer is removed
 
@@ -173,10 +139,10 @@ class RedisEventBus:
             raise ConfigurationError(f"redis bus URL {redact_url(url)!r}: {exc}") from exc
         # Typed Any: redis-py's stubs type replies as unions the caller narrows anyway.
         self._redis: Any = aioredis.Redis(connection_pool=self._pool)
-        self._publisher = Pipeliner(self._pool, _PUBLISH)
-        self._dead_letter_script = self._redis.register_script(_DEAD_LETTER)
-        self._replay = self._redis.register_script(_REPLAY)
-        self._ack_delete = self._redis.register_script(_ACK_DELETE)
+        self._publisher = Pipeliner(self._pool, PUBLISH)
+        self._dead_letter_script = self._redis.register_script(DEAD_LETTER)
+        self._replay = self._redis.register_script(REPLAY)
+        self._ack_delete = self._redis.register_script(ACK_DELETE)
         self._subscriptions: list[Subscription] = []
         self._readers: list[Reader] = []
         self._retry_readers: dict[str, Reader] = {}
