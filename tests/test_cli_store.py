@@ -250,5 +250,22 @@ def test_worker_with_a_bad_spec_exits_2_with_one_line(store: str) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_worker_on_a_database_that_does_not_exist_exits_2(postgres_url: str) -> None:
+    """A real server refusing for good (no such database): the worker says so and
+    exits, instead of logging the refusal every second for ever."""
+    missing = postgres_url.rsplit("/", 1)[0] + "/sagakit_no_such_database"
+    done = subprocess.run(
+        [*SAGAKIT, "worker", "--store", missing, "--sagas", "test_cli_store:SHOP"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src")])},
+    )
+    assert done.returncode == 2, done.stderr
+    assert 'database "sagakit_no_such_database" does not exist' in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_module_is_importable_from_tests() -> None:
     assert sys.modules[__name__].SHOP is SHOP
