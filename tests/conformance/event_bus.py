@@ -445,13 +445,27 @@ class EventBusConformance(ABC):
         bus = await self.make_bus()
         returned: list[int] = []
 
+        handler_done = asyncio.Event()
+
         async def stop(e: Event) -> None:
             await bus.close()
             returned.append(e["n"])
+            await asyncio.sleep(0.1)  # the close it began waits for this handler
+            handler_done.set()
 
         await bus.subscribe("Stop", stop, group="g")
         await bus.publish(event("Stop", n=1))
         await self.eventually(lambda: returned == [1], "close() to return in the handler")
+        async with asyncio.timeout(self.timeout):
+            await handler_done.wait()
+        # close() from outside waits for the close the handler began, which goes on
+        # after the handler: once it returns, nothing of the bus is left running
+        # (its connection would leak otherwise).
+        await bus.close()
+        for _ in range(3):  # turns for what ends by itself (memory's dispatcher seeing the
+            await asyncio.sleep(0)  # handler return); a close under way waits on the network
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert not left, f"still running after close(): {left}"
         deadline = time.monotonic() + self.timeout
         while True:  # closed for good once the handler returned
             try:

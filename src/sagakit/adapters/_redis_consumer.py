@@ -123,12 +123,13 @@ def refuse_in_handler(bus: RedisEventBus) -> None:
 _SPAWNED: set[asyncio.Task[Any]] = set()
 
 
-def spawn(work: Coroutine[Any, Any, None]) -> None:
+def spawn(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     """Run ``work`` in a task of its own, kept until done (a stop a handler asked for)."""
     task = asyncio.get_running_loop().create_task(work)
     _SPAWNED.add(task)
     task.add_done_callback(_SPAWNED.discard)
     task.add_done_callback(forget)
+    return task
 
 
 async def _call(handler: Handler, event: Event) -> None:

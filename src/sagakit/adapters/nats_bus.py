@@ -102,6 +102,7 @@ from sagakit.adapters._bus_checks import (
 from sagakit.adapters._handlers import forget
 from sagakit.adapters._nats_attempts import Attempts
 from sagakit.adapters._nats_dead_letters import read_dead_letter, replay_body
+from sagakit.adapters._nats_errors import translate
 from sagakit.adapters.nats_consumer import (
     TOKEN,
     PullSubscription,
@@ -112,7 +113,6 @@ from sagakit.adapters.nats_consumer import (
 from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
-    BackendBusy,
     BackendError,
     BackendRefused,
     BackendUnavailable,
@@ -146,10 +146,6 @@ _DEFAULTS["concurrency"] = "1"
 MIN_SERVER = (2, 10)
 
 
-# JetStream's "insufficient resources" and "insufficient storage": full, not down.
-_JS_FULL = frozenset({10023, 10047})
-
-
 def _version_of(nc: Client) -> str:
     """The connected server's version as ``major.minor.patch`` ("" when it sent none)."""
     version = nc.connected_server_version
@@ -157,31 +153,6 @@ def _version_of(nc: Client) -> str:
         return f"{version.major}.{version.minor}.{version.patch}"
     except ValueError:  # not a semantic version: nothing to compare
         return ""
-
-
-def _translate(url: str, doing: str, exc: BaseException) -> BackendError:
-    """A driver error as one of sagakit's (the caller raises it ``from exc``)."""
-    message = f"{doing}: {describe(exc)}"
-    if isinstance(exc, nats.js.errors.APIError):
-        code = exc.code or 0
-        if exc.err_code in _JS_FULL:
-            return BackendBusy(url, f"{message} (JetStream's storage is full)")
-        if code == 503 or isinstance(exc, nats.js.errors.ServiceUnavailableError):
-            return BackendUnavailable(url, message)
-        if code == 429:
-            return BackendBusy(url, message)
-        return BackendRefused(url, message)
-    if isinstance(exc, nats.errors.MaxPayloadError | nats.errors.AuthorizationError):
-        return BackendRefused(url, message)
-    if isinstance(exc, nats.errors.BadSubjectError | nats.errors.BadHeaderError):
-        return BackendRefused(url, message)
-    if isinstance(
-        exc,
-        nats.errors.Error | TimeoutError | OSError | nats.js.errors.NoStreamResponseError,
-    ):
-        # Timeouts, lost or refused connections, no responders while JetStream starts.
-        return BackendUnavailable(url, message)
-    return BackendError(url, message)
 
 
 class NatsEventBus:
@@ -223,7 +194,9 @@ class NatsEventBus:
         self._connecting = asyncio.Lock()
         self._subscriptions: list[PullSubscription] = []
         self._closed = False
-        self._closing: asyncio.Task[None] | None = None  # close() from a handler
+        # close() from a handler, and the subscriptions whose handlers it waits for.
+        self._closing: asyncio.Task[None] | None = None
+        self._closed_subscriptions: list[PullSubscription] = []
         self._connect_error = ""
 
     @classmethod
@@ -299,7 +272,7 @@ class NatsEventBus:
                 doing = "connecting"
                 if isinstance(exc, TimeoutError) and self._connect_error:
                     doing = f"no server within {self._timeout}s ({self._connect_error})"
-                raise _translate(self.url, doing, exc) from exc
+                raise translate(self.url, doing, exc) from exc
             js = nc.jetstream(timeout=self._timeout)
             try:
                 check_server_version(
@@ -356,10 +329,10 @@ class NatsEventBus:
                     continue
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != 10058:  # created meanwhile by another process
-                    raise _translate(self.url, f"creating stream {config.name}", exc) from exc
+                    raise translate(self.url, f"creating stream {config.name}", exc) from exc
                 continue
             except Exception as exc:
-                raise _translate(self.url, f"creating stream {config.name}", exc) from exc
+                raise translate(self.url, f"creating stream {config.name}", exc) from exc
             if set(info.config.subjects or ()) != set(config.subjects or ()):
                 raise SchemaMismatch(
                     self.url,
@@ -395,10 +368,10 @@ class NatsEventBus:
                 # No stream takes the subject: deleted by hand, or a server
                 # that lost its store. Make the streams again, once.
                 if attempt == 2:
-                    raise _translate(self.url, f"publishing {event.type}", exc) from exc
+                    raise translate(self.url, f"publishing {event.type}", exc) from exc
                 await self._ensure_streams(js)
             except Exception as exc:
-                raise _translate(self.url, f"publishing {event.type}", exc) from exc
+                raise translate(self.url, f"publishing {event.type}", exc) from exc
 
     async def _store(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish and await the PubAck (js.publish, without building a PubAck object)."""
@@ -491,7 +464,7 @@ class NatsEventBus:
         except BackendError:
             raise
         except Exception as exc:
-            raise _translate(self.url, f"creating consumer {config.name}", exc) from exc
+            raise translate(self.url, f"creating consumer {config.name}", exc) from exc
 
     async def _unsubscribe(self, subscription: PullSubscription) -> None:
         self._subscriptions = [s for s in self._subscriptions if s is not subscription]
@@ -546,7 +519,7 @@ class NatsEventBus:
             except nats.js.errors.NotFoundError:
                 break
             except Exception as exc:
-                raise _translate(self.url, f"reading dead letters of {group!r}", exc) from exc
+                raise translate(self.url, f"reading dead letters of {group!r}", exc) from exc
             seq = (raw.seq or seq) + 1
             found.append(read_dead_letter(str(raw.seq), raw.data or b"", raw.headers))
         return found
@@ -562,7 +535,7 @@ class NatsEventBus:
             except nats.js.errors.NotFoundError:
                 raw = None
             except Exception as exc:
-                raise _translate(self.url, f"reading dead letter {dead_letter_id}", exc) from exc
+                raise translate(self.url, f"reading dead letter {dead_letter_id}", exc) from exc
         if raw is None or raw.subject != subject:
             raise DefinitionError(
                 "dead_letter_id", f"group {group!r} holds no dead letter {dead_letter_id!r}"
@@ -574,14 +547,22 @@ class NatsEventBus:
         except nats.js.errors.NotFoundError:
             pass  # replayed and removed meanwhile by another process
         except Exception as exc:
-            raise _translate(self.url, f"replaying dead letter {dead_letter_id}", exc) from exc
+            raise translate(self.url, f"replaying dead letter {dead_letter_id}", exc) from exc
 
     async def close(self) -> None:
-        """Stop pulling, let handlers in flight finish and acknowledge them, disconnect."""
+        """Stop pulling, let handlers in flight finish and acknowledge them, disconnect.
+
+        From a handler, the close ends once that handler returns; close() called again
+        meanwhile, from outside the handlers, waits for it to end.
+        """
+        task = asyncio.current_task()
         if self._closed:
+            handlers = self._closed_subscriptions
+            if self._closing is not None and not any(s.owns(task) for s in handlers):
+                await asyncio.wait([self._closing])
             return
-        self._closed = True
-        if any(s.owns(asyncio.current_task()) for s in self._subscriptions):
+        self._closed, self._closed_subscriptions = True, list(self._subscriptions)
+        if any(s.owns(task) for s in self._closed_subscriptions):
             # From a handler, which closing waits for (a deadlock): done once it returns.
             self._closing = asyncio.get_running_loop().create_task(self._close())
             self._closing.add_done_callback(forget)

@@ -152,6 +152,7 @@ class RedisEventBus:
         self._janitor: asyncio.Task[None] | None = None
         self._janitor_stop: asyncio.Event | None = None
         self._closing = self._closed = False
+        self._deferred_close: asyncio.Task[None] | None = None  # close() from a handler
         self._server_checked = False
 
     @classmethod
@@ -482,11 +483,18 @@ class RedisEventBus:
         return True
 
     async def close(self) -> None:
+        """Stop reading, let handlers in flight finish and acknowledge them, disconnect.
+
+        From a handler, the close ends once that handler returns; close() called again
+        meanwhile, from outside the handlers, waits for it to end.
+        """
         if self._closing:
+            if self._deferred_close is not None and not in_handler(self):
+                await asyncio.wait([self._deferred_close])
             return
         self._closing = True
         if in_handler(self):  # which closing waits for (a deadlock): done once it returns
-            spawn(self._close())
+            self._deferred_close = spawn(self._close())
             return
         await self._close()
 
