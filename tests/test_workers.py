@@ -646,3 +646,34 @@ async def test_a_refusal_that_stops_serving_under_async_with_is_logged(
     async with Orchestrator(log):
         await asyncio.sleep(0.05)
     assert "nosuchdb" in caplog.text
+
+
+class StopWorking(BaseException):
+    """A library's own request to stop (as gevent's Timeout or pytest's outcomes are)."""
+
+
+async def test_a_step_raising_a_base_exception_stops_serve_instead_of_a_hot_loop(
+    tmp_path: Path,
+) -> None:
+    """Given back at once, the saga was claimed again at the next poll and its step
+    re-run about a thousand times a second, each with an error line."""
+    runs: list[int] = []
+
+    def stop(ctx: StepContext) -> None:
+        runs.append(ctx.attempt)
+        raise StopWorking("stop")
+
+    saga = SagaDefinition("stopping", [Step("a", stop)])
+    url = f"sqlite:///{tmp_path / 'sagas.db'}"
+    async with Orchestrator(url, sagas=[saga]) as starter:
+        await starter.start(saga, "s-1")
+    orchestrator = Orchestrator(url, sagas=[saga], poll_interval=0.01)
+    with pytest.raises(StopWorking):
+        async with asyncio.timeout(10):
+            await orchestrator.serve()
+    assert runs == [1]
+    # Given back, not stranded: the next worker carries it on at once.
+    summary = await orchestrator.status("s-1")
+    assert summary is not None
+    assert summary.owner is None
+    await orchestrator.close()

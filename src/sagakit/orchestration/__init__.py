@@ -25,7 +25,6 @@ from sagakit.core.records import (
     SagaRecord,
     SagaStarted,
     SagaStatus,
-    check_id,
 )
 from sagakit.core.saga import NO_INPUT, SagaDefinition
 from sagakit.errors import (
@@ -50,6 +49,7 @@ from sagakit.orchestration.support import (
     check_count,
     check_seconds,
     checked_input,
+    checked_options,
     default_owner,
     definitions_in,
     logged_outcome,
@@ -60,7 +60,7 @@ from sagakit.orchestration.support import (
     wait_for_run,
     wanted_status,
 )
-from sagakit.ports.saga_log import Claim, Journal, SagaLog, SagaSummary, check_ttl
+from sagakit.ports.saga_log import Claim, Journal, SagaLog, SagaSummary
 
 __all__ = ["Orchestrator", "Recovered"]
 
@@ -114,19 +114,11 @@ class Orchestrator:
         poll_interval: float = 1.0,
     ) -> None:
         # Checked before a URL is opened: a refused argument leaves nothing open.
-        try:
-            lease_ttl = check_ttl(lease_ttl)  # what every saga log takes
-        except DefinitionError as exc:
-            raise DefinitionError("lease_ttl", exc.problem) from None
-        if owner is not None:
-            check_id("owner", owner)  # what every saga log can keep
-        # NaN would retry for ever; a poll interval of 0 would poll in a busy loop.
-        retry_for = check_seconds("retry_for", retry_for, minimum=0.0)
-        poll_interval = check_seconds("poll_interval", poll_interval, minimum=0.001)
+        lease_ttl, retry_for, poll_interval = checked_options(
+            log, owner, lease_ttl, retry_for, poll_interval
+        )
         # A log opened here from a URL is this orchestrator's to close; one
         # handed in belongs to the caller.
-        if not isinstance(log, str | SagaLog):  # None, say, from an unset variable
-            raise DefinitionError("log", f"must be a saga log or its URL, not {log!r:.100}")
         self._owns_log = isinstance(log, str)
         if isinstance(log, str):
             # Imported here: the orchestrator depends on the SagaLog port, and
@@ -155,6 +147,7 @@ class Orchestrator:
         self._renewer: asyncio.Task[None] | None = None
         self._server: asyncio.Task[None] | None = None
         self._served: set[asyncio.Task[Any]] = set()
+        self._fatal: BaseException | None = None  # a served step's BaseException
         self._flush = self._flush_journal if self._durable else None
 
     @property
@@ -484,7 +477,9 @@ class Orchestrator:
         whose worker died (lease expired). Polls with backoff while there is none.
 
         A log that refuses the first claim for good (a BackendError that is not
-        retryable) is an error raised here; later failures are logged and ridden out."""
+        retryable) is an error raised here; later failures are logged and ridden out.
+        So is a step's BaseException that is not an Exception (a request to stop,
+        not a failure): serving stops, its saga given back to the other workers."""
         check_count("concurrency", concurrency, least=1)  # 0 would idle for ever
         delay = 0.01
         reached = False  # whether the log ever answered a claim
@@ -495,6 +490,9 @@ class Orchestrator:
             except BackendError as exc:
                 log.error("claiming the sagas left under this name failed: %s", exc)
             while True:
+                if self._fatal is not None:  # given back, its saga would run again at once
+                    fatal, self._fatal = self._fatal, None
+                    raise fatal
                 free = concurrency - len(self._served)
                 claims: list[Claim] = []
                 if free > 0:
@@ -555,6 +553,8 @@ class Orchestrator:
                 log.warning("%s", exc)
             else:
                 log.error("a saga this worker served failed: %s", exc)
+                if not isinstance(exc, Exception):  # a step's BaseException: serve() stops
+                    self._fatal = exc
 
     async def __aenter__(self) -> Orchestrator:
         if self._server is None or self._server.done():

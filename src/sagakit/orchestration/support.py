@@ -17,11 +17,13 @@ from sagakit.core.records import (
     CompensationStarted,
     SagaRecord,
     SagaStarted,
+    check_id,
     from_json,
     to_json,
 )
 from sagakit.core.saga import NO_INPUT, SagaDefinition, fingerprint
 from sagakit.errors import DefinitionError, InvalidTransition, SagaError, SagaIdConflict
+from sagakit.ports.saga_log import SagaLog, check_ttl
 
 __all__ = [
     "Recovered",
@@ -30,6 +32,7 @@ __all__ = [
     "check_count",
     "check_seconds",
     "checked_input",
+    "checked_options",
     "default_owner",
     "definitions_in",
     "inferred_plan",
@@ -156,6 +159,27 @@ def check_count(field: str, value: object, *, least: int) -> int:
     if type(value) is not int or value < least:
         raise DefinitionError(field, f"must be a whole number >= {least}, not {value!r}")
     return value
+
+
+def checked_options(
+    log: object, owner: str | None, lease_ttl: float, retry_for: float, poll_interval: float
+) -> tuple[float, float, float]:
+    """The Orchestrator's ``lease_ttl``, ``retry_for`` and ``poll_interval``, checked with
+    its ``log`` and ``owner``; DefinitionError naming the one refused."""
+    try:
+        lease_ttl = check_ttl(lease_ttl)  # what every saga log takes
+    except DefinitionError as exc:
+        raise DefinitionError("lease_ttl", exc.problem) from None
+    if owner is not None:
+        check_id("owner", owner)  # what every saga log can keep
+    if not isinstance(log, str | SagaLog):  # None, say, from an unset variable
+        raise DefinitionError("log", f"must be a saga log or its URL, not {log!r:.100}")
+    # NaN would retry for ever; a poll interval of 0 would poll in a busy loop.
+    return (
+        lease_ttl,
+        check_seconds("retry_for", retry_for, minimum=0.0),
+        check_seconds("poll_interval", poll_interval, minimum=0.001),
+    )
 
 
 def check_seconds(field: str, value: object, *, minimum: float) -> float:
