@@ -755,3 +755,26 @@ async def test_a_worker_restarted_under_its_name_takes_its_sagas_over_at_once(
     summary = await log.status("t-1")
     assert summary is not None
     assert (summary.status, summary.owner) == (SagaStatus.COMPLETED, None)
+
+
+async def test_a_create_whose_caller_was_cancelled_gives_its_lease_back(
+    log: PostgresSagaLog,
+) -> None:
+    """The group commit writes the saga all the same; leased to a caller gone, it
+    blocked every worker until the lease expired (60 s here)."""
+    await log.list(limit=1)  # the schema, made before the race below
+    task = asyncio.create_task(log.create("o-new", opening(), owner="w-1", ttl=60))
+    await asyncio.sleep(0)  # queued for the next group commit
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    summary = None
+    for _ in range(200):
+        summary = await log.status("o-new")
+        if summary is not None and summary.owner is None:
+            break
+        await asyncio.sleep(0.01)
+    assert summary is not None  # written: the commit was under way
+    assert summary.owner is None
+    [claim] = await log.claim_next(owner="w-2", ttl=60, limit=10)
+    assert claim.journal.saga_id == "o-new"

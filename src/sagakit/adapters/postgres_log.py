@@ -85,9 +85,7 @@ from sagakit.core.records import (
     valid_id,
 )
 from sagakit.errors import (
-    BackendBusy,
     BackendError,
-    BackendRefused,
     BackendUnavailable,
     ConfigurationError,
     DefinitionError,
@@ -105,6 +103,8 @@ from sagakit.ports.saga_log import (
 )
 
 from . import _postgres_sql as sql
+from ._handlers import forget
+from ._postgres_errors import BACKEND, DRIVER_ERRORS, translate
 from ._postgres_group import (
     BATCHES_IN_FLIGHT,
     Committer,
@@ -116,8 +116,6 @@ from ._postgres_group import (
 
 __all__ = ["MAX_ID_BYTES", "PostgresJournal", "PostgresSagaLog", "PostgresStats", "from_url"]
 
-BACKEND = "postgresql"
-# A saga id is a primary key: a btree entry holds at most about 2,700 bytes.
 _MAX_UNREADABLE = 1000  # sagas passed over by claim_next, remembered per log
 _logger = logging.getLogger(__name__)
 
@@ -130,47 +128,6 @@ class PostgresStats:
     commits: int = 0  # transactions that wrote
     batches: int = 0  # group commits
     flushes: int = 0  # journal flushes and creates those batches carried
-
-
-# --- errors ---------------------------------------------------------------------------
-
-_UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "53300", "08000", "08001", "08003", "08004"}
-_UNAVAILABLE_STATES |= {"08006", "08007", "08P01"}
-# A read-only server: a standby, or a primary being failed over; the next may accept writes.
-_UNAVAILABLE_STATES |= {"25006"}
-_BUSY_STATES = {"40001", "40P01", "55P03", "57014"}
-
-
-def _translate(exc: BaseException) -> BackendError:
-    """The sagakit error for a driver error (with the driver's as its cause)."""
-    state = getattr(exc, "sqlstate", None) or ""
-    message = f"{type(exc).__name__}: {exc}"
-    error: BackendError
-    if (
-        isinstance(exc, asyncpg.PostgresConnectionError | OSError | TimeoutError)
-        or state in _UNAVAILABLE_STATES
-        # asyncpg's "connection is closed", "pool is closing"
-        or (isinstance(exc, asyncpg.InterfaceError) and "clos" in str(exc))
-        or isinstance(exc, asyncpg.exceptions.InternalClientError)
-    ):
-        error = BackendUnavailable(BACKEND, message)  # OSError: refused, reset, no route, DNS
-    elif state in _BUSY_STATES or state.startswith(("40", "53")):
-        error = BackendBusy(BACKEND, message)
-    elif state.startswith(("28", "42501", "3D")):
-        error = BackendRefused(BACKEND, message)
-    else:
-        error = BackendError(BACKEND, message)
-    error.__cause__ = exc
-    return error
-
-
-_DRIVER_ERRORS = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.InternalClientError,  # a protocol left half-way by a lost server
-    OSError,
-    TimeoutError,
-)
 
 
 async def _no_reset(conn: Any) -> None:
@@ -228,6 +185,7 @@ class PostgresSagaLog:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._committer = Committer(self, batches_in_flight)
         self._unreadable: set[str] = set()
+        self._giving_back: set[asyncio.Task[Any]] = set()  # leases of callers gone
         self.stats = PostgresStats()
 
     @classmethod
@@ -296,8 +254,8 @@ class PostgresSagaLog:
                         # trip (RESET ALL, ...); this log sets no session state it keeps.
                         reset=_no_reset,
                     )
-                except _DRIVER_ERRORS as exc:
-                    raise _translate(exc) from exc
+                except DRIVER_ERRORS as exc:
+                    raise translate(exc) from exc
                 except ValueError as exc:  # a malformed DSN
                     raise ConfigurationError(f"saga log URL: {exc}") from exc
             if not self._ready:
@@ -309,12 +267,12 @@ class PostgresSagaLog:
     async def _connection(self) -> AsyncIterator[Any]:
         try:
             conn = await self._pool.acquire()
-        except _DRIVER_ERRORS as exc:
-            raise _translate(exc) from exc
+        except DRIVER_ERRORS as exc:
+            raise translate(exc) from exc
         try:
             yield conn
-        except _DRIVER_ERRORS as exc:
-            error = _translate(exc)
+        except DRIVER_ERRORS as exc:
+            error = translate(exc)
             if isinstance(error, BackendUnavailable):
                 # Cut off mid-operation: never hand it out again (already done when
                 # asyncpg saw it close).
@@ -407,7 +365,13 @@ class PostgresSagaLog:
         status = status_of([status_after(record) for record in opening]) or SagaStatus.RUNNING
         await self._open()
         op = Create(saga_id, started.saga, rows, status, owner, seconds)
-        created, expires_at = await asyncio.shield(self._committer.create(op))
+        done = self._committer.create(op)
+        try:
+            created, expires_at = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if owner is not None:  # leased to a caller gone: given back once it is taken
+                done.add_done_callback(lambda _: self._give_back(done, saga_id))
+            raise
         if not created:
             return None
         epoch = 0 if owner is None else 1
@@ -509,6 +473,13 @@ class PostgresSagaLog:
                 journal.lease = journal.lease._replace(expires_at=expires_at)
         return lost
 
+    def _give_back(self, done: asyncio.Future[tuple[bool, float | None]], saga_id: str) -> None:
+        if not done.cancelled() and done.exception() is None and done.result()[0]:
+            task = asyncio.ensure_future(self._write(sql.RELEASE, saga_id, 1))
+            self._giving_back.add(task)
+            task.add_done_callback(self._giving_back.discard)
+            task.add_done_callback(forget)
+
     async def release(self, journal: object) -> None:
         mine = self._mine(journal)
         await self._write(sql.RELEASE, mine.saga_id, mine.epoch)
@@ -559,7 +530,7 @@ class PostgresSagaLog:
         await self._committer.drain()
         self._closed = True
         if self._pool is not None:
-            with contextlib.suppress(*_DRIVER_ERRORS):
+            with contextlib.suppress(*DRIVER_ERRORS):
                 await asyncio.wait_for(self._pool.close(), 10)
             self._pool = None
 

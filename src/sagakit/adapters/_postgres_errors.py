@@ -1,0 +1,49 @@
+"""PostgreSQL driver errors as sagakit's, at the boundary: whether a retry may help."""
+
+from __future__ import annotations
+
+import asyncpg  # type: ignore[import-untyped]
+
+from sagakit.errors import BackendBusy, BackendError, BackendRefused, BackendUnavailable
+
+__all__ = ["BACKEND", "DRIVER_ERRORS", "translate"]
+
+BACKEND = "postgresql"
+
+_UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "53300", "08000", "08001", "08003", "08004"}
+_UNAVAILABLE_STATES |= {"08006", "08007", "08P01"}
+# A read-only server: a standby, or a primary being failed over; the next may accept writes.
+_UNAVAILABLE_STATES |= {"25006"}
+_BUSY_STATES = {"40001", "40P01", "55P03", "57014"}
+
+
+def translate(exc: BaseException) -> BackendError:
+    """The sagakit error for a driver error (with the driver's as its cause)."""
+    state = getattr(exc, "sqlstate", None) or ""
+    message = f"{type(exc).__name__}: {exc}"
+    error: BackendError
+    if (
+        isinstance(exc, asyncpg.PostgresConnectionError | OSError | TimeoutError)
+        or state in _UNAVAILABLE_STATES
+        # asyncpg's "connection is closed", "pool is closing"
+        or (isinstance(exc, asyncpg.InterfaceError) and "clos" in str(exc))
+        or isinstance(exc, asyncpg.exceptions.InternalClientError)
+    ):
+        error = BackendUnavailable(BACKEND, message)  # OSError: refused, reset, no route, DNS
+    elif state in _BUSY_STATES or state.startswith(("40", "53")):
+        error = BackendBusy(BACKEND, message)
+    elif state.startswith(("28", "42501", "3D")):
+        error = BackendRefused(BACKEND, message)
+    else:
+        error = BackendError(BACKEND, message)
+    error.__cause__ = exc
+    return error
+
+
+DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # a protocol left half-way by a lost server
+    OSError,
+    TimeoutError,
+)
