@@ -99,6 +99,9 @@ SECRET = "s3cret-pw"
         (open_event_bus, f"memory://u:{SECRET}@x?capacity=q", "capacity"),
         (open_event_bus, f"nats://u:{SECRET}@host:4222?batch=q", "invalid literal"),
         (open_event_bus, f"redis://:{SECRET}@host:6379/0?maxlen=q", "invalid literal"),
+        # An option neither the bus nor redis-py knows (redis-py kept it, and the
+        # first publish raised a bare TypeError).
+        (open_event_bus, f"redis://:{SECRET}@host:6379/0?max_len=5", "unknown option.* max_len"),
     ],
 )
 def test_a_bad_url_is_a_configuration_error_that_hides_its_password(
@@ -107,6 +110,15 @@ def test_a_bad_url_is_a_configuration_error_that_hides_its_password(
     with pytest.raises(ConfigurationError, match=what) as excinfo:
         opener(url)  # type: ignore[operator]
     assert SECRET not in str(excinfo.value)
+
+
+def test_redis_options_redis_py_knows_still_go_to_it() -> None:
+    # Connection options, and TLS ones on rediss://, are redis-py's to read.
+    for url in (
+        "redis://127.0.0.1:6379/0?health_check_interval=3&client_name=a&prefix=p",
+        "rediss://127.0.0.1:6379/0?ssl_cert_reqs=none",
+    ):
+        assert type(open_event_bus(url)).__name__ == "RedisEventBus"
 
 
 def test_redact_url_hides_the_password_and_nothing_else() -> None:

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import time
@@ -137,6 +138,19 @@ class RedisEventBus:
             self._pool = aioredis.ConnectionPool.from_url(url, socket_connect_timeout=10.0)
         except ValueError as exc:
             raise ConfigurationError(f"redis bus URL {redact_url(url)!r}: {exc}") from exc
+        # redis-py hands an option it does not know to the connection, whose first
+        # use then raises TypeError: refused here, by name, as NATS refuses its own.
+        known = {
+            name
+            for cls in self._pool.connection_class.__mro__
+            if "__init__" in vars(cls)
+            for name in inspect.signature(vars(cls)["__init__"]).parameters
+        }
+        unknown = sorted({key for key, _ in parse_qsl(urlsplit(url).query)} - known)
+        if unknown:
+            raise ConfigurationError(
+                f"redis bus URL {redact_url(url)!r}: unknown option(s) {', '.join(unknown)}"
+            )
         # Typed Any: redis-py's stubs type replies as unions the caller narrows anyway.
         self._redis: Any = aioredis.Redis(connection_pool=self._pool)
         self._publisher = Pipeliner(self._pool, PUBLISH)
