@@ -158,6 +158,19 @@ async def test_no_server_is_backend_unavailable() -> None:
     await bus.close()
 
 
+async def test_errors_name_the_url_without_its_password() -> None:
+    # The URL named every error (and `sagakit dlq`'s stderr) with its password in clear.
+    bus = NatsEventBus.from_url(f"nats://app:s3cret-pw@127.0.0.1:{free_port()}?timeout=1")
+    with pytest.raises(BackendUnavailable) as excinfo:
+        await bus.publish(event())
+    await bus.close()
+    assert "s3cret-pw" not in str(excinfo.value)
+    assert "app:***@127.0.0.1" in excinfo.value.backend
+    with pytest.raises(BackendError) as closed:
+        await bus.publish(event())
+    assert "s3cret-pw" not in str(closed.value)
+
+
 # --- names and hostile input -----------------------------------------------------------------
 
 

@@ -183,6 +183,8 @@ class NatsEventBus:
             if type(count) is not int or not 1 <= count <= most:
                 raise ConfigurationError(f"NATS {name} must be 1-{most}, got {count!r}")
         self.url = servers
+        # What errors and logs name: the URL without its password.
+        self._where = redact_url(servers)
         self.prefix = prefix
         self._timeout, self._batch, self._max_age = timeout, batch, max_age
         self._dead_letter_limit = dead_letters
@@ -243,7 +245,7 @@ class NatsEventBus:
         if self._js is not None:
             return self._js
         if self._closed:
-            raise BackendError(self.url, "the event bus is closed")
+            raise BackendError(self._where, "the event bus is closed")
         async with self._connecting:
             if self._js is not None:
                 return self._js
@@ -272,11 +274,11 @@ class NatsEventBus:
                 doing = "connecting"
                 if isinstance(exc, TimeoutError) and self._connect_error:
                     doing = f"no server within {self._timeout}s ({self._connect_error})"
-                raise translate(self.url, doing, exc) from exc
+                raise translate(self._where, doing, exc) from exc
             js = nc.jetstream(timeout=self._timeout)
             try:
                 check_server_version(
-                    self.url,
+                    self._where,
                     "NATS",
                     _version_of(nc),
                     MIN_SERVER,
@@ -290,7 +292,7 @@ class NatsEventBus:
                 # at all, which the server's INFO says and no retry changes.
                 if not getattr(nc, "_server_info", {}).get("jetstream"):
                     raise BackendRefused(
-                        self.url, "the NATS server runs without JetStream (start it with -js)"
+                        self._where, "the NATS server runs without JetStream (start it with -js)"
                     ) from exc
                 raise
             except BaseException:
@@ -329,13 +331,13 @@ class NatsEventBus:
                     continue
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != 10058:  # created meanwhile by another process
-                    raise translate(self.url, f"creating stream {config.name}", exc) from exc
+                    raise translate(self._where, f"creating stream {config.name}", exc) from exc
                 continue
             except Exception as exc:
-                raise translate(self.url, f"creating stream {config.name}", exc) from exc
+                raise translate(self._where, f"creating stream {config.name}", exc) from exc
             if set(info.config.subjects or ()) != set(config.subjects or ()):
                 raise SchemaMismatch(
-                    self.url,
+                    self._where,
                     f"stream {config.name} exists with subjects {info.config.subjects},"
                     f" not sagakit's {config.subjects}; choose another prefix",
                 )
@@ -344,10 +346,10 @@ class NatsEventBus:
         if self._js is None:  # still connecting: the caller gets the error, not the log
             self._connect_error = describe(exc)
             return
-        log.warning("NATS connection %s: %s", self.url, describe(exc))
+        log.warning("NATS connection %s: %s", self._where, describe(exc))
 
     async def _on_reconnected(self) -> None:
-        log.info("NATS connection %s re-established", self.url)
+        log.info("NATS connection %s re-established", self._where)
         for subscription in self._subscriptions:
             subscription.wake()
 
@@ -356,7 +358,7 @@ class NatsEventBus:
     async def publish(self, event: Event) -> None:
         event = publishable(event)
         if self._closed:
-            raise BackendError(self.url, f"the event bus is closed; {event.type} not published")
+            raise BackendError(self._where, f"the event bus is closed; {event.type} not published")
         subject = f"{self.prefix}.events.{subject_token(event.type, 'type')}"
         data = encode_event(event)  # a payload that is not JSON fails here, by name
         js = self._js or await self._ready()
@@ -368,16 +370,16 @@ class NatsEventBus:
                 # No stream takes the subject: deleted by hand, or a server
                 # that lost its store. Make the streams again, once.
                 if attempt == 2:
-                    raise translate(self.url, f"publishing {event.type}", exc) from exc
+                    raise translate(self._where, f"publishing {event.type}", exc) from exc
                 await self._ensure_streams(js)
             except Exception as exc:
-                raise translate(self.url, f"publishing {event.type}", exc) from exc
+                raise translate(self._where, f"publishing {event.type}", exc) from exc
 
     async def _store(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish and await the PubAck (js.publish, without building a PubAck object)."""
         nc = self._nc
         if nc is None:
-            raise BackendError(self.url, "the event bus is closed")
+            raise BackendError(self._where, "the event bus is closed")
         reply = await nc.request(
             subject, data, timeout=self._timeout, headers={"Nats-Msg-Id": msg_id}
         )
@@ -411,7 +413,7 @@ class NatsEventBus:
         if group is not None:
             subject_token(group, "group")  # its dead letters' subject
         if self._closed:
-            raise BackendError(self.url, "the event bus is closed")
+            raise BackendError(self._where, "the event bus is closed")
         await self._ready()
         nc = self._nc
         assert nc is not None
@@ -464,7 +466,7 @@ class NatsEventBus:
         except BackendError:
             raise
         except Exception as exc:
-            raise translate(self.url, f"creating consumer {config.name}", exc) from exc
+            raise translate(self._where, f"creating consumer {config.name}", exc) from exc
 
     async def _unsubscribe(self, subscription: PullSubscription) -> None:
         self._subscriptions = [s for s in self._subscriptions if s is not subscription]
@@ -519,7 +521,7 @@ class NatsEventBus:
             except nats.js.errors.NotFoundError:
                 break
             except Exception as exc:
-                raise translate(self.url, f"reading dead letters of {group!r}", exc) from exc
+                raise translate(self._where, f"reading dead letters of {group!r}", exc) from exc
             seq = (raw.seq or seq) + 1
             found.append(read_dead_letter(str(raw.seq), raw.data or b"", raw.headers))
         return found
@@ -535,7 +537,7 @@ class NatsEventBus:
             except nats.js.errors.NotFoundError:
                 raw = None
             except Exception as exc:
-                raise translate(self.url, f"reading dead letter {dead_letter_id}", exc) from exc
+                raise translate(self._where, f"reading dead letter {dead_letter_id}", exc) from exc
         if raw is None or raw.subject != subject:
             raise DefinitionError(
                 "dead_letter_id", f"group {group!r} holds no dead letter {dead_letter_id!r}"
@@ -547,7 +549,7 @@ class NatsEventBus:
         except nats.js.errors.NotFoundError:
             pass  # replayed and removed meanwhile by another process
         except Exception as exc:
-            raise translate(self.url, f"replaying dead letter {dead_letter_id}", exc) from exc
+            raise translate(self._where, f"replaying dead letter {dead_letter_id}", exc) from exc
 
     async def close(self) -> None:
         """Stop pulling, let handlers in flight finish and acknowledge them, disconnect.
