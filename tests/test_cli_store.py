@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,32 @@ def test_list_shows_every_saga_newest_first(store: str) -> None:
     assert "compensated" in rows[1]
     assert "completed" in rows[2]
     assert "running" in rows[0]
+
+
+def test_list_on_a_narrow_terminal_keeps_ids_and_times_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At 80 columns a long saga id ended in "..." (unusable in `sagas show`), and
+    # so did every updated time. Cells may fold onto more lines; nothing is cut.
+    url = f"sqlite:///{tmp_path / 'sagas.db'}"
+    saga_id = "order-2026-11-30-customer-1234567890-abcdef"
+
+    async def fill() -> None:
+        orchestrator = Orchestrator(url, sagas=[SHOP], owner="worker-" + "w" * 40)
+        try:
+            await orchestrator.run(SHOP, saga_id, {"sku": "book"})
+        finally:
+            await orchestrator.close()
+
+    asyncio.run(fill())
+    monkeypatch.setenv("COLUMNS", "80")
+    done = run("sagas", "list", "--store", url)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("│")]
+    assert "".join(row.split("│")[1].strip() for row in rows) == saga_id
+    assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", done.stdout)
+    assert "…" not in done.stdout
+    assert max(len(line) for line in done.stdout.splitlines()) <= 80
 
 
 def test_list_filters_by_status(store: str) -> None:

@@ -62,8 +62,14 @@ def parse_statuses(values: Sequence[str]) -> list[SagaStatus] | None:
 
 def list_table(summaries: Sequence[SagaSummary]) -> Table:
     table = Table(title=f"{len(summaries)} saga(s), newest first", title_justify="left")
-    for column in ("saga id", "saga", "status", "records", "lease holder", "updated"):
-        table.add_column(column, justify="right" if column == "records" else "left")
+    # Ids and names fold onto more lines rather than end in "...": an operator
+    # copies a saga id from here into `sagas show`; short fields never wrap.
+    table.add_column("saga id", overflow="fold")
+    table.add_column("saga", overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("records", justify="right", no_wrap=True)
+    table.add_column("lease holder", overflow="fold")
+    table.add_column("updated", no_wrap=True)
     for s in summaries:
         holder = "-" if s.owner is None else f"{s.owner} (until {_time(s.lease_expires_at)})"
         table.add_row(s.saga_id, s.saga, str(s.status), str(s.records), holder, _time(s.updated_at))
@@ -110,7 +116,7 @@ def timeline_table(saga_id: str, history: Sequence[LoggedRecord], *, times: bool
     table.add_column("event", no_wrap=True)
     table.add_column("step", no_wrap=True)
     table.add_column("try", justify="right")
-    table.add_column("result or error")
+    table.add_column("result or error", overflow="fold")  # whole, as an operator needs it
     for logged in history:
         event, step, attempt, detail = _describe(logged.record, steps)
         when = [_clock(logged.recorded_at)] if times else []
