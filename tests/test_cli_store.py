@@ -45,6 +45,13 @@ async def _hang_first_time(ctx: StepContext) -> None:
 SLOW = SagaDefinition("slow", [Step("a", _refund), Step("b", _hang_first_time)])
 
 
+def _block(ctx: StepContext) -> None:
+    time.sleep(600)  # a plain function that blocks the event loop, until the test ends it
+
+
+BLOCKING = SagaDefinition("blocking", [Step("a", _block)])
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'sagas.db'}"
@@ -211,6 +218,36 @@ def _worker(store: str, spec: str, log: Path, *options: str) -> subprocess.Popen
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
+
+
+def test_a_second_signal_ends_a_worker_whose_step_blocks_the_loop(tmp_path: Path) -> None:
+    # Both signals went to the event loop's handler, which a blocking step kept
+    # from running: the worker lived on until the step returned.
+    store = f"sqlite:///{tmp_path / 'sagas.db'}"
+
+    async def start() -> None:
+        orchestrator = Orchestrator(store)
+        try:
+            await orchestrator.start(BLOCKING, "blocked-1")
+        finally:
+            await orchestrator.close()
+
+    asyncio.run(start())
+    log = tmp_path / "worker.log"
+    worker = _worker(store, "test_cli_store:BLOCKING", log)
+    try:
+        deadline = time.monotonic() + 30
+        while "│ a " not in run("sagas", "show", "blocked-1", "--store", store).stdout:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert worker.poll() is None  # the first signal waits for the step
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=10) == -signal.SIGTERM, log.read_text()
+    finally:
+        worker.kill()
+        worker.wait(timeout=30)
 
 
 def test_a_worker_killed_and_restarted_under_its_name_carries_its_saga_on_at_once(

@@ -76,17 +76,20 @@ async def run_worker(
     stop = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
 
-    def stopping_now() -> None:
+    def stopping_now(signum: int, frame: object) -> None:
         # A second signal ends the process at once, as a kill would (the leases
         # then expire): a step that ignores cancellation, or blocks, would
-        # otherwise keep the worker alive whatever the operator did.
-        for signum in signals:
-            loop.remove_signal_handler(signum)
-            signal.signal(signum, signal.SIG_DFL)
-        stop.set()
+        # otherwise keep the worker alive whatever the operator did. A plain
+        # signal handler, not the loop's: the loop's runs only once the loop
+        # gets control back, which a step blocking it (a plain function calling
+        # time.sleep, a blocking driver) withholds, so both signals waited for
+        # the step to return. Python runs this one in the main thread at once,
+        # a blocking sleep included; call_soon_threadsafe wakes the loop.
+        for each in signals:
+            signal.signal(each, signal.SIG_DFL)
+        loop.call_soon_threadsafe(stop.set)
 
-    for signum in signals:
-        loop.add_signal_handler(signum, stopping_now)
+    previous = {signum: signal.signal(signum, stopping_now) for signum in signals}
     serving = asyncio.create_task(orchestrator.serve(concurrency=concurrency))
     stopping = asyncio.create_task(stop.wait())
     try:
@@ -100,3 +103,6 @@ async def run_worker(
         with contextlib.suppress(asyncio.CancelledError):
             await serving
         await orchestrator.close()
+        for signum, handler in previous.items():
+            if signal.getsignal(signum) is stopping_now:
+                signal.signal(signum, handler)
