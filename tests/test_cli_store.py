@@ -300,6 +300,17 @@ def test_a_worker_killed_and_restarted_under_its_name_carries_its_saga_on_at_onc
     assert started == [StepStarted(0, 1), StepStarted(1, 1), StepStarted(1, 2)]
 
 
+def test_worker_with_an_unknown_log_level_exits_2_with_one_line(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SAGAKIT_LOG", "verbose")
+    done = run("worker", "--store", store, "--sagas", "test_cli_store:SHOP")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "sagakit worker: SAGAKIT_LOG must be debug, info, warning, error or critical, got 'VERBOSE'"
+    ]
+
+
 def test_worker_with_a_bad_spec_exits_2_with_one_line(store: str) -> None:
     done = subprocess.run(
         [*SAGAKIT, "worker", "--store", store, "--sagas", "nowhere:X"],

@@ -180,6 +180,21 @@ def test_bad_options_are_refused_with_a_message() -> None:
     assert b"max-sagas" in proc.stderr
 
 
+def test_an_unknown_log_level_is_refused_in_one_line() -> None:
+    # logging.basicConfig raised ValueError: a traceback instead of a message.
+    proc = subprocess.run(
+        MAIN,
+        input=b"",
+        capture_output=True,
+        timeout=20,
+        cwd=REPO,
+        env={**os.environ, "SAGAKIT_LOG": "verbose"},
+    )
+    assert proc.returncode == 1
+    assert b"Traceback" not in proc.stderr
+    assert b"SAGAKIT_LOG must be debug, info, warning, error or critical" in proc.stderr
+
+
 def test_settings_from_arguments_then_environment() -> None:
     assert parse_settings([], {}) == NodeSettings()
     assert parse_settings([], {"SAGAKIT_MAX_SAGAS": "7"}).max_sagas == 7

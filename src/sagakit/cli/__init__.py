@@ -121,10 +121,16 @@ def worker(
 
     from sagakit.cli.worker import load_sagas, run_worker
     from sagakit.errors import SagakitError
+    from sagakit.node.runner import log_level
 
+    try:
+        level = log_level("sagakit worker", os.environ, "INFO")
+    except SystemExit as exc:  # exit status 2, as for the worker's other settings
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
     logging.basicConfig(
         stream=sys.stderr,
-        level=os.environ.get("SAGAKIT_LOG", "INFO").upper(),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -300,12 +300,23 @@ def parse_settings(
     )
 
 
+def log_level(who: str, environ: Mapping[str, str], default: str) -> str:
+    """``SAGAKIT_LOG`` as a level name; a name logging does not know ends the program
+    with one line (logging itself raised ValueError, a traceback, at start-up)."""
+    level = environ.get("SAGAKIT_LOG", default).strip().upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise SystemExit(
+            f"{who}: SAGAKIT_LOG must be debug, info, warning, error or critical, got {level!r}"
+        )
+    return level
+
+
 def main(argv: list[str] | None = None, prog: str = "python3 main.py") -> int:
     """Entry point of ``python3 main.py`` and ``sagakit node``: ``argv`` are their options."""
     settings = parse_settings(argv or [], os.environ, prog)
     logging.basicConfig(
         stream=sys.stderr,
-        level=os.environ.get("SAGAKIT_LOG", "WARNING").upper(),
+        level=log_level("sagakit node", os.environ, "WARNING"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # The node keeps every saga's log in memory (a retry must find it), so the
