@@ -399,3 +399,17 @@ def test_a_saga_evicted_past_max_sagas_runs_anew() -> None:
     assert run.code == 0, run.stderr
     assert run.reply(4)["code"] == 22
     assert run.reply(5)["completed_steps"] == 3
+
+
+@pytest.mark.parametrize("bad", [{"node_id": 5}, {"node_ids": "n1"}, {"node_ids": [1]}])
+def test_a_refused_event_bus_init_leaves_the_services_as_they_were(bad: dict[str, Any]) -> None:
+    # The init names valid services but a bad node_id: refused (code 12), it must
+    # not have detached the inventory service on its way to the refusal.
+    refused = msg(
+        "event_bus", {"type": "init", "msg_id": 3, "services": ["payment", "shipping"]} | bad
+    )
+    run = run_node(INIT + refused + reserve(4, "s"))
+    error = run.reply(3)
+    assert (error["type"], error["code"]) == ("error", 12)
+    assert run.reply(4, "c1")["type"] == "reserve_inventory_ok"
+    assert run.event_types("s") == ["InventoryReserved", "PaymentCharged", "ShipmentCreated"]

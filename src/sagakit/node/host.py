@@ -106,14 +106,20 @@ class Node:
     def send(self, dest: str, body: Body) -> None:
         self.host.send(self.name, dest, body)
 
-    async def on_init(self, src: str, body: Body) -> Body | None:
+    @staticmethod
+    def init_ids(body: Body) -> tuple[str | None, list[str]]:
+        """An ``init``'s ``node_id`` and ``node_ids``, checked (a kind whose ``init``
+        changes more checks them first: a refused request changes nothing)."""
         node_id = body.get("node_id")
         node_ids = body.get("node_ids", [])
         if node_id is not None and type(node_id) is not str:
             raise RequestError(ErrorCode.MALFORMED_REQUEST, "node_id: must be a string")
         if type(node_ids) is not list or not all(type(n) is str for n in node_ids):
             raise RequestError(ErrorCode.MALFORMED_REQUEST, "node_ids: must be a list of strings")
-        self.node_id, self.node_ids = node_id, node_ids
+        return node_id, node_ids
+
+    async def on_init(self, src: str, body: Body) -> Body | None:
+        self.node_id, self.node_ids = self.init_ids(body)
         return {"type": "init_ok", "in_reply_to": msg_id_of(body), "msg_id": self.next_msg_id()}
 
     async def open(self) -> None:

@@ -86,6 +86,7 @@ class EventBusNode(ShopNode):
         services = body.get("services", list(SERVICES))
         if type(services) is not list or not all(type(s) is str for s in services):
             raise RequestError(ErrorCode.MALFORMED_REQUEST, "services: must be a list of strings")
+        self.init_ids(body)  # before the services change: a refused init changes nothing
         shop = await self.state.shop()
         try:
             await shop.set_active(services)
