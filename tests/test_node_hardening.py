@@ -413,3 +413,21 @@ def test_a_refused_event_bus_init_leaves_the_services_as_they_were(bad: dict[str
     assert (error["type"], error["code"]) == ("error", 12)
     assert run.reply(4, "c1")["type"] == "reserve_inventory_ok"
     assert run.event_types("s") == ["InventoryReserved", "PaymentCharged", "ShipmentCreated"]
+
+
+@pytest.mark.parametrize(("field", "value"), [("sku", "a\ud800"), ("saga_id", "s\ud800")])
+def test_a_reserve_with_a_lone_surrogate_is_refused_up_front(field: str, value: str) -> None:
+    # No event can carry it: refused naming the field, before a reservation id is
+    # taken, so the next saga's reservation is still r1, as in a run without it.
+    body = {"type": "reserve_inventory", "msg_id": 2, "saga_id": "s", "sku": "abc123"}
+    bad = msg("inventory", body | {field: value}, src="c1")
+    run = run_node(INIT + bad + reserve(3, "t"))
+    error = run.reply(2, "c1")
+    assert (error["type"], error["code"], error["saga_id"]) == (
+        "error",
+        12,
+        body["saga_id"] if field == "sku" else value,
+    )
+    assert error["text"].startswith(f"{field}: ")
+    assert run.reply(3, "c1")["reservation_id"] == "r1"
+    assert run.event_types("s") == []

@@ -108,7 +108,9 @@ class InventoryNode(ShopNode):
         msg_id = require_msg_id(body)
         saga_id = require_id(body, "saga_id")
         try:
+            _encodable("saga_id", saga_id)
             sku = require_id(body, "sku")
+            _encodable("sku", sku)
             quantity = body.get("quantity", 1)
             if type(quantity) is not int or not 1 <= quantity <= MAX_QUANTITY:
                 raise RequestError(
@@ -158,6 +160,18 @@ class InventoryNode(ShopNode):
             "saga_id": saga_id,
             "reservation_id": reservation.reservation_id,
         }
+
+
+def _encodable(name: str, value: str) -> None:
+    """Refuse text no event can carry (a lone surrogate, from an escape such as
+    ``\\ud800``) before anything is reserved, naming the field."""
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise RequestError(
+                ErrorCode.MALFORMED_REQUEST, f"{name}: must be valid Unicode, not {value[:80]!r}"
+            ) from None
 
 
 def _attached(service: Service) -> bool:
