@@ -109,6 +109,15 @@ def test_a_byte_order_mark_at_the_start_is_not_an_error() -> None:
     assert run.stderr == ""
 
 
+def test_a_byte_order_mark_starting_a_later_line_is_not_an_error() -> None:
+    # cat a.jsonl b.jsonl | node, b saved with a BOM: its first message was
+    # refused as "Expecting value" with the BOM invisible in the report.
+    bom = b"\xef\xbb\xbf"
+    run = run_node(execute(1, "a", ["x"]).encode() + bom + execute(2, "b", ["x"]).encode())
+    assert [b["in_reply_to"] for b in run.replies()] == [1, 2]
+    assert run.stderr == ""
+
+
 @pytest.mark.parametrize(
     "quantity", [0, -1, 1e307, 10**400 // 10**300, 10**300, MAX_QUANTITY + 1, True, "1", 1.0]
 )

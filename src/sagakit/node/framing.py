@@ -99,7 +99,9 @@ def _why(exc: BaseException) -> str:
     return text[:200]
 
 
-_WS = " \t\r\n"
+# Whitespace between values, and U+FEFF: a byte order mark starting a later line
+# (files concatenated, one saved with a mark) is not a reason to drop the message.
+_WS = " \t\r\n\ufeff"
 # Brackets in runs: a hostile line of a million "[" is one match, not a million.
 _STRUCTURE = re.compile(r'[{\[]+|[}\]]+|"')
 # The rest of a string after its opening quote, to the closing one (unrolled:
