@@ -226,6 +226,37 @@ def test_malformed_execute_names_the_field(change: dict[str, Any], field: str) -
     assert field in error["text"]
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"steps": "a"},
+        {"steps": ["a", 3]},
+        {"steps": ["a", "a"]},
+        {"steps": ["a", " "]},
+        {"steps": [str(i) for i in range(100)] + [""]},  # a list too long to cache
+        {"fail_step": 1},
+    ],
+)
+def test_every_execute_error_echoes_the_saga_id(change: dict[str, Any]) -> None:
+    # Seed 002, hint 5: "saga_id must be echoed back in every response so the
+    # caller can correlate requests", refusals of a bad step list included.
+    error = run_node(msg("saga", {**GOOD, **change})).reply(9)
+    assert (error["type"], error["code"], error.get("saga_id")) == ("error", 12, "s")
+
+
+@pytest.mark.parametrize("msg_id", [None, "9", 9.0, True])
+def test_a_refused_msg_id_echoes_the_saga_id(msg_id: Any) -> None:
+    # Without a usable msg_id the reply has no in_reply_to: the saga id is what
+    # correlates it (seed 002, hint 5), for an execute and for a reserve_inventory.
+    execute_body = {k: v for k, v in {**GOOD, "msg_id": msg_id}.items() if v is not None}
+    body = {"type": "reserve_inventory", "saga_id": "r", "sku": "abc123", "quantity": 1}
+    reserve_body = body if msg_id is None else {**body, "msg_id": msg_id}
+    run = run_node(INIT + msg("saga", execute_body) + msg("inventory", reserve_body))
+    errors = [b for b in run.replies() if b["type"] == "error"]
+    assert [(b["code"], b.get("saga_id")) for b in errors] == [(12, "s"), (12, "r")]
+    assert all("msg_id" in b["text"] and "in_reply_to" not in b for b in errors)
+
+
 def test_execute_without_msg_id_is_malformed() -> None:
     body = {k: v for k, v in GOOD.items() if k != "msg_id"}
     run = run_node(msg("saga", body))

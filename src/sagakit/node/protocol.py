@@ -31,6 +31,7 @@ __all__ = [
     "optional_str",
     "require_id",
     "require_msg_id",
+    "require_msg_id_of",
     "require_str",
     "require_str_list",
 ]
@@ -148,6 +149,19 @@ def require_msg_id(body: dict[str, Any]) -> int:
     if type(value) is not int:
         raise _malformed("msg_id", "required, an integer")
     return value
+
+
+def require_msg_id_of(body: dict[str, Any]) -> int:
+    """:func:`require_msg_id` for a request about a saga: a refusal echoes the
+    request's saga id when it has a usable one, the one thing the caller can
+    correlate a reply without ``in_reply_to`` by."""
+    try:
+        return require_msg_id(body)
+    except RequestError as exc:
+        value = body.get("saga_id")
+        if type(value) is str and 0 < len(value) <= MAX_ID:
+            exc.extra["saga_id"] = value
+        raise
 
 
 def require_str(body: dict[str, Any], name: str) -> str:

@@ -18,7 +18,7 @@ from sagakit.node.protocol import (
     json_string,
     optional_str,
     require_id,
-    require_msg_id,
+    require_msg_id_of,
     require_str_list,
 )
 from sagakit.orchestration import Orchestrator
@@ -183,11 +183,15 @@ class SagaNode(Node):
         # name the field in the error, run only for a request that is wrong.
         msg_id = body.get("msg_id")
         if type(msg_id) is not int:
-            msg_id = require_msg_id(body)
+            msg_id = require_msg_id_of(body)
         saga_id = body.get("saga_id")
         if type(saga_id) is not str or not saga_id or len(saga_id) > MAX_ID:
             saga_id = require_id(body, "saga_id")
-        variants = self._variants_of(body)
+        try:  # free unless raised (3.11): the refusal of a bad step list echoes the saga id
+            variants = self._variants_of(body)
+        except RequestError as exc:
+            exc.extra.setdefault("saga_id", saga_id)
+            raise
         fail_step = body.get("fail_step")
         # type() first: an unhashable value cannot be looked up.
         definition = (

@@ -18,7 +18,7 @@ from sagakit.node.protocol import (
     RequestError,
     optional_bool,
     require_id,
-    require_msg_id,
+    require_msg_id_of,
 )
 
 __all__ = ["EventBusNode", "InventoryNode", "ShopNode"]
@@ -105,7 +105,7 @@ class InventoryNode(ShopNode):
     """
 
     async def on_reserve_inventory(self, src: str, body: Body) -> Body | None:
-        msg_id = require_msg_id(body)
+        msg_id = require_msg_id_of(body)
         saga_id = require_id(body, "saga_id")
         try:
             _encodable("saga_id", saga_id)
