@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -502,3 +503,48 @@ def test_an_interrupt_while_waiting_for_input_ends_the_node_at_once() -> None:
     assert code == 130
     assert b"Fatal Python error" not in errors
     assert b"Traceback" not in errors
+
+
+# A node whose "die" request signals the node's own process, then yields to the
+# event loop, in the middle of a chunk whose earlier replies are not written yet.
+_SIGNAL_SELF = """
+import asyncio, os, signal, sys
+from sagakit.node.host import Node
+from sagakit.node.kinds import default_registry
+from sagakit.node.runner import exit_now, serve
+
+class Dying(Node):
+    async def on_die(self, src, body):
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        await asyncio.sleep(1)
+
+registry = default_registry()
+registry.register("dying")(Dying)
+try:
+    asyncio.run(serve(sys.stdin.buffer, sys.stdout.buffer, registry))
+except KeyboardInterrupt:
+    exit_now(130)
+except asyncio.CancelledError:
+    exit_now(143)
+exit_now(0)
+"""
+
+
+@pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_mid_chunk_loses_no_reply_already_made(name: str, code: int) -> None:
+    # The sagas before the signal ran to the end: their replies are written
+    # before the node exits, not dropped with the buffer of the event-loop turn.
+    data = execute(1, "a", ["x"]) + execute(2, "b", ["x"]) + msg("dying", {"type": "die"})
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_SELF, name],
+        input=(data + execute(3, "c", ["x"])).encode(),
+        capture_output=True,
+        timeout=20,
+        cwd=REPO,
+        env=env,
+    )
+    assert proc.returncode == code, proc.stderr
+    replies = [json.loads(line)["body"] for line in proc.stdout.decode().splitlines()]
+    assert [b["in_reply_to"] for b in replies] == [1, 2]
+    assert b"Traceback" not in proc.stderr

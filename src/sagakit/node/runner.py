@@ -9,10 +9,11 @@ import gc
 import io
 import logging
 import os
+import signal
 import stat
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import BinaryIO, NoReturn, Protocol
 
 from sagakit.core.records import valid_id
@@ -187,6 +188,39 @@ async def serve(
     # utf-8-sig: a byte order mark at the very start is dropped, not an error.
     text = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
     chunks = _input_chunks(stdin, loop)
+    restore = _cancel_on_sigterm(loop)
+    try:
+        return await _serve(chunks, decoder, text, host, output)
+    finally:
+        # However serving ends (SIGTERM or SIGINT cancel it at its next wait),
+        # the replies of the requests already handled are written.
+        output.flush()
+        restore()
+
+
+def _cancel_on_sigterm(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """SIGTERM cancels the serving task, as asyncio.run does for SIGINT, so that
+    its output is flushed (the default action would drop it); returns the undo."""
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - serve always runs in a task
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    except (NotImplementedError, RuntimeError, ValueError):  # not Unix, not the main thread
+        return lambda: None
+
+    def restore() -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+        if previous is not None:  # None: a handler not set from Python, left as it is
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
+async def _serve(
+    chunks: _Chunks, decoder: Decoder, text: codecs.IncrementalDecoder, host: Host, output: _Output
+) -> bool:
     dispatch = host.dispatch
     while True:
         chunk = await chunks.get()
@@ -337,6 +371,8 @@ def main(argv: list[str] | None = None, prog: str = "python3 main.py") -> int:
         served = asyncio.run(serve(stdin, sys.stdout.buffer, settings=settings))
     except KeyboardInterrupt:
         return 130
+    except asyncio.CancelledError:  # SIGTERM, its output flushed
+        return 143
     except SagakitError as exc:  # the store: a bad URL, a missing extra, a foreign file
         log.error("cannot serve: %s", exc)
         return 2
