@@ -440,3 +440,17 @@ def test_a_reserve_with_a_lone_surrogate_is_refused_up_front(field: str, value: 
     assert error["text"].startswith(f"{field}: ")
     assert run.reply(3, "c1")["reservation_id"] == "r1"
     assert run.event_types("s") == []
+
+
+def test_a_truncated_line_does_not_swallow_pretty_printed_messages_after_it() -> None:
+    # Seed 002 sends its requests pretty-printed. A line cut short before them
+    # left a value open that took in every following message, to end of input.
+    cut = '{"src": "c", "dest": "saga", "body": {"type": "execute", "msg_id": 1\n'
+    pretty = "".join(
+        json.dumps(json.loads(execute(i, f"s{i}", ["a"])), indent=2) + "\n" for i in (2, 3)
+    )
+    for data in (cut + pretty, cut + pretty + GOOD):
+        run = run_node(data)
+        assert [b["in_reply_to"] for b in run.replies()][:2] == [2, 3], run.stderr
+        assert run.stderr.count("WARNING") == 1, run.stderr
+        assert "an unfinished JSON value followed by a new message" in run.stderr

@@ -120,6 +120,9 @@ class Decoder:
         self._value: list[str] | None = None  # lines of a value still open at its last line
         self._value_size = 0
         self._depth = 0  # brackets open at the end of the open value's last line
+        # (line index, depth before it) of a line starting "{" inside the open
+        # value: where a pretty-printed message may begin after a truncated value.
+        self._restart: tuple[int, int] | None = None
 
     def feed(self, text: str, *, final: bool = False) -> list[Any]:
         """Values (and BadInput items) completed by ``text``; ``final`` marks end of input."""
@@ -227,15 +230,23 @@ class Decoder:
                     # Resynchronise: the open value was truncated, and this line
                     # is a whole message. Without this, one broken line would
                     # swallow every message after it.
-                    broken = "\n".join(self._value)
-                    out.append(_bad(broken, "an unfinished JSON value followed by a new message"))
-                    self._value = None
-                    out.append(message)
+                    self._resync(len(self._value), message, out)
                     return
+                if self._restart is None:
+                    # Perhaps a pretty-printed message: tried whole once it closes.
+                    self._restart = (len(self._value), self._depth)
             end = self._scan(line, 0)
             self._value.append(line if end == -1 else line[:end])
             self._value_size += len(line) + 1
             if end == -1:
+                restart = self._restart
+                if restart is not None and self._depth <= restart[1]:
+                    self._restart = None  # closed (or closed past): tried once, here
+                    if self._depth == restart[1]:
+                        message = _envelope("\n".join(self._value[restart[0] :]))
+                        if message is not None:
+                            self._resync(restart[0], message, out)
+                            return
                 if self._value_size > self._max:
                     out.append(_bad(self._value[0], f"a value over {self._max} characters"))
                     self._value = None
@@ -256,6 +267,7 @@ class Decoder:
                 if end == -1:
                     self._value = [line[pos:]]
                     self._value_size = n - pos
+                    self._restart = None
                     return
                 self._decode(line[pos:end], out)
                 pos = end
@@ -266,6 +278,15 @@ class Decoder:
                 out.append(_bad(line[pos:], f"not JSON ({_why(exc)})"))
                 return
             out.append(value)
+
+    def _resync(self, lines: int, message: dict[str, Any], out: list[Any]) -> None:
+        """Report the open value's first ``lines`` lines as a truncated value, then
+        ``message``, the whole message that followed them; no value is open after."""
+        broken = "\n".join(self._value[:lines]) if self._value is not None else ""
+        out.append(_bad(broken, "an unfinished JSON value followed by a new message"))
+        self._value = None
+        self._restart = None
+        out.append(message)
 
     def _scan(self, line: str, pos: int) -> int:
         """Index just past the bracket that closes the open value; -1 if it stays open.
