@@ -382,3 +382,12 @@ def test_the_rest_of_a_line_over_the_cap_is_skipped_whatever_its_pieces() -> Non
     out += decoder.feed('\n{"b": 2}\n') + decoder.close()
     assert [type(v) for v in out] == [BadInput, dict]
     assert out[1] == {"b": 2}
+
+
+def test_a_nested_message_in_a_pretty_printed_value_is_not_a_new_message() -> None:
+    # A line starting "{" inside an open value is a new message only where no
+    # value can start (after a cut, not after "[", "," or ":").
+    inner = {"src": "a", "dest": "b", "body": {"type": "x"}}
+    value = {"src": "c", "dest": "n", "body": {"list": [inner, inner], "body": None}}
+    for indent in (0, 2):
+        assert decode_all(json.dumps(value, indent=indent) + "\n") == [value]

@@ -232,8 +232,9 @@ class Decoder:
                     # swallow every message after it.
                     self._resync(len(self._value), message, out)
                     return
-                if self._restart is None:
-                    # Perhaps a pretty-printed message: tried whole once it closes.
+                if self._restart is None and _cannot_continue(self._value):
+                    # A value cannot start here: the open one is broken, and this
+                    # may be a pretty-printed message, tried whole once it closes.
                     self._restart = (len(self._value), self._depth)
             end = self._scan(line, 0)
             self._value.append(line if end == -1 else line[:end])
@@ -321,6 +322,16 @@ class Decoder:
             out.append(_loads_any(text))
         except Exception as exc:
             out.append(_bad(text, f"not JSON ({_why(exc)})"))
+
+
+def _cannot_continue(lines: list[str]) -> bool:
+    """Whether no JSON value can follow ``lines`` (an open value): only ``[``, ``,``
+    or ``:`` may come before one. Looks back to the last line that is not blank."""
+    for line in reversed(lines):
+        text = line.rstrip(_WS)
+        if text:
+            return text[-1] not in "[,:"
+    return False
 
 
 def _envelope(line: str) -> dict[str, Any] | None:
