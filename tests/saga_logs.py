@@ -15,10 +15,26 @@ from typing import Any
 
 from sagakit.adapters.memory_log import InMemorySagaLog
 from sagakit.core.records import SagaRecord, SagaStatus
+from sagakit.core.saga import SagaDefinition
 from sagakit.errors import BackendUnavailable
+from sagakit.orchestration import Orchestrator
 from sagakit.ports.saga_log import Claim, Journal, Lease, LoggedRecord, SagaSummary
 
-__all__ = ["BufferedLog", "FlakyLog", "unfinished"]
+__all__ = ["BufferedLog", "FlakyLog", "start_in", "unfinished"]
+
+
+def start_in(store: str, saga: SagaDefinition, saga_id: str) -> None:
+    """Record ``saga`` as ``saga_id`` in the log at ``store`` for a worker to run
+    (from a test that is not async itself)."""
+
+    async def start() -> None:
+        orchestrator = Orchestrator(store)
+        try:
+            await orchestrator.start(saga, saga_id)
+        finally:
+            await orchestrator.close()
+
+    asyncio.run(start())
 
 
 async def unfinished(log: Any) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from saga_logs import start_in
 from test_cli import SAGAKIT, run
 
 from sagakit import Orchestrator, SagaDefinition, Step, StepContext
@@ -225,14 +226,7 @@ def test_a_second_signal_ends_a_worker_whose_step_blocks_the_loop(tmp_path: Path
     # from running: the worker lived on until the step returned.
     store = f"sqlite:///{tmp_path / 'sagas.db'}"
 
-    async def start() -> None:
-        orchestrator = Orchestrator(store)
-        try:
-            await orchestrator.start(BLOCKING, "blocked-1")
-        finally:
-            await orchestrator.close()
-
-    asyncio.run(start())
+    start_in(store, BLOCKING, "blocked-1")
     log = tmp_path / "worker.log"
     worker = _worker(store, "test_cli_store:BLOCKING", log)
     try:
@@ -255,14 +249,7 @@ def test_a_worker_killed_and_restarted_under_its_name_carries_its_saga_on_at_onc
 ) -> None:
     store = f"sqlite:///{tmp_path / 'sagas.db'}"
 
-    async def start() -> None:
-        orchestrator = Orchestrator(store)
-        try:
-            await orchestrator.start(SLOW, "slow-1")
-        finally:
-            await orchestrator.close()
-
-    asyncio.run(start())
+    start_in(store, SLOW, "slow-1")
     log = tmp_path / "workers.log"
     # A lease far longer than the test: only the same name can take the saga early.
     options = ("--owner", "w1", "--lease-ttl", "120")

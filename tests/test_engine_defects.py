@@ -172,6 +172,18 @@ async def test_a_step_result_that_is_not_json_fails_the_step_and_compensates(
     assert "b" not in outcome.results
 
 
+def _run_in(call: Any, in_compensation: bool) -> list[Step]:
+    """Two steps where ``call`` runs as step b's action, or (``in_compensation``) as step
+    a's compensation once step b has failed."""
+
+    def fail(ctx: StepContext) -> None:
+        raise ValueError("no")
+
+    if in_compensation:
+        return [Step("a", lambda ctx: 1, call), Step("b", fail)]
+    return [Step("a", lambda ctx: 1, lambda ctx: None), Step("b", call)]
+
+
 @pytest.mark.parametrize("in_compensation", [False, True])
 async def test_an_error_message_that_is_not_utf8_is_recorded_and_the_saga_ends(
     tmp_path: Any, in_compensation: bool
@@ -184,14 +196,7 @@ async def test_an_error_message_that_is_not_utf8_is_recorded_and_the_saga_ends(
     def broken(ctx: StepContext) -> None:
         raise FileNotFoundError(message)
 
-    def fail(ctx: StepContext) -> None:
-        raise ValueError("no")
-
-    steps = (
-        [Step("a", lambda ctx: 1, broken), Step("b", fail)]
-        if in_compensation
-        else [Step("a", lambda ctx: 1, lambda ctx: None), Step("b", broken)]
-    )
+    steps = _run_in(broken, in_compensation)
     saga = SagaDefinition("files", steps)
     orchestrator = Orchestrator(f"sqlite:///{tmp_path / 'sagas.db'}")
     try:
@@ -255,14 +260,7 @@ async def test_a_step_whose_awaited_future_was_cancelled_elsewhere_fails(
         calls.append(ctx.step)
         await gone
 
-    def fail(ctx: StepContext) -> None:
-        raise ValueError("no")
-
-    steps = (
-        [Step("a", lambda ctx: 1, wait), Step("b", fail)]
-        if in_compensation
-        else [Step("a", lambda ctx: 1, lambda ctx: None), Step("b", wait)]
-    )
+    steps = _run_in(wait, in_compensation)
     saga = SagaDefinition("waits", steps)
     log = InMemorySagaLog()
     orchestrator = Orchestrator(log, sagas=[saga])

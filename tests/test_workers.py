@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from saga_logs import BufferedLog, FlakyLog, unfinished
+from saga_logs import BufferedLog, FlakyLog, start_in, unfinished
 from worker_sagas import STUBBORN
 
 from sagakit.adapters.memory_log import InMemorySagaLog
@@ -572,14 +572,7 @@ def test_a_second_signal_ends_a_worker_whose_step_ignores_the_first(
     ended it. The second one now ends it at once, as a kill would."""
     store = f"sqlite:///{tmp_path / 'sagas.db'}"
 
-    async def start() -> None:
-        orchestrator = Orchestrator(store)
-        try:
-            await orchestrator.start(STUBBORN, "stubborn-1")
-        finally:
-            await orchestrator.close()
-
-    asyncio.run(start())
+    start_in(store, STUBBORN, "stubborn-1")
     mark = tmp_path / "step-started"
     env = {
         **os.environ,
