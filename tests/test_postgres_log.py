@@ -778,3 +778,64 @@ async def test_a_create_whose_caller_was_cancelled_gives_its_lease_back(
     assert summary.owner is None
     [claim] = await log.claim_next(owner="w-2", ttl=60, limit=10)
     assert claim.journal.saga_id == "o-new"
+
+
+async def _cancelled_mid_claim(postgres_url: str, call: Any) -> None:
+    """Run ``call`` with the records table locked by another session: the claim's UPDATE
+    commits, then its read of the sagas' records waits inside the server. Cancel the
+    caller there (the lease is taken by then, whatever asyncpg's cancel request does
+    to the read), then let the read through."""
+    blocker = await asyncpg.connect(postgres_url)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("LOCK TABLE sagakit_records IN ACCESS EXCLUSIVE MODE")
+        task = asyncio.create_task(call())
+        waiting = 0
+        for _ in range(500):  # until the claim waits for the table, in the server
+            waiting = await blocker.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting, "the claim never reached the server"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await tx.commit()
+    finally:
+        await blocker.close()
+
+
+async def _owner_after(log: PostgresSagaLog, saga_id: str) -> str | None:
+    summary = None
+    for _ in range(200):  # a lease given back is given back soon, not at once
+        summary = await log.status(saga_id)
+        if summary is not None and summary.owner is None:
+            break
+        await asyncio.sleep(0.01)
+    assert summary is not None
+    return summary.owner
+
+
+async def test_a_claim_whose_caller_was_cancelled_gives_its_lease_back(
+    log: PostgresSagaLog, postgres_url: str
+) -> None:
+    """Cancelled once its UPDATE had committed, the claim kept the lease, and nobody
+    could run the saga until it expired (60 s here)."""
+    await log.create("o-1", opening(), owner=None, ttl=60)
+    await _cancelled_mid_claim(postgres_url, lambda: log.claim("o-1", owner="w-1", ttl=60))
+    assert await _owner_after(log, "o-1") is None
+    claim = await log.claim("o-1", owner="w-2", ttl=60)
+    assert claim is not None
+
+
+async def test_a_claim_next_whose_caller_was_cancelled_gives_its_leases_back(
+    log: PostgresSagaLog, postgres_url: str
+) -> None:
+    await log.create("o-1", opening(), owner=None, ttl=60)
+    await _cancelled_mid_claim(postgres_url, lambda: log.claim_next(owner="w-1", ttl=60, limit=5))
+    assert await _owner_after(log, "o-1") is None
+    [claim] = await log.claim_next(owner="w-2", ttl=60, limit=5)
+    assert claim.journal.saga_id == "o-1"

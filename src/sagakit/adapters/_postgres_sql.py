@@ -134,6 +134,12 @@ UPDATE sagakit_sagas SET owner = NULL, lease_expires_at = NULL
 WHERE saga_id = $1 AND epoch = $2 AND status IN {UNFINISHED}
 """
 
+RELEASE_MANY = f"""
+UPDATE sagakit_sagas AS s SET owner = NULL, lease_expires_at = NULL
+FROM unnest($1::text[], $2::bigint[]) AS r(saga_id, epoch)
+WHERE s.saga_id = r.saga_id AND s.epoch = r.epoch AND s.status IN {UNFINISHED}
+"""
+
 READ = "SELECT kind, version, payload FROM sagakit_records WHERE saga_id = $1 ORDER BY seq"
 
 READ_MANY = """

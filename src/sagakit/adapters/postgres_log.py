@@ -67,9 +67,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
@@ -116,6 +116,7 @@ from ._postgres_group import (
 
 __all__ = ["MAX_ID_BYTES", "PostgresJournal", "PostgresSagaLog", "PostgresStats", "from_url"]
 
+_T = TypeVar("_T")
 _MAX_UNREADABLE = 1000  # sagas passed over by claim_next, remembered per log
 _logger = logging.getLogger(__name__)
 
@@ -366,12 +367,9 @@ class PostgresSagaLog:
         await self._open()
         op = Create(saga_id, started.saga, rows, status, owner, seconds)
         done = self._committer.create(op)
-        try:
-            created, expires_at = await asyncio.shield(done)
-        except asyncio.CancelledError:
-            if owner is not None:  # leased to a caller gone: given back once it is taken
-                done.add_done_callback(lambda _: self._give_back(done, saga_id))
-            raise
+        created, expires_at = await self._leasing(
+            done, lambda made: [(saga_id, 1)] if made[0] and owner is not None else []
+        )
         if not created:
             return None
         epoch = 0 if owner is None else 1
@@ -388,6 +386,9 @@ class PostgresSagaLog:
         seconds = _check_ttl(ttl)
         if not valid_id(saga_id):
             return None  # no such saga can be in the log
+        return await self._leasing(self._claim(saga_id, owner, seconds), _leases_of)
+
+    async def _claim(self, saga_id: str, owner: str, seconds: float) -> Claim | None:
         rows = await self._write(sql.CLAIM, saga_id, owner, seconds)
         if not rows:
             return None
@@ -400,6 +401,9 @@ class PostgresSagaLog:
         check_id("owner", owner)
         seconds = _check_ttl(ttl)
         wanted = _check_limit(limit)
+        return await self._leasing(self._claim_next(owner, seconds, wanted), _leases_of)
+
+    async def _claim_next(self, owner: str, seconds: float, wanted: int) -> list[Claim]:
         claims: list[Claim] = []
         # Those this call passed over too, remembered or not: else, past the cap, it
         # would take the same ones again and again.
@@ -473,9 +477,31 @@ class PostgresSagaLog:
                 journal.lease = journal.lease._replace(expires_at=expires_at)
         return lost
 
-    def _give_back(self, done: asyncio.Future[tuple[bool, float | None]], saga_id: str) -> None:
-        if not done.cancelled() and done.exception() is None and done.result()[0]:
-            task = asyncio.ensure_future(self._write(sql.RELEASE, saga_id, 1))
+    async def _leasing(
+        self, work: Awaitable[_T], held: Callable[[_T], list[tuple[str, int]]]
+    ) -> _T:
+        """``work``, which takes leases that ``held`` names (saga id, epoch) in its result.
+
+        A caller cancelled while it runs does not cancel it: a statement cut off in
+        the server may have committed all the same, leasing sagas that nobody would
+        drive until the leases expired. It goes on, and gives back what it took.
+        """
+        done = asyncio.ensure_future(work)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            done.add_done_callback(lambda _: self._give_back(done, held))
+            raise
+
+    def _give_back(
+        self, done: asyncio.Future[_T], held: Callable[[_T], list[tuple[str, int]]]
+    ) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        leases = held(done.result())
+        if leases:
+            ids, epochs = [saga_id for saga_id, _ in leases], [epoch for _, epoch in leases]
+            task = asyncio.ensure_future(self._write(sql.RELEASE_MANY, ids, epochs))
             self._giving_back.add(task)
             task.add_done_callback(self._giving_back.discard)
             task.add_done_callback(forget)
@@ -533,6 +559,13 @@ class PostgresSagaLog:
             with contextlib.suppress(*DRIVER_ERRORS):
                 await asyncio.wait_for(self._pool.close(), 10)
             self._pool = None
+
+
+def _leases_of(claims: Claim | list[Claim] | None) -> list[tuple[str, int]]:
+    if claims is None:
+        return []
+    taken = [claims] if isinstance(claims, Claim) else claims
+    return [(c.journal.saga_id, c.journal.lease.epoch) for c in taken if c.journal.lease]
 
 
 def _summary(row: Any) -> SagaSummary:
