@@ -9,6 +9,7 @@ The server is the session's private PostgreSQL (tests/servers/postgres.py) or th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -41,6 +42,7 @@ from sagakit.errors import (
 from sagakit.ports.saga_log import Journal, SagaLog
 from tests.servers import free_port
 from tests.servers.postgres import PrivatePostgres, database_url
+from tests.servers.proxy import ReplyCutter
 
 
 class TestPostgresSagaLog(SagaLogConformance):
@@ -839,3 +841,68 @@ async def test_a_claim_next_whose_caller_was_cancelled_gives_its_leases_back(
     assert await _owner_after(log, "o-1") is None
     [claim] = await log.claim_next(owner="w-2", ttl=60, limit=5)
     assert claim.journal.saga_id == "o-1"
+
+
+# --- a reply lost on the wire ------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def cut_once(postgres_url: str, marker: bytes) -> AsyncIterator[tuple[str, ReplyCutter]]:
+    """A URL to the same database through a proxy that loses the reply to the next
+    statement holding ``marker`` (after the server committed it)."""
+    parts = urlsplit(postgres_url)
+    async with ReplyCutter(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        proxy.cut_reply_to(marker)
+        netloc = f"{parts.username}@127.0.0.1:{proxy.port}"
+        yield urlunsplit(parts._replace(netloc=netloc)), proxy
+
+
+async def test_a_start_whose_reply_was_lost_knows_it_recorded_the_saga(
+    postgres_url: str,
+) -> None:
+    """The retry found the saga in the log and took it for someone else's: start() said
+    False, as for a duplicate."""
+    saga = SagaDefinition("trip", [Step("a", lambda ctx: None)])
+    async with cut_once(postgres_url, b"WITH created AS") as (url, proxy):
+        orchestrator = Orchestrator(url, sagas=[saga])
+        try:
+            assert await orchestrator.start(saga, "t-1", {"n": 1}) is True
+            assert proxy.cuts == 1  # the reply was lost...
+            assert await orchestrator.start(saga, "t-1", {"n": 1}) is False  # a duplicate
+        finally:
+            await orchestrator.close()
+    rows = await sql(postgres_url, "SELECT count(*) AS n FROM sagakit_records")
+    assert rows[0]["n"] == 1  # ...after the commit, and nothing was written twice
+
+
+async def test_a_run_whose_create_reply_was_lost_drives_its_own_saga(postgres_url: str) -> None:
+    """The retry found the saga in the log; run() claimed it back (a new epoch) and ran
+    its first step as a second attempt, with a second intent recorded."""
+    calls: list[tuple[str, int]] = []
+
+    def step(ctx: StepContext) -> None:
+        calls.append((ctx.step, ctx.attempt))
+
+    saga = SagaDefinition("trip", [Step("a", step), Step("b", step)])
+    async with cut_once(postgres_url, b"WITH created AS") as (url, proxy):
+        orchestrator = Orchestrator(url, sagas=[saga], owner="w-1")
+        try:
+            outcome = await orchestrator.run(saga, "t-1")
+            assert proxy.cuts == 1
+        finally:
+            await orchestrator.close()
+    assert outcome.ok
+    assert calls == [("a", 1), ("b", 1)]
+    log = PostgresSagaLog.from_url(postgres_url)
+    try:
+        kinds = [type(r).__name__ for r in await log.read("t-1")]
+    finally:
+        await log.close()
+    assert kinds == [
+        "SagaStarted",
+        "StepStarted",
+        "StepCompleted",
+        "StepStarted",
+        "StepCompleted",
+        "SagaFinished",
+    ]

@@ -4,6 +4,7 @@ Flushes and creates wait in one queue per log; a batch takes everything queued
 (one operation per saga, up to MAX_BATCH of them and MAX_BATCH_BYTES of records)
 and writes it as one statement, so one commit. While that batch commits, the next
 one gathers (``batches_in_flight`` batches may run at once; one by default).
+Also what the log makes of its rows: summaries, the leases a claim took.
 """
 
 from __future__ import annotations
@@ -13,15 +14,32 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sagakit.core.records import SagaRecord, SagaStarted, SagaStatus, encode_record, status_after
-from sagakit.errors import BackendBusy, BackendError, BackendUnavailable, LeaseLost, SagaError
-from sagakit.ports.saga_log import Lease
+from sagakit.errors import (
+    BackendBusy,
+    BackendError,
+    BackendUnavailable,
+    LeaseLost,
+    SagaError,
+    SchemaMismatch,
+)
+from sagakit.ports.saga_log import Claim, Lease, SagaSummary
 
 from . import _postgres_sql as sql
+from ._postgres_errors import BACKEND
 
 if TYPE_CHECKING:
     from .postgres_log import PostgresSagaLog
 
-__all__ = ["Committer", "Create", "PostgresJournal", "encode", "status_of"]
+__all__ = [
+    "Committer",
+    "Create",
+    "PostgresJournal",
+    "encode",
+    "leases_of",
+    "own_creation",
+    "status_of",
+    "summary",
+]
 
 MAX_BATCH = 512  # operations per group commit: bounded statements, bounded memory
 # A statement carries at most 1 GB (the server cuts the connection otherwise): a batch
@@ -147,6 +165,37 @@ class Create:
         self.future: asyncio.Future[tuple[bool, float | None]] = (
             asyncio.get_running_loop().create_future()
         )
+
+
+async def own_creation(log: PostgresSagaLog, op: Create) -> PostgresJournal | None:
+    """The journal ``op`` would have given, when the saga the log holds is the one ``op``
+    wrote in a batch whose reply was lost (its retry then finds the saga there); else None.
+
+    With an owner: still leased to it under the first epoch, nothing written since, and
+    the same opening records. Another worker's saga cannot pass for it: no other holds
+    epoch 1 under this owner's name. Without one (recorded for any worker), the opening
+    records alone say it: a worker may have claimed it and gone on since.
+    """
+    found = await log._fetch(sql.CREATED, op.saga_id)
+    if not found or found[0]["saga"] != op.saga:
+        return None
+    row = found[0]
+    if op.owner is not None:
+        state = (row["owner"], row["epoch"], row["version"], row["status"])
+        if state != (op.owner, 1, len(op.rows), str(op.status)):
+            return None
+    elif row["version"] < len(op.rows):
+        return None
+    written = await log._fetch(sql.OPENING, op.saga_id, len(op.rows))
+    if [(r["kind"], r["version"], r["payload"]) for r in written] != op.rows:
+        return None
+    if op.owner is None:
+        return PostgresJournal(log, op.saga_id, 0, len(op.rows), None)
+    lease = Lease(op.owner, 1, row["expires_at"])
+    journal = PostgresJournal(log, op.saga_id, 1, len(op.rows), lease)
+    if op.status.is_final:
+        journal.lost = "the saga is finished"
+    return journal
 
 
 Flushes = dict[PostgresJournal, "asyncio.Future[None]"]
@@ -282,6 +331,8 @@ class Committer:
                         await self._commit([], {journal: flushes[journal]})
                     return
                 for op in creates:
+                    if isinstance(error, BackendUnavailable):  # it may have committed
+                        self._log.reply_lost(op.saga_id)
                     fail(op.future, copy(error))
                 for journal in sizes:
                     journal.uncertain = journal.uncertain or isinstance(error, BackendUnavailable)
@@ -395,3 +446,29 @@ def copy(error: BackendError) -> BackendError:
     fresh = type(error)(error.backend, str(error).removeprefix(f"{error.backend}: "))
     fresh.__cause__ = error.__cause__
     return fresh
+
+
+def leases_of(claims: Claim | list[Claim] | None) -> list[tuple[str, int]]:
+    if claims is None:
+        return []
+    taken = [claims] if isinstance(claims, Claim) else claims
+    return [(c.journal.saga_id, c.journal.lease.epoch) for c in taken if c.journal.lease]
+
+
+def summary(row: Any) -> SagaSummary:
+    try:
+        status = SagaStatus(row["status"])
+    except ValueError:
+        raise SchemaMismatch(
+            BACKEND, f"saga {row['saga_id']!r} has status {row['status']!r}: a newer sagakit's?"
+        ) from None
+    return SagaSummary(
+        row["saga_id"],
+        row["saga"],
+        status,
+        row["version"],
+        row["owner"],
+        row["expires_at"],
+        row["created_at"],
+        row["updated_at"],
+    )

@@ -95,6 +95,16 @@ SAGA_STATES = """
 SELECT saga_id, epoch, version, status FROM sagakit_sagas WHERE saga_id = ANY($1::text[])
 """
 
+# A create whose reply was lost: is the saga in the log the one it wrote?
+CREATED = f"""
+SELECT saga, status, version, owner, epoch, {_EPOCH.format("lease_expires_at")} AS expires_at
+FROM sagakit_sagas WHERE saga_id = $1
+"""
+
+OPENING = """
+SELECT kind, version, payload FROM sagakit_records WHERE saga_id = $1 AND seq < $2 ORDER BY seq
+"""
+
 _LEASE = "now() + $3 * interval '1 second'"
 
 CLAIM = f"""

@@ -51,7 +51,7 @@ whose server restarted works again without being reopened. A flush whose
 commit was cut off (its outcome unknown) is settled on the next flush by
 reading the saga's record count back, under the same epoch, so records are
 never written twice and a worker does not mistake its own write for a lost
-lease.
+lease; a create cut off so is recognised on its retry (``own_creation``).
 
 Bad input fails its own call, never a shared batch: saga ids and owners are
 checked first (non-empty text without NUL, at most :data:`MAX_ID_BYTES` bytes
@@ -111,13 +111,17 @@ from ._postgres_group import (
     Create,
     PostgresJournal,
     encode,
+    leases_of,
+    own_creation,
     status_of,
+    summary,
 )
 
 __all__ = ["MAX_ID_BYTES", "PostgresJournal", "PostgresSagaLog", "PostgresStats", "from_url"]
 
 _T = TypeVar("_T")
 _MAX_UNREADABLE = 1000  # sagas passed over by claim_next, remembered per log
+_MAX_LOST_REPLIES = 1000  # creates whose reply was lost, remembered until retried
 _logger = logging.getLogger(__name__)
 
 
@@ -186,6 +190,7 @@ class PostgresSagaLog:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._committer = Committer(self, batches_in_flight)
         self._unreadable: set[str] = set()
+        self._lost_replies: dict[str, bool] = {}  # creates whose outcome is unknown
         self._giving_back: set[asyncio.Task[Any]] = set()  # leases of callers gone
         self.stats = PostgresStats()
 
@@ -366,18 +371,27 @@ class PostgresSagaLog:
         status = status_of([status_after(record) for record in opening]) or SagaStatus.RUNNING
         await self._open()
         op = Create(saga_id, started.saga, rows, status, owner, seconds)
+        retried = self._lost_replies.pop(saga_id, False)
         done = self._committer.create(op)
         created, expires_at = await self._leasing(
             done, lambda made: [(saga_id, 1)] if made[0] and owner is not None else []
         )
         if not created:
-            return None
+            # Taken for a duplicate, its own earlier write would make start() say False
+            # and run() take the saga for another worker's.
+            return await own_creation(self, op) if retried else None
         epoch = 0 if owner is None else 1
         lease = None if owner is None or expires_at is None else Lease(owner, 1, expires_at)
         journal = PostgresJournal(self, saga_id, epoch, len(rows), lease)
         if status.is_final:
             journal.lost = "the saga is finished"
         return journal
+
+    def reply_lost(self, saga_id: str) -> None:
+        """A create of ``saga_id`` may have committed unseen: its retry checks (create)."""
+        self._lost_replies[saga_id] = True
+        if len(self._lost_replies) > _MAX_LOST_REPLIES:
+            del self._lost_replies[next(iter(self._lost_replies))]
 
     # --- leases -------------------------------------------------------------------------
 
@@ -386,7 +400,7 @@ class PostgresSagaLog:
         seconds = _check_ttl(ttl)
         if not valid_id(saga_id):
             return None  # no such saga can be in the log
-        return await self._leasing(self._claim(saga_id, owner, seconds), _leases_of)
+        return await self._leasing(self._claim(saga_id, owner, seconds), leases_of)
 
     async def _claim(self, saga_id: str, owner: str, seconds: float) -> Claim | None:
         rows = await self._write(sql.CLAIM, saga_id, owner, seconds)
@@ -401,7 +415,7 @@ class PostgresSagaLog:
         check_id("owner", owner)
         seconds = _check_ttl(ttl)
         wanted = _check_limit(limit)
-        return await self._leasing(self._claim_next(owner, seconds, wanted), _leases_of)
+        return await self._leasing(self._claim_next(owner, seconds, wanted), leases_of)
 
     async def _claim_next(self, owner: str, seconds: float, wanted: int) -> list[Claim]:
         claims: list[Claim] = []
@@ -532,7 +546,7 @@ class PostgresSagaLog:
         if not valid_id(saga_id):
             return None
         rows = await self._fetch(sql.STATUS, saga_id)
-        return _summary(rows[0]) if rows else None
+        return summary(rows[0]) if rows else None
 
     async def list(
         self,
@@ -548,7 +562,7 @@ class PostgresSagaLog:
             rows = await self._fetch(sql.LIST, wanted)
         else:
             rows = await self._fetch(sql.LIST_STATUS, statuses, wanted)
-        return [_summary(row) for row in rows]
+        return [summary(row) for row in rows]
 
     async def close(self) -> None:
         if self._closed:
@@ -559,32 +573,6 @@ class PostgresSagaLog:
             with contextlib.suppress(*DRIVER_ERRORS):
                 await asyncio.wait_for(self._pool.close(), 10)
             self._pool = None
-
-
-def _leases_of(claims: Claim | list[Claim] | None) -> list[tuple[str, int]]:
-    if claims is None:
-        return []
-    taken = [claims] if isinstance(claims, Claim) else claims
-    return [(c.journal.saga_id, c.journal.lease.epoch) for c in taken if c.journal.lease]
-
-
-def _summary(row: Any) -> SagaSummary:
-    try:
-        status = SagaStatus(row["status"])
-    except ValueError:
-        raise SchemaMismatch(
-            BACKEND, f"saga {row['saga_id']!r} has status {row['status']!r}: a newer sagakit's?"
-        ) from None
-    return SagaSummary(
-        row["saga_id"],
-        row["saga"],
-        status,
-        row["version"],
-        row["owner"],
-        row["expires_at"],
-        row["created_at"],
-        row["updated_at"],
-    )
 
 
 from_url = PostgresSagaLog.from_url  # the registry's entry point (adapters/__init__.py)
