@@ -321,3 +321,12 @@ def test_a_lease_ttl_no_saga_log_takes_is_refused(lease_ttl: object) -> None:
     with pytest.raises(DefinitionError) as excinfo:
         Orchestrator(lease_ttl=lease_ttl)  # type: ignore[arg-type]
     assert excinfo.value.field == "lease_ttl"
+
+
+@pytest.mark.parametrize("lease_ttl", [1e-9, 0.001, 0.099])
+def test_a_lease_too_short_to_be_renewed_is_refused(lease_ttl: float) -> None:
+    """1e-9 was taken: a lease renewed every third of a nanosecond, lost at once."""
+    with pytest.raises(DefinitionError, match=r"at least 0\.1") as excinfo:
+        Orchestrator(lease_ttl=lease_ttl)
+    assert excinfo.value.field == "lease_ttl"
+    assert Orchestrator(lease_ttl=0.1).lease_ttl == 0.1

@@ -23,9 +23,10 @@ from sagakit.core.records import (
 )
 from sagakit.core.saga import NO_INPUT, SagaDefinition, fingerprint
 from sagakit.errors import DefinitionError, InvalidTransition, SagaError, SagaIdConflict
-from sagakit.ports.saga_log import SagaLog, check_ttl
+from sagakit.ports.saga_log import SagaLog
 
 __all__ = [
+    "MIN_LEASE_TTL",
     "Recovered",
     "Run",
     "RunnerCancelled",
@@ -44,6 +45,9 @@ __all__ = [
     "wait_for_run",
     "wanted_status",
 ]
+
+
+MIN_LEASE_TTL = 0.1  # seconds; ``sagakit worker --lease-ttl`` has the same floor
 
 
 class RunnerCancelled(Exception):
@@ -166,10 +170,9 @@ def checked_options(
 ) -> tuple[float, float, float]:
     """The Orchestrator's ``lease_ttl``, ``retry_for`` and ``poll_interval``, checked with
     its ``log`` and ``owner``; DefinitionError naming the one refused."""
-    try:
-        lease_ttl = check_ttl(lease_ttl)  # what every saga log takes
-    except DefinitionError as exc:
-        raise DefinitionError("lease_ttl", exc.problem) from None
+    # Renewed every third of its life, each renewal a round trip to the log (a synced
+    # commit): a shorter lease would expire under a worker that is alive and well.
+    lease_ttl = check_seconds("lease_ttl", lease_ttl, minimum=MIN_LEASE_TTL)
     if owner is not None:
         check_id("owner", owner)  # what every saga log can keep
     if not isinstance(log, str | SagaLog):  # None, say, from an unset variable

@@ -31,6 +31,7 @@ from sagakit.core.records import SagaRecord, SagaStatus
 from sagakit.errors import DefinitionError
 
 __all__ = [
+    "MIN_TTL",
     "Claim",
     "Journal",
     "Lease",
@@ -173,7 +174,8 @@ class SagaLog(Protocol):
     ) -> list[SagaSummary]:
         """Sagas, newest first, of the given status(es) or all: a status is a SagaStatus
         or its text. A bad status, ``limit`` (a whole number >= 0) or lease ``ttl``
-        (positive, finite seconds) is a DefinitionError naming it, on every backend."""
+        (finite seconds, at least MIN_TTL) is a DefinitionError naming it, on every
+        backend."""
         ...
 
     async def close(self) -> None: ...
@@ -183,10 +185,19 @@ class SagaLog(Protocol):
 # A bad one is a DefinitionError naming it, on every backend, memory included.
 
 
+# The shortest lease a saga log takes. Shorter ones are no lease at all: the clocks'
+# resolution (a float of seconds since 1970 steps by 0.24 us, PostgreSQL's by 1 us)
+# makes them expire as they are taken. What keeps a lease renewed needs far more
+# (the orchestrator's MIN_LEASE_TTL).
+MIN_TTL = 0.001
+
+
 def check_ttl(ttl: object) -> float:
-    """A lease's time to live: a positive, finite number of seconds."""
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
-        raise DefinitionError("ttl", f"must be a positive number of seconds, not {ttl!r}")
+    """A lease's time to live: a finite number of seconds, at least MIN_TTL."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not MIN_TTL <= ttl < math.inf:
+        raise DefinitionError(
+            "ttl", f"must be a number of seconds, at least {MIN_TTL:g} and finite, not {ttl!r}"
+        )
     return float(ttl)
 
 
