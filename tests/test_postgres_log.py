@@ -906,3 +906,46 @@ async def test_a_run_whose_create_reply_was_lost_drives_its_own_saga(postgres_ur
         "StepCompleted",
         "SagaFinished",
     ]
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("sslmode=bogus", "sslmode"),
+        ("target_session_attrs=bogus", "target_session_attrs"),
+        ("work_mem=bogus", "work_mem"),  # a server setting, refused by the server
+        ("no_such_setting=1", "no_such_setting"),
+        ("ssl=on", '"ssl"'),  # a server setting that cannot be set by a client
+        ("sslmode=verify-full&sslrootcert=/no/such/ca.pem", "sslrootcert"),
+    ],
+)
+async def test_a_bad_url_option_is_a_configuration_error_naming_it(
+    postgres_url: str, query: str, named: str
+) -> None:
+    """They were a plain BackendError (or, for a missing certificate file, a retryable
+    BackendUnavailable: a worker retried it for ever)."""
+    log = PostgresSagaLog.from_url(f"{postgres_url}?{query}&connect_timeout=5")
+    try:
+        with pytest.raises(ConfigurationError, match=named):
+            await log.list()
+    finally:
+        await log.close()
+
+
+async def test_a_port_out_of_range_is_a_configuration_error() -> None:
+    log = PostgresSagaLog.from_url("postgresql://u@127.0.0.1:99999/db")
+    with pytest.raises(ConfigurationError, match="port"):
+        await log.status("o-1")
+
+
+async def test_an_orchestrator_stops_at_once_on_a_bad_url_option(postgres_url: str) -> None:
+    """Not retried for retry_for seconds: no retry can help."""
+    saga = SagaDefinition("trip", [Step("a", lambda ctx: None)])
+    orchestrator = Orchestrator(postgres_url + "?sslmode=bogus", retry_for=60)
+    try:
+        with pytest.raises(ConfigurationError, match="sslmode"):
+            await asyncio.wait_for(orchestrator.run(saga, "t-1"), 10)
+        with pytest.raises(ConfigurationError, match="sslmode"):
+            await asyncio.wait_for(orchestrator.serve(), 10)
+    finally:
+        await orchestrator.close()

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+from urllib.parse import parse_qsl, urlsplit
+
 import asyncpg  # type: ignore[import-untyped]
 
-from sagakit.errors import BackendBusy, BackendError, BackendRefused, BackendUnavailable
+from sagakit.errors import (
+    BackendBusy,
+    BackendError,
+    BackendRefused,
+    BackendUnavailable,
+    ConfigurationError,
+)
 
-__all__ = ["BACKEND", "DRIVER_ERRORS", "translate"]
+__all__ = ["BACKEND", "DRIVER_ERRORS", "check_files", "misconfigured", "translate"]
 
 BACKEND = "postgresql"
 
@@ -47,3 +56,35 @@ DRIVER_ERRORS = (
     OSError,
     TimeoutError,
 )
+
+
+# A connection refused for a setting the URL's query sent to the server: an unknown
+# parameter, a bad value, one that cannot be set at connection start. Every connection
+# would be refused alike: no retry helps, the URL must change.
+_SETTING_STATES = {"42704", "22023", "55P02"}
+# Files the URL names that the driver reads at each connection; one missing is an
+# OSError there, taken for a server out of reach, and retried for ever.
+_FILE_OPTIONS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
+
+
+def misconfigured(exc: BaseException) -> ConfigurationError | None:
+    """The error for a connection refused because of the URL's own options (call it on
+    what connecting raised), or None when the URL is not to blame."""
+    if isinstance(exc, ValueError | OverflowError):  # asyncpg's ClientConfigurationError too
+        error = ConfigurationError(f"saga log URL: {type(exc).__name__}: {exc}")
+    elif getattr(exc, "sqlstate", None) in _SETTING_STATES:
+        error = ConfigurationError(
+            f"saga log URL: the server refused a setting in its query ({exc}); a query"
+            " parameter other than sagakit's own options is sent to the server as a setting"
+        )
+    else:
+        return None
+    error.__cause__ = exc
+    return error
+
+
+def check_files(dsn: str) -> None:
+    """ConfigurationError naming the option when the URL names a file that is not there."""
+    for name, value in parse_qsl(urlsplit(dsn).query):
+        if name in _FILE_OPTIONS and not os.path.exists(os.path.expanduser(value)):
+            raise ConfigurationError(f"saga log URL: {name}={value!r}: no such file")

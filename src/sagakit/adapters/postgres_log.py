@@ -46,7 +46,8 @@ Errors: connection lost or refused, server shutting down, starting or read-only
 :class:`~sagakit.errors.BackendUnavailable`; serialization failures, deadlocks
 and lock timeouts :class:`~sagakit.errors.BackendBusy` (a batch is retried a
 few times first); bad credentials, unknown database or missing privileges
-:class:`~sagakit.errors.BackendRefused`. The pool reconnects by itself: a log
+:class:`~sagakit.errors.BackendRefused`; URL options the driver or the server
+refuses :class:`~sagakit.errors.ConfigurationError`. The pool reconnects by itself: a log
 whose server restarted works again without being reopened. A flush whose
 commit was cut off (its outcome unknown) is settled on the next flush by
 reading the saga's record count back, under the same epoch, so records are
@@ -104,7 +105,7 @@ from sagakit.ports.saga_log import (
 
 from . import _postgres_sql as sql
 from ._handlers import forget
-from ._postgres_errors import BACKEND, DRIVER_ERRORS, translate
+from ._postgres_errors import BACKEND, DRIVER_ERRORS, check_files, misconfigured, translate
 from ._postgres_group import (
     BATCHES_IN_FLIGHT,
     Committer,
@@ -248,6 +249,7 @@ class PostgresSagaLog:
             self._lock = asyncio.Lock()
         async with self._lock:
             if self._pool is None:
+                check_files(self._dsn)
                 try:
                     self._pool = await asyncpg.create_pool(
                         self._dsn,
@@ -272,9 +274,9 @@ class PostgresSagaLog:
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
         try:
-            conn = await self._pool.acquire()
-        except DRIVER_ERRORS as exc:
-            raise translate(exc) from exc
+            conn = await self._pool.acquire()  # connects, when no connection is idle
+        except (*DRIVER_ERRORS, ValueError, OverflowError) as exc:
+            raise (misconfigured(exc) or translate(exc)) from exc
         try:
             yield conn
         except DRIVER_ERRORS as exc:
