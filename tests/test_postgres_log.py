@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -463,16 +464,23 @@ async def test_a_damaged_record_is_refused_and_its_lease_given_back(
     assert summary.owner is None
 
 
-async def test_a_status_written_by_a_newer_sagakit_is_refused(
-    log: PostgresSagaLog, postgres_url: str
+async def test_a_status_written_by_a_newer_sagakit_is_refused_and_left_out_of_lists(
+    log: PostgresSagaLog, postgres_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """As on SQLite: a SchemaMismatch, not the enum's ValueError."""
-    await started(log)
-    await sql(postgres_url, "UPDATE sagakit_sagas SET status = 'paused'")
-    with pytest.raises(SchemaMismatch, match="paused"):
+    """As on SQLite: a SchemaMismatch naming the saga, not the enum's ValueError; and the
+    listing shows the other sagas (it failed whole, hiding them all)."""
+    await started(log, "o-1")
+    await started(log, "o-2")
+    await sql(postgres_url, "UPDATE sagakit_sagas SET status = 'paused' WHERE saga_id = 'o-1'")
+    with pytest.raises(SchemaMismatch, match="paused") as raised:
         await log.status("o-1")
-    with pytest.raises(SchemaMismatch, match="paused"):
-        await log.list()
+    assert raised.value.saga_id == "o-1"
+    assert not raised.value.retryable
+    with caplog.at_level(logging.WARNING):
+        assert [s.saga_id for s in await log.list()] == ["o-2"]
+    assert "'o-1'" in caplog.text
+    assert "paused" in caplog.text
+    assert [s.saga_id for s in await log.list(status="running")] == ["o-2"]
 
 
 # --- two pools ---------------------------------------------------------------------------

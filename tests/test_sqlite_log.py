@@ -177,8 +177,15 @@ async def test_records_of_an_unknown_kind_are_refused_and_left_for_others(
     db.execute("UPDATE sagas SET status = 'paused' WHERE saga_id = 'new'")
     db.commit()
     db.close()
-    with pytest.raises(SchemaMismatch, match="paused"):
+    with pytest.raises(SchemaMismatch, match="paused") as raised:
         await log.status("new")
+    assert raised.value.saga_id == "new"
+    # A listing shows the others (it failed whole), and says which it left out.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sagakit.sqlite"):
+        assert [s.saga_id for s in await log.list()] == ["old-2", "old-1"]
+    assert "'new'" in caplog.text
+    assert "paused" in caplog.text
     await log.close()
 
 

@@ -134,7 +134,12 @@ class BackendBusy(BackendError):
 
 
 class SchemaMismatch(BackendError):
-    """The store's schema is newer than this sagakit understands, or is not sagakit's."""
+    """The store's schema is newer than this sagakit understands, or is not sagakit's;
+    ``saga_id`` names the saga, when one saga's row or records are the ones at fault."""
+
+    def __init__(self, backend: str, message: str, *, saga_id: str | None = None) -> None:
+        super().__init__(backend, message)
+        self.saga_id = saga_id
 
 
 class BackendRefused(BackendError):

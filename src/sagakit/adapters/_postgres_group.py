@@ -460,7 +460,10 @@ def summary(row: Any) -> SagaSummary:
         status = SagaStatus(row["status"])
     except ValueError:
         raise SchemaMismatch(
-            BACKEND, f"saga {row['saga_id']!r} has status {row['status']!r}: a newer sagakit's?"
+            BACKEND,
+            f"saga {row['saga_id']!r} has status {row['status']!r}, unknown to this sagakit:"
+            " written by a newer one, or edited by hand",
+            saga_id=row["saga_id"],
         ) from None
     return SagaSummary(
         row["saga_id"],

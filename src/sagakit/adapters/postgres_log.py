@@ -564,7 +564,15 @@ class PostgresSagaLog:
             rows = await self._fetch(sql.LIST, wanted)
         else:
             rows = await self._fetch(sql.LIST_STATUS, statuses, wanted)
-        return [summary(row) for row in rows]
+        listed = []
+        for row in rows:
+            try:
+                listed.append(summary(row))
+            except SchemaMismatch as exc:
+                # One saga a listing cannot show must not hide the others (the
+                # listing is how an operator finds what is wrong); status() raises.
+                _logger.warning("not listed: %s", exc)
+        return listed
 
     async def close(self) -> None:
         if self._closed:

@@ -570,7 +570,7 @@ class SQLiteSagaLog:
         if limit == 0 or wanted == []:
             return []
         rows = await self._call(store.list_sagas, wanted, limit, writes=False)
-        return [store.summary(row) for row in rows]
+        return store.listed(rows, _logger)
 
     async def close(self) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ writer thread) so that each stays short. Everything here runs on that writer thr
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sqlite3
@@ -462,9 +463,25 @@ def summary(row: tuple[Any, ...]) -> SagaSummary:
         known = SagaStatus(status)
     except ValueError:
         raise SchemaMismatch(
-            "sqlite", f"saga {saga_id!r} has status {status!r}: written by a newer sagakit?"
+            "sqlite",
+            f"saga {saga_id!r} has status {status!r}, unknown to this sagakit:"
+            " written by a newer one, or edited by hand",
+            saga_id=saga_id,
         ) from None
     return SagaSummary(saga_id, saga, known, version, owner, expires_at, created_at, updated_at)
+
+
+def listed(rows: list[tuple[Any, ...]], logger: logging.Logger) -> list[SagaSummary]:
+    """The summaries of ``rows``, less those with a status this sagakit does not know
+    (logged): one saga a listing cannot show must not hide the others, and the listing
+    is how an operator finds what is wrong. ``status`` of that saga raises."""
+    found = []
+    for row in rows:
+        try:
+            found.append(summary(row))
+        except SchemaMismatch as exc:
+            logger.warning("not listed: %s", exc)
+    return found
 
 
 def encode_rows(saga_id: str, records: Sequence[SagaRecord]) -> tuple[list[Row], list[Any]]:

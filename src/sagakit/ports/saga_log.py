@@ -173,9 +173,12 @@ class SagaLog(Protocol):
         limit: int = 100,
     ) -> list[SagaSummary]:
         """Sagas, newest first, of the given status(es) or all: a status is a SagaStatus
-        or its text. A bad status, ``limit`` (a whole number >= 0) or lease ``ttl``
-        (finite seconds, at least MIN_TTL) is a DefinitionError naming it, on every
-        backend."""
+        or its text. A saga whose status this sagakit does not know (a newer one wrote
+        it, or a hand) is left out, with a warning logged, rather than failing the whole
+        listing; ``status`` of it raises SchemaMismatch (its ``saga_id`` set).
+
+        A bad status, ``limit`` (a whole number >= 0) or lease ``ttl`` (finite seconds,
+        at least MIN_TTL) is a DefinitionError naming it, on every backend."""
         ...
 
     async def close(self) -> None: ...
