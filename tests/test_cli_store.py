@@ -331,3 +331,24 @@ def test_worker_on_a_database_that_does_not_exist_exits_2(postgres_url: str) -> 
 
 def test_module_is_importable_from_tests() -> None:
     assert sys.modules[__name__].SHOP is SHOP
+
+
+def test_worker_on_a_sqlite_folder_that_does_not_exist_exits_2_with_one_line(
+    tmp_path: Path,
+) -> None:
+    """It retried for ever, a warning a second: the missing folder was taken for a
+    passing failure (SQLITE_CANTOPEN)."""
+    path = tmp_path / "no" / "such" / "dir" / "sagas.db"
+    done = subprocess.run(
+        [*SAGAKIT, "worker", "--store", f"sqlite:///{path}", "--sagas", "test_cli_store:SHOP"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src")])},
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("sagakit worker: ")
+    assert str(path.parent) in line
+    assert not path.parent.exists()

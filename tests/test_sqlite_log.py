@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,6 @@ from sagakit.core.records import SagaStarted, SagaStatus, StepCompleted, StepSta
 from sagakit.errors import (
     BackendBusy,
     BackendRefused,
-    BackendUnavailable,
     ConfigurationError,
     DefinitionError,
     SchemaMismatch,
@@ -339,15 +341,46 @@ async def test_a_write_lock_held_elsewhere_is_busy_and_a_retry_succeeds(tmp_path
     await log.close()
 
 
-async def test_a_file_that_cannot_be_opened_is_unavailable_until_it_can(tmp_path: Path) -> None:
-    log = SQLiteSagaLog(tmp_path / "missing" / "sagas.db")
-    with pytest.raises(BackendUnavailable) as excinfo:
-        await log.create("o-1", opening(), owner=None, ttl=60)
-    assert excinfo.value.retryable
-    assert "missing" in str(excinfo.value)
-    (tmp_path / "missing").mkdir()
-    assert await log.create("o-1", opening(), owner=None, ttl=60) is not None
+_OUT_OF_DESCRIPTORS = """
+import asyncio, os, resource, sys
+from sagakit.adapters.sqlite_log import SQLiteSagaLog
+from sagakit.errors import BackendUnavailable
+
+async def main():
+    log = SQLiteSagaLog(sys.argv[1])
+    held = []
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass  # every descriptor the process may have is taken
+    try:
+        await log.list()
+    except BackendUnavailable as exc:
+        print("unavailable", exc.retryable)
+    for fd in held:
+        os.close(fd)
+    print("listed", await log.list())
     await log.close()
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+asyncio.run(main())
+"""
+
+
+def test_a_file_that_cannot_be_opened_for_now_is_unavailable_until_it_can(tmp_path: Path) -> None:
+    """SQLITE_CANTOPEN for a passing cause (the process out of file descriptors) stays
+    retryable, and the same log works once it can open the file; a folder that is not
+    there is not such a cause (test_a_folder_that_is_not_there_is_a_configuration_error)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_DESCRIPTORS, str(tmp_path / "sagas.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["unavailable True", "listed []"]
 
 
 @pytest.mark.parametrize("how", ["deleted", "moved", "replaced", "wal deleted"])
@@ -564,3 +597,24 @@ async def test_the_connection_runs_wal_with_the_synchronous_level_asked(
     # Private, on purpose: what the writer thread's own connection runs with.
     assert await log._call(settings, writes=False) == ("wal", expected, 5000)
     await log.close()
+
+
+@pytest.mark.parametrize("parent", ["no/such/dir", "a-file"])
+async def test_a_folder_that_is_not_there_is_a_configuration_error(
+    tmp_path: Path, parent: str
+) -> None:
+    """It was SQLITE_CANTOPEN, a retryable BackendUnavailable: a worker retried for ever,
+    a warning a second. Creating the folder mends the same log."""
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / parent / "sagas.db"
+    log = SQLiteSagaLog.from_url(f"sqlite:///{path}")
+    try:
+        with pytest.raises(ConfigurationError, match=re.escape(str(path.parent))):
+            await log.list()
+        with pytest.raises(ConfigurationError):
+            await log.claim_next(owner="w-1", ttl=60, limit=1)
+        if parent != "a-file":
+            path.parent.mkdir(parents=True)
+            assert await log.list() == []
+    finally:
+        await log.close()

@@ -30,6 +30,7 @@ from sagakit.errors import (
     BackendError,
     BackendRefused,
     BackendUnavailable,
+    ConfigurationError,
     LeaseLost,
     SagaError,
     SagaLogConflict,
@@ -107,7 +108,7 @@ def open_connection(path: Path, busy_timeout: float, synchronous: str) -> sqlite
         # writes), never implicitly by the driver.
         db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     except sqlite3.Error as exc:
-        raise translate(exc, path) from exc
+        raise (_no_folder(path) or translate(exc, path)) from exc
     try:
         db.execute(f"PRAGMA busy_timeout = {_millis(busy_timeout)}")
         (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
@@ -125,6 +126,19 @@ def open_connection(path: Path, busy_timeout: float, synchronous: str) -> sqlite
             raise translate(exc, path) from exc
         raise
     return db
+
+
+def _no_folder(path: Path) -> ConfigurationError | None:
+    """The error for a file that cannot be opened because its folder is not there: no
+    retry helps (SQLite says only CANTOPEN, which is retryable for its other causes,
+    such as a process out of file descriptors)."""
+    folder = path.parent
+    if folder.is_dir():
+        return None
+    what = "is not a folder" if folder.exists() else "does not exist"
+    return ConfigurationError(
+        f"{backend_name(path)}: the folder {folder} {what}; create it, or give another path"
+    )
 
 
 def file_id(path: Path) -> FileId:
