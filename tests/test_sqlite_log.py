@@ -618,3 +618,18 @@ async def test_a_folder_that_is_not_there_is_a_configuration_error(
             assert await log.list() == []
     finally:
         await log.close()
+
+
+@pytest.mark.parametrize("where", ["folder", "/dev/null"])
+async def test_a_path_naming_a_folder_or_a_device_is_a_configuration_error(
+    tmp_path: Path, where: str
+) -> None:
+    """CANTOPEN for a folder, an fsync I/O error for /dev/null: both were retryable,
+    and a worker retried them for ever."""
+    path = tmp_path if where == "folder" else Path(where)
+    log = SQLiteSagaLog.from_url(f"sqlite:///{path}")
+    try:
+        with pytest.raises(ConfigurationError, match=re.escape(str(path))):
+            await log.claim_next(owner="w-1", ttl=60, limit=1)
+    finally:
+        await log.close()

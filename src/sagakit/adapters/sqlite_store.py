@@ -103,12 +103,15 @@ def backend_name(path: Path) -> str:
 
 def open_connection(path: Path, busy_timeout: float, synchronous: str) -> sqlite3.Connection:
     """A connection to ``path`` in WAL mode with the schema in place; BackendError otherwise."""
+    unusable = _not_a_file(path)
+    if unusable is not None:
+        raise unusable
     try:
         # isolation_level=None: transactions are begun explicitly (BEGIN IMMEDIATE for
         # writes), never implicitly by the driver.
         db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     except sqlite3.Error as exc:
-        raise (_no_folder(path) or translate(exc, path)) from exc
+        raise (_not_a_file(path) or translate(exc, path)) from exc  # gone meanwhile
     try:
         db.execute(f"PRAGMA busy_timeout = {_millis(busy_timeout)}")
         (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
@@ -128,17 +131,22 @@ def open_connection(path: Path, busy_timeout: float, synchronous: str) -> sqlite
     return db
 
 
-def _no_folder(path: Path) -> ConfigurationError | None:
-    """The error for a file that cannot be opened because its folder is not there: no
-    retry helps (SQLite says only CANTOPEN, which is retryable for its other causes,
-    such as a process out of file descriptors)."""
+def _not_a_file(path: Path) -> ConfigurationError | None:
+    """The error for a path that can never be a saga log: its folder is not there, or it
+    names a folder or a device. No retry helps, where SQLite says only CANTOPEN (or, for
+    /dev/null, an I/O error), retryable for their other causes, such as a process out of
+    file descriptors."""
     folder = path.parent
-    if folder.is_dir():
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        problem = f"the folder {folder} {what}"
+    elif path.is_dir():
+        problem = f"{path} is a folder; name a file in it"
+    elif path.exists() and not path.is_file():
+        problem = f"{path} is not a regular file"
+    else:
         return None
-    what = "is not a folder" if folder.exists() else "does not exist"
-    return ConfigurationError(
-        f"{backend_name(path)}: the folder {folder} {what}; create it, or give another path"
-    )
+    return ConfigurationError(f"{backend_name(path)}: {problem}; give another path")
 
 
 def file_id(path: Path) -> FileId:
