@@ -957,3 +957,39 @@ async def test_an_orchestrator_stops_at_once_on_a_bad_url_option(postgres_url: s
             await asyncio.wait_for(orchestrator.serve(), 10)
     finally:
         await orchestrator.close()
+
+
+async def test_sagas_claimed_by_a_claim_next_cut_off_are_handed_out_by_the_next(
+    private_postgres: PrivatePostgres, private_postgres_url: str
+) -> None:
+    """The server goes down after the claim committed, while it reads the sagas'
+    records: the call fails (unavailable), and once the server was back the next
+    claim_next found nothing, the sagas leased to this worker until the lease expired
+    (60 s here)."""
+    log = PostgresSagaLog.from_url(private_postgres_url)
+    try:
+        assert await log.claim_next(owner="w-1", ttl=60, limit=5) == []  # the statements
+        await log.create("o-1", opening(), owner=None, ttl=60)
+        blocker = await asyncpg.connect(private_postgres_url)
+        await blocker.execute("BEGIN")
+        await blocker.execute("LOCK TABLE sagakit_records IN ACCESS EXCLUSIVE MODE")
+        task = asyncio.create_task(log.claim_next(owner="w-1", ttl=60, limit=5))
+        for _ in range(500):  # until the claim, committed, waits to read the records
+            waiting = await blocker.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting
+        with private_postgres.stopped(), pytest.raises(BackendUnavailable):
+            await task
+        blocker.terminate()
+        summary = await log.status("o-1")
+        assert summary is not None
+        assert summary.owner == "w-1"  # the claim had committed
+        [claim] = await asyncio.wait_for(log.claim_next(owner="w-1", ttl=60, limit=5), 10)
+        assert claim.journal.saga_id == "o-1"
+        await write(claim.journal, FINISHED)
+    finally:
+        await log.close()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from urllib.parse import parse_qsl, urlsplit
-
 import asyncpg  # type: ignore[import-untyped]
 
 from sagakit.errors import (
@@ -15,7 +12,7 @@ from sagakit.errors import (
     ConfigurationError,
 )
 
-__all__ = ["BACKEND", "DRIVER_ERRORS", "check_files", "misconfigured", "translate"]
+__all__ = ["BACKEND", "DRIVER_ERRORS", "misconfigured", "translate"]
 
 BACKEND = "postgresql"
 
@@ -62,9 +59,6 @@ DRIVER_ERRORS = (
 # parameter, a bad value, one that cannot be set at connection start. Every connection
 # would be refused alike: no retry helps, the URL must change.
 _SETTING_STATES = {"42704", "22023", "55P02"}
-# Files the URL names that the driver reads at each connection; one missing is an
-# OSError there, taken for a server out of reach, and retried for ever.
-_FILE_OPTIONS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 
 
 def misconfigured(exc: BaseException) -> ConfigurationError | None:
@@ -81,10 +75,3 @@ def misconfigured(exc: BaseException) -> ConfigurationError | None:
         return None
     error.__cause__ = exc
     return error
-
-
-def check_files(dsn: str) -> None:
-    """ConfigurationError naming the option when the URL names a file that is not there."""
-    for name, value in parse_qsl(urlsplit(dsn).query):
-        if name in _FILE_OPTIONS and not os.path.exists(os.path.expanduser(value)):
-            raise ConfigurationError(f"saga log URL: {name}={value!r}: no such file")

@@ -71,7 +71,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
@@ -105,7 +104,7 @@ from sagakit.ports.saga_log import (
 
 from . import _postgres_sql as sql
 from ._handlers import forget
-from ._postgres_errors import BACKEND, DRIVER_ERRORS, check_files, misconfigured, translate
+from ._postgres_errors import BACKEND, DRIVER_ERRORS, misconfigured, translate
 from ._postgres_group import (
     BATCHES_IN_FLIGHT,
     Committer,
@@ -117,6 +116,7 @@ from ._postgres_group import (
     status_of,
     summary,
 )
+from ._postgres_url import check_files, split_url
 
 __all__ = ["MAX_ID_BYTES", "PostgresJournal", "PostgresSagaLog", "PostgresStats", "from_url"]
 
@@ -154,15 +154,6 @@ def _check_limit(limit: object) -> int:
 
 # --- the log ----------------------------------------------------------------------------
 
-_OPTIONS = (
-    "pool_size",
-    "connect_timeout",
-    "command_timeout",
-    "statement_cache_size",
-    "batches_in_flight",
-)
-_COUNTS = ("pool_size", "statement_cache_size", "batches_in_flight")  # whole numbers
-
 
 class PostgresSagaLog:
     """A saga log in PostgreSQL; see the module docstring."""
@@ -191,31 +182,14 @@ class PostgresSagaLog:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._committer = Committer(self, batches_in_flight)
         self._unreadable: set[str] = set()
+        self._unhanded: dict[str, int] = {}  # leases of claims cut off: saga id -> epoch
         self._lost_replies: dict[str, bool] = {}  # creates whose outcome is unknown
         self._giving_back: set[asyncio.Task[Any]] = set()  # leases of callers gone
         self.stats = PostgresStats()
 
     @classmethod
     def from_url(cls, url: str) -> PostgresSagaLog:
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        values: dict[str, float] = {}
-        for name, raw in query:
-            if name not in _OPTIONS:
-                continue
-            try:
-                value = float(raw)
-            except ValueError:
-                value = -1.0
-            least = 0 if name == "statement_cache_size" else 1e-9
-            if not least <= value < 1e9 or (name in _COUNTS and value != int(value)):
-                kind = "whole number" if name in _COUNTS else "number"
-                raise ConfigurationError(
-                    f"saga log URL: {name} must be a positive {kind}, got {raw!r}"
-                )
-            values[name] = value
-        rest = urlencode([(k, v) for k, v in query if k not in _OPTIONS])
-        dsn = urlunsplit(parts._replace(scheme="postgresql", query=rest))
+        dsn, values = split_url(url)
         return cls(
             dsn,
             pool_size=int(values.get("pool_size", 10)),
@@ -420,6 +394,13 @@ class PostgresSagaLog:
         return await self._leasing(self._claim_next(owner, seconds, wanted), leases_of)
 
     async def _claim_next(self, owner: str, seconds: float, wanted: int) -> list[Claim]:
+        if self._unhanded:
+            leases, self._unhanded = self._unhanded, {}
+            try:  # under their epochs: one claimed again since is left alone
+                await self._write(sql.RELEASE_MANY, list(leases), list(leases.values()))
+            except BackendError:
+                self._unhanded = leases | self._unhanded
+                raise
         claims: list[Claim] = []
         # Those this call passed over too, remembered or not: else, past the cap, it
         # would take the same ones again and again.
@@ -448,7 +429,15 @@ class PostgresSagaLog:
         if not rows:
             return [], []
         # Read after the claim committed: any write of an older epoch is in, or refused.
-        found = await self._fetch(sql.READ_MANY, [row["saga_id"] for row in rows])
+        try:
+            found = await self._fetch(sql.READ_MANY, [row["saga_id"] for row in rows])
+        except BackendError:
+            # Taken but never handed out: given back by the next claim_next, rather than
+            # left to expire (the server is likely down now).
+            for row in rows:
+                if len(self._unhanded) < _MAX_UNREADABLE:
+                    self._unhanded[row["saga_id"]] = row["epoch"]
+            raise
         records: dict[str, list[SagaRecord]] = {row["saga_id"]: [] for row in rows}
         unreadable: dict[str, SchemaMismatch] = {}
         for row in found:
