@@ -239,6 +239,19 @@ class SagaLogConformance(SagaLogLeaseTests):
             assert await log.claim("o-1", owner="w-2", ttl=LONG_TTL) is None
             assert await log.claim_next(owner="w-2", ttl=LONG_TTL, limit=10) == []
 
+    async def test_a_saga_created_finished_holds_no_lease(self) -> None:
+        """A saga of no steps opens finished. On PostgreSQL it kept its creator's
+        lease: listed as held, as no finished saga is anywhere else."""
+        async with self.opened() as log:
+            records = [SagaStarted("empty", (), {}), SagaFinished(SagaStatus.COMPLETED)]
+            journal = await self.started(log, "e-1", records, owner="w-1")
+            summary = await log.status("e-1")
+            assert summary is not None
+            assert summary.status is SagaStatus.COMPLETED
+            assert (summary.owner, summary.lease_expires_at) == (None, None)
+            with pytest.raises(LeaseLost):
+                await write(journal, [SagaFinished(SagaStatus.COMPLETED)])
+
     async def test_create_without_an_owner_only_records_the_saga(self) -> None:
         async with self.opened() as log:
             journal = await self.started(log, "o-1", owner=None)

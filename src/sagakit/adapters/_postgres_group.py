@@ -181,8 +181,9 @@ async def own_creation(log: PostgresSagaLog, op: Create) -> PostgresJournal | No
         return None
     row = found[0]
     if op.owner is not None:
+        owner = None if op.status.is_final else op.owner
         state = (row["owner"], row["epoch"], row["version"], row["status"])
-        if state != (op.owner, 1, len(op.rows), str(op.status)):
+        if state != (owner, 1, len(op.rows), str(op.status)):
             return None
     elif row["version"] < len(op.rows):
         return None
@@ -191,7 +192,7 @@ async def own_creation(log: PostgresSagaLog, op: Create) -> PostgresJournal | No
         return None
     if op.owner is None:
         return PostgresJournal(log, op.saga_id, 0, len(op.rows), None)
-    lease = Lease(op.owner, 1, row["expires_at"])
+    lease = None if row["expires_at"] is None else Lease(op.owner, 1, row["expires_at"])
     journal = PostgresJournal(log, op.saga_id, 1, len(op.rows), lease)
     if op.status.is_final:
         journal.lost = "the saga is finished"

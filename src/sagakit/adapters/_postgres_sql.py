@@ -58,9 +58,12 @@ _EPOCH = "extract(epoch FROM {})::float8"
 BATCH = f"""
 WITH created AS (
     INSERT INTO sagakit_sagas AS s (saga_id, saga, status, version, owner, epoch, lease_expires_at)
-    SELECT c.saga_id, c.saga, c.status, c.version, c.owner,
+    SELECT c.saga_id, c.saga, c.status, c.version,
+           -- A saga that opens finished (no steps) is nobody's, as after its last flush.
+           CASE WHEN c.status IN {FINAL} THEN NULL ELSE c.owner END,
            CASE WHEN c.owner IS NULL THEN 0 ELSE 1 END,
-           CASE WHEN c.owner IS NULL THEN NULL ELSE now() + c.ttl * interval '1 second' END
+           CASE WHEN c.owner IS NULL OR c.status IN {FINAL} THEN NULL
+               ELSE now() + c.ttl * interval '1 second' END
     FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[], $6::float8[])
         AS c(saga_id, saga, status, version, owner, ttl)
     ON CONFLICT (saga_id) DO NOTHING
