@@ -790,11 +790,11 @@ async def test_a_create_whose_caller_was_cancelled_gives_its_lease_back(
     assert claim.journal.saga_id == "o-new"
 
 
-async def _cancelled_mid_claim(postgres_url: str, call: Any) -> None:
+async def _cancelled_mid_claim(postgres_url: str, call: Any, meanwhile: Any = None) -> None:
     """Run ``call`` with the records table locked by another session: the claim's UPDATE
     commits, then its read of the sagas' records waits inside the server. Cancel the
     caller there (the lease is taken by then, whatever asyncpg's cancel request does
-    to the read), then let the read through."""
+    to the read), then start ``meanwhile()`` if given, then let the read through."""
     blocker = await asyncpg.connect(postgres_url)
     try:
         tx = blocker.transaction()
@@ -813,7 +813,11 @@ async def _cancelled_mid_claim(postgres_url: str, call: Any) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        after = None if meanwhile is None else asyncio.create_task(meanwhile())
+        await asyncio.sleep(0.1)
         await tx.commit()
+        if after is not None:
+            await asyncio.wait_for(after, 30)
     finally:
         await blocker.close()
 
@@ -993,3 +997,24 @@ async def test_sagas_claimed_by_a_claim_next_cut_off_are_handed_out_by_the_next(
         await write(claim.journal, FINISHED)
     finally:
         await log.close()
+
+
+async def test_close_waits_for_a_cancelled_claim_to_give_its_leases_back(
+    postgres_url: str,
+) -> None:
+    """A worker stopping (SIGTERM) cancels its claim_next and closes the log: the claim
+    went on, but its give-back found the log closed, and the saga stayed leased to a
+    worker gone until the lease expired (60 s here)."""
+    log = PostgresSagaLog.from_url(postgres_url)
+    assert await log.claim_next(owner="w-1", ttl=60, limit=5) == []  # the statements
+    await log.create("o-1", opening(), owner=None, ttl=60)
+    await _cancelled_mid_claim(
+        postgres_url, lambda: log.claim_next(owner="w-1", ttl=60, limit=5), log.close
+    )
+    other = PostgresSagaLog.from_url(postgres_url)
+    try:
+        summary = await other.status("o-1")
+        assert summary is not None
+        assert summary.owner is None
+    finally:
+        await other.close()

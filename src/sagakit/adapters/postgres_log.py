@@ -185,6 +185,7 @@ class PostgresSagaLog:
         self._unhanded: dict[str, int] = {}  # leases of claims cut off: saga id -> epoch
         self._lost_replies: dict[str, bool] = {}  # creates whose outcome is unknown
         self._giving_back: set[asyncio.Task[Any]] = set()  # leases of callers gone
+        self._abandoned: set[asyncio.Future[Any]] = set()  # work taking leases for them
         self.stats = PostgresStats()
 
     @classmethod
@@ -495,7 +496,9 @@ class PostgresSagaLog:
         try:
             return await asyncio.shield(done)
         except asyncio.CancelledError:
+            self._abandoned.add(done)
             done.add_done_callback(lambda _: self._give_back(done, held))
+            done.add_done_callback(self._abandoned.discard)
             raise
 
     def _give_back(
@@ -567,6 +570,15 @@ class PostgresSagaLog:
         if self._closed:
             return
         await self._committer.drain()
+        # Claims whose callers were cancelled (a worker stopping) still give their
+        # leases back: through this pool, so before it closes. Bounded: a server
+        # gone lets those leases expire instead.
+        deadline = asyncio.get_running_loop().time() + 10
+        while pending := self._abandoned | self._giving_back:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            await asyncio.wait(pending, timeout=left)
         self._closed = True
         if self._pool is not None:
             with contextlib.suppress(*DRIVER_ERRORS):
