@@ -633,3 +633,33 @@ async def test_a_path_naming_a_folder_or_a_device_is_a_configuration_error(
             await log.claim_next(owner="w-1", ttl=60, limit=1)
     finally:
         await log.close()
+
+
+async def test_close_waits_for_cancelled_claims_to_give_their_leases_back(
+    tmp_path: Path,
+) -> None:
+    """A worker stopping cancels its claim_next and closes its log. The claim, waiting
+    for another process's write lock, went on once it had it, but its give-back found
+    the log closed: the saga stayed leased to a worker gone until the lease expired."""
+    path = tmp_path / "sagas.db"
+    log = SQLiteSagaLog(path)
+    await started(log, "o-1", owner=None)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process writing
+    task = asyncio.create_task(log.claim_next(owner="w-1", ttl=60, limit=5))
+    await asyncio.sleep(0.1)  # the claim waits for the write lock
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    closing = asyncio.create_task(log.close())
+    await asyncio.sleep(0.1)
+    other.execute("COMMIT")
+    other.close()
+    await asyncio.wait_for(closing, 10)
+    reader = SQLiteSagaLog(path)
+    try:
+        summary = await reader.status("o-1")
+        assert summary is not None
+        assert summary.owner is None
+    finally:
+        await reader.close()

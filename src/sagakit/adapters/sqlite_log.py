@@ -63,6 +63,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from sagakit.adapters import redact_url
 from sagakit.adapters import sqlite_store as store
+from sagakit.adapters._sqlite_requests import Request, consume, settle
 from sagakit.adapters.sqlite_store import (
     SCHEMA_VERSION,
     Row,
@@ -107,46 +108,6 @@ class SQLiteStats:
     commits: int = 0  # write transactions committed
     requests: int = 0  # requests run (writes and reads)
     rollbacks: int = 0  # transactions that failed whole
-
-
-class _Request:
-    """One call to run on the writer thread; ``future`` gets its result."""
-
-    __slots__ = ("args", "future", "loop", "on_done", "run", "writes")
-
-    def __init__(
-        self,
-        run: Callable[..., Any],
-        args: tuple[Any, ...],
-        writes: bool,
-        on_done: Callable[[Any, BaseException | None], None] | None = None,
-    ) -> None:
-        self.run = run
-        self.args = args
-        self.writes = writes
-        self.on_done = on_done
-        self.loop = asyncio.get_running_loop()
-        self.future: asyncio.Future[Any] = self.loop.create_future()
-
-
-def _settle(done: list[tuple[_Request, Any, BaseException | None]]) -> None:
-    """On the loop's thread: tell the journals, then the callers."""
-    for request, result, error in done:
-        if request.on_done is not None:
-            request.on_done(result, error)
-        future = request.future
-        if future.done():  # the caller was cancelled; the work stands all the same
-            continue
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    """Retrieve a result nobody awaits (a failed give-back: those leases expire instead)."""
-    if not future.cancelled():
-        future.exception()
 
 
 class SQLiteJournal:
@@ -258,12 +219,14 @@ class SQLiteSagaLog:
         self.max_batch = max(1, max_batch)
         self.stats = SQLiteStats()
         self._clock = clock
-        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pid = 0  # the process the writer thread runs in
         self._lock = threading.Lock()
         self._closed = False
         self._unreadable: set[str] = set()  # warned about once each (a bounded set)
+        self._abandoned: set[asyncio.Future[Any]] = set()  # leases of callers gone, and
+        # their give-backs
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteSagaLog:
@@ -299,8 +262,8 @@ class SQLiteSagaLog:
         *,
         writes: bool,
         on_done: Callable[[Any, BaseException | None], None] | None = None,
-    ) -> _Request:
-        request = _Request(run, args, writes, on_done)
+    ) -> Request:
+        request = Request(run, args, writes, on_done)
         if self._thread is not None and self._pid != os.getpid():  # else: waits for ever
             raise ConfigurationError(
                 f"{backend_name(self.path)}: this log was opened before a fork, and its writer"
@@ -334,7 +297,9 @@ class SQLiteSagaLog:
         except asyncio.CancelledError:
             # The leases are taken all the same, and nobody will drive those sagas:
             # give them back as soon as they are known, not when they expire.
+            self._abandoned.add(request.future)
             request.future.add_done_callback(lambda future: self._give_back(future, held))
+            request.future.add_done_callback(self._abandoned.discard)
             raise
 
     def _give_back(
@@ -347,7 +312,9 @@ class SQLiteSagaLog:
             return
         with contextlib.suppress(BackendRefused):  # closed meanwhile: they expire instead
             request = self._request(store.release_all, (leases,), writes=True)
-            request.future.add_done_callback(_consume)
+            request.future.add_done_callback(consume)
+            self._abandoned.add(request.future)
+            request.future.add_done_callback(self._abandoned.discard)
 
     def _serve(self) -> None:
         connection: sqlite3.Connection | None = None
@@ -355,7 +322,7 @@ class SQLiteSagaLog:
         stop = False
         try:
             while not stop:
-                batch: list[_Request] = []
+                batch: list[Request] = []
                 item = self._queue.get()
                 while item is not None:
                     batch.append(item)
@@ -384,10 +351,10 @@ class SQLiteSagaLog:
                 connection.close()
 
     def _run(
-        self, db: sqlite3.Connection, batch: list[_Request], opened: store.FileId
-    ) -> list[tuple[_Request, Any, BaseException | None]]:
+        self, db: sqlite3.Connection, batch: list[Request], opened: store.FileId
+    ) -> list[tuple[Request, Any, BaseException | None]]:
         writes = any(r.writes for r in batch)
-        done: list[tuple[_Request, Any, BaseException | None]] = []
+        done: list[tuple[Request, Any, BaseException | None]] = []
         try:
             if writes:
                 begin_write(db, self.busy_timeout)
@@ -433,13 +400,13 @@ class SQLiteSagaLog:
             return [(r, None, error) for r in batch]
         return done
 
-    def _answer(self, done: list[tuple[_Request, Any, BaseException | None]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any, Any]]] = {}
+    def _answer(self, done: list[tuple[Request, Any, BaseException | None]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Request, Any, Any]]] = {}
         for item in done:
             by_loop.setdefault(item[0].loop, []).append(item)
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                loop.call_soon_threadsafe(_settle, items)
+                loop.call_soon_threadsafe(settle, items)
 
     # --- the port -------------------------------------------------------------------
 
@@ -573,6 +540,12 @@ class SQLiteSagaLog:
         return store.listed(rows, _logger)
 
     async def close(self) -> None:
+        # Claims whose callers were cancelled (a worker stopping) still give their leases
+        # back, which a closed log would refuse. Bounded: a file locked by another
+        # process for long lets those leases expire instead.
+        deadline = time.monotonic() + 10
+        while self._abandoned and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self._abandoned), timeout=left)
         with self._lock:
             if self._closed:
                 return
