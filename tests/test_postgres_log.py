@@ -929,6 +929,7 @@ async def test_a_run_whose_create_reply_was_lost_drives_its_own_saga(postgres_ur
         ("no_such_setting=1", "no_such_setting"),
         ("ssl=on", '"ssl"'),  # a server setting that cannot be set by a client
         ("sslmode=verify-full&sslrootcert=/no/such/ca.pem", "sslrootcert"),
+        ("search_path=no_such_schema", "search_path"),
     ],
 )
 async def test_a_bad_url_option_is_a_configuration_error_naming_it(

@@ -281,8 +281,14 @@ class PostgresSagaLog:
                 found = await conn.fetchval(sql.SCHEMA_VERSION_EXISTS)
                 if found is None:
                     self.stats.statements += 1
-                    async with conn.transaction():
-                        await conn.execute(sql.SCHEMA)
+                    try:
+                        async with conn.transaction():
+                            await conn.execute(sql.SCHEMA)
+                    except asyncpg.InvalidSchemaNameError as exc:  # 3F000: no retry helps
+                        raise ConfigurationError(
+                            f"saga log URL: its search_path names no schema that exists ({exc})"
+                            "; create the schema, or name another"
+                        ) from exc
                     self.stats.commits += 1
             finally:
                 await conn.execute(sql.SCHEMA_UNLOCK)
