@@ -137,6 +137,27 @@ class SagaLogConformance(SagaLogLeaseTests):
             await self.started(log, "\u00e9" * 512)
             assert len(await log.list()) == 2
 
+    @pytest.mark.parametrize("name", ["", "a\x00b", "\udfff", "x" * 1025])
+    async def test_a_definition_name_no_backend_can_keep_is_refused(self, name: str) -> None:
+        """PostgreSQL refused it, naming ``saga``; memory and SQLite kept it (or failed
+        with a SagaError about the input): code that worked there failed on PostgreSQL."""
+        async with self.opened() as log:
+            for owner in ("w-1", None):
+                with pytest.raises(DefinitionError) as excinfo:
+                    await log.create(
+                        "o-1", [SagaStarted(name, ("a",), {}), StepStarted(0)], owner=owner, ttl=1
+                    )
+                assert excinfo.value.field == "saga"
+            assert await log.read("o-1") == []
+
+    async def test_a_bad_opening_is_refused_naming_it(self) -> None:
+        async with self.opened() as log:
+            for records in ([], [StepStarted(0)]):
+                with pytest.raises(DefinitionError) as excinfo:
+                    await log.create("o-1", records, owner="w-1", ttl=LONG_TTL)
+                assert excinfo.value.field == "opening"
+            assert await log.read("o-1") == []
+
     @pytest.mark.parametrize("owner", ["", "a\x00b", "\udfff", "x" * 1025])
     async def test_an_owner_no_backend_can_keep_is_refused(self, owner: str) -> None:
         async with self.opened() as log:
@@ -153,9 +174,10 @@ class SagaLogConformance(SagaLogLeaseTests):
     )
     async def test_a_bad_lease_ttl_is_refused_naming_it(self, ttl: Any) -> None:
         async with self.opened() as log:
-            with pytest.raises(DefinitionError) as excinfo:
-                await log.create("o-1", opening(), owner="w-1", ttl=ttl)
-            assert excinfo.value.field == "ttl"
+            for owner in ("w-1", None):  # unused without an owner, but checked alike
+                with pytest.raises(DefinitionError) as excinfo:
+                    await log.create("o-1", opening(), owner=owner, ttl=ttl)
+                assert excinfo.value.field == "ttl"
             assert await log.read("o-1") == []
             await self.started(log, "o-2", owner=None)
             for call in (

@@ -43,7 +43,7 @@ from sagakit.core.records import (
     check_id,
     check_json,
 )
-from sagakit.errors import ConfigurationError, LeaseLost, SagaError
+from sagakit.errors import ConfigurationError, DefinitionError, LeaseLost, SagaError
 from sagakit.ports.saga_log import (
     Claim,
     Lease,
@@ -218,10 +218,12 @@ class InMemorySagaLog:
         # Batches written before that hold no value to check (no result, no
         # error, no input), and the status each leaves a saga in.
         self._known: dict[tuple[SagaRecord, ...], SagaStatus | None] = {}
-        # The last lease owner and ttl found valid: a worker creates all its sagas
-        # with one of each, so they are checked once, not per saga.
-        self._owner_checked: str | None = None
-        self._ttl_checked: float | None = None
+        # The last lease owner, ttl and definition name found valid: a worker creates
+        # its sagas with one owner and ttl, and few names, so they are checked once,
+        # not per saga. _NEW until then (None is an owner, and must not pass for one).
+        self._owner_checked: Any = _NEW
+        self._ttl_checked: Any = _NEW
+        self._saga_checked: Any = _NEW
 
     @classmethod
     def from_url(cls, url: str) -> InMemorySagaLog:
@@ -266,16 +268,22 @@ class InMemorySagaLog:
             and "\x00" not in saga_id
         ):
             check_id("saga_id", saga_id)
-        if owner is not None and (owner is not self._owner_checked or ttl is not self._ttl_checked):
-            check_id("owner", owner)
-            check_ttl(ttl)
+        if owner is not self._owner_checked or ttl is not self._ttl_checked:
+            if owner is not None:
+                check_id("owner", owner)
+            check_ttl(ttl)  # unused without an owner: checked alike, as every log does
             self._owner_checked, self._ttl_checked = owner, ttl
         sagas = self._sagas
         if saga_id in sagas:
             return None
         started = opening[0] if opening else None
         if type(started) is not SagaStarted:
-            raise ValueError(f"a saga's log opens with SagaStarted, not {started!r}")
+            raise DefinitionError(
+                "opening", f"a saga's log opens with SagaStarted, not {started!r:.100}"
+            )
+        if started.saga is not self._saga_checked:  # a definition's own name, mostly
+            check_id("saga", started.saga)
+            self._saga_checked = started.saga
         data = started.data
         if data:
             try:

@@ -425,8 +425,9 @@ class SQLiteSagaLog:
         started = opening[0] if opening else None
         if type(started) is not SagaStarted:
             raise DefinitionError(
-                "opening", f"a saga's log opens with SagaStarted, not {started!r}"
+                "opening", f"a saga's log opens with SagaStarted, not {started!r:.100}"
             )
+        store.check_saga(started.saga)
         rows, statuses = store.encode_rows(saga_id, opening)
         status = next((s for s in reversed(statuses) if s is not None), SagaStatus.RUNNING)
         made = await self._leasing(

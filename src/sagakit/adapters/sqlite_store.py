@@ -532,3 +532,7 @@ def check_id(saga_id: object) -> None:
 
 def check_owner(owner: object) -> None:
     check_text("owner", owner)
+
+
+def check_saga(name: object) -> None:
+    check_text("saga", name)
