@@ -190,6 +190,15 @@ class SagaLogConformance(SagaLogLeaseTests):
             summary = await log.status("o-2")
             assert summary is not None
             assert summary.owner is None
+            # A renewal too: memory:// took NaN (a lease that never expired) or -1 (one
+            # expired at once) where the durable logs refused them.
+            held = await self.started(log, "o-3", owner="w-1")
+            before = await log.status("o-3")
+            for journals in ([held], []):
+                with pytest.raises(DefinitionError) as excinfo:
+                    await log.renew(journals, ttl=ttl)
+                assert excinfo.value.field == "ttl"
+            assert await log.status("o-3") == before
 
     @pytest.mark.parametrize("limit", [-1, 2.5, "3", True, None])
     async def test_a_bad_limit_is_refused_naming_it(self, limit: Any) -> None:

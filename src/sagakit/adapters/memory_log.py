@@ -433,6 +433,7 @@ class InMemorySagaLog:
         return [self._take(entry, owner, ttl, now) for entry in free]
 
     async def renew(self, journals: Sequence[object], *, ttl: float) -> list[str]:
+        check_ttl(ttl)
         now = self._clock()
         lost = []
         for journal in journals:
