@@ -150,6 +150,21 @@ class SagaLogConformance(SagaLogLeaseTests):
                 assert excinfo.value.field == "saga"
             assert await log.read("o-1") == []
 
+    async def test_what_is_not_a_record_is_refused_naming_records(self) -> None:
+        """memory:// kept a string among the records (read back as is); SQLite and
+        PostgreSQL failed with the codec's AttributeError."""
+        async with self.opened() as log:
+            with pytest.raises(DefinitionError) as excinfo:
+                await log.create("o-1", [*opening(), "junk"], owner="w-1", ttl=LONG_TTL)  # type: ignore[list-item]
+            assert excinfo.value.field == "records"
+            assert await log.read("o-1") == []
+            journal = await self.started(log, "o-2")
+            with pytest.raises(DefinitionError) as excinfo:
+                journal.stage([StepCompleted(0, 1), ("step_completed", 0)])  # type: ignore[list-item]
+            assert excinfo.value.field == "records"
+            await write(journal, [StepCompleted(0, 1)])  # nothing of the refused batch
+            assert typed(await log.read("o-2")) == typed([*opening(), StepCompleted(0, 1)])
+
     async def test_a_bad_opening_is_refused_naming_it(self) -> None:
         async with self.opened() as log:
             for records in ([], [StepStarted(0)]):

@@ -13,11 +13,19 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sagakit.core.records import SagaRecord, SagaStarted, SagaStatus, encode_record, status_after
+from sagakit.core.records import (
+    OfItsKind,
+    SagaRecord,
+    SagaStarted,
+    SagaStatus,
+    encode_record,
+    status_after,
+)
 from sagakit.errors import (
     BackendBusy,
     BackendError,
     BackendUnavailable,
+    DefinitionError,
     LeaseLost,
     SagaError,
     SchemaMismatch,
@@ -58,6 +66,8 @@ Row = tuple[str, int, str]  # (kind, schema version, JSON payload)
 
 def encode(saga_id: str, record: SagaRecord) -> Row:
     """The row for ``record``; SagaError when a value in it is not JSON."""
+    if not isinstance(record, OfItsKind):
+        raise DefinitionError("records", f"must be saga records, not {record!r:.100}")
     try:
         kind, version, payload = encode_record(record)
     except (TypeError, ValueError) as exc:

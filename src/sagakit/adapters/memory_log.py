@@ -326,7 +326,7 @@ class InMemorySagaLog:
         """The batch as it is to be kept, and the saga's status after it (None: unchanged).
 
         Raises SagaError, before anything is written, when a step's result is not
-        a JSON value.
+        a JSON value, and DefinitionError for what is not a saga record.
         """
         status: SagaStatus | None = None
         share = False  # a record in it may equal one kept before
@@ -345,7 +345,9 @@ class InMemorySagaLog:
                 status = _STATUS_OF[kind]
                 if kind is not CompensationStarted:  # SagaStarted, StepFailed
                     share, plain = True, False
-            elif kind is not CompensationCompleted:  # CompensationFailed, or unknown
+            elif kind is not CompensationCompleted:  # CompensationFailed, or not a record
+                if kind is not CompensationFailed:
+                    raise DefinitionError("records", f"must be saga records, not {record!r:.100}")
                 share, plain = True, False
         if plain:
             known = self._known

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sagakit.core.records import (
+    OfItsKind,
     SagaRecord,
     SagaStarted,
     SagaStatus,
@@ -31,6 +32,7 @@ from sagakit.errors import (
     BackendRefused,
     BackendUnavailable,
     ConfigurationError,
+    DefinitionError,
     LeaseLost,
     SagaError,
     SagaLogConflict,
@@ -512,6 +514,8 @@ def encode_rows(saga_id: str, records: Sequence[SagaRecord]) -> tuple[list[Row],
     rows: list[Row] = []
     statuses: list[SagaStatus | None] = []
     for record in records:
+        if not isinstance(record, OfItsKind):
+            raise DefinitionError("records", f"must be saga records, not {record!r:.100}")
         try:
             kind, version, payload = encode_record(record)
         except (TypeError, ValueError) as exc:
