@@ -419,6 +419,40 @@ class EventBusConformance(ABC):
         )
         await self.eventually(lambda: {*got, *rest} == {0, 1, 2}, "each event handled")
         await self.drain(bus)
+        # The handler that cancelled returned: its event was acknowledged, not given
+        # back (RabbitMQ closed the channel under the handler, which never acked).
+        assert not set(returned) & set(rest), f"handled again: {returned} then {rest}"
+
+    async def test_close_waits_for_the_handlers_a_cancelling_handler_left_running(
+        self,
+    ) -> None:
+        # One saga's handler cancels the subscription while another saga's handler still
+        # runs. On RabbitMQ the stop ran in the cancelling handler's task, and a close()
+        # meanwhile found the consumer stopping and returned at once, disconnecting
+        # under the other handler (its event unacknowledged, handled again).
+        bus = await self.bus()
+        started: list[str] = []
+        finished: list[str] = []
+        subscriptions: list[Subscription] = []
+
+        async def handler(e: Event) -> None:
+            started.append(e.saga_id)
+            if e.saga_id == "stop":
+                await subscriptions[0].cancel()
+            else:
+                await asyncio.sleep(self.settle)
+            finished.append(e.saga_id)
+
+        subscriptions.append(
+            await bus.subscribe("Tick", handler, group="g", ack_timeout=self.ack_timeout * 5)
+        )
+        await bus.publish(event("Tick", "slow"))
+        await self.eventually(lambda: bool(started), "the slow handler to start")
+        await bus.publish(event("Tick", "stop"))
+        await self.eventually(lambda: "stop" in started, "the cancelling handler to start")
+        async with asyncio.timeout(self.timeout):
+            await bus.close()
+        assert sorted(started) == sorted(finished), "close() returned under a running handler"
 
     async def test_drain_inside_a_handler_is_refused_not_a_hang(self) -> None:
         # It waits for the handlers to finish, the caller's own included: refused with a
@@ -437,6 +471,32 @@ class EventBusConformance(ABC):
         await bus.publish(event("Tick"))
         await self.eventually(lambda: bool(errors), "drain() in the handler to be refused")
         assert "wait for itself" in errors[0]
+        await self.drain(bus)
+
+    async def test_drain_in_a_task_a_handler_awaits_is_refused_not_a_hang(self) -> None:
+        # asyncio.wait_for (a task of its own on Python 3.11), or any task the handler
+        # awaits, waits for the handler as much as the handler itself: the memory, NATS
+        # and RabbitMQ buses looked at the running task only and hung.
+        bus = await self.bus()
+        outcomes: list[str] = []
+
+        async def impatient(e: Event) -> None:
+            for wrapped in (
+                lambda: asyncio.wait_for(bus.drain(), self.timeout / 4),
+                lambda: asyncio.ensure_future(bus.drain()),
+            ):
+                try:
+                    await wrapped()
+                    outcomes.append("returned")
+                except RuntimeError as exc:
+                    outcomes.append(str(exc))
+                except TimeoutError:
+                    outcomes.append("hung")
+
+        await bus.subscribe("Tick", impatient, group="g")
+        await bus.publish(event("Tick"))
+        await self.eventually(lambda: len(outcomes) == 2, "drain() in the handler to end")
+        assert all("wait for itself" in o for o in outcomes), outcomes
         await self.drain(bus)
 
     async def test_a_handler_may_close_its_bus(self) -> None:
@@ -474,6 +534,39 @@ class EventBusConformance(ABC):
                 break
             assert time.monotonic() < deadline, "the bus never closed"
             await asyncio.sleep(0.02)
+
+    async def test_close_from_outside_waits_for_the_close_a_handler_began(self) -> None:
+        # RabbitMQ's second close() returned at once and disconnected under the handler
+        # still running (its close went on in the handler's task, which never acked).
+        bus = await self.make_bus()
+        began, release = asyncio.Event(), asyncio.Event()
+        finished: list[int] = []
+
+        async def stop(e: Event) -> None:
+            await bus.close()
+            began.set()
+            await release.wait()
+            finished.append(e["n"])
+
+        await bus.subscribe("Stop", stop, group="g", ack_timeout=self.ack_timeout)
+        await bus.publish(event("Stop", n=1))
+        async with asyncio.timeout(self.timeout):
+            await began.wait()
+        closing = asyncio.create_task(bus.close())
+        await self.quiet()
+        assert not closing.done(), "close() returned while the handler's close was under way"
+        release.set()
+        async with asyncio.timeout(self.timeout):
+            await closing
+        assert finished == [1]
+        with pytest.raises(BackendError):
+            await bus.publish(event("Tick"))
+        # The handler returned before the bus closed: its event was acknowledged.
+        again: list[Event] = []
+        other = await self.bus()
+        await other.subscribe("Stop", recorder(again), group="g", ack_timeout=self.ack_timeout)
+        await asyncio.sleep(self.ack_timeout + self.settle)
+        assert again == [], "the closing handler's event was delivered again"
 
     async def test_cancelling_a_subscription_again_leaves_a_newer_one_alone(self) -> None:
         async with self.opened() as bus:

@@ -27,7 +27,7 @@ from aio_pika.abc import (
 )
 from pamqp.common import FieldTable
 
-from sagakit.adapters._handlers import ENDS_PROCESS
+from sagakit.adapters._handlers import ENDS_PROCESS, handling, in_handler, spawn
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -230,7 +230,16 @@ class Subscription:
         bus, self._bus = self._bus, None
         if bus is None:
             return
-        await self._consumer.stop()
+        stopped = self._consumer.begin_stop()
+        stopped.add_done_callback(lambda _: self._forget(bus))
+        if not in_handler(bus):
+            await asyncio.wait([stopped])
+        # From a handler (or a task one awaits), which the stop waits for: no more
+        # events from now on, the rest once the handlers have returned and acked.
+        # (Stopping in the handler's own task closed the channel under it: its event
+        # went back to the queue unacknowledged, to be handled again.)
+
+    def _forget(self, bus: AmqpEventBus) -> None:
         if self._consumer in bus._consumers:
             bus._consumers.remove(self._consumer)
 
@@ -260,6 +269,7 @@ class Consumer:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.held = 0  # received and not yet acknowledged or given back
         self.stopping = False
+        self._stopper: asyncio.Task[None] | None = None
         self.wake = asyncio.Event()  # cuts backoff pauses short when stopping
         self.connection: AbstractConnection | None = None
         self.restarting: asyncio.Task[None] | None = None
@@ -333,23 +343,28 @@ class Consumer:
         finally:
             self.restarting = None
 
-    async def stop(self, spare: asyncio.Task[Any] | None = None) -> None:
-        """Cancel the intake, wait for the handlers running (but ``spare``, the
-        caller's own task when a handler stops its bus), close the channel."""
-        if self.stopping:
-            return
-        self.stopping = True
-        self.wake.set()
+    def begin_stop(self) -> asyncio.Task[None]:
+        """Stop in a task of its own (one, however often asked): no intake from now on."""
+        if self._stopper is None:
+            self.stopping = True
+            self.wake.set()
+            self._stopper = spawn(self._stop())
+        return self._stopper
+
+    async def stop(self) -> None:
+        """Stop and wait for it: not from a handler of the bus (it would wait for itself)."""
+        await asyncio.wait([self.begin_stop()])
+
+    async def _stop(self) -> None:
+        """Cancel the intake, wait for the handlers running, close the channel."""
         channel, queue, tag = self.channel, self.queue, self.tag
         if channel is not None and not channel.is_closed and queue is not None and tag:
             try:
                 await queue.cancel(tag)
             except (amqp.AMQPError, *LOST):
                 pass  # the channel went: the broker gave its events back already
-        spare = spare or asyncio.current_task()
-        running = [task for task in self.tasks if task is not spare]
-        if running:
-            await asyncio.wait(running)
+        if self.tasks:
+            await asyncio.wait(list(self.tasks))
         if channel is not None and not channel.is_closed:
             try:
                 await channel.close()
@@ -377,6 +392,7 @@ class Consumer:
         task.add_done_callback(self.tasks.discard)
 
     async def _run(self, key: str, lane: deque[AbstractIncomingMessage]) -> None:
+        handling(self.bus)
         try:
             while lane and not self.stopping:
                 try:

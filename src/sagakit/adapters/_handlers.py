@@ -1,22 +1,70 @@
 """Calling an event handler: a plain function, or a coroutine function run without a task
 while it does not suspend (most handlers never do, and a task per delivery costs a turn of
-the event loop).
+the event loop); and knowing, on the broker buses, whether code runs in a handler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from contextvars import ContextVar
 from types import CoroutineType
 from typing import Any
 
-__all__ = ["ENDS_PROCESS", "call_handler", "forget"]
+__all__ = [
+    "ENDS_PROCESS",
+    "call_handler",
+    "forget",
+    "handling",
+    "in_handler",
+    "refuse_in_handler",
+    "spawn",
+]
 
 # What a handler may raise to end the process (Ctrl-C, sys.exit()): let through, as
 # anywhere else. Any other exception, BaseException subclasses included (pytest.fail()
 # raises one), is a failed delivery: caught as such, it cannot kill a consumer's task.
 ENDS_PROCESS = (KeyboardInterrupt, SystemExit)
+
+
+# The bus whose handlers run in this context. A context var, not the running task:
+# every task started from a handler inherits it (asyncio.wait_for's own task on
+# Python 3.11, ensure_future's, gather's), and such a task waiting for the bus's
+# handlers waits for the one awaiting it as surely as the handler itself would.
+_HANDLING: ContextVar[object | None] = ContextVar("sagakit_handling", default=None)
+
+
+def handling(bus: object) -> None:
+    """Mark the running task (and the tasks it starts) as running ``bus``'s handlers.
+
+    Called first thing in the task of a bus's consumer: the mark stays in that task's
+    own copy of the context.
+    """
+    _HANDLING.set(bus)
+
+
+def in_handler(bus: object) -> bool:
+    """Whether this runs in a handler of ``bus``, or in a task a handler started."""
+    return _HANDLING.get() is bus
+
+
+def refuse_in_handler(bus: object, what: str = "drain()") -> None:
+    """Refuse what would wait for the handlers of ``bus`` from one of them (a deadlock)."""
+    if _HANDLING.get() is bus:
+        raise RuntimeError(f"{what} inside an event handler would wait for itself")
+
+
+_SPAWNED: set[asyncio.Task[Any]] = set()
+
+
+def spawn(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run ``work`` in a task of its own, kept until done (a stop a handler asked for)."""
+    task = asyncio.get_running_loop().create_task(work)
+    _SPAWNED.add(task)
+    task.add_done_callback(_SPAWNED.discard)
+    task.add_done_callback(forget)
+    return task
 
 
 def call_handler(handler: Callable[[Any], Any], event: Any) -> asyncio.Task[Any] | None:

@@ -14,14 +14,14 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as rexc
 
 from sagakit.adapters._bus_checks import check_server_version
-from sagakit.adapters._handlers import ENDS_PROCESS, forget
+from sagakit.adapters._handlers import ENDS_PROCESS, spawn
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -118,18 +118,6 @@ def refuse_in_handler(bus: RedisEventBus) -> None:
     """drain() from a handler would wait for that handler's reader: refused, as elsewhere."""
     if in_handler(bus):
         raise RuntimeError("drain() inside an event handler would wait for itself")
-
-
-_SPAWNED: set[asyncio.Task[Any]] = set()
-
-
-def spawn(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    """Run ``work`` in a task of its own, kept until done (a stop a handler asked for)."""
-    task = asyncio.get_running_loop().create_task(work)
-    _SPAWNED.add(task)
-    task.add_done_callback(_SPAWNED.discard)
-    task.add_done_callback(forget)
-    return task
 
 
 async def _call(handler: Handler, event: Event) -> None:

@@ -115,6 +115,7 @@ from sagakit.adapters._amqp_delivery import (
     translate,
 )
 from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
+from sagakit.adapters._handlers import in_handler, refuse_in_handler, spawn
 from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -232,6 +233,7 @@ class AmqpEventBus:
         self._browsing = asyncio.Lock()  # one reader of dead letters at a time, here
         self._consumers: list[Consumer] = []
         self._state = "open"  # then "closing", "closed"; "dead" once abandoned
+        self._shut = asyncio.Event()  # set once closed
         self._received = 0  # deliveries seen: drain() watches it stand still
 
     @classmethod
@@ -420,18 +422,21 @@ class AmqpEventBus:
     # --- waiting, dead letters, closing ---------------------------------------------------
 
     async def drain(self) -> None:
-        current = asyncio.current_task()
-        if any(current in consumer.tasks for consumer in self._consumers):
-            raise RuntimeError("drain() inside an event handler would wait for itself")
+        refuse_in_handler(self)
         # Settled when no handler holds an event, the queues hold none ready, and no
         # delivery arrived, twice in a row: an event the broker has just handed to
         # this process is in neither count until it arrives.
         calm, seen = 0, -1
         while calm < 2:
-            consumers = [c for c in self._consumers if not c.stopping]
+            # A stopping consumer's handlers still run (a handler cancelled its own
+            # subscription): they are waited for, its queue no longer.
+            consumers = list(self._consumers)
             if not consumers:
                 return
-            busy = any(c.held for c in consumers) or await self._ready_count(consumers) > 0
+            live = [c for c in consumers if not c.stopping]
+            busy = any(c.held for c in consumers) or bool(
+                live and await self._ready_count(live) > 0
+            )
             calm = 0 if busy or self._received != seen else calm + 1
             seen = self._received
             await asyncio.sleep(0.01)
@@ -491,19 +496,35 @@ class AmqpEventBus:
         )
 
     async def close(self) -> None:
-        """Stop taking events, let the handlers in flight finish and acknowledge, disconnect."""
-        if self._state in ("closed", "dead"):
+        """Stop taking events, let the handlers in flight finish and acknowledge, disconnect.
+
+        From a handler, the close ends once that handler returns; close() called again
+        meanwhile, from outside the handlers, waits for it to end.
+        """
+        if self._state == "dead":
+            return
+        if self._state != "open":  # closed, or closing elsewhere: wait for that
+            if not in_handler(self):
+                await self._shut.wait()
             return
         self._state = "closing"
+        if in_handler(self):
+            # Closing waits for the handlers, this one too: it goes on once it returns
+            # (closing in its task closed its channel under it, its event unacked).
+            spawn(self._close())
+            return
+        await self._close()
+
+    async def _close(self) -> None:
         try:
-            # gather runs each stop in a task of its own: they are told whose task
-            # called close, in case a handler did (it must not wait for itself).
-            caller = asyncio.current_task()
-            await asyncio.gather(*(consumer.stop(caller) for consumer in self._consumers))
+            await asyncio.gather(*(consumer.stop() for consumer in self._consumers))
         finally:
             self._state = "closed"
             self._consumers.clear()
-            await self._disconnect()
+            try:
+                await self._disconnect()
+            finally:
+                self._shut.set()
 
     async def _disconnect(self) -> None:
         reconnector, self._reconnector = self._reconnector, None

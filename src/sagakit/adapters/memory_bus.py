@@ -53,7 +53,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from sagakit.adapters import redact_url
 from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
-from sagakit.adapters._handlers import ENDS_PROCESS, call_handler, forget
+from sagakit.adapters._handlers import ENDS_PROCESS, call_handler, forget, spawn
 from sagakit.core.envelope import decode_event, encode_event
 from sagakit.core.event import Event
 from sagakit.errors import BackendBusy, BackendError, ConfigurationError, DefinitionError
@@ -548,12 +548,28 @@ class InMemoryEventBus:
                 await broker.drain()
             for consumer in self._consumers:
                 broker.leave(consumer)
-            if waits:
-                await broker.settle(self)
+            if not waits:
+                # Closed once that handler has returned: a close() from outside meanwhile
+                # waits for it, and then nothing of the bus runs (it returned at once).
+                spawn(self._closed_after(self._closing))
+                return
+            await broker.settle(self)
+        except BaseException:
+            self._shut(self._closing)
+            raise
+        self._shut(self._closing)
+
+    async def _closed_after(self, closing: asyncio.Future[None]) -> None:
+        try:
+            await self._broker.settle(self)
         finally:
-            self._consumers.clear()
-            self._release()
-            self._closing.set_result(None)
+            self._shut(closing)
+
+    def _shut(self, closing: asyncio.Future[None]) -> None:
+        self._consumers.clear()
+        self._release()
+        if not closing.done():
+            closing.set_result(None)
 
     def _release(self) -> None:
         if self._state is not _CLOSED:

@@ -99,7 +99,7 @@ from sagakit.adapters._bus_checks import (
     check_subscribe,
     publishable,
 )
-from sagakit.adapters._handlers import forget
+from sagakit.adapters._handlers import forget, in_handler, refuse_in_handler
 from sagakit.adapters._nats_attempts import Attempts
 from sagakit.adapters._nats_dead_letters import read_dead_letter, replay_body
 from sagakit.adapters._nats_errors import translate
@@ -196,10 +196,9 @@ class NatsEventBus:
         self._connecting = asyncio.Lock()
         self._subscriptions: list[PullSubscription] = []
         self._closed = False
-        # close() from a handler, and the subscriptions whose handlers it waits for.
-        self._closing: asyncio.Task[None] | None = None
-        self._closed_subscriptions: list[PullSubscription] = []
+        self._closing: asyncio.Task[None] | None = None  # close() from a handler
         self._connect_error = ""
+        self._streams_made = False
 
     @classmethod
     def from_url(cls, url: str) -> NatsEventBus:
@@ -478,9 +477,7 @@ class NatsEventBus:
                 log.debug("deleting consumer %s: %s", subscription.consumer, describe(exc))
 
     async def drain(self) -> None:
-        task = asyncio.current_task()
-        if any(s.owns(task) for s in self._subscriptions):
-            raise RuntimeError("drain() inside an event handler would wait for itself")
+        refuse_in_handler(self)
         if self._js is None:
             return
         while True:
@@ -557,14 +554,12 @@ class NatsEventBus:
         From a handler, the close ends once that handler returns; close() called again
         meanwhile, from outside the handlers, waits for it to end.
         """
-        task = asyncio.current_task()
         if self._closed:
-            handlers = self._closed_subscriptions
-            if self._closing is not None and not any(s.owns(task) for s in handlers):
+            if self._closing is not None and not in_handler(self):
                 await asyncio.wait([self._closing])
             return
-        self._closed, self._closed_subscriptions = True, list(self._subscriptions)
-        if any(s.owns(task) for s in self._closed_subscriptions):
+        self._closed = True
+        if in_handler(self):
             # From a handler, which closing waits for (a deadlock): done once it returns.
             self._closing = asyncio.get_running_loop().create_task(self._close())
             self._closing.add_done_callback(forget)

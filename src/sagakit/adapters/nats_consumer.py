@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js.api import ConsumerConfig
 
-from sagakit.adapters._handlers import ENDS_PROCESS, forget
+from sagakit.adapters._handlers import ENDS_PROCESS, forget, handling, in_handler
 from sagakit.adapters._nats_attempts import NO_STREAM, stream_sequence
 from sagakit.adapters._nats_dead_letters import dead_letter_message
 from sagakit.core.envelope import decode_event
@@ -179,6 +179,7 @@ class PullSubscription:
 
     async def _run(self, nc: Client) -> None:
         bus, batch = self._bus, self._bus._batch
+        handling(bus)  # the chains it starts inherit the mark
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{bus._stream}.{self.consumer}"
         expires_ns = int(_PULL_EXPIRES * 1e9)
         loop = asyncio.get_running_loop()
@@ -510,10 +511,6 @@ class PullSubscription:
     def busy(self) -> bool:
         return self._handling > 0 or bool(self._chains)
 
-    def owns(self, task: asyncio.Task[Any] | None) -> bool:
-        """Whether ``task`` runs this subscription's handlers."""
-        return task is not None and (task is self._task or task in self._chains)
-
     async def stop(self) -> None:
         """Finish the handler in flight, give the rest back, stop pulling."""
         self._stopping = True
@@ -544,8 +541,8 @@ class PullSubscription:
         if self._cancelled:
             return
         self._cancelled = True
-        if self.owns(asyncio.current_task()):
-            # From its own handler, which the stop would wait for (a deadlock): no more
+        if in_handler(self._bus):
+            # From a handler (or a task one awaits), which the stop may wait for: no more
             # events from now on, the rest once the handler has returned. Until then it
             # stays the bus's, so drain() and close() wait for its acknowledgement.
             self._stopping = True

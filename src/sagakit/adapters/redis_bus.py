@@ -81,6 +81,7 @@ from redis import exceptions as rexc
 
 from sagakit.adapters import redact_url
 from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
+from sagakit.adapters._handlers import spawn
 from sagakit.adapters._redis_consumer import (
     COMMAND_TIMEOUT,
     Pipeliner,
@@ -90,7 +91,6 @@ from sagakit.adapters._redis_consumer import (
     in_handler,
     refuse_in_handler,
     sid,
-    spawn,
     translate,
 )
 from sagakit.adapters._redis_scripts import ACK_DELETE, DEAD_LETTER, PUBLISH, REPLAY

@@ -43,7 +43,11 @@ Semantics every backend gives (the conformance suite in
   listed under the group ``""``.
 - ``close`` stops taking new events, lets the handlers in flight finish and
   acknowledges what they finished; ``publish`` after ``close`` raises
-  :class:`~sagakit.errors.BackendError`.
+  :class:`~sagakit.errors.BackendError`. From a handler, ``close`` returns at
+  once and the bus closes once that handler has returned; another ``close``
+  meanwhile waits for it.
+- ``drain`` from a handler, or from a task a handler started (``wait_for``),
+  raises ``RuntimeError``: it would wait for itself.
 - Ordering: each backend documents what it keeps (for one saga's events, in
   one group, with one consumer, publication order is kept on every backend
   while no delivery fails; a redelivery may overtake later events).
