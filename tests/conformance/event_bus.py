@@ -356,6 +356,24 @@ class EventBusConformance(ABC):
 
     # --- cancelling subscriptions ---------------------------------------------------------
 
+    async def test_after_close_every_method_refuses_as_closed(self) -> None:
+        # The Redis bus's dead_letters() and replay_dead_letter() quietly connected again
+        # after close() (and left the connection open); the memory bus answered too.
+        bus = await self.bus()
+        await bus.subscribe("Tick", recorder([]), group="g")
+        await bus.close()
+        calls = {
+            "publish": lambda: bus.publish(event("Tick")),
+            "subscribe": lambda: bus.subscribe("Tick", recorder([]), group="g"),
+            "dead_letters": lambda: bus.dead_letters("g"),
+            "replay_dead_letter": lambda: bus.replay_dead_letter("g", "1"),
+        }
+        for call in calls.values():  # the one that did not raise: in the traceback
+            with pytest.raises(BackendError, match="closed"):
+                await call()
+        await bus.close()  # again: nothing to do
+        await self.drain(bus)  # nothing left to wait for
+
     async def test_cancel_stops_delivery_to_that_subscription_only(self) -> None:
         async with self.opened() as bus:
             cancelled: list[Event] = []

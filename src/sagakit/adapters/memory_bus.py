@@ -523,11 +523,19 @@ class InMemoryEventBus:
 
     async def dead_letters(self, group: str, *, limit: int = 100) -> Sequence[DeadLetter]:
         check_limit(limit)
+        self._refuse_closed("cannot read dead letters")
         letters = self._broker.dead.get(group, {})
         return [letter for letter, _ in list(letters.values())[:limit]]
 
     async def replay_dead_letter(self, group: str, dead_letter_id: str) -> None:
+        self._refuse_closed("cannot replay a dead letter")
         self._broker.replay(group, dead_letter_id)
+
+    def _refuse_closed(self, what: str) -> None:
+        # As the broker buses, whose connection is gone: the broker may live on in
+        # the other buses of its name, but this bus is done.
+        if self._state is _CLOSED:
+            raise BackendError(self._broker.name, f"the event bus is closed; {what}")
 
     async def close(self) -> None:
         """Stop taking events; handle what was accepted if no other bus shares the broker.

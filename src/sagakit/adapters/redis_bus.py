@@ -93,6 +93,7 @@ from sagakit.adapters._redis_consumer import (
     sid,
     translate,
 )
+from sagakit.adapters._redis_drain import all_settled
 from sagakit.adapters._redis_scripts import ACK_DELETE, DEAD_LETTER, PUBLISH, REPLAY
 from sagakit.core.envelope import decode_event, encode_event
 from sagakit.core.event import Event
@@ -382,6 +383,7 @@ class RedisEventBus:
 
     async def dead_letters(self, group: str, *, limit: int = 100) -> Sequence[DeadLetter]:
         check_limit(limit, least=1)
+        self._refuse_closed("cannot read dead letters")
         try:
             entries = await self._redis.xrange(self._dlq(group), "-", "+", count=limit)
         except rexc.RedisError as exc:
@@ -409,6 +411,7 @@ class RedisEventBus:
         return letters
 
     async def replay_dead_letter(self, group: str, dead_letter_id: str) -> None:
+        self._refuse_closed("cannot replay a dead letter")
         try:
             sid(dead_letter_id)
         except (ValueError, AttributeError) as exc:
@@ -434,6 +437,11 @@ class RedisEventBus:
 
     # Waiting and closing -------------------------------------------------------
 
+    def _refuse_closed(self, what: str) -> None:
+        # Its pool would connect again, quietly, and stay open after close().
+        if self._closed:
+            raise BackendError(self._name, f"the event bus is closed; {what}")
+
     def _signal(self) -> None:
         if self._progress is not None:
             self._progress.set()
@@ -448,8 +456,8 @@ class RedisEventBus:
             published = dict(self._published)
             readers = [*self._readers, *self._retry_readers.values()]
             try:
-                settled = not any(r.busy or r.due for r in readers) and await self._settled(
-                    readers, targets, published
+                settled = not any(r.busy or r.due for r in readers) and await all_settled(
+                    self._redis, self._name, readers, targets, published
                 )
             except BackendUnavailable as exc:
                 # An outage delays the handling, it does not end the wait.
@@ -459,42 +467,6 @@ class RedisEventBus:
                 return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), 0.02)
-
-    async def _settled(
-        self,
-        readers: list[Reader],
-        targets: dict[str, tuple[int, int]],
-        published: dict[str, tuple[int, int]],
-    ) -> bool:
-        """Has every group here read up to its target and acknowledged all it read?"""
-        streams = sorted({r.stream for r in readers})
-        if not streams:
-            return True
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for stream in streams:
-                    pipe.xinfo_groups(stream)
-                    pipe.xrevrange(stream, "+", "-", count=1)
-                replies = await pipe.execute()
-        except rexc.ResponseError:
-            return False  # a stream gone missing: its consumer recreates it
-        except rexc.RedisError as exc:
-            raise translate(exc, self._name, "draining") from exc
-        state: dict[tuple[str, str], tuple[tuple[int, int], int]] = {}
-        for i, stream in enumerate(streams):
-            last = replies[2 * i + 1]
-            # Events published so far: the stream's newest entry when drain began.
-            if stream not in targets:
-                targets[stream] = sid(last[0][0]) if last else (0, 0)
-            targets[stream] = max(targets[stream], published.get(stream, (0, 0)))
-            for info in replies[2 * i]:
-                name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-                state[stream, name] = (sid(info["last-delivered-id"]), int(info["pending"]))
-        for reader in readers:
-            delivered, pending = state.get((reader.stream, reader.group), ((0, 0), 1))
-            if pending or delivered < targets[reader.stream]:
-                return False
-        return True
 
     async def close(self) -> None:
         """Stop reading, let handlers in flight finish and acknowledge them, disconnect.

@@ -42,7 +42,8 @@ Semantics every backend gives (the conformance suite in
   ``dead_letter_id``). The dead letters of a subscription without a group are
   listed under the group ``""``.
 - ``close`` stops taking new events, lets the handlers in flight finish and
-  acknowledges what they finished; ``publish`` after ``close`` raises
+  acknowledges what they finished; ``publish``, ``subscribe``, ``dead_letters``
+  and ``replay_dead_letter`` after ``close`` raise
   :class:`~sagakit.errors.BackendError`. From a handler, ``close`` returns at
   once and the bus closes once that handler has returned; another ``close``
   meanwhile waits for it.
