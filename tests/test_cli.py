@@ -498,3 +498,51 @@ def test_dlq_on_a_broker(server: str, request: pytest.FixtureRequest) -> None:
     cleanup = getattr(request.getfixturevalue(server), "delete_namespace", None)
     if cleanup is not None:  # a shared server: leave nothing behind
         asyncio.run(cleanup(url.rsplit("prefix=", 1)[1]))
+
+
+async def _broker_state(server: str, url: str, prefix: str) -> list[str]:
+    """What the broker holds under ``prefix``: streams, keys, or the events exchange."""
+    if server == "nats_server":
+        import nats
+
+        nc = await nats.connect(url.split("?", 1)[0])
+        try:
+            streams = await nc.jetstream().streams_info()
+        finally:
+            await nc.close()
+        return [s.config.name or "" for s in streams if (s.config.name or "").startswith(prefix)]
+    if server == "redis_server":
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(url.split("?", 1)[0])
+        try:
+            return [k.decode() for k in await client.keys(f"{prefix}*")]
+        finally:
+            await client.aclose()
+    import aio_pika
+    import aiormq.exceptions
+
+    connection = await aio_pika.connect(url.split("?", 1)[0])
+    try:
+        channel = await connection.channel()
+        try:
+            await channel.declare_exchange(f"{prefix}.events", passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return []
+        return [f"exchange {prefix}.events"]
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize("server", ["nats_server", "redis_server", "amqp_server"])
+def test_dlq_list_on_a_broker_with_none_creates_nothing(
+    server: str, request: pytest.FixtureRequest
+) -> None:
+    """A look is read-only: listing made the NATS streams and the RabbitMQ exchange."""
+    base = request.getfixturevalue(server).url
+    prefix = f"look{uuid.uuid4().hex[:12]}"
+    url = f"{base}{'&' if '?' in base else '?'}prefix={prefix}"
+    listed = run("dlq", "list", "--bus", url, "--group", "payment")
+    assert listed.returncode == 0, listed.stderr
+    assert "no dead letters in group 'payment'" in listed.stdout
+    assert asyncio.run(_broker_state(server, base, prefix)) == []

@@ -136,7 +136,7 @@ class Browse:
     async def __aenter__(self) -> Browse:
         await self._bus._browsing.acquire()
         try:
-            link = await self._bus._ready()
+            link = await self._bus._ready(declare=False)  # a look creates nothing
             self._channel = await link.connection.channel(publisher_confirms=False)
             self._queue = await self._channel.declare_queue(self._name, passive=True)
             self._ready = self._queue.declaration_result.message_count or 0
@@ -175,7 +175,7 @@ class Browse:
             self._bus._browsing.release()
 
     async def _settled(self) -> None:
-        link = await self._bus._ready()
+        link = await self._bus._ready(declare=False)
         channel = await link.connection.channel(publisher_confirms=False)
         try:
             async with asyncio.timeout(2.0):

