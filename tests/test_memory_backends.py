@@ -177,6 +177,52 @@ class TestInMemoryEventBus(EventBusConformance):
         assert (letter.event, letter.deliveries) == (sent, 1)
         await bus.close()
 
+    async def test_a_backlog_overrunning_its_bounds_logs_a_bounded_number_of_lines(
+        self, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A detached service's group past its backlog bound buries every further event,
+        # and past the dead letters kept drops the oldest: a line per event (20,000
+        # lines for 130,000 events at the real bounds, made small here).
+        monkeypatch.setattr(memory_bus, "BACKLOG_LIMIT", 100)
+        monkeypatch.setattr(memory_bus, "DEAD_LETTERS_KEPT", 50)
+        bus = InMemoryEventBus()
+        subscription = await bus.subscribe("Tick", recorder([]), group="detached")
+        await subscription.cancel()
+        with caplog.at_level(logging.ERROR, logger="sagakit.bus"):
+            for i in range(2_000):
+                await bus.publish(event("Tick", f"o-{i}"))
+            await self.drain(bus)
+        assert len(caplog.records) <= 2, [r.getMessage() for r in caplog.records[:3]]
+        assert "dropped the oldest" in caplog.records[0].getMessage()
+        # Otherwise as before: the newest dead letters kept, the backlog bounded.
+        letters = await bus.dead_letters("detached", limit=1_000)
+        assert [d.event.saga_id for d in letters][-1] == "o-1999"
+        assert len(letters) == 50
+        await bus.close()
+
+    async def test_handlers_refused_by_a_full_queue_log_a_bounded_number_of_lines(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # Each handler publishing into a queue past twice its capacity fails with
+        # BackendBusy: a line and a traceback per delivery, thousands of them.
+        bus = InMemoryEventBus(capacity=20)
+
+        async def fan_out(e: Event) -> None:
+            for i in range(5):
+                await bus.publish(event("Shipped", e.saga_id, i=i))
+
+        await bus.subscribe("Ordered", fan_out, group="fan", backoff=0.0, max_deliveries=2)
+        await bus.subscribe("Shipped", recorder([]), group="sink")
+        with caplog.at_level(logging.ERROR, logger="sagakit.bus"):
+            for i in range(1_000):
+                await bus.publish(event("Ordered", f"o-{i}"))
+            await self.drain(bus)
+        refused = [f for f in bus.failures if f.error.startswith("BackendBusy")]
+        assert len(refused) > 100, "the queue never overran: the test shows nothing"
+        assert len(caplog.records) <= 2, [r.getMessage() for r in caplog.records[:3]]
+        assert "BackendBusy" in caplog.records[0].getMessage()
+        await bus.close()
+
     async def test_drain_inside_a_handler_raises(self) -> None:
         bus = InMemoryEventBus()
         errors: list[BaseException] = []

@@ -54,6 +54,7 @@ from urllib.parse import parse_qs, urlsplit
 from sagakit.adapters import redact_url
 from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
 from sagakit.adapters._handlers import ENDS_PROCESS, call_handler, forget, spawn
+from sagakit.adapters._log_limits import Aggregated
 from sagakit.core.envelope import decode_event, encode_event
 from sagakit.core.event import Event
 from sagakit.errors import BackendBusy, BackendError, ConfigurationError, DefinitionError
@@ -69,6 +70,8 @@ from sagakit.ports.event_bus import (
 __all__ = ["DeliveryFailure", "InMemoryEventBus"]
 
 log = logging.getLogger("sagakit.bus")
+# A line per event dropped would flood the log when a backlog overruns its bound.
+_dropping = Aggregated(log, logging.ERROR)
 
 DEFAULT_CAPACITY = 10_000
 BACKLOG_LIMIT = 100_000
@@ -358,19 +361,20 @@ class _Broker:
             del self.failures[: FAILURES_KEPT // 2]
         self.failures.append(failure)
         group = consumer.group
-        if deliveries >= consumer.max_deliveries:
-            log.error(
-                "handler %s failed on %s of saga %s (delivery %d of %d), dead-lettered: %s",
-                failure.handler, event.type, event.saga_id, deliveries,
-                consumer.max_deliveries, failure.error, exc_info=exc,
-            )  # fmt: skip
+        dead = deliveries >= consumer.max_deliveries
+        message = "handler %s failed on %s of saga %s (delivery %d of %d)%s: %s"
+        outcome = ", dead-lettered" if dead else ""
+        args = (failure.handler, event.type, event.saga_id, deliveries,
+                consumer.max_deliveries, outcome, failure.error)  # fmt: skip
+        if isinstance(exc, BackendBusy):
+            # A full queue refuses every handler publishing into it, one event after
+            # another, for as long as it stays full.
+            _dropping(f"busy {failure.handler}", message, *args)
+        else:
+            log.error(message, *args, exc_info=exc)
+        if dead:
             self._bury(event, group, deliveries, failure.error)
             return
-        log.error(
-            "handler %s failed on %s of saga %s (delivery %d of %d): %s",
-            failure.handler, event.type, event.saga_id, deliveries,
-            consumer.max_deliveries, failure.error, exc_info=exc,
-        )  # fmt: skip
         if retry_now:
             self.ready.append((event, group, deliveries))
             return
@@ -382,7 +386,8 @@ class _Broker:
         letters = self.dead.setdefault(group.name, {})
         if len(letters) >= DEAD_LETTERS_KEPT:
             oldest = next(iter(letters))
-            log.error("group %r keeps %d dead letters; dropped the oldest, %s",
+            _dropping(f"dead letters of {group.name}",
+                      "group %r keeps %d dead letters; dropped the oldest, %s",
                       group.name, DEAD_LETTERS_KEPT, oldest)  # fmt: skip
             del letters[oldest]
         letter_id = f"dl-{next(self._seq)}"
