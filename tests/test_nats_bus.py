@@ -482,6 +482,43 @@ async def test_attempts_are_recorded_for_redeliveries_and_purged_once_settled(
     assert await records() == []
 
 
+async def test_a_first_delivery_running_long_is_recorded_while_it_runs(
+    bus: NatsEventBus,
+) -> None:
+    """Past 60% of ack_timeout a first delivery's attempt is written (a handler that
+    hangs then counts); one that still returns has it purged, one that fails counts 1."""
+    assert bus._js is not None
+    js, stream = bus._js, f"{bus.prefix}-attempts"
+
+    async def records() -> list[int]:
+        found, seq = [], 1
+        while True:
+            try:
+                raw = await js.get_msg(stream, seq, subject=f"{bus.prefix}.attempts.>", next=True)
+            except nats.js.errors.NotFoundError:
+                return found
+            found.append(json.loads(raw.data or b"")["n"])
+            seq = (raw.seq or seq) + 1
+
+    seen: list[list[int]] = []
+
+    async def slow(e: Event) -> None:
+        await asyncio.sleep(0.5)  # of an ack_timeout of 0.6 s
+        seen.append(await records())
+        if e["n"] == 1 and len(seen) == 2:
+            raise ValueError("fails")
+
+    await bus.subscribe("Job", slow, group="w", ack_timeout=0.6, backoff=0.01)
+    await bus.publish(event("Job", n=0))
+    await bus.drain()
+    assert seen == [[1]]
+    assert await records() == [], "purged with the ack"
+    await bus.publish(event("Job", n=1))
+    await bus.drain()
+    assert seen[1:] == [[1], [2]], "its failure counted once, then its redelivery's start"
+    assert await records() == []
+
+
 @pytest.mark.parametrize("attempt", range(3))  # it was a race: lost about one time in three
 async def test_events_queued_behind_a_handler_at_close_go_back_at_once(
     nats_server: NatsServer, attempt: int
@@ -582,7 +619,9 @@ async def test_an_event_whose_handler_kills_every_consumer_is_dead_lettered(
 
     publisher = await NatsEventBus.connect(url)
     try:
-        await publisher.subscribe("Job", hang, group="w", max_deliveries=2, ack_timeout=0.3)
+        # ack_timeout leaves time to kill the bus before 60% of it, when a running
+        # first delivery's attempt is written (a hang, not a death, would count).
+        await publisher.subscribe("Job", hang, group="w", max_deliveries=2, ack_timeout=1.0)
         await publisher.publish(event("Job"))
         dying = publisher
         for _ in range(3):
@@ -591,7 +630,7 @@ async def test_an_event_whose_handler_kills_every_consumer_is_dead_lettered(
             held.clear()
             await _kill(dying)
             dying = await NatsEventBus.connect(url)
-            await dying.subscribe("Job", hang, group="w", max_deliveries=2, ack_timeout=0.3)
+            await dying.subscribe("Job", hang, group="w", max_deliveries=2, ack_timeout=1.0)
         for _ in range(200):
             if await dying.dead_letters("w"):
                 break

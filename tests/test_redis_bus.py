@@ -526,7 +526,9 @@ async def test_an_event_that_kills_every_consumer_ends_in_the_dead_letters(buses
         await asyncio.sleep(3600)
 
     first = buses()
-    await first.subscribe("Job", hang, group="w", max_deliveries=2, ack_timeout=0.2)
+    # ack_timeout leaves time to kill the bus before 60% of it, when a running new
+    # entry's attempt is counted (a hang, not a death, would count).
+    await first.subscribe("Job", hang, group="w", max_deliveries=2, ack_timeout=1.0)
     await first.publish(event("Job"))
     for _ in range(3):
         async with asyncio.timeout(TIMEOUT):
@@ -536,7 +538,7 @@ async def test_an_event_that_kills_every_consumer_ends_in_the_dead_letters(buses
         await dying._abort()
         buses.open.remove(dying)
         successor = buses()
-        await successor.subscribe("Job", hang, group="w", max_deliveries=2, ack_timeout=0.2)
+        await successor.subscribe("Job", hang, group="w", max_deliveries=2, ack_timeout=1.0)
     for _ in range(200):
         if await successor.dead_letters("w"):
             break
@@ -570,6 +572,32 @@ async def test_attempts_are_counted_in_a_hash_and_dropped_once_settled(
     assert seen[1] == [[], [2]], "nothing on the first delivery; 1 failure + this start"
     assert seen[2] == [[], [2]]
     assert len(await bus.dead_letters("w")) == 1
+    assert await raw.exists(ledger) == 0
+
+
+async def test_a_new_entry_running_long_is_counted_while_it_runs(
+    buses: Buses, raw: aioredis.Redis
+) -> None:
+    """Past 60% of ack_timeout a new entry's attempt is counted (a handler that hangs then
+    counts); one that still returns has it dropped, one that fails counts once."""
+    bus = buses()
+    ledger = f"{buses.prefix}:attempts:w"
+    seen: list[list[int]] = []
+
+    async def slow(e: Event) -> None:
+        await asyncio.sleep(0.5)  # of an ack_timeout of 0.6 s
+        seen.append(sorted(int(v) for v in (await raw.hgetall(ledger)).values()))
+        if e["n"] == 1 and len(seen) == 2:
+            raise ValueError("fails")
+
+    await bus.subscribe("Job", slow, group="w", ack_timeout=0.6, backoff=0.01)
+    await bus.publish(event("Job", n=0))
+    await drain(bus)
+    assert seen == [[1]]
+    assert await raw.exists(ledger) == 0, "dropped with the ack"
+    await bus.publish(event("Job", n=1))
+    await drain(bus)
+    assert seen[1:] == [[1], [2]], "its failure counted once, then its redelivery's start"
     assert await raw.exists(ledger) == 0
 
 

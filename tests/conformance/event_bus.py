@@ -882,6 +882,36 @@ class EventBusConformance(ABC):
         assert ids(fine) == [sent.event_id]
         assert list(await bus.dead_letters("inventory")) == []
 
+    async def test_a_handler_that_hangs_counts_from_the_first_delivery(self) -> None:
+        # A delivery whose handler did not finish within ack_timeout counts towards
+        # max_deliveries, as a failed one does. NATS and Redis counted it only from the
+        # event's second delivery: max_deliveries + 1 handlers started before the
+        # dead letter (memory and RabbitMQ: max_deliveries).
+        release = asyncio.Event()
+        starts: list[str] = []
+        buses = [await self.bus() for _ in range(3)]  # a hung handler holds its consumer
+
+        async def hang(e: Event) -> None:
+            starts.append(e.event_id)
+            await release.wait()
+
+        try:
+            for bus in buses:
+                await bus.subscribe(
+                    "Job",
+                    hang,
+                    group="g",
+                    max_deliveries=2,
+                    ack_timeout=self.ack_timeout,
+                    backoff=self.backoff,
+                )
+            await buses[0].publish(event("Job"))
+            await self.dead_letters_of(buses[0], "g", 1)
+            (letter,) = await buses[0].dead_letters("g")
+            assert (len(starts), letter.deliveries) == (2, 2), (starts, letter)
+        finally:
+            release.set()
+
     async def test_dead_letters_are_listed_oldest_first_up_to_the_limit(self) -> None:
         bus = await self.bus()
 

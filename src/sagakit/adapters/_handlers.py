@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from contextvars import ContextVar
 from types import CoroutineType
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "ENDS_PROCESS",
@@ -55,10 +55,11 @@ def refuse_in_handler(bus: object, what: str = "drain()") -> None:
         raise RuntimeError(f"{what} inside an event handler would wait for itself")
 
 
+_T = TypeVar("_T")
 _SPAWNED: set[asyncio.Task[Any]] = set()
 
 
-def spawn(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+def spawn(work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
     """Run ``work`` in a task of its own, kept until done (a stop a handler asked for)."""
     task = asyncio.get_running_loop().create_task(work)
     _SPAWNED.add(task)

@@ -9,16 +9,18 @@ the stream ``<prefix>-attempts``: at most one message per subject
 ``<prefix>.attempts.<consumer>.<stream sequence>``, JSON ``{"n": count,
 "error": last error}``, kept at most ``max_age``.
 
-An event's first delivery (``num_delivered`` 1) costs nothing here: its attempt
-is recorded only if its handler fails. A redelivery reads its record; unless
-``max_deliveries`` attempts are behind it, one more is recorded before its
-handler runs, so a handler that dies with its process (or overruns
-``ack_timeout``) counts from the event's second delivery on. The record is
+An event's quick first delivery (``num_delivered`` 1) costs nothing here: its
+attempt is recorded only if its handler fails, or still runs at 60% of
+``ack_timeout`` (so a hung one counts, before the server hands the event to
+another consumer). A redelivery reads its record; unless ``max_deliveries``
+attempts are behind it, one more is recorded before its handler runs, so a
+handler that dies with its process counts from the event's second delivery on. The record is
 purged once the event is acknowledged or dead-lettered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import TYPE_CHECKING
@@ -30,7 +32,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 if TYPE_CHECKING:
     from sagakit.adapters.nats_bus import NatsEventBus
 
-__all__ = ["NO_STREAM", "Attempts", "stream_sequence"]
+__all__ = ["NO_STREAM", "Attempts", "EarlyAttempt", "stream_sequence"]
 
 log = logging.getLogger("sagakit.bus.nats")
 
@@ -122,3 +124,22 @@ class Attempts:
             await js.purge_stream(self.stream, subject=self._subject(consumer, seq))
         except Exception as exc:  # it expires at max_age anyway
             log.debug("purging the attempts of %s #%d: %r", consumer, seq, exc)
+
+
+class EarlyAttempt:
+    """A first delivery's attempt, written while its handler runs (its consumer's
+    ``_keep_pending``)."""
+
+    __slots__ = ("closed", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False  # the handler is done: too late to begin
+
+    async def written(self) -> bool:
+        """Whether it was written (once the write is done); none begins after this."""
+        self.closed = True
+        if self.task is None:
+            return False
+        await asyncio.wait([self.task])
+        return True

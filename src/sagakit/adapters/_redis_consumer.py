@@ -191,6 +191,10 @@ class Reader:
         self.ledger = bus._attempts_key(group)
         # failed entry -> (retry time, its backoff in ms)
         self.due: dict[bytes, tuple[float, int]] = {}
+        # New entries whose attempt is counted while their handler runs (_count_early),
+        # and those acknowledged meanwhile, whose field goes with the ack.
+        self.early: dict[bytes, asyncio.Task[int]] = {}
+        self.counted: set[bytes] = set()
         self.next_sweep = 0.0
         self.task: asyncio.Task[None] | None = None
 
@@ -265,6 +269,9 @@ class Reader:
         commands: list[tuple[Any, ...]] = []
         if acks and not self.delete_acked:
             commands.append(("XACK", self.stream, self.group, *acks))
+            if counted := [self.attempt(eid) for eid in acks if eid in self.counted]:
+                self.counted.difference_update(acks)
+                commands.append(("HDEL", self.ledger, *counted))
         elif acks:
             await self._ack(acks)
         read = ("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", BATCH)
@@ -289,8 +296,10 @@ class Reader:
             await self.bus._ack_delete(keys=[self.stream], args=[self.group, *ids])
         else:
             await self.bus._redis.xack(self.stream, self.group, *ids)
-        if claimed:
-            await self.bus._redis.hdel(self.ledger, *(self.attempt(eid) for eid in ids))
+        counted = [eid for eid in ids if claimed or eid in self.counted]
+        self.counted.difference_update(ids)
+        if counted:
+            await self.bus._redis.hdel(self.ledger, *(self.attempt(eid) for eid in counted))
 
     def attempt(self, eid: bytes) -> bytes:
         """The entry's field in the group's attempts."""
@@ -304,9 +313,9 @@ class Reader:
         crash-looping service would dead-letter events no handler tried. So the
         attempts are counted here, in a hash per group: a redelivered entry's
         start before its handler runs (so a handler that dies with its process
-        counts), a new entry's only when its handler fails (new entries cost
-        nothing). The field is dropped once the entry is acknowledged or
-        dead-lettered.
+        counts), a new entry's only when its handler fails or runs past 60% of
+        ``ack_timeout`` (a hung one counts; quick ones cost nothing). The field is
+        dropped once the entry is acknowledged or dead-lettered.
         """
         return int(await self.bus._redis.hincrby(self.ledger, self.attempt(eid), 1))
 
@@ -412,7 +421,7 @@ class Reader:
                     self._later(eid, n, DEFAULT_BACKOFF)
                 continue
             # A redelivery's start is counted before its handler runs; a new entry
-            # is its first attempt, counted only if it fails (attempts()).
+            # is its first attempt, counted only if it fails or runs long (attempts()).
             n = await self.attempts(eid) if again else 1
             if n > subscription.max_deliveries:
                 # Its handler was started that many times and never finished: a
@@ -423,25 +432,34 @@ class Reader:
                 )
                 await self.bus._dead_letter(self, eid, data, reason, n - 1)
                 continue
+            loop, wait = asyncio.get_running_loop(), subscription.ack_timeout
+            early = None if again else loop.call_later(0.6 * wait, self._count_early, eid)
+            error: BaseException | None = None
             try:
                 await _call(subscription.handler, event)
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise
-                error: BaseException = exc
+                error = exc
             except ENDS_PROCESS:
                 raise
             except BaseException as exc:
                 error = exc
-            else:
+            finally:
+                if early is not None:
+                    early.cancel()
+            counted = await self._counted_early(eid)
+            if error is None:
                 acks.append(eid)
+                if counted:
+                    self.counted.add(eid)
                 continue
             reason = f"{type(error).__name__}: {error}"
             if n >= subscription.max_deliveries:
                 await self.bus._dead_letter(self, eid, data, reason, n)
             else:
-                if not again:
+                if not again and not counted:
                     await self.attempts(eid)  # the first attempt, counted now it failed
                 log.info(
                     "redis %s: %s failed delivery %d of %s: %s",
@@ -452,6 +470,17 @@ class Reader:
                     reason,
                 )
                 self._later(eid, n, subscription.backoff)
+
+    def _count_early(self, eid: bytes) -> None:
+        # Counted before another consumer's sweep claims the entry (and counts that
+        # start): a handler that hangs counts from its first delivery.
+        self.early[eid] = spawn(self.attempts(eid))
+
+    async def _counted_early(self, eid: bytes) -> bool:
+        """Whether the entry's first attempt was counted while its handler ran (done)."""
+        if (task := self.early.pop(eid, None)) is not None:
+            await asyncio.wait([task])
+        return task is not None
 
     def _later(self, eid: bytes, deliveries: int, backoff: float) -> None:
         wait = retry_delay(backoff, deliveries)

@@ -31,8 +31,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js.api import ConsumerConfig
 
-from sagakit.adapters._handlers import ENDS_PROCESS, forget, handling, in_handler
-from sagakit.adapters._nats_attempts import NO_STREAM, stream_sequence
+from sagakit.adapters._handlers import ENDS_PROCESS, forget, handling, in_handler, spawn
+from sagakit.adapters._nats_attempts import NO_STREAM, EarlyAttempt, stream_sequence
 from sagakit.adapters._nats_dead_letters import dead_letter_message
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
@@ -367,9 +367,11 @@ class PullSubscription:
         if started - self._kept_at >= self.ack_timeout / 3:
             self._keep(started)
         keeper: list[asyncio.TimerHandle] = []  # this handler's timer, as it is renewed
+        early = EarlyAttempt()
+        early.closed = again  # a redelivery's attempt is written before it runs
         keeper.append(
             asyncio.get_running_loop().call_later(
-                self.ack_timeout / 3, self._keep_pending, started, keeper
+                self.ack_timeout / 3, self._keep_pending, started, keeper, msg, early
             )
         )
         try:
@@ -385,24 +387,31 @@ class PullSubscription:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # we are being cancelled, not the handler failing
-            await self._failed(msg, event, exc, deliveries, again)
+            await self._failed(msg, event, exc, deliveries, again, await early.written())
         except ENDS_PROCESS:
             raise
         except BaseException as exc:
-            await self._failed(msg, event, exc, deliveries, again)
+            await self._failed(msg, event, exc, deliveries, again, await early.written())
         else:
+            counted = await early.written()
             try:
                 await msg.ack()
             except nats.errors.Error as exc:
                 log.warning("ack of %s failed (%s): it will come again", event.type, describe(exc))
             else:
-                if again:
+                if again or counted:
                     await self._bus._attempts.forget(self.consumer, stream_sequence(msg.reply))
         finally:
             self._handling -= 1
             keeper[0].cancel()
 
-    def _keep_pending(self, started: float, keeper: list[asyncio.TimerHandle]) -> None:
+    def _keep_pending(
+        self,
+        started: float,
+        keeper: list[asyncio.TimerHandle],
+        msg: Msg,
+        early: EarlyAttempt,
+    ) -> None:
         """While a handler runs, keep the events queued behind it ours (in-progress acks).
 
         Without this, a slow handler would let the ack timeout of the events it
@@ -410,18 +419,35 @@ class PullSubscription:
         towards the dead letters though no handler failed. A handler that runs
         past the ack timeout is presumed stuck: its queue is no longer kept, so
         the group's other consumers get those events.
+
+        A first delivery's handler still running at 60% of the ack timeout (the
+        tick at two thirds) has its attempt written then, before the server hands
+        the event to another consumer, so that a handler that hangs counts from
+        its first delivery, as on the other buses (``early`` holds the write; a
+        handler that then returns has it purged with its ack).
         """
         now = time.monotonic()
+        if not early.closed and early.task is None and now - started >= self.ack_timeout * 0.6:
+            record = self._bus._attempts.record
+            seq = stream_sequence(msg.reply)
+            early.task = spawn(record(self.consumer, seq, 1, self._unfinished(1)))
         if now - started >= self.ack_timeout:
             return
         self._keep(now)
         keeper[0] = asyncio.get_running_loop().call_later(
-            self.ack_timeout / 3, self._keep_pending, started, keeper
+            self.ack_timeout / 3, self._keep_pending, started, keeper, msg, early
         )
 
     async def _failed(
-        self, msg: Msg, event: Event, exc: BaseException, deliveries: int, again: bool
+        self,
+        msg: Msg,
+        event: Event,
+        exc: BaseException,
+        deliveries: int,
+        again: bool,
+        early: bool = False,
     ) -> None:
+        """``early``: the attempt of this first delivery was written while it ran."""
         log.warning(
             "handler of %s (group %r) failed on %s of saga %s, delivery %d: %s",
             self.event_type,
@@ -433,7 +459,8 @@ class PullSubscription:
             exc_info=exc,
         )
         if deliveries >= self.max_deliveries:
-            await self._dead_letter(msg, event, describe(exc), deliveries, counted=again)
+            counted = again or early
+            await self._dead_letter(msg, event, describe(exc), deliveries, counted=counted)
             return
         if not again:  # a first delivery's attempt is recorded only now, as it failed
             await self._bus._attempts.record(

@@ -28,8 +28,9 @@ with that min-idle time). A consumer that dies holding events loses them after
 ``XPENDING IDLE`` and ``XCLAIM``. Failures are counted in the attempts hash,
 not by Redis's delivery count, which counts every claim, also of entries a
 dead consumer had read and never started: a new entry's attempt is counted
-if its handler fails, a claimed entry's before its handler runs (so a handler
-that dies with its process counts from the entry's second delivery on). After
+if its handler fails or still runs at 60% of ``ack_timeout`` (a hung one),
+a claimed entry's before its handler runs (so a handler that dies with its
+process counts from the entry's second delivery on). After
 ``max_deliveries`` the event goes to the dead letters and is acknowledged in
 one Lua script, atomic as a ``MULTI`` would be. A group created by its first
 ``subscribe`` starts at the stream's end (``$``); from then on it keeps what

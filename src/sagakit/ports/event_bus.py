@@ -31,11 +31,10 @@ Semantics every backend gives (the conformance suite in
   delivery counts when its handler raised or did not finish within
   ``ack_timeout``; events a consumer held without having started them
   (fetched ahead, given back at ``close``, lost with a dead process) do not,
-  so a service restarted often with a backlog dead-letters nothing. (An
-  unfinished handler, hung or dying with its process, counts from its event's
-  second delivery on NATS and Redis, from the first in memory; on RabbitMQ a
-  hung handler is cancelled and counts, one dying with its process does not:
-  see ``docs/event-buses.md``.) :meth:`EventBus.dead_letters` lists them and
+  so a service restarted often with a backlog dead-letters nothing. (A hung
+  handler counts on every bus; one dying with its process counts from its
+  event's second delivery on NATS and Redis, from the first in memory, not on
+  RabbitMQ: see ``docs/event-buses.md``.) :meth:`EventBus.dead_letters` lists them and
   :meth:`EventBus.replay_dead_letter` delivers one again, to that group only,
   and removes it from the dead letters. Replaying an id the group does not
   hold raises :class:`~sagakit.errors.DefinitionError` (field
