@@ -175,12 +175,13 @@ async def test_errors_name_the_url_without_its_password() -> None:
 
 
 @pytest.mark.parametrize(
-    "event_type", ["order.placed", "a b", ">", "Ünïcode", "x" * 300, "~Kg", "*.*"]
+    "event_type", ["order.placed", "a b", ">", "a.>", "Ünïcode", "x" * 255, "~Kg", "-.-"]
 )
-async def test_any_event_type_and_group_travels(bus: NatsEventBus, event_type: str) -> None:
+async def test_any_event_type_the_buses_take_travels(bus: NatsEventBus, event_type: str) -> None:
+    # Not plain subject tokens: written as base64 on the subject, none taken for another.
     exact: list[Event] = []
     other: list[Event] = []
-    await bus.subscribe(event_type, recorder(exact), group=f"g.{event_type}")
+    await bus.subscribe(event_type, recorder(exact), group="g.exact-1_x")
     await bus.subscribe("OrderPlaced", recorder(other), group="g")
     sent = event(event_type)
     await bus.publish(sent)
@@ -190,18 +191,19 @@ async def test_any_event_type_and_group_travels(bus: NatsEventBus, event_type: s
     assert [e.type for e in other] == ["OrderPlaced"]
 
 
-async def test_a_name_too_long_for_a_subject_is_refused_and_the_connection_stays(
+async def test_a_name_too_long_is_refused_and_the_connection_stays(
     bus: NatsEventBus,
 ) -> None:
     # A subject past the server's control line (4 KB) used to be sent: the server closed
     # the connection (every subscription with it) and the publish timed out as
-    # BackendUnavailable, retryable, so a retry knocked the connection down again.
+    # BackendUnavailable, retryable, so a retry knocked the connection down again. The
+    # buses' common limit (255 bytes) now refuses such names long before.
     got: list[Event] = []
     await bus.subscribe("Tick", recorder(got), group="g")
-    longest = "x" * 3000
+    longest = "é" * 127  # 254 bytes, base64 on the subject
     await bus.subscribe(longest, recorder(got), group="g")
     await bus.publish(event(longest))
-    for name in ("x" * 3001, "é" * 1200):  # é: 2 bytes, base64 on the subject
+    for name in ("x" * 3001, "é" * 1200):
         with pytest.raises(DefinitionError, match="event_type"):
             await bus.subscribe(name, recorder(got), group="g")
         with pytest.raises(DefinitionError, match="group"):

@@ -374,6 +374,34 @@ class EventBusConformance(ABC):
         await bus.close()  # again: nothing to do
         await self.drain(bus)  # nothing left to wait for
 
+    async def test_names_are_taken_and_refused_alike_on_every_bus(self) -> None:
+        # The rules differed: RabbitMQ refused groups with a space or over 64 characters
+        # and types with '*', '#' or over 255 bytes; NATS took types up to 3,000
+        # characters; memory and Redis took anything non-blank. One rule now, RabbitMQ's
+        # (a name one bus takes, every bus takes), refused naming the field.
+        bus = await self.bus()
+        taken = ["order.placed", "Commande passée ✓", "a b", ">", "~Kg", "T" * 255, "é" * 127]
+        got: list[Event] = []
+        for i, event_type in enumerate(taken):
+            await bus.subscribe(event_type, recorder(got), group=f"g-{i}.x_y")
+        sent = [event(t) for t in taken]
+        for e in sent:
+            await bus.publish(e)
+        await self.drain(bus)
+        assert sorted(ids(got)) == sorted(ids(sent))
+        for bad_type in ("T" * 256, "é" * 128, "a*", "orders.#", "a\nb", "\x00"):
+            with pytest.raises(DefinitionError) as refused:
+                await bus.subscribe(bad_type, recorder(got), group="g")
+            assert refused.value.field == "event_type", bad_type
+            with pytest.raises(DefinitionError) as refused:
+                await bus.publish(event(bad_type))
+            assert refused.value.field == "type", bad_type
+        for bad_group in ("", " ", "a b", "x" * 65, "ü", "a/b", "a:b"):
+            with pytest.raises(DefinitionError) as refused:
+                await bus.subscribe("Tick", recorder(got), group=bad_group)
+            assert refused.value.field == "group", bad_group
+        await bus.subscribe("Tick", recorder(got), group="x" * 64)
+
     async def test_cancel_stops_delivery_to_that_subscription_only(self) -> None:
         async with self.opened() as bus:
             cancelled: list[Event] = []

@@ -12,16 +12,52 @@ from typing import Any
 
 from sagakit.core.event import Event
 from sagakit.errors import BackendRefused, DefinitionError
-from sagakit.ports.event_bus import stamped
+from sagakit.ports.event_bus import ALL_EVENTS, stamped
 
-__all__ = ["check_limit", "check_server_version", "check_subscribe", "publishable"]
+__all__ = [
+    "GROUP",
+    "check_event_type",
+    "check_limit",
+    "check_server_version",
+    "check_subscribe",
+    "publishable",
+]
+
+
+# The names every bus takes: the strictest broker's (RabbitMQ's), so that a name one
+# bus takes, every bus takes. A group names queues (AMQP: 255 bytes with the prefix,
+# type and punctuation); an event type is a routing key (a 255-byte short string)
+# where '*' and '#' are wildcards.
+GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_TYPE_BYTES = 255
+
+
+def check_event_type(event_type: object, field: str, *, subscribing: bool = False) -> None:
+    """Refuse an event type some bus cannot carry (``"*"`` is every type, to subscribe)."""
+    if not isinstance(event_type, str) or not event_type:
+        raise DefinitionError(field, f"must be a non-empty string, got {event_type!r}")
+    if subscribing and event_type == ALL_EVENTS:
+        return
+    shown = repr(event_type[:40]) + ("..." if len(event_type) > 40 else "")
+    if "*" in event_type or "#" in event_type:
+        raise DefinitionError(field, f"{shown}: '*' and '#' are wildcards, not in a type")
+    if not event_type.isprintable():
+        raise DefinitionError(field, f"{shown}: no control characters or line breaks")
+    try:
+        size = len(event_type.encode())
+    except UnicodeEncodeError:
+        raise DefinitionError(field, f"{shown} is not valid Unicode") from None
+    if size > MAX_TYPE_BYTES:
+        raise DefinitionError(field, f"{shown} is {size} bytes of UTF-8; at most {MAX_TYPE_BYTES}")
 
 
 def publishable(event: object) -> Event:
-    """The event ``publish`` sends: anything but an Event is refused; one without
-    an id or a time is stamped (the port's contract: :func:`stamped`)."""
+    """The event ``publish`` sends: anything but an Event is refused, as is a type some
+    bus cannot carry (field ``type``); one without an id or a time is stamped (the
+    port's contract: :func:`stamped`)."""
     if not isinstance(event, Event):
         raise DefinitionError("event", f"must be an Event, got {type(event).__name__}")
+    check_event_type(event.type, "type")
     return stamped(event)
 
 
@@ -34,8 +70,7 @@ def check_subscribe(
     backoff: object,
 ) -> tuple[float, float]:
     """Refuse ``subscribe`` arguments no bus can honour; ``(ack_timeout, backoff)`` as floats."""
-    if not isinstance(event_type, str) or not event_type:
-        raise DefinitionError("event_type", "must be a non-empty string")
+    check_event_type(event_type, "event_type", subscribing=True)
     if not callable(handler):
         raise DefinitionError("handler", "must be a function or coroutine function")
     # Calling one only makes a generator: its body would never run, and every event
@@ -44,9 +79,10 @@ def check_subscribe(
         raise DefinitionError(
             "handler", f"{handler!r} is a generator function (a yield in it?): it would never run"
         )
-    # A blank group would name a queue, a stream key or a consumer nobody can tell apart.
-    if group is not None and (not isinstance(group, str) or not group.strip()):
-        raise DefinitionError("group", f"must be a non-empty string, or None; got {group!r}")
+    if group is not None and (not isinstance(group, str) or not GROUP.fullmatch(group)):
+        raise DefinitionError(
+            "group", f"{group!r}: 1 to 64 letters, digits, '.', '-' or '_' (or None)"
+        )
     if type(max_deliveries) is not int or max_deliveries < 1:  # bool is not a count
         raise DefinitionError(
             "max_deliveries", f"must be a positive integer, got {max_deliveries!r}"

@@ -114,7 +114,7 @@ from sagakit.adapters._amqp_delivery import (
     short,
     translate,
 )
-from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
+from sagakit.adapters._bus_checks import GROUP, check_limit, check_subscribe, publishable
 from sagakit.adapters._handlers import in_handler, refuse_in_handler, spawn
 from sagakit.core.envelope import encode_event
 from sagakit.core.event import Event
@@ -141,7 +141,6 @@ log = logging.getLogger("sagakit.bus.amqp")
 
 _PREFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # No ":" in a group: it separates the group from the type in a queue's name.
-_GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _TYPE_IN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,120}")
 
 
@@ -367,8 +366,6 @@ class AmqpEventBus:
         event = publishable(event)
         if self._state in ("closed", "dead"):
             raise BackendError(self.where, f"the event bus is closed; {event.type} not published")
-        if not short(event.type):
-            raise BackendRefused(self.where, f"event type {event.type[:40]!r}... is over 255 bytes")
         message = aio_pika.Message(
             encode_event(event),
             content_type="application/json",
@@ -415,14 +412,6 @@ class AmqpEventBus:
         ack_timeout, backoff = check_subscribe(
             event_type, handler, group, max_deliveries, ack_timeout, backoff
         )
-        if event_type != ALL_EVENTS and ("*" in event_type or "#" in event_type):
-            raise DefinitionError("event_type", "'*' and '#' are wildcards on RabbitMQ")
-        if group is not None and not _GROUP.fullmatch(group):
-            raise DefinitionError(
-                "group", f"{group!r}: 1 to 64 letters, digits, '.', '-' or '_' on RabbitMQ"
-            )
-        if not short(event_type):
-            raise DefinitionError("event_type", "over 255 bytes, the longest routing key")
         owner = f"@{os.urandom(8).hex()}" if group is None else group
         queue = f"{self.prefix}.{owner}:{_queue_part(event_type)}"
         consumer = Consumer(
@@ -439,7 +428,7 @@ class AmqpEventBus:
         """The name of the group's dead-letter queue (``""``: subscriptions without a group)."""
         if group == "":
             return f"{self.prefix}.dlq"
-        if not isinstance(group, str) or not _GROUP.fullmatch(group):
+        if not isinstance(group, str) or not GROUP.fullmatch(group):
             raise DefinitionError("group", f"{group!r} is not a group name")
         return f"{self.prefix}.{group}.dlq"
 

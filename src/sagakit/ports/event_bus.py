@@ -7,6 +7,10 @@ Semantics every backend gives (the conformance suite in
   (``timestamp=0``) with a fresh id and the current time (:func:`stamped`),
   before anything is sent: the copies a bus stores, retries and redelivers all
   carry that id. It keeps an id or a time the event has.
+- Names are the same on every bus: a group is 1 to 64 letters, digits, ``.``,
+  ``-`` or ``_``; an event type at most 255 bytes of UTF-8, without ``*``,
+  ``#`` or control characters (``"*"`` alone subscribes to every type). Others
+  raise :class:`~sagakit.errors.DefinitionError` naming the field.
 - ``publish`` returns once the bus has durably accepted the event (a JetStream
   ack, a RabbitMQ publisher confirm, a Redis ``XADD`` reply, the in-process
   queue's slot) and raises :class:`~sagakit.errors.BackendError` otherwise: an
