@@ -181,27 +181,49 @@ def test_a_node_started_with_stdout_closed_says_so() -> None:
     assert b"closed" in proc.stderr
 
 
-def test_bad_options_are_refused_with_a_message() -> None:
-    proc = subprocess.run(
-        [*MAIN, "--max-sagas", "0"], input=b"", capture_output=True, timeout=20, cwd=REPO
-    )
-    assert proc.returncode != 0
-    assert b"max-sagas" in proc.stderr
+_SAGAKIT_NODE = [sys.executable, "-m", "sagakit.cli", "node"]
 
 
-def test_an_unknown_log_level_is_refused_in_one_line() -> None:
-    # logging.basicConfig raised ValueError: a traceback instead of a message.
+@pytest.mark.parametrize("command", [MAIN, _SAGAKIT_NODE], ids=["main.py", "sagakit node"])
+@pytest.mark.parametrize(
+    ("argv", "environ", "named"),
+    [
+        (["--max-sagas", "x"], {}, "--max-sagas"),
+        (["--max-sagas", "0"], {}, "--max-sagas"),
+        (["--max-line", "-5"], {}, "--max-line"),
+        (["--retry-for", "-1"], {}, "--retry-for"),
+        (["--retry-for", "nan"], {}, "--retry-for"),
+        (["--owner", "x" * 1025], {}, "--owner"),
+        (["--no-such-option"], {}, "--no-such-option"),
+        (["--max-sagas"], {}, "--max-sagas"),
+        ([], {"SAGAKIT_MAX_SAGAS": "x"}, "SAGAKIT_MAX_SAGAS"),
+        ([], {"SAGAKIT_MAX_LINE": "0"}, "SAGAKIT_MAX_LINE"),
+        ([], {"SAGAKIT_RETRY_FOR": "-1"}, "SAGAKIT_RETRY_FOR"),
+        ([], {"SAGAKIT_OWNER": "é" * 513}, "SAGAKIT_OWNER"),
+        ([], {"SAGAKIT_LOG": "verbose"}, "SAGAKIT_LOG"),
+    ],
+)
+def test_a_bad_setting_is_a_usage_error(
+    command: list[str], argv: list[str], environ: dict[str, str], named: str
+) -> None:
+    """Exit status 2, a usage line and one error line naming what was wrong, as argparse
+    does for an unknown option: a bad value was status 1, told apart from nothing."""
     proc = subprocess.run(
-        MAIN,
+        [*command, *argv],
         input=b"",
         capture_output=True,
         timeout=20,
         cwd=REPO,
-        env={**os.environ, "SAGAKIT_LOG": "verbose"},
+        env={**os.environ, "COLUMNS": "40", **environ},
     )
-    assert proc.returncode == 1
-    assert b"Traceback" not in proc.stderr
-    assert b"SAGAKIT_LOG must be debug, info, warning, error or critical" in proc.stderr
+    err = proc.stderr.decode().splitlines()
+    prog = "python3 main.py" if command is MAIN else "sagakit node"
+    assert proc.returncode == 2, err
+    assert proc.stdout == b""
+    assert len(err) == 2, err
+    assert err[0].startswith(f"usage: {prog} "), err
+    assert err[1].startswith(f"{prog}: error: "), err
+    assert named in err[1], err
 
 
 def test_settings_from_arguments_then_environment() -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from sagakit.adapters.postgres_log import PostgresSagaLog
 from sagakit.core.records import SagaFinished, SagaStatus, StepStarted
-from sagakit.node.runner import parse_settings
+from sagakit.node.runner import UsageError, parse_settings
 from tests.servers.postgres import PrivatePostgres
 from tests.test_node import MAIN, REPO, execute
 
@@ -129,9 +129,9 @@ def test_a_store_that_goes_down_is_answered_code_11_and_served_again_once_back(
 
 @pytest.mark.parametrize("raw", ["nan", "-1", "abc", "inf", "86401"])
 def test_a_retry_window_that_is_not_seconds_is_refused_at_start(raw: str) -> None:
-    with pytest.raises(SystemExit, match="retry-for must be seconds from 0 to 86400"):
+    with pytest.raises(UsageError, match="retry-for must be seconds from 0 to 86400"):
         parse_settings(["--retry-for", raw], {})
-    with pytest.raises(SystemExit, match="retry-for must be seconds from 0 to 86400"):
+    with pytest.raises(UsageError, match="SAGAKIT_RETRY_FOR must be seconds from 0 to 86400"):
         parse_settings([], {"SAGAKIT_RETRY_FOR": raw})
 
 

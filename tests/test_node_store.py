@@ -22,7 +22,7 @@ from sagakit.core.records import (
     StepStarted,
 )
 from sagakit.core.saga import NO_INPUT
-from sagakit.node.runner import parse_settings
+from sagakit.node.runner import UsageError, parse_settings
 from sagakit.ports.saga_log import LoggedRecord, SagaSummary
 from tests.test_node import MAIN, REPO, execute, run_node
 
@@ -267,7 +267,7 @@ def test_another_node_on_the_host_does_not_take_a_live_lease(tmp_path: Path) -> 
 def test_an_owner_no_store_can_keep_is_refused_at_start(
     argv: list[str], environ: dict[str, str]
 ) -> None:
-    with pytest.raises(SystemExit, match="owner must be text without NUL, at most 1,024 bytes"):
+    with pytest.raises(UsageError, match=r"(?i)owner must be text without NUL, at most 1,024"):
         parse_settings(argv, environ)
 
 

@@ -121,12 +121,12 @@ def worker(
 
     from sagakit.cli.worker import load_sagas, run_worker
     from sagakit.errors import SagakitError
-    from sagakit.node.runner import log_level
+    from sagakit.node.runner import UsageError, log_level
 
     try:
-        level = log_level("sagakit worker", os.environ, "INFO")
-    except SystemExit as exc:  # exit status 2, as for the worker's other settings
-        typer.echo(str(exc), err=True)
+        level = log_level(os.environ, "INFO")
+    except UsageError as exc:  # exit status 2, as for the worker's other settings
+        typer.echo(f"sagakit worker: {exc}", err=True)
         raise typer.Exit(2) from None
     logging.basicConfig(
         stream=sys.stderr,

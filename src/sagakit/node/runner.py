@@ -14,7 +14,7 @@ import stat
 import sys
 import threading
 from collections.abc import Callable, Mapping
-from typing import BinaryIO, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol
 
 from sagakit.core.records import valid_id
 from sagakit.errors import SagakitError
@@ -22,7 +22,10 @@ from sagakit.node.host import Host, NodeSettings, Registry
 from sagakit.node.kinds import default_registry
 from sagakit.node.protocol import Decoder
 
-__all__ = ["exit_now", "main", "serve"]
+if TYPE_CHECKING:
+    import argparse
+
+__all__ = ["UsageError", "exit_now", "log_level", "main", "parse_settings", "serve"]
 
 log = logging.getLogger("sagakit.node")
 
@@ -244,13 +247,26 @@ async def _serve(
     return not output.broken
 
 
+class UsageError(ValueError):
+    """A bad option or ``SAGAKIT_*`` value: reported as argparse reports an unknown
+    option (a usage line, then ``prog: error: ...``), exit status 2."""
+
+
+# Given, not composed by argparse: its own usage wraps with the terminal's
+# width, and a usage error is then no longer two lines (usage, error).
+_USAGE = (
+    "%(prog)s [-h] [--max-sagas N] [--max-line CHARS] [--store URL] [--owner NAME]"
+    " [--retry-for SECONDS]"
+)
+
+
 def _positive(name: str, raw: str) -> int:
     try:
         value = int(raw)
     except ValueError:
         value = 0
     if value < 1:
-        raise SystemExit(f"sagakit node: {name} must be a whole number >= 1, got {raw!r}")
+        raise UsageError(f"{name} must be a whole number >= 1, got {raw!r}")
     return value
 
 
@@ -260,8 +276,58 @@ def _seconds(name: str, raw: str) -> float:
     except ValueError:
         value = -1.0
     if not 0 <= value <= 86_400:  # NaN too
-        raise SystemExit(f"sagakit node: {name} must be seconds from 0 to 86400, got {raw!r}")
+        raise UsageError(f"{name} must be seconds from 0 to 86400, got {raw!r}")
     return value
+
+
+def _owner(name: str, raw: str) -> str:
+    if not valid_id(raw):
+        raise UsageError(
+            f"{name} must be text without NUL, at most 1,024 bytes of UTF-8, got {raw[:80]!r}"
+        )
+    return raw
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    import argparse
+
+    defaults = NodeSettings()
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage=_USAGE,
+        description="The protocol node: JSON messages on stdin, replies on stdout.",
+    )
+    parser.add_argument(
+        "--max-sagas",
+        metavar="N",
+        help="finished sagas kept to answer retries, per node kind "
+        f"(env SAGAKIT_MAX_SAGAS; default {defaults.max_sagas})",
+    )
+    parser.add_argument(
+        "--max-line",
+        metavar="CHARS",
+        help="longest input line or value, in characters "
+        f"(env SAGAKIT_MAX_LINE; default {defaults.max_line})",
+    )
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="the saga node's log, e.g. sqlite:///sagas.db: sagas outlive the process "
+        "(env SAGAKIT_STORE; default in memory, capped by --max-sagas)",
+    )
+    parser.add_argument(
+        "--owner",
+        metavar="NAME",
+        help="the name the saga node takes leases under in the store (env SAGAKIT_OWNER;"
+        " default: its node id, or 'saga' before an init, @ this host's name)",
+    )
+    parser.add_argument(
+        "--retry-for",
+        metavar="SECONDS",
+        help="how long a request retries a store that is down before it is answered"
+        f" code 11 (env SAGAKIT_RETRY_FOR; default {defaults.retry_for:g})",
+    )
+    return parser
 
 
 def parse_settings(
@@ -269,88 +335,60 @@ def parse_settings(
 ) -> NodeSettings:
     """The node's settings from its arguments, then its environment, then the defaults.
 
-    ``prog``: the command named in ``--help`` and usage errors.
+    ``prog``: the command named in ``--help`` and usage errors. An option argparse
+    does not know ends the program (status 2); a bad value raises UsageError,
+    naming the option or the variable it came from.
     """
     defaults = NodeSettings()
-    max_sagas = environ.get("SAGAKIT_MAX_SAGAS")
-    max_line = environ.get("SAGAKIT_MAX_LINE")
-    store = environ.get("SAGAKIT_STORE") or None
-    owner = environ.get("SAGAKIT_OWNER") or None
-    retry_for = environ.get("SAGAKIT_RETRY_FOR") or None
+    # (where it came from, the raw value): what a refusal names.
+    given: dict[str, tuple[str, str]] = {}
+    for key in ("max_sagas", "max_line", "store", "owner", "retry_for"):
+        variable = "SAGAKIT_" + key.upper()
+        if environ.get(variable):
+            given[key] = (variable, environ[variable])
     if argv:
-        import argparse
+        args = vars(_parser(prog).parse_args(argv))
+        for key, value in args.items():
+            if value:
+                given[key] = ("--" + key.replace("_", "-"), value)
 
-        parser = argparse.ArgumentParser(
-            prog=prog,
-            description="The protocol node: JSON messages on stdin, replies on stdout.",
-        )
-        parser.add_argument(
-            "--max-sagas",
-            metavar="N",
-            help="finished sagas kept to answer retries, per node kind "
-            f"(env SAGAKIT_MAX_SAGAS; default {defaults.max_sagas})",
-        )
-        parser.add_argument(
-            "--max-line",
-            metavar="CHARS",
-            help="longest input line or value, in characters "
-            f"(env SAGAKIT_MAX_LINE; default {defaults.max_line})",
-        )
-        parser.add_argument(
-            "--store",
-            metavar="URL",
-            help="the saga node's log, e.g. sqlite:///sagas.db: sagas outlive the process "
-            "(env SAGAKIT_STORE; default in memory, capped by --max-sagas)",
-        )
-        parser.add_argument(
-            "--owner",
-            metavar="NAME",
-            help="the name the saga node takes leases under in the store (env SAGAKIT_OWNER;"
-            " default: its node id, or 'saga' before an init, @ this host's name)",
-        )
-        parser.add_argument(
-            "--retry-for",
-            metavar="SECONDS",
-            help="how long a request retries a store that is down before it is answered"
-            f" code 11 (env SAGAKIT_RETRY_FOR; default {defaults.retry_for:g})",
-        )
-        args = parser.parse_args(argv)
-        max_sagas = args.max_sagas or max_sagas
-        max_line = args.max_line or max_line
-        store = args.store or store
-        owner = args.owner or owner
-        retry_for = args.retry_for or retry_for
-    if owner is not None and not valid_id(owner):
-        raise SystemExit(
-            "sagakit node: owner must be text without NUL, at most 1,024 bytes of UTF-8,"
-            f" got {owner[:80]!r}"
-        )
+    def setting(key: str, check: Callable[[str, str], object], default: object) -> Any:
+        return check(*given[key]) if key in given else default
+
     return NodeSettings(
-        max_sagas=defaults.max_sagas if max_sagas is None else _positive("max-sagas", max_sagas),
-        max_line=defaults.max_line if max_line is None else _positive("max-line", max_line),
-        store=store,
-        owner=owner,
-        retry_for=defaults.retry_for if retry_for is None else _seconds("retry-for", retry_for),
+        max_sagas=setting("max_sagas", _positive, defaults.max_sagas),
+        max_line=setting("max_line", _positive, defaults.max_line),
+        store=setting("store", lambda _name, url: url, None),
+        owner=setting("owner", _owner, None),
+        retry_for=setting("retry_for", _seconds, defaults.retry_for),
     )
 
 
-def log_level(who: str, environ: Mapping[str, str], default: str) -> str:
-    """``SAGAKIT_LOG`` as a level name; a name logging does not know ends the program
-    with one line (logging itself raised ValueError, a traceback, at start-up)."""
+def log_level(environ: Mapping[str, str], default: str) -> str:
+    """``SAGAKIT_LOG`` as a level name; a name logging does not know is a UsageError
+    (logging itself raised ValueError, a traceback, at start-up)."""
     level = environ.get("SAGAKIT_LOG", default).strip().upper()
     if not isinstance(logging.getLevelName(level), int):
-        raise SystemExit(
-            f"{who}: SAGAKIT_LOG must be debug, info, warning, error or critical, got {level!r}"
+        raise UsageError(
+            f"SAGAKIT_LOG must be debug, info, warning, error or critical, got {level!r}"
         )
     return level
 
 
 def main(argv: list[str] | None = None, prog: str = "python3 main.py") -> int:
     """Entry point of ``python3 main.py`` and ``sagakit node``: ``argv`` are their options."""
-    settings = parse_settings(argv or [], os.environ, prog)
+    try:
+        settings = parse_settings(argv or [], os.environ, prog)
+        level = log_level(os.environ, "WARNING")
+    except UsageError as exc:
+        # As argparse reports an option it does not know, so that every usage
+        # error looks and exits alike (status 2), whatever was wrong.
+        _parser(prog).print_usage(sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         stream=sys.stderr,
-        level=log_level("sagakit node", os.environ, "WARNING"),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # The node keeps every saga's log in memory (a retry must find it), so the
