@@ -22,7 +22,7 @@ from typing import Any
 import atheris
 
 with atheris.instrument_imports(include=["sagakit"]):
-    from sagakit.node.framing import BadInput, Decoder
+    from sagakit.node.framing import BadInput, Decoder, SameLine
     from sagakit.node.host import Host, NodeSettings
     from sagakit.node.kinds import default_registry
 
@@ -43,7 +43,10 @@ def _decode(pieces: list[str]) -> list[Any]:
 
 
 def _comparable(values: list[Any]) -> list[Any]:
-    return ["<bad input>" if type(v) is BadInput else v for v in values]
+    # A line's values come as one SameLine, or one by one where the cuts let a
+    # whole object through before its line ended: the same values either way.
+    flat = [v for value in values for v in (value if type(value) is SameLine else [value])]
+    return ["<bad input>" if type(v) is BadInput else v for v in flat]
 
 
 async def _route(values: list[Any], lines: list[str]) -> None:

@@ -17,6 +17,7 @@ from sagakit.node.protocol import (
     Decoder,
     ErrorCode,
     RequestError,
+    SameLine,
     encode,
     error_body,
     msg_id_of,
@@ -42,12 +43,17 @@ LINE = json.dumps(MESSAGE, separators=(",", ":"))  # as the site's judge sends i
 PRETTY = json.dumps(MESSAGE, indent=0)
 
 
+def flat(values: list[Any]) -> list[Any]:
+    """The values, those of a line holding several taken out of their SameLine."""
+    return [v for value in values for v in (value if type(value) is SameLine else [value])]
+
+
 def decode_all(*pieces: str) -> list[Any]:
     decoder = Decoder()
     out: list[Any] = []
     for piece in pieces:
         out.extend(decoder.feed(piece))
-    return out + decoder.close()
+    return flat(out + decoder.close())
 
 
 def message(n: int) -> dict[str, Any]:
@@ -96,6 +102,13 @@ def test_scalars_and_arrays_are_returned_as_values() -> None:
     assert decode_all('42\n[1, 2]\n"x"\ntrue\nnull\n') == [42, [1, 2], "x", True, None]
     assert decode_all("42") == [42]
     assert decode_all("1 2 3\n") == [1, 2, 3]
+
+
+def test_the_values_of_a_line_holding_several_come_together() -> None:
+    # So that the host reports a line of a million bad values once.
+    decoder = Decoder()
+    assert decoder.feed("1 2 {}\n" + LINE + "\n") == [SameLine([1, 2, {}]), MESSAGE]
+    assert decoder.feed("[] x\n") == [SameLine([[], BadInput("x", "not JSON (Expecting value)")])]
 
 
 def test_number_split_across_feeds_is_not_cut_short() -> None:

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["MAX_LINE", "BadInput", "Decoder", "loads_exact"]
+__all__ = ["MAX_LINE", "BadInput", "Decoder", "SameLine", "loads_exact"]
 
 # A line (or a value over several lines) longer than this is refused whole:
 # the node would otherwise hold any amount of input waiting for a newline.
@@ -86,6 +86,17 @@ class BadInput(NamedTuple):
 
     text: str
     reason: str
+
+
+class SameLine(list[Any]):
+    """The values of one line that holds more than one (written back to back), in order.
+
+    Kept together so that their reader can report a line of bad values once
+    (a line of a few megabytes can hold millions): the decoder yields one of
+    these where it would yield the values one by one.
+    """
+
+    __slots__ = ()
 
 
 def _bad(text: str, reason: str) -> BadInput:
@@ -222,6 +233,12 @@ class Decoder:
 
     def _slow_line(self, line: str, out: list[Any]) -> None:
         """A line that is not one whole value: part of one, several, or bad input."""
+        start = len(out)
+        self._line_values(line, out)
+        if len(out) - start > 1:
+            out[start:] = [SameLine(out[start:])]
+
+    def _line_values(self, line: str, out: list[Any]) -> None:
         pos = 0
         if self._value is not None:
             if line.lstrip().startswith("{"):

@@ -19,6 +19,7 @@ from sagakit.node.protocol import (
     Encoded,
     ErrorCode,
     RequestError,
+    SameLine,
     encode,
     error_body,
     msg_id_of,
@@ -190,6 +191,10 @@ class Host:
         self._plain: dict[str, None] = {}  # default-kind node names, oldest first
         self._max_plain = max(1, self.settings.max_plain_nodes)
         self._shared: dict[str, Any] = {}
+        # While the values of one line are served: the skips held back, the
+        # first one's warning (format and arguments) and how many there were.
+        self._held: list[Any] | None = None
+        self._held_count = 0
 
     def node(self, name: str) -> Node:
         node = self.nodes.get(name)
@@ -223,14 +228,18 @@ class Host:
     async def dispatch(self, message: Any) -> None:
         """Handle one decoded input value. Never raises for bad input."""
         if type(message) is not dict:
-            if type(message) is BadInput:
-                log.warning("skipped input that is not JSON: %s: %s", message.reason, message.text)
+            if type(message) is SameLine:
+                await self._dispatch_line(message)
+            elif type(message) is BadInput:
+                self._skipped(
+                    "skipped input that is not JSON: %s: %s", message.reason, message.text
+                )
             else:
-                log.warning("skipped a JSON %s: messages are objects", type(message).__name__)
+                self._skipped("skipped a JSON %s: messages are objects", type(message).__name__)
             return
         src, dest, body = message.get("src"), message.get("dest"), message.get("body")
         if type(src) is not str or type(dest) is not str:
-            log.warning("skipped a message without string src and dest: %s", _quote.repr(message))
+            self._skipped("skipped a message without string src and dest: %s", _quote.repr(message))
             return
         if type(body) is not dict:
             self.send(
@@ -281,6 +290,36 @@ class Host:
             self._write(line)
         if node.settles:
             await node.settle()
+
+    def _skipped(self, text: str, *args: Any) -> None:
+        if self._held is None:
+            log.warning(text, *args)
+            return
+        self._held_count += 1
+        if not self._held:
+            self._held[:] = (text, *args)
+
+    async def _dispatch_line(self, values: SameLine) -> None:
+        """The values of one line, in order, with what they skip reported once: a
+        line of a million bad values is one warning, not a million."""
+        self._held, self._held_count = [], 0
+        try:
+            for value in values:
+                try:
+                    await self.dispatch(value)
+                except Exception:  # a bug, as in the runner: the line's next value still runs
+                    log.exception("internal error while handling a message; skipped")
+        finally:
+            held, count = self._held, self._held_count
+            self._held = None
+        if count == 1:
+            log.warning(*held)
+        elif count:
+            log.warning(
+                "skipped %d values on one line that are not messages; the first: " + held[0],
+                count,
+                *held[1:],
+            )
 
     def _not_supported(self, dest: str, src: str, msg_type: str, body: Body) -> None:
         text = f"node {dest!r} does not support {msg_type[:200]!r}"

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
-from sagakit.node.framing import BadInput, Decoder
+from sagakit.node.framing import BadInput, Decoder, SameLine
 
 __all__ = [
     "MAX_ID",
@@ -23,6 +23,7 @@ __all__ = [
     "Encoded",
     "ErrorCode",
     "RequestError",
+    "SameLine",
     "encode",
     "error_body",
     "json_string",

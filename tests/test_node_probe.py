@@ -1,0 +1,49 @@
+"""The node probed as an attacker and a careless user would: each test is a defect found so,
+run against the node as a subprocess where the process matters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_node import execute, run_node
+
+GOOD = execute(5, "after", ["a"]).rstrip("\n")
+
+
+@pytest.mark.parametrize(
+    "crowd",
+    [
+        "1 " * 5000,  # values back to back, none a message
+        "{}" * 5000,  # objects without src and dest
+        '{"src": 1} ' * 5000,
+        "[] " * 4999 + "]",  # ending in input that is not JSON
+    ],
+    ids=["ints", "empty objects", "bad src", "then not JSON"],
+)
+def test_a_line_of_many_bad_values_logs_one_warning_with_a_count(crowd: str) -> None:
+    """One line is at most one warning however many bad values it holds: it was one
+    warning per value, so a line of a few megabytes wrote millions of lines on stderr."""
+    run = run_node(execute(1, "before", ["a"]) + GOOD + " " + crowd + "\n" + GOOD + "\n")
+    assert run.code == 0, run.stderr
+    # Messages on the crowded line are still served: only the warnings are folded.
+    assert [b["in_reply_to"] for b in run.replies()] == [1, 5, 5]
+    err = run.stderr.splitlines()
+    assert len(err) == 1, err[:5]
+    assert "skipped 5000 values on one line" in err[0], err
+    assert len(err[0]) < 600
+
+
+def test_a_line_with_one_bad_value_among_messages_logs_it_as_before() -> None:
+    run = run_node(GOOD + " 42 " + GOOD + "\n")
+    assert [b["in_reply_to"] for b in run.replies()] == [5, 5]
+    err = run.stderr.splitlines()
+    assert len(err) == 1, err
+    assert "skipped a JSON int: messages are objects" in err[0]
+
+
+def test_bad_values_on_separate_lines_are_each_reported() -> None:
+    # The bound is per line: a line's own warning still says what was wrong with it.
+    run = run_node("1\n{}\n" + json.dumps([1]) + "\n")
+    assert len(run.stderr.splitlines()) == 3, run.stderr
