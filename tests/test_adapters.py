@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +65,20 @@ def test_a_missing_extra_fails_with_the_pip_command(backend_with_a_missing_drive
         open_saga_log(backend_with_a_missing_driver)
     assert "pip install 'sagakit[postgres]'" in str(excinfo.value)
     assert isinstance(excinfo.value.__cause__, ImportError)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "backend"),
+    [(s, b) for registry in (SAGA_LOGS, EVENT_BUSES) for s, b in registry.items() if b.extra],
+)
+def test_the_distribution_named_is_the_one_the_extra_installs(
+    scheme: str, backend: Backend
+) -> None:
+    # The error names the distribution and the extra: pyproject.toml must agree.
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    requirements = pyproject["project"]["optional-dependencies"][backend.extra]
+    names = [re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements]
+    assert backend.distribution in names, (scheme, requirements)
 
 
 def test_the_scheme_is_case_insensitive_and_may_carry_a_driver_suffix() -> None:

@@ -4,10 +4,12 @@ run against the node as a subprocess where the process matters."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from tests.test_node import execute, run_node
+from tests.test_node import REPO, execute, run_node
 
 GOOD = execute(5, "after", ["a"]).rstrip("\n")
 
@@ -47,3 +49,56 @@ def test_bad_values_on_separate_lines_are_each_reported() -> None:
     # The bound is per line: a line's own warning still says what was wrong with it.
     run = run_node("1\n{}\n" + json.dumps([1]) + "\n")
     assert len(run.stderr.splitlines()) == 3, run.stderr
+
+
+# A finder that refuses one module, as an interpreter without that extra would:
+# the test is of sagakit's message, not of the driver.
+_WITHOUT = """
+import sys
+blocked = sys.argv.pop(1)
+
+
+class Without:
+    def find_spec(self, name, path=None, target=None):
+        if name == blocked or name.startswith(blocked + "."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, Without())
+sys.argv[0] = "sagakit"
+from sagakit.cli import main
+main()
+"""
+
+
+_DLQ = ["dlq", "list", "--group", "g", "--bus"]
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "extra", "distribution"),
+    [
+        ("asyncpg", ["node", "--store", "postgresql://u@127.0.0.1:1/db"], "postgres", "asyncpg"),
+        ("nats", [*_DLQ, "nats://127.0.0.1:1"], "nats", "nats-py"),
+        ("redis", [*_DLQ, "redis://127.0.0.1:1"], "redis", "redis"),
+        ("aio_pika", [*_DLQ, "amqp://127.0.0.1:1"], "rabbitmq", "aio-pika"),
+    ],
+)
+def test_a_missing_extra_names_the_distribution_and_the_pip_command(
+    module: str, args: list[str], extra: str, distribution: str
+) -> None:
+    """The message named the module to import ('nats', 'aio_pika'), which is not what pip
+    installs (nats-py, aio-pika): a user who ran 'pip install nats' got another package."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT, module, *args],
+        input=b"",
+        capture_output=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"pip install 'sagakit[{extra}]'" in err
+    assert f"the {distribution} distribution" in err, err
+    assert f"import {module}: No module named {module!r}" in err, err

@@ -27,22 +27,35 @@ class Backend(NamedTuple):
     target: str  # "module:factory"; the factory takes the URL
     extra: str | None = None  # the pip extra that brings its driver
     driver: str | None = None  # the module that extra installs
+    # The distribution pip installs for it, named in the error when the module
+    # is missing: the module's name is often not it (nats is nats-py).
+    distribution: str | None = None
 
 
 # Registries of schemes. Later backends add a line here and a module beside this one.
 SAGA_LOGS: dict[str, Backend] = {
     "memory": Backend("sagakit.adapters.memory_log:InMemorySagaLog.from_url"),
     "sqlite": Backend("sagakit.adapters.sqlite_log:SQLiteSagaLog.from_url"),
-    "postgresql": Backend("sagakit.adapters.postgres_log:from_url", "postgres", "asyncpg"),
-    "postgres": Backend("sagakit.adapters.postgres_log:from_url", "postgres", "asyncpg"),
+    "postgresql": Backend(
+        "sagakit.adapters.postgres_log:from_url", "postgres", "asyncpg", "asyncpg"
+    ),
+    "postgres": Backend("sagakit.adapters.postgres_log:from_url", "postgres", "asyncpg", "asyncpg"),
 }
 EVENT_BUSES: dict[str, Backend] = {
     "memory": Backend("sagakit.adapters.memory_bus:InMemoryEventBus.from_url"),
-    "nats": Backend("sagakit.adapters.nats_bus:NatsEventBus.from_url", "nats", "nats"),
-    "redis": Backend("sagakit.adapters.redis_bus:RedisEventBus.from_url", "redis", "redis"),
-    "rediss": Backend("sagakit.adapters.redis_bus:RedisEventBus.from_url", "redis", "redis"),
-    "amqp": Backend("sagakit.adapters.amqp_bus:AmqpEventBus.from_url", "rabbitmq", "aio_pika"),
-    "amqps": Backend("sagakit.adapters.amqp_bus:AmqpEventBus.from_url", "rabbitmq", "aio_pika"),
+    "nats": Backend("sagakit.adapters.nats_bus:NatsEventBus.from_url", "nats", "nats", "nats-py"),
+    "redis": Backend(
+        "sagakit.adapters.redis_bus:RedisEventBus.from_url", "redis", "redis", "redis"
+    ),
+    "rediss": Backend(
+        "sagakit.adapters.redis_bus:RedisEventBus.from_url", "redis", "redis", "redis"
+    ),
+    "amqp": Backend(
+        "sagakit.adapters.amqp_bus:AmqpEventBus.from_url", "rabbitmq", "aio_pika", "aio-pika"
+    ),
+    "amqps": Backend(
+        "sagakit.adapters.amqp_bus:AmqpEventBus.from_url", "rabbitmq", "aio_pika", "aio-pika"
+    ),
 }
 
 
@@ -97,9 +110,12 @@ def _open(kind: str, registry: dict[str, Backend], url: str) -> Any:
         try:
             importlib.import_module(backend.driver)
         except ImportError as exc:
+            # The import's own error too: a driver that is installed but broken
+            # (a dependency of its own missing) fails here as well.
             raise ConfigurationError(
-                f"the {scheme}:// {kind} needs the {backend.driver!r} package: "
-                f"pip install 'sagakit[{backend.extra}]'"
+                f"the {scheme}:// {kind} needs the "
+                f"{backend.distribution or backend.driver} distribution "
+                f"(import {backend.driver}: {exc}): pip install 'sagakit[{backend.extra}]'"
             ) from exc
     module_name, _, attr = backend.target.partition(":")
     target: Any = importlib.import_module(module_name)
