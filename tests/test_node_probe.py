@@ -4,12 +4,13 @@ run against the node as a subprocess where the process matters."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.test_node import REPO, execute, run_node
+from tests.test_node import MAIN, REPO, execute, run_node
 
 GOOD = execute(5, "after", ["a"]).rstrip("\n")
 
@@ -102,3 +103,46 @@ def test_a_missing_extra_names_the_distribution_and_the_pip_command(
     assert f"pip install 'sagakit[{extra}]'" in err
     assert f"the {distribution} distribution" in err, err
     assert f"import {module}: No module named {module!r}" in err, err
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        'oops \x1b[2J\x1b]0;pwned\x07 \r{"forged": "log line"}',  # not JSON: quoted as read
+        "\x1b[31m" * 3 + " 1 2",  # on a line of several values
+        '{"src": "c\x1b[2J", "dest": 1}',  # an object that is not a message (raw ESC: not JSON)
+    ],
+    ids=["not JSON", "several", "no dest"],
+)
+def test_bad_input_reaches_stderr_without_control_characters(bad: str) -> None:
+    """Input quoted in a warning had its control characters written as they came: a line
+    could clear the terminal, retitle it, or with a carriage return print over the log's
+    own words (a forged log line). They are escaped, as repr escapes them."""
+    run = run_node(bad + "\n" + GOOD + "\n")
+    assert [b["in_reply_to"] for b in run.replies()] == [5]
+    err = run.stderr
+    assert err.count("\n") == 1, err
+    assert all(c.isprintable() for c in err.rstrip("\n")), repr(err)
+    assert "\\x1b" in err, err
+
+
+def test_input_in_an_info_log_line_cannot_forge_a_line() -> None:
+    # The orchestrator logs a failed step's saga id and step name at info level.
+    saga_id = "s\x1b[31m\nFAKE ERROR everything is fine\r"
+    step = "a\x1b]0;title\x07"
+    line = execute(1, saga_id, [step], fail_step=step)
+    proc = subprocess.run(
+        MAIN,
+        input=line.encode(),
+        capture_output=True,
+        timeout=20,
+        cwd=REPO,
+        env={**os.environ, "SAGAKIT_LOG": "info"},
+    )
+    assert json.loads(proc.stdout)["body"]["type"] == "saga_compensated"
+    err = proc.stderr.decode()
+    lines = err.splitlines()
+    assert lines
+    assert all(c.isprintable() for line in lines for c in line), repr(err)
+    assert not any(line.startswith("FAKE") for line in lines), err
+    assert "\\nFAKE ERROR" in err, err

@@ -364,6 +364,28 @@ def parse_settings(
     )
 
 
+def _printable(text: str, keep: str = "") -> str:
+    """``text`` with what a terminal acts on escaped as repr escapes it (but ``keep``)."""
+    return "".join(c if c.isprintable() or c in keep else ascii(c)[1:-1] for c in text)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with their control characters escaped.
+
+    The node's log quotes its input (bad input, saga ids, step names), which is
+    hostile text: an escape sequence would clear or retitle the terminal, and a
+    newline or carriage return forge a log line of its own. A traceback keeps its
+    line breaks.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        return text if text.isprintable() else _printable(text)
+
+    def formatException(self, ei: Any) -> str:
+        return _printable(super().formatException(ei), keep="\n")
+
+
 def log_level(environ: Mapping[str, str], default: str) -> str:
     """``SAGAKIT_LOG`` as a level name; a name logging does not know is a UsageError
     (logging itself raised ValueError, a traceback, at start-up)."""
@@ -386,11 +408,9 @@ def main(argv: list[str] | None = None, prog: str = "python3 main.py") -> int:
         _parser(prog).print_usage(sys.stderr)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     # The node keeps every saga's log in memory (a retry must find it), so the
     # heap only grows; with the default thresholds the collector re-scans it
     # every few hundred sagas. Long-lived objects are not garbage: scan less often.
