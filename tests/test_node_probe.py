@@ -146,3 +146,26 @@ def test_input_in_an_info_log_line_cannot_forge_a_line() -> None:
     assert all(c.isprintable() for line in lines for c in line), repr(err)
     assert not any(line.startswith("FAKE") for line in lines), err
     assert "\\nFAKE ERROR" in err, err
+
+
+@pytest.mark.parametrize(
+    ("dest", "body", "code"),
+    [
+        ("saga", {"msg_id": 1, "saga_id": "s1", "steps": ["a"]}, 12),  # no type
+        ("saga", {"type": 7, "msg_id": 1, "saga_id": "s1"}, 12),
+        ("saga", {"type": "reserve_inventory", "msg_id": 1, "saga_id": "s1", "sku": "x"}, 10),
+        ("inventory", {"type": "execute", "msg_id": 1, "saga_id": "s1", "steps": ["a"]}, 10),
+        ("nobody", {"type": "execute", "msg_id": 1, "saga_id": "s1", "steps": ["a"]}, 10),
+        ("event_bus", {"type": "init", "msg_id": 1, "saga_id": "s1", "services": 3}, 12),
+    ],
+)
+def test_every_error_reply_echoes_a_usable_saga_id(
+    dest: str, body: dict[str, object], code: int
+) -> None:
+    """docs/node.md promises the request's saga_id in every error reply (seed 002, hint 5:
+    it is how a reply is correlated); the router's own refusals (no type, a type the node
+    does not handle) left it out."""
+    run = run_node(json.dumps({"src": "c", "dest": dest, "body": body}) + "\n")
+    (reply,) = run.replies()
+    assert (reply["type"], reply["code"], reply["in_reply_to"]) == ("error", code, 1), reply
+    assert reply["saga_id"] == "s1", reply

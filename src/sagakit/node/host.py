@@ -15,6 +15,7 @@ from typing import Any, ClassVar, TypeVar
 from sagakit.errors import DefinitionError
 from sagakit.node.framing import MAX_LINE
 from sagakit.node.protocol import (
+    MAX_ID,
     BadInput,
     Encoded,
     ErrorCode,
@@ -133,6 +134,17 @@ class Node:
         """Called at end of input: complete the work still in flight."""
 
 
+def _refusal(body: Body, code: int, text: str, **extra: Any) -> Body:
+    """An error reply to ``body``, with its saga_id when it has a usable one,
+    whatever the refusal: the seed wants the saga_id echoed in every response,
+    and it is what ties an error to a request without an integer msg_id."""
+    if "saga_id" not in extra:
+        saga_id = body.get("saga_id")
+        if type(saga_id) is str and 0 < len(saga_id) <= MAX_ID:
+            extra["saga_id"] = saga_id
+    return error_body(msg_id_of(body), code, text, **extra)
+
+
 def _handlers_of(cls: type[Node]) -> dict[str, str]:
     return {
         attr[3:]: attr
@@ -249,11 +261,7 @@ class Host:
         msg_type = body.get("type")
         if type(msg_type) is not str:
             self.send(
-                dest,
-                src,
-                error_body(
-                    msg_id_of(body), ErrorCode.MALFORMED_REQUEST, "type: required, a string"
-                ),
+                dest, src, _refusal(body, ErrorCode.MALFORMED_REQUEST, "type: required, a string")
             )
             return
         node = self.nodes.get(dest)
@@ -270,13 +278,13 @@ class Host:
         try:
             reply = await handler(src, body)
         except RequestError as exc:
-            reply = error_body(msg_id_of(body), exc.code, exc.text, **exc.extra)
+            reply = _refusal(body, exc.code, exc.text, **exc.extra)
         except DefinitionError as exc:
             # The API refused a value from the request: bad input, and it names the field.
-            reply = error_body(msg_id_of(body), ErrorCode.MALFORMED_REQUEST, str(exc))
+            reply = _refusal(body, ErrorCode.MALFORMED_REQUEST, str(exc))
         except Exception as exc:
             log.exception("node %s crashed on %s", dest, msg_type)
-            reply = error_body(msg_id_of(body), ErrorCode.CRASH, f"{type(exc).__name__}: {exc}")
+            reply = _refusal(body, ErrorCode.CRASH, f"{type(exc).__name__}: {exc}")
         if reply is not None:
             try:
                 line = encode(dest, src, reply)
@@ -284,9 +292,7 @@ class Host:
                 log.error(
                     "node %s replied to %s with a body that is not JSON: %s", dest, msg_type, exc
                 )
-                line = encode(
-                    dest, src, error_body(msg_id_of(body), ErrorCode.CRASH, "reply is not JSON")
-                )
+                line = encode(dest, src, _refusal(body, ErrorCode.CRASH, "reply is not JSON"))
             self._write(line)
         if node.settles:
             await node.settle()
@@ -323,7 +329,7 @@ class Host:
 
     def _not_supported(self, dest: str, src: str, msg_type: str, body: Body) -> None:
         text = f"node {dest!r} does not support {msg_type[:200]!r}"
-        self.send(dest, src, error_body(msg_id_of(body), ErrorCode.NOT_SUPPORTED, text))
+        self.send(dest, src, _refusal(body, ErrorCode.NOT_SUPPORTED, text))
 
     async def finish(self) -> None:
         for node in list(self.nodes.values()):
