@@ -169,3 +169,36 @@ def test_every_error_reply_echoes_a_usable_saga_id(
     (reply,) = run.replies()
     assert (reply["type"], reply["code"], reply["in_reply_to"]) == ("error", code, 1), reply
     assert reply["saga_id"] == "s1", reply
+
+
+_SAGA = '{"src": "c", "dest": "saga", "body": {"type": "execute", "saga_id": "s1", "steps": ["a"], '
+
+
+@pytest.mark.parametrize(
+    ("fields", "in_reply_to", "reason"),
+    [
+        ('"msg_id": 1, "timestamp": 1e999', 1, "number 1e999 overflows a float"),
+        ('"msg_id": 1, "amount": -1e400', 1, "number -1e400 overflows a float"),
+        ('"msg_id": 1e999', None, "number 1e999 overflows a float"),
+        ('"msg_id": ' + "9" * 5000, None, "4300"),
+        ('"msg_id": 1, "n": ' + "9" * 5000, 1, "4300"),
+    ],
+    ids=["float field", "negative", "msg_id", "long msg_id", "long field"],
+)
+def test_a_message_with_a_number_out_of_range_is_answered_code_12(
+    fields: str, in_reply_to: int | None, reason: str
+) -> None:
+    """JSON's grammar allows any number; one the node cannot hold (a float that overflows,
+    an integer past the interpreter's digit limit) made the whole message 'not JSON',
+    skipped with a warning: the client got no reply and waited for one. A message whose
+    envelope reads is now answered: error 12, naming why, with its msg_id and saga_id."""
+    run = run_node(_SAGA + fields + "}}\n" + GOOD + "\n")
+    assert run.code == 0, run.stderr
+    first, after = run.replies()
+    assert (first["type"], first["code"], first["saga_id"]) == ("error", 12, "s1"), first
+    assert first.get("in_reply_to") == in_reply_to, first
+    assert reason in first["text"], first
+    assert len(first["text"]) < 300, first
+    assert after["in_reply_to"] == 5
+    # Reported on stderr as before, once.
+    assert len(run.stderr.splitlines()) == 1, run.stderr

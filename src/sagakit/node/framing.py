@@ -44,6 +44,18 @@ _strict = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_
 loads_exact: Callable[[str], Any] = _strict.decode
 _raw_decode = _strict.raw_decode
 
+
+def _int_or_inf(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:  # past the interpreter's digit limit
+        return math.inf
+
+
+# Strict but for numbers: one out of range reads as an infinity, so that a
+# message refused for one can still be answered (it is JSON, whatever its size).
+_ranged = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_int_or_inf).decode
+
 loads: Callable[[str], Any]
 try:  # orjson parses several times faster; the node must still run without it.
     from orjson import loads
@@ -82,10 +94,14 @@ class BadInput(NamedTuple):
     """Input that is not a JSON value; reported, then skipped.
 
     ``text`` is the start of it only: a refused value can be megabytes long.
+    ``message``: an object with string ``src`` and ``dest`` that is JSON but
+    holds a number out of range (read as an infinity), so that it can be
+    answered with an error instead of nothing.
     """
 
     text: str
     reason: str
+    message: dict[str, Any] | None = None
 
 
 class SameLine(list[Any]):
@@ -338,7 +354,24 @@ class Decoder:
         try:
             out.append(_loads_any(text))
         except Exception as exc:
-            out.append(_bad(text, f"not JSON ({_why(exc)})"))
+            bad = _bad(text, f"not JSON ({_why(exc)})")
+            if type(exc) is ValueError:  # a number out of range raises exactly this
+                bad = _out_of_range(text, bad, exc)
+            out.append(bad)
+
+
+def _out_of_range(text: str, bad: BadInput, exc: ValueError) -> BadInput:
+    """``bad`` with the message it holds, if only a number out of range kept it from
+    being read (its envelope is readable)."""
+    try:
+        value = _ranged(text)
+    except Exception:
+        return bad
+    if type(value) is not dict or type(value.get("src")) is not str:
+        return bad
+    if type(value.get("dest")) is not str:
+        return bad
+    return BadInput(bad.text, f"a number out of range ({_why(exc)})", value)
 
 
 def _cannot_continue(lines: list[str]) -> bool:

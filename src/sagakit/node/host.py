@@ -243,9 +243,12 @@ class Host:
             if type(message) is SameLine:
                 await self._dispatch_line(message)
             elif type(message) is BadInput:
-                self._skipped(
-                    "skipped input that is not JSON: %s: %s", message.reason, message.text
-                )
+                if message.message is not None:
+                    self._unreadable(message, message.message)
+                else:
+                    self._skipped(
+                        "skipped input that is not JSON: %s: %s", message.reason, message.text
+                    )
             else:
                 self._skipped("skipped a JSON %s: messages are objects", type(message).__name__)
             return
@@ -296,6 +299,16 @@ class Host:
             self._write(line)
         if node.settles:
             await node.settle()
+
+    def _unreadable(self, bad: BadInput, message: Body) -> None:
+        """A message that is JSON but holds a number the node cannot read: answered
+        (error 12, naming the number), since its sender waits for a reply."""
+        self._skipped("refused a message with %s: %s", bad.reason, bad.text)
+        body = message.get("body")
+        body = body if type(body) is dict else {}
+        self.send(
+            message["dest"], message["src"], _refusal(body, ErrorCode.MALFORMED_REQUEST, bad.reason)
+        )
 
     def _skipped(self, text: str, *args: Any) -> None:
         if self._held is None:
