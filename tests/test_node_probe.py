@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from sagakit.node.protocol import MAX_ID
 from tests.test_node import MAIN, REPO, execute, run_node
 
 GOOD = execute(5, "after", ["a"]).rstrip("\n")
@@ -202,3 +203,18 @@ def test_a_message_with_a_number_out_of_range_is_answered_code_12(
     assert after["in_reply_to"] == 5
     # Reported on stderr as before, once.
     assert len(run.stderr.splitlines()) == 1, run.stderr
+
+
+def _steps_request(msg_id: int, steps: list[str]) -> str:
+    return execute(msg_id, f"long{msg_id}", steps, fail_step=steps[-1])
+
+
+def test_a_step_name_past_the_id_cap_is_refused() -> None:
+    """A step name had no cap, though a saga_id has one for the reason it applies here too:
+    the log keeps it with every saga it answers retries from. 64 steps of 250,000
+    characters (a 16 MB line) were kept whole, and the step-list cache keeps 4,096 lists."""
+    run = run_node(_steps_request(1, ["a", "b" * (MAX_ID + 1)]) + GOOD + "\n")
+    first, after = run.replies()
+    assert (first["code"], first["saga_id"]) == (12, "long1"), first
+    assert first["text"] == f"steps[1]: at most {MAX_ID} characters, got {MAX_ID + 1}"
+    assert after["in_reply_to"] == 5

@@ -199,10 +199,14 @@ def optional_bool(body: dict[str, Any], name: str) -> bool:
 
 
 def require_str_list(body: dict[str, Any], name: str) -> list[str]:
+    """A non-empty list of ids: non-empty strings of at most MAX_ID characters (the
+    log keeps a saga's step names with it, as it keeps its id)."""
     value = body.get(name)
     if type(value) is not list or not value:
         raise _malformed(name, "required, a non-empty list of strings")
     for i, item in enumerate(value):
         if type(item) is not str or not item:
             raise _malformed(f"{name}[{i}]", "must be a non-empty string")
+        if len(item) > MAX_ID:
+            raise _malformed(f"{name}[{i}]", f"at most {MAX_ID} characters, got {len(item)}")
     return value
