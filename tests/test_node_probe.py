@@ -218,3 +218,19 @@ def test_a_step_name_past_the_id_cap_is_refused() -> None:
     assert (first["code"], first["saga_id"]) == (12, "long1"), first
     assert first["text"] == f"steps[1]: at most {MAX_ID} characters, got {MAX_ID + 1}"
     assert after["in_reply_to"] == 5
+
+
+@pytest.mark.parametrize("junk", ["> ", "\x00", "DEBUG sent: ", "}"])
+def test_a_message_after_junk_on_its_line_is_served(junk: str) -> None:
+    """A prompt, a log prefix or a stray byte before a message made the whole line bad
+    input: the message was never answered, though what follows bad input is served."""
+    run = run_node(execute(1, "before", ["a"]) + junk + GOOD + "\n")
+    assert [b["in_reply_to"] for b in run.replies()] == [1, 5]
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+
+
+def test_junk_and_messages_in_turn_on_one_line_are_read_in_linear_time() -> None:
+    # Each failed decode counted the line before it: 80,000 short turns took 38 s
+    # (run_node gives the node 10 s).
+    run = run_node(("xx " + GOOD) * 50_000 + "\n")
+    assert len(run.replies()) == 50_000

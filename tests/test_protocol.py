@@ -43,6 +43,16 @@ LINE = json.dumps(MESSAGE, separators=(",", ":"))  # as the site's judge sends i
 PRETTY = json.dumps(MESSAGE, indent=0)
 
 
+class _AnyReason(str):
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str)
+
+    __hash__ = str.__hash__
+
+
+ANY_REASON = _AnyReason()
+
+
 def flat(values: list[Any]) -> list[Any]:
     """The values, those of a line holding several taken out of their SameLine."""
     return [v for value in values for v in (value if type(value) is SameLine else [value])]
@@ -109,6 +119,28 @@ def test_the_values_of_a_line_holding_several_come_together() -> None:
     decoder = Decoder()
     assert decoder.feed("1 2 {}\n" + LINE + "\n") == [SameLine([1, 2, {}]), MESSAGE]
     assert decoder.feed("[] x\n") == [SameLine([[], BadInput("x", "not JSON (Expecting value)")])]
+
+
+@pytest.mark.parametrize("junk", ["xx ", "\x00", "} ", "]]] ", "> ", "nul"])
+def test_a_message_after_junk_on_its_line_is_read(junk: str) -> None:
+    """Junk before a message on the same line (a prompt, a stray byte) made the whole
+    line one BadInput: the message after it was lost, though docs/node.md says what
+    follows bad input is served."""
+    assert decode_all(junk + LINE + "\n") == [BadInput(junk.strip(), ANY_REASON), MESSAGE]
+    assert decode_all(junk + LINE + " yy " + LINE + "\n") == [
+        BadInput(junk.strip(), ANY_REASON),
+        MESSAGE,
+        BadInput("yy", ANY_REASON),
+        MESSAGE,
+    ]
+
+
+def test_junk_then_an_object_that_is_not_a_message_drops_the_line() -> None:
+    # One look ahead per stretch of junk, at an object that must be a message:
+    # anything else is junk too, to the end of the line (decoding stays linear).
+    out = decode_all('xx {"a": 1} ' + LINE + "\n" + LINE + "\n")
+    assert out == [BadInput('xx {"a": 1} ' + LINE, ANY_REASON), MESSAGE]
+    assert decode_all("xx {" * 1000 + "\n" + LINE + "\n")[1:] == [MESSAGE]
 
 
 def test_number_split_across_feeds_is_not_cut_short() -> None:

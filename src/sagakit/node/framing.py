@@ -290,6 +290,7 @@ class Decoder:
             self._decode(text, out)
             pos = end
         n = len(line)
+        junk: str | None = None  # why the line's first junk was refused, once it has had some
         while True:
             while pos < n and line[pos] in _WS:
                 pos += 1
@@ -306,12 +307,41 @@ class Decoder:
                 self._decode(line[pos:end], out)
                 pos = end
                 continue
-            try:
-                value, pos = _raw_decode(line, pos)
-            except Exception as exc:
-                out.append(_bad(line[pos:], f"not JSON ({_why(exc)})"))
+            if junk is None:
+                try:
+                    value, pos = _raw_decode(line, pos)
+                except Exception as exc:
+                    # A failed decode costs time in proportion to the line before
+                    # it (JSONDecodeError counts the lines up to its position): once
+                    # a line has had junk, what is not a message is skipped to the
+                    # next one undecoded, so junk and messages in turn stay linear.
+                    junk = f"not JSON ({_why(exc)})"
+                else:
+                    out.append(value)
+                    continue
+            found = self._message_after(line, pos)
+            if found is None:
+                out.append(_bad(line[pos:], junk))
                 return
-            out.append(value)
+            # Junk before a message (a prompt, a stray byte): the message is
+            # served, as a truncated value's next message is.
+            brace, end, message = found
+            out.append(_bad(line[pos:brace], junk))
+            out.append(message)
+            pos = end
+
+    def _message_after(self, line: str, pos: int) -> tuple[int, int, dict[str, Any]] | None:
+        """(start, end, message) of the object at the first ``{`` after ``pos``, if it
+        is a whole message. Looked for once per stretch of junk, and the scan stops
+        at that object's end, so a line is still read in linear time."""
+        brace = line.find("{", pos + 1)
+        if brace == -1:
+            return None
+        self._depth = 0
+        end = self._scan(line, brace)
+        self._depth = 0
+        message = None if end == -1 else _envelope(line[brace:end])
+        return None if message is None else (brace, end, message)
 
     def _resync(self, lines: int, message: dict[str, Any], out: list[Any]) -> None:
         """Report the open value's first ``lines`` lines as a truncated value, then
