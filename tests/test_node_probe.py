@@ -234,3 +234,45 @@ def test_junk_and_messages_in_turn_on_one_line_are_read_in_linear_time() -> None
     # (run_node gives the node 10 s).
     run = run_node(("xx " + GOOD) * 50_000 + "\n")
     assert len(run.replies()) == 50_000
+
+
+def _reserve(msg_id: int, **fields: object) -> str:
+    body = {"type": "reserve_inventory", "msg_id": msg_id, "saga_id": f"z{msg_id}", "sku": "a"}
+    return json.dumps({"src": "c", "dest": "inventory", "body": {**body, **fields}}) + "\n"
+
+
+def test_a_deep_value_in_a_flag_is_malformed_not_a_crash() -> None:
+    """The refusal quoted the value with repr, which raised RecursionError on a list
+    nested 1,000 deep (the parser takes up to 1,024): answered code 13 with a
+    traceback on stderr, for input that is merely wrong."""
+    line = _reserve(1, fail_payment="X").replace('"X"', "[" * 1000 + "]" * 1000)
+    run = run_node(line)
+    (reply,) = run.replies()
+    assert (reply["code"], reply["in_reply_to"]) == (12, 1), reply
+    assert reply["text"].startswith("fail_payment: must be true or false, got [[")
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        _reserve(1, fail_payment=list(range(300_000))),
+        json.dumps({"src": "c", "dest": "d" * 2_000_000, "body": {"type": "x", "msg_id": 1}})
+        + "\n",
+        json.dumps({"src": "c", "dest": "event_bus", "body": {"type": "init", "msg_id": 1}})[:-2]
+        + ', "services": '
+        + json.dumps([f"svc{i}" for i in range(200_000)])
+        + "}}\n",
+        execute(1, "s", [f"a{i}" for i in range(2_000)])
+        + execute(2, "s", [f"b{i}" for i in range(2_000)]),
+    ],
+    ids=["a flag", "a dest", "services", "a conflict"],
+)
+def test_an_error_text_does_not_echo_a_huge_value(line: str) -> None:
+    """Refusals quoted the offending value whole: a flag of 300,000 numbers was answered
+    with a 2.3 MB error, a step-list conflict with both lists. A text is at most 1,000
+    characters, the value cut short."""
+    run = run_node(line)
+    error = run.replies()[-1]
+    assert error["type"] == "error", error
+    assert len(error["text"]) <= 1000, (len(error["text"]), error["text"][:300])

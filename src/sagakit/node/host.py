@@ -134,10 +134,18 @@ class Node:
         """Called at end of input: complete the work still in flight."""
 
 
+# The longest text an error reply carries.
+MAX_TEXT = 1000
+
+
 def _refusal(body: Body, code: int, text: str, **extra: Any) -> Body:
     """An error reply to ``body``, with its saga_id when it has a usable one,
     whatever the refusal: the seed wants the saga_id echoed in every response,
     and it is what ties an error to a request without an integer msg_id."""
+    if len(text) > MAX_TEXT:
+        # Texts quote what was refused (a conflict both step lists): the reply to a
+        # request of megabytes stays a line a client can read and log.
+        text = text[: MAX_TEXT - 3] + "..."
     if "saga_id" not in extra:
         saga_id = body.get("saga_id")
         if type(saga_id) is str and 0 < len(saga_id) <= MAX_ID:
@@ -341,7 +349,7 @@ class Host:
             )
 
     def _not_supported(self, dest: str, src: str, msg_type: str, body: Body) -> None:
-        text = f"node {dest!r} does not support {msg_type[:200]!r}"
+        text = f"node {dest[:200]!r} does not support {msg_type[:200]!r}"
         self.send(dest, src, _refusal(body, ErrorCode.NOT_SUPPORTED, text))
 
     async def finish(self) -> None:

@@ -10,6 +10,7 @@ samples fix byte for byte.
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
@@ -134,6 +135,13 @@ def error_body(in_reply_to: int | None, code: int, text: str, **extra: Any) -> d
 # --- request fields: each check names the field it rejects ------------------------
 
 
+# A refused value, quoted in the error's text: cut short, never whole (a value
+# can be megabytes, or nested a thousand deep, past what repr can recurse).
+_shown = reprlib.Repr()
+_shown.maxlevel, _shown.maxstring, _shown.maxother = 3, 80, 80
+_shown.maxdict = _shown.maxlist = 8
+
+
 def _malformed(name: str, problem: str) -> RequestError:
     return RequestError(ErrorCode.MALFORMED_REQUEST, f"{name}: {problem}")
 
@@ -194,7 +202,7 @@ def optional_str(body: dict[str, Any], name: str) -> str | None:
 def optional_bool(body: dict[str, Any], name: str) -> bool:
     value = body.get(name, False)
     if type(value) is not bool:
-        raise _malformed(name, f"must be true or false, got {value!r}")
+        raise _malformed(name, f"must be true or false, got {_shown.repr(value)}")
     return value
 
 
