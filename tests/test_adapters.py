@@ -79,6 +79,8 @@ def test_the_distribution_named_is_the_one_the_extra_installs(
     requirements = pyproject["project"]["optional-dependencies"][backend.extra]
     names = [re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements]
     assert backend.distribution in names, (scheme, requirements)
+    # And the oldest version it accepts, which the error names for an older driver.
+    assert f"{backend.distribution}>={backend.minimum}" in requirements, (scheme, requirements)
 
 
 def test_the_scheme_is_case_insensitive_and_may_carry_a_driver_suffix() -> None:

@@ -276,3 +276,43 @@ def test_an_error_text_does_not_echo_a_huge_value(line: str) -> None:
     error = run.replies()[-1]
     assert error["type"] == "error", error
     assert len(error["text"]) <= 1000, (len(error["text"]), error["text"][:300])
+
+
+# As _WITHOUT, but the driver is there in a version older than the extra asks for.
+_OLD = """
+import importlib.metadata
+import sys
+
+distribution, found = sys.argv.pop(1), sys.argv.pop(1)
+real = importlib.metadata.version
+importlib.metadata.version = lambda name: found if name == distribution else real(name)
+sys.argv[0] = "sagakit"
+from sagakit.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("distribution", "args", "extra", "minimum"),
+    [
+        ("asyncpg", ["node", "--store", "postgresql://u@127.0.0.1:1/db"], "postgres", "0.30"),
+        ("nats-py", [*_DLQ, "nats://127.0.0.1:1"], "nats", "2.7"),
+    ],
+)
+def test_a_driver_older_than_the_extra_asks_for_is_named(
+    distribution: str, args: list[str], extra: str, minimum: str
+) -> None:
+    """pyproject.toml asks for asyncpg>=0.30 (create_pool(reset=...)); an older one
+    imported fine and failed later with a TypeError from inside the saga log."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _OLD, distribution, "0.1.2", *args],
+        input=b"",
+        capture_output=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"needs {distribution}>={minimum}, found 0.1.2" in err, err
+    assert f"pip install -U 'sagakit[{extra}]'" in err, err

@@ -30,6 +30,9 @@ class Backend(NamedTuple):
     # The distribution pip installs for it, named in the error when the module
     # is missing: the module's name is often not it (nats is nats-py).
     distribution: str | None = None
+    # The oldest version the extra accepts (pyproject.toml): an older driver
+    # imports fine and fails later, from inside the backend.
+    minimum: str | None = None
 
 
 # Registries of schemes. Later backends add a line here and a module beside this one.
@@ -37,24 +40,28 @@ SAGA_LOGS: dict[str, Backend] = {
     "memory": Backend("sagakit.adapters.memory_log:InMemorySagaLog.from_url"),
     "sqlite": Backend("sagakit.adapters.sqlite_log:SQLiteSagaLog.from_url"),
     "postgresql": Backend(
-        "sagakit.adapters.postgres_log:from_url", "postgres", "asyncpg", "asyncpg"
+        "sagakit.adapters.postgres_log:from_url", "postgres", "asyncpg", "asyncpg", "0.30"
     ),
-    "postgres": Backend("sagakit.adapters.postgres_log:from_url", "postgres", "asyncpg", "asyncpg"),
+    "postgres": Backend(
+        "sagakit.adapters.postgres_log:from_url", "postgres", "asyncpg", "asyncpg", "0.30"
+    ),
 }
 EVENT_BUSES: dict[str, Backend] = {
     "memory": Backend("sagakit.adapters.memory_bus:InMemoryEventBus.from_url"),
-    "nats": Backend("sagakit.adapters.nats_bus:NatsEventBus.from_url", "nats", "nats", "nats-py"),
+    "nats": Backend(
+        "sagakit.adapters.nats_bus:NatsEventBus.from_url", "nats", "nats", "nats-py", "2.7"
+    ),
     "redis": Backend(
-        "sagakit.adapters.redis_bus:RedisEventBus.from_url", "redis", "redis", "redis"
+        "sagakit.adapters.redis_bus:RedisEventBus.from_url", "redis", "redis", "redis", "5.0"
     ),
     "rediss": Backend(
-        "sagakit.adapters.redis_bus:RedisEventBus.from_url", "redis", "redis", "redis"
+        "sagakit.adapters.redis_bus:RedisEventBus.from_url", "redis", "redis", "redis", "5.0"
     ),
     "amqp": Backend(
-        "sagakit.adapters.amqp_bus:AmqpEventBus.from_url", "rabbitmq", "aio_pika", "aio-pika"
+        "sagakit.adapters.amqp_bus:AmqpEventBus.from_url", "rabbitmq", "aio_pika", "aio-pika", "9.4"
     ),
     "amqps": Backend(
-        "sagakit.adapters.amqp_bus:AmqpEventBus.from_url", "rabbitmq", "aio_pika", "aio-pika"
+        "sagakit.adapters.amqp_bus:AmqpEventBus.from_url", "rabbitmq", "aio_pika", "aio-pika", "9.4"
     ),
 }
 
@@ -117,11 +124,33 @@ def _open(kind: str, registry: dict[str, Backend], url: str) -> Any:
                 f"{backend.distribution or backend.driver} distribution "
                 f"(import {backend.driver}: {exc}): pip install 'sagakit[{backend.extra}]'"
             ) from exc
+        _check_version(scheme, kind, backend)
     module_name, _, attr = backend.target.partition(":")
     target: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         target = getattr(target, part)
     return target(url)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version ("0.30.0rc1" -> (0, 30, 0))."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def _check_version(scheme: str, kind: str, backend: Backend) -> None:
+    if backend.minimum is None or backend.distribution is None:
+        return
+    from importlib import metadata
+
+    try:
+        found = metadata.version(backend.distribution)
+    except (metadata.PackageNotFoundError, ValueError):
+        return  # importable without metadata (vendored, a checkout): nothing to compare
+    if _release(found) < _release(backend.minimum):
+        raise ConfigurationError(
+            f"the {scheme}:// {kind} needs {backend.distribution}>={backend.minimum}, "
+            f"found {found}: pip install -U 'sagakit[{backend.extra}]'"
+        )
 
 
 def open_saga_log(url: str = "memory://") -> SagaLog:
