@@ -183,8 +183,11 @@ _SAGA = '{"src": "c", "dest": "saga", "body": {"type": "execute", "saga_id": "s1
         ('"msg_id": 1e999', None, "number 1e999 overflows a float"),
         ('"msg_id": ' + "9" * 5000, None, "4300"),
         ('"msg_id": 1, "n": ' + "9" * 5000, 1, "4300"),
+        # Not JSON, but what Python's json.dumps writes for a float it cannot carry.
+        ('"msg_id": 1, "amount": NaN', 1, "NaN is not JSON"),
+        ('"msg_id": 1, "amount": -Infinity', 1, "-Infinity is not JSON"),
     ],
-    ids=["float field", "negative", "msg_id", "long msg_id", "long field"],
+    ids=["float field", "negative", "msg_id", "long msg_id", "long field", "NaN", "-Infinity"],
 )
 def test_a_message_with_a_number_out_of_range_is_answered_code_12(
     fields: str, in_reply_to: int | None, reason: str

@@ -52,9 +52,10 @@ def _int_or_inf(text: str) -> int | float:
         return math.inf
 
 
-# Strict but for numbers: one out of range reads as an infinity, so that a
-# message refused for one can still be answered (it is JSON, whatever its size).
-_ranged = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_int_or_inf).decode
+# Strict but for numbers: one out of range reads as an infinity, and NaN and
+# Infinity (not JSON, but what json.dumps writes for such a float) as floats, so
+# that a message refused for one can still be answered: its sender waits.
+_ranged = json.JSONDecoder(parse_constant=float, parse_int=_int_or_inf).decode
 
 loads: Callable[[str], Any]
 try:  # orjson parses several times faster; the node must still run without it.
@@ -95,8 +96,8 @@ class BadInput(NamedTuple):
 
     ``text`` is the start of it only: a refused value can be megabytes long.
     ``message``: an object with string ``src`` and ``dest`` that is JSON but
-    holds a number out of range (read as an infinity), so that it can be
-    answered with an error instead of nothing.
+    holds a number the node cannot read (out of range, read as an infinity, or
+    NaN), so that it can be answered with an error instead of nothing.
     """
 
     text: str
@@ -385,14 +386,14 @@ class Decoder:
             out.append(_loads_any(text))
         except Exception as exc:
             bad = _bad(text, f"not JSON ({_why(exc)})")
-            if type(exc) is ValueError:  # a number out of range raises exactly this
+            if type(exc) is ValueError:  # what a number out of range or NaN raises
                 bad = _out_of_range(text, bad, exc)
             out.append(bad)
 
 
 def _out_of_range(text: str, bad: BadInput, exc: ValueError) -> BadInput:
-    """``bad`` with the message it holds, if only a number out of range kept it from
-    being read (its envelope is readable)."""
+    """``bad`` with the message it holds, if only a number kept it from being read
+    (its envelope is readable)."""
     try:
         value = _ranged(text)
     except Exception:
@@ -401,7 +402,7 @@ def _out_of_range(text: str, bad: BadInput, exc: ValueError) -> BadInput:
         return bad
     if type(value.get("dest")) is not str:
         return bad
-    return BadInput(bad.text, f"a number out of range ({_why(exc)})", value)
+    return BadInput(bad.text, f"a number the node cannot read ({_why(exc)})", value)
 
 
 def _cannot_continue(lines: list[str]) -> bool:
