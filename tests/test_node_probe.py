@@ -319,3 +319,15 @@ def test_a_driver_older_than_the_extra_asks_for_is_named(
     assert len(err.strip().splitlines()) == 1, err
     assert f"needs {distribution}>={minimum}, found 0.1.2" in err, err
     assert f"pip install -U 'sagakit[{extra}]'" in err, err
+
+
+@pytest.mark.parametrize("raw", ["\t", "\x01", "\x1b"])
+def test_a_message_with_a_raw_control_character_in_a_string_is_answered(raw: str) -> None:
+    """A tab typed into a string (JSON wants it escaped) made the message 'not JSON',
+    skipped with a warning only: a hand-written request was never answered."""
+    line = execute(1, "s1", ["a"]).replace('"a"', f'"a{raw}b"')
+    run = run_node(line + GOOD + "\n")
+    first, after = run.replies()
+    assert (first["code"], first["in_reply_to"], first["saga_id"]) == (12, 1, "s1"), first
+    assert first["text"].startswith("a raw control character in a string (Invalid control"), first
+    assert after["in_reply_to"] == 5

@@ -52,10 +52,11 @@ def _int_or_inf(text: str) -> int | float:
         return math.inf
 
 
-# Strict but for numbers: one out of range reads as an infinity, and NaN and
-# Infinity (not JSON, but what json.dumps writes for such a float) as floats, so
-# that a message refused for one can still be answered: its sender waits.
-_ranged = json.JSONDecoder(parse_constant=float, parse_int=_int_or_inf).decode
+# Strict but for numbers and raw control characters in strings: a number out of
+# range reads as an infinity, NaN and Infinity (not JSON, but what json.dumps
+# writes for such a float) as floats, a typed tab as itself, so that a message
+# refused for one can still be answered: its sender waits.
+_lenient = json.JSONDecoder(parse_constant=float, parse_int=_int_or_inf, strict=False).decode
 
 loads: Callable[[str], Any]
 try:  # orjson parses several times faster; the node must still run without it.
@@ -97,7 +98,8 @@ class BadInput(NamedTuple):
     ``text`` is the start of it only: a refused value can be megabytes long.
     ``message``: an object with string ``src`` and ``dest`` that is JSON but
     holds a number the node cannot read (out of range, read as an infinity, or
-    NaN), so that it can be answered with an error instead of nothing.
+    NaN) or a raw control character in a string, so that it can be answered
+    with an error instead of nothing.
     """
 
     text: str
@@ -386,22 +388,24 @@ class Decoder:
             out.append(_loads_any(text))
         except Exception as exc:
             bad = _bad(text, f"not JSON ({_why(exc)})")
-            if type(exc) is ValueError:  # what a number out of range or NaN raises
-                bad = _out_of_range(text, bad, exc)
+            if isinstance(exc, ValueError):  # not too deep (RecursionError), not too big
+                bad = _readable_message(text, bad, exc)
             out.append(bad)
 
 
-def _out_of_range(text: str, bad: BadInput, exc: ValueError) -> BadInput:
-    """``bad`` with the message it holds, if only a number kept it from being read
-    (its envelope is readable)."""
+def _readable_message(text: str, bad: BadInput, exc: ValueError) -> BadInput:
+    """``bad`` with the message it holds, if only a number or a raw control character
+    kept it from being read (its envelope is readable)."""
     try:
-        value = _ranged(text)
+        value = _lenient(text)
     except Exception:
         return bad
     if type(value) is not dict or type(value.get("src")) is not str:
         return bad
     if type(value.get("dest")) is not str:
         return bad
+    if isinstance(exc, json.JSONDecodeError):  # the strict parser's own: a control character
+        return BadInput(bad.text, f"a raw control character in a string ({_why(exc)})", value)
     return BadInput(bad.text, f"a number the node cannot read ({_why(exc)})", value)
 
 
