@@ -309,8 +309,8 @@ class Host:
             await node.settle()
 
     def _unreadable(self, bad: BadInput, message: Body) -> None:
-        """A message that is JSON but holds a number the node cannot read: answered
-        (error 12, naming the number), since its sender waits for a reply."""
+        """A message refused only for a number or a raw control character in it:
+        answered (error 12, naming why), since its sender waits for a reply."""
         self._skipped("refused a message with %s: %s", bad.reason, bad.text)
         body = message.get("body")
         body = body if type(body) is dict else {}
