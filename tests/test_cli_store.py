@@ -312,18 +312,23 @@ def test_worker_with_a_bad_spec_exits_2_with_one_line(store: str) -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_worker_on_a_database_that_does_not_exist_exits_2(postgres_url: str) -> None:
-    """A real server refusing for good (no such database): the worker says so and
-    exits, instead of logging the refusal every second for ever."""
-    missing = postgres_url.rsplit("/", 1)[0] + "/sagakit_no_such_database"
-    done = subprocess.run(
-        [*SAGAKIT, "worker", "--store", missing, "--sagas", "test_cli_store:SHOP"],
+def _worker_refused(store: str) -> subprocess.CompletedProcess[str]:
+    """``sagakit worker`` on ``store``, which it is expected to refuse and leave."""
+    return subprocess.run(
+        [*SAGAKIT, "worker", "--store", store, "--sagas", "test_cli_store:SHOP"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src")])},
     )
+
+
+def test_worker_on_a_database_that_does_not_exist_exits_2(postgres_url: str) -> None:
+    """A real server refusing for good (no such database): the worker says so and
+    exits, instead of logging the refusal every second for ever."""
+    missing = postgres_url.rsplit("/", 1)[0] + "/sagakit_no_such_database"
+    done = _worker_refused(missing)
     assert done.returncode == 2, done.stderr
     assert 'database "sagakit_no_such_database" does not exist' in done.stderr
     assert "Traceback" not in done.stderr
@@ -339,14 +344,7 @@ def test_worker_on_a_sqlite_folder_that_does_not_exist_exits_2_with_one_line(
     """It retried for ever, a warning a second: the missing folder was taken for a
     passing failure (SQLITE_CANTOPEN)."""
     path = tmp_path / "no" / "such" / "dir" / "sagas.db"
-    done = subprocess.run(
-        [*SAGAKIT, "worker", "--store", f"sqlite:///{path}", "--sagas", "test_cli_store:SHOP"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src")])},
-    )
+    done = _worker_refused(f"sqlite:///{path}")
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("sagakit worker: ")

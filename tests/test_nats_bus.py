@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -450,24 +450,29 @@ def test_the_stream_sequence_is_read_from_both_ack_subject_forms() -> None:
         assert stream_sequence(reply) == 0
 
 
+async def _attempt_records(bus: NatsEventBus) -> list[int]:
+    """The attempt counts in the bus's attempts stream, oldest first."""
+    assert bus._js is not None
+    js, stream = bus._js, f"{bus.prefix}-attempts"
+    found, seq = [], 1
+    while True:
+        try:
+            raw = await js.get_msg(stream, seq, subject=f"{bus.prefix}.attempts.>", next=True)
+        except nats.js.errors.NotFoundError:
+            return found
+        found.append(json.loads(raw.data or b"")["n"])
+        seq = (raw.seq or seq) + 1
+
+
 async def test_attempts_are_recorded_for_redeliveries_and_purged_once_settled(
     bus: NatsEventBus,
 ) -> None:
     """A first delivery costs no record; a failure is recorded, a redelivery's start
     too (before its handler runs); the record goes once the event is settled."""
-    assert bus._js is not None
-    js, stream = bus._js, f"{bus.prefix}-attempts"
     seen: list[tuple[int, list[int]]] = []
 
-    async def records() -> list[int]:
-        found, seq = [], 1
-        while True:
-            try:
-                raw = await js.get_msg(stream, seq, subject=f"{bus.prefix}.attempts.>", next=True)
-            except nats.js.errors.NotFoundError:
-                return found
-            found.append(json.loads(raw.data or b"")["n"])
-            seq = (raw.seq or seq) + 1
+    def records() -> Awaitable[list[int]]:
+        return _attempt_records(bus)
 
     async def handler(e: Event) -> None:
         seen.append((e["n"], await records()))
@@ -489,18 +494,9 @@ async def test_a_first_delivery_running_long_is_recorded_while_it_runs(
 ) -> None:
     """Past 60% of ack_timeout a first delivery's attempt is written (a handler that
     hangs then counts); one that still returns has it purged, one that fails counts 1."""
-    assert bus._js is not None
-    js, stream = bus._js, f"{bus.prefix}-attempts"
 
-    async def records() -> list[int]:
-        found, seq = [], 1
-        while True:
-            try:
-                raw = await js.get_msg(stream, seq, subject=f"{bus.prefix}.attempts.>", next=True)
-            except nats.js.errors.NotFoundError:
-                return found
-            found.append(json.loads(raw.data or b"")["n"])
-            seq = (raw.seq or seq) + 1
+    def records() -> Awaitable[list[int]]:
+        return _attempt_records(bus)
 
     seen: list[list[int]] = []
 

@@ -55,6 +55,13 @@ def test_bad_values_on_separate_lines_are_each_reported() -> None:
 
 # A finder that refuses one module, as an interpreter without that extra would:
 # the test is of sagakit's message, not of the driver.
+def _python(script: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``python -c script args`` from the checkout, on empty input."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], input=b"", capture_output=True, timeout=30, cwd=REPO
+    )
+
+
 _WITHOUT = """
 import sys
 blocked = sys.argv.pop(1)
@@ -90,13 +97,7 @@ def test_a_missing_extra_names_the_distribution_and_the_pip_command(
 ) -> None:
     """The message named the module to import ('nats', 'aio_pika'), which is not what pip
     installs (nats-py, aio-pika): a user who ran 'pip install nats' got another package."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _WITHOUT, module, *args],
-        input=b"",
-        capture_output=True,
-        timeout=30,
-        cwd=REPO,
-    )
+    proc = _python(_WITHOUT, module, *args)
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
     assert "Traceback" not in err
@@ -307,13 +308,7 @@ def test_a_driver_older_than_the_extra_asks_for_is_named(
 ) -> None:
     """pyproject.toml asks for asyncpg>=0.30 (create_pool(reset=...)); an older one
     imported fine and failed later with a TypeError from inside the saga log."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _OLD, distribution, "0.1.2", *args],
-        input=b"",
-        capture_output=True,
-        timeout=30,
-        cwd=REPO,
-    )
+    proc = _python(_OLD, distribution, "0.1.2", *args)
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
     assert len(err.strip().splitlines()) == 1, err
