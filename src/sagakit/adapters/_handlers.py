@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from types import CoroutineType
 from typing import Any, TypeVar
 
 __all__ = [
     "ENDS_PROCESS",
     "call_handler",
+    "done_handling",
     "forget",
     "handling",
     "in_handler",
@@ -35,13 +36,19 @@ ENDS_PROCESS = (KeyboardInterrupt, SystemExit)
 _HANDLING: ContextVar[object | None] = ContextVar("sagakit_handling", default=None)
 
 
-def handling(bus: object) -> None:
+def handling(bus: object) -> Token[object | None]:
     """Mark the running task (and the tasks it starts) as running ``bus``'s handlers.
 
     Called first thing in the task of a bus's consumer: the mark stays in that task's
-    own copy of the context.
+    own copy of the context. A consumer that also does other work in that task ends
+    the mark with :func:`done_handling`.
     """
-    _HANDLING.set(bus)
+    return _HANDLING.set(bus)
+
+
+def done_handling(mark: Token[object | None]) -> None:
+    """End the mark :func:`handling` made."""
+    _HANDLING.reset(mark)
 
 
 def in_handler(bus: object) -> bool:
@@ -51,7 +58,7 @@ def in_handler(bus: object) -> bool:
 
 def refuse_in_handler(bus: object, what: str = "drain()") -> None:
     """Refuse what would wait for the handlers of ``bus`` from one of them (a deadlock)."""
-    if _HANDLING.get() is bus:
+    if in_handler(bus):
         raise RuntimeError(f"{what} inside an event handler would wait for itself")
 
 

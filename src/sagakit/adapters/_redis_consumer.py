@@ -15,13 +15,12 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as rexc
 
 from sagakit.adapters._bus_checks import check_server_version
-from sagakit.adapters._handlers import ENDS_PROCESS, spawn
+from sagakit.adapters._handlers import ENDS_PROCESS, done_handling, handling, in_handler, spawn
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -42,9 +41,6 @@ if TYPE_CHECKING:
     from sagakit.adapters.redis_bus import RedisEventBus
 
 log = logging.getLogger("sagakit.bus.redis")
-
-# The reader whose handlers run in this context (a handler cancelling a subscription).
-_HANDLING: ContextVar[Reader | None] = ContextVar("sagakit_redis_handling", default=None)
 
 BATCH = 256  # entries per read: enough for many sagas in flight, bounded memory
 MAX_BLOCK = 2.0  # seconds a read blocks before the consumer looks at its timers
@@ -106,18 +102,6 @@ def translate(exc: BaseException, backend: str, what: str) -> BackendError:
     if text.startswith("OOM") or "used memory > 'maxmemory'" in text:
         return BackendBusy(backend, message)
     return BackendRefused(backend, message)
-
-
-def in_handler(bus: RedisEventBus) -> bool:
-    """Whether this runs in a handler of ``bus`` (which stopping its reader waits for)."""
-    running = _HANDLING.get()
-    return running is not None and running.bus is bus
-
-
-def refuse_in_handler(bus: RedisEventBus) -> None:
-    """drain() from a handler would wait for that handler's reader: refused, as elsewhere."""
-    if in_handler(bus):
-        raise RuntimeError("drain() inside an event handler would wait for itself")
 
 
 async def _call(handler: Handler, event: Event) -> None:
@@ -367,7 +351,7 @@ class Reader:
     async def _handle(self, entries: list[_Entry]) -> list[bytes]:
         """Run the handlers of a batch: a task per saga, each saga's events in order."""
         self.busy = True
-        handling = _HANDLING.set(self)  # seen by the handlers' tasks too (a copied context)
+        mark = handling(self.bus)  # seen by the handlers' tasks too (a copied context)
         try:
             by_saga: dict[str, list[tuple[bytes, Event | None, bytes | None, bool]]] = {}
             for eid, data, again in entries:
@@ -392,7 +376,7 @@ class Reader:
                 await asyncio.gather(*chains)
             return acks
         finally:
-            _HANDLING.reset(handling)
+            done_handling(mark)
             self.busy = False
             self.bus._signal()
 

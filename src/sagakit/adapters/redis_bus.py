@@ -82,15 +82,13 @@ from redis import exceptions as rexc
 
 from sagakit.adapters import redact_url
 from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
-from sagakit.adapters._handlers import spawn
+from sagakit.adapters._handlers import in_handler, refuse_in_handler, spawn
 from sagakit.adapters._redis_consumer import (
     COMMAND_TIMEOUT,
     Pipeliner,
     Reader,
     Subscription,
     check_server,
-    in_handler,
-    refuse_in_handler,
     sid,
     translate,
 )
