@@ -15,6 +15,7 @@ made without pip and pip is installed from its wheel on PyPI.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 import venv
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,10 +75,31 @@ def make_venv() -> None:
         pip_from_pypi()
 
 
+@contextlib.contextmanager
+def one_setup_at_a_time() -> Iterator[None]:
+    """Hold the environment's lock file. Two setups at once (the demo and the tests
+    started together on a fresh clone) upgraded pip under each other, and both failed
+    with pip half installed; the second now waits, then finds the work done."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, as before
+        yield
+        return
+    VENV.parent.mkdir(parents=True, exist_ok=True)
+    with open(VENV.parent / f"{VENV.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def setup() -> None:
     # This script runs on whatever python3 the machine has, older ones included.
     if sys.version_info < (3, 11):  # noqa: UP036
         raise SystemExit(f"sagakit needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    with one_setup_at_a_time():
+        setup_unlocked()
+
+
+def setup_unlocked() -> None:
     if not PYTHON.exists() or run(PYTHON, "-c", "import sys", check=False) != 0:
         make_venv()
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
@@ -92,19 +115,21 @@ def setup_bench() -> None:
     """The benchmarks' peers (DBOS Transact) on top of the development environment."""
     setup()
     stamp = VENV / ".sagakit-bench-installed"
-    wanted = STAMP.read_text()
-    if stamp.exists() and stamp.read_text() == wanted:
-        return
-    say("installing the benchmarks' peers")
-    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev,bench]")
-    stamp.write_text(wanted)
+    with one_setup_at_a_time():
+        wanted = STAMP.read_text()
+        if stamp.exists() and stamp.read_text() == wanted:
+            return
+        say("installing the benchmarks' peers")
+        run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev,bench]")
+        stamp.write_text(wanted)
 
 
 def fuzz(args: list[str]) -> int:
     """The node's coverage-guided fuzzer for a bounded time (default 60 s), on its corpus."""
-    if run(PYTHON, "-c", "import atheris", check=False) != 0:
-        say("installing the fuzzer (the [fuzz] extra)")
-        run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev,fuzz]")
+    with one_setup_at_a_time():
+        if run(PYTHON, "-c", "import atheris", check=False) != 0:
+            say("installing the fuzzer (the [fuzz] extra)")
+            run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev,fuzz]")
     scratch = Path(tempfile.gettempdir()) / "sagakit-fuzz-corpus"
     scratch.mkdir(exist_ok=True)
     seconds = args[0] if args and args[0].isdigit() else "60"
