@@ -116,6 +116,7 @@ from ._postgres_group import (
     status_of,
     summary,
 )
+from ._postgres_schema import ensure_schema
 from ._postgres_url import check_files, split_url
 
 __all__ = ["MAX_ID_BYTES", "PostgresJournal", "PostgresSagaLog", "PostgresStats", "from_url"]
@@ -243,7 +244,7 @@ class PostgresSagaLog:
                     raise ConfigurationError(f"saga log URL: {exc}") from exc
             if not self._ready:
                 async with self._connection() as conn:
-                    await self._ensure_schema(conn)
+                    await ensure_schema(conn, self.stats)
                 self._ready = True
 
     @contextlib.asynccontextmanager
@@ -267,39 +268,6 @@ class PostgresSagaLog:
             # one); the statement's outcome stands.
             with contextlib.suppress(Exception):
                 await self._pool.release(conn)
-
-    async def _ensure_schema(self, conn: Any) -> None:
-        self.stats.statements += 1
-        found = await conn.fetchval(sql.SCHEMA_VERSION_EXISTS)
-        if found is None:
-            # Workers starting together: the first creates, the others wait and see it.
-            # A session lock, and the check in a transaction begun after it: a check in
-            # the locking transaction may not see the catalog change committed meanwhile.
-            self.stats.statements += 3
-            await conn.execute(sql.SCHEMA_LOCK)
-            try:
-                found = await conn.fetchval(sql.SCHEMA_VERSION_EXISTS)
-                if found is None:
-                    self.stats.statements += 1
-                    try:
-                        async with conn.transaction():
-                            await conn.execute(sql.SCHEMA)
-                    except asyncpg.InvalidSchemaNameError as exc:  # 3F000: no retry helps
-                        raise ConfigurationError(
-                            f"saga log URL: its search_path names no schema that exists ({exc})"
-                            "; create the schema, or name another"
-                        ) from exc
-                    self.stats.commits += 1
-            finally:
-                await conn.execute(sql.SCHEMA_UNLOCK)
-        self.stats.statements += 1
-        version = await conn.fetchval(sql.SCHEMA_VERSION)
-        if version is None or version > sql.VERSION:
-            raise SchemaMismatch(
-                BACKEND,
-                f"the database's sagakit schema is version {version}; "
-                f"this sagakit knows up to {sql.VERSION}: upgrade sagakit",
-            )
 
     async def _fetch(self, query: str, *args: Any) -> list[Any]:
         """A read; tried once more when a pooled connection turns out dead (server restarted)."""
