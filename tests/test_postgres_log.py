@@ -133,6 +133,40 @@ def test_bad_url_options_are_refused(query: str) -> None:
         PostgresSagaLog.from_url(f"postgresql://u@h/db?{query}")
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("pool_size", 0),
+        ("pool_size", "3"),
+        ("pool_size", True),
+        ("connect_timeout", -1),
+        ("connect_timeout", 0),
+        ("command_timeout", float("nan")),
+        ("command_timeout", float("inf")),
+        ("statement_cache_size", -5),
+        ("batches_in_flight", 0),
+        ("batches_in_flight", 1.5),
+    ],
+)
+def test_bad_keyword_options_are_refused_when_the_log_is_made(option: str, value: object) -> None:
+    """As in the URL: before, pool_size="3" was a TypeError at first use, and a NaN
+    command_timeout or no batch in flight were taken as they came."""
+    with pytest.raises(ConfigurationError, match=option):
+        PostgresSagaLog("postgresql://u@h/db", **{option: value})  # type: ignore[arg-type]
+
+
+async def test_a_timeout_names_the_option_that_ran_out(postgres_url: str) -> None:
+    """asyncpg's TimeoutError says nothing; a user whose timeout is set too short must see
+    which one to change."""
+    for option in ("connect_timeout", "command_timeout"):
+        log = PostgresSagaLog.from_url(f"{postgres_url}?{option}=0.000001")
+        try:
+            with pytest.raises(BackendUnavailable, match=f"within {option}=1e-06 s"):
+                await log.list(limit=1)
+        finally:
+            await log.close()
+
+
 def test_a_log_used_on_a_second_event_loop_says_so(postgres_url: str) -> None:
     """Not a hang on connections of a loop that is gone."""
     log = PostgresSagaLog.from_url(postgres_url)

@@ -98,6 +98,23 @@ def test_unusable_urls_are_refused(url: str) -> None:
         open_saga_log(url)
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("busy_timeout", "5"),
+        ("busy_timeout", float("inf")),
+        ("max_batch", 0),
+        ("max_batch", 2.5),
+        ("synchronous", 3),
+    ],
+)
+def test_bad_keyword_options_are_refused(tmp_path: Path, option: str, value: object) -> None:
+    """A ConfigurationError naming the option, not a TypeError or AttributeError, nor a
+    max_batch of 0 quietly taken as 1."""
+    with pytest.raises(ConfigurationError, match=option):
+        SQLiteSagaLog(tmp_path / "s.db", **{option: value})  # type: ignore[arg-type]
+
+
 # --- schema ---------------------------------------------------------------------------
 
 

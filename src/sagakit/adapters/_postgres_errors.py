@@ -23,10 +23,17 @@ _UNAVAILABLE_STATES |= {"25006"}
 _BUSY_STATES = {"40001", "40P01", "55P03", "57014"}
 
 
-def translate(exc: BaseException) -> BackendError:
-    """The sagakit error for a driver error (with the driver's as its cause)."""
+def translate(exc: BaseException, waited: str = "") -> BackendError:
+    """The sagakit error for a driver error (with the driver's as its cause).
+
+    ``waited``: the timeout a TimeoutError ran out of (``"connect_timeout=10 s"``). The
+    driver's own says nothing, and an error saying only "TimeoutError:" leaves a user
+    with a timeout set too short no clue what to change.
+    """
     state = getattr(exc, "sqlstate", None) or ""
     message = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, TimeoutError) and not str(exc):
+        message = f"TimeoutError: no answer within {waited or 'the time allowed'}"
     error: BackendError
     if (
         isinstance(exc, asyncpg.PostgresConnectionError | OSError | TimeoutError)

@@ -104,6 +104,7 @@ from sagakit.ports.saga_log import (
 
 from . import _postgres_sql as sql
 from ._handlers import forget
+from ._options import count, seconds
 from ._postgres_errors import BACKEND, DRIVER_ERRORS, misconfigured, translate
 from ._postgres_group import (
     BATCHES_IN_FLIGHT,
@@ -172,10 +173,11 @@ class PostgresSagaLog:
         batches_in_flight: int = BATCHES_IN_FLIGHT,
     ) -> None:
         self._dsn = dsn
-        self._statement_cache_size = statement_cache_size
-        self._pool_size = pool_size
-        self._connect_timeout = connect_timeout
-        self._command_timeout = command_timeout
+        self._statement_cache_size = count("statement_cache_size", statement_cache_size, least=0)
+        self._pool_size = count("pool_size", pool_size, least=1)
+        self._connect_timeout = seconds("connect_timeout", connect_timeout, zero=False)
+        self._command_timeout = seconds("command_timeout", command_timeout, zero=False)
+        batches_in_flight = count("batches_in_flight", batches_in_flight, least=1)
         self._pool: Any = None
         self._ready = False
         self._closed = False
@@ -239,7 +241,7 @@ class PostgresSagaLog:
                         reset=_no_reset,
                     )
                 except DRIVER_ERRORS as exc:
-                    raise translate(exc) from exc
+                    raise translate(exc, self._waited_to_connect()) from exc
                 except ValueError as exc:  # a malformed DSN
                     raise ConfigurationError(f"saga log URL: {exc}") from exc
             if not self._ready:
@@ -247,16 +249,19 @@ class PostgresSagaLog:
                     await ensure_schema(conn, self.stats)
                 self._ready = True
 
+    def _waited_to_connect(self) -> str:
+        return f"connect_timeout={self._connect_timeout:g} s"
+
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
         try:
             conn = await self._pool.acquire()  # connects, when no connection is idle
         except (*DRIVER_ERRORS, ValueError, OverflowError) as exc:
-            raise (misconfigured(exc) or translate(exc)) from exc
+            raise (misconfigured(exc) or translate(exc, self._waited_to_connect())) from exc
         try:
             yield conn
         except DRIVER_ERRORS as exc:
-            error = translate(exc)
+            error = translate(exc, f"command_timeout={self._command_timeout:g} s")
             if isinstance(error, BackendUnavailable):
                 # Cut off mid-operation: never hand it out again (already done when
                 # asyncpg saw it close).

@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import queue
 import sqlite3
@@ -63,6 +62,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from sagakit.adapters import redact_url
 from sagakit.adapters import sqlite_store as store
+from sagakit.adapters._options import count, seconds
 from sagakit.adapters._sqlite_requests import Request, consume, settle
 from sagakit.adapters.sqlite_store import (
     SCHEMA_VERSION,
@@ -208,15 +208,17 @@ class SQLiteSagaLog:
                 f"sqlite saga log path {str(path)!r}: give a file path"
                 " (memory:// is the log that lives in the process)"
             )
-        if synchronous.lower() not in ("full", "normal"):
-            raise ConfigurationError(f"synchronous must be full or normal, not {synchronous!r}")
-        if not (math.isfinite(busy_timeout) and busy_timeout >= 0):
-            raise ConfigurationError(f"busy_timeout must be >= 0 seconds, not {busy_timeout!r}")
+        if not isinstance(synchronous, str) or synchronous.lower() not in ("full", "normal"):
+            raise ConfigurationError(
+                f"synchronous must be full or normal, not {synchronous!r:.100}"
+            )
+        busy_timeout = seconds("busy_timeout", busy_timeout, zero=True)
+        max_batch = count("max_batch", max_batch, least=1)
         # Resolved now: a later chdir must not move the log.
         self.path = Path(path).expanduser().absolute()
         self.busy_timeout = busy_timeout
         self.synchronous = synchronous.upper()
-        self.max_batch = max(1, max_batch)
+        self.max_batch = max_batch
         self.stats = SQLiteStats()
         self._clock = clock
         self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
