@@ -151,6 +151,16 @@ def test_bad_urls_are_refused_by_name(url: str) -> None:
         NatsEventBus.from_url(url)
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("timeout", "5"), ("timeout", float("inf")), ("max_age", True), ("batch", 0)],
+)
+def test_bad_keyword_options_are_refused_by_name(option: str, value: object) -> None:
+    """From Python as from a URL: a timeout given as text was a TypeError before."""
+    with pytest.raises(ConfigurationError, match=option):
+        NatsEventBus(**{option: value})  # type: ignore[arg-type]
+
+
 async def test_no_server_is_backend_unavailable() -> None:
     bus = NatsEventBus.from_url(f"nats://127.0.0.1:{free_port()}?timeout=1")
     with pytest.raises(BackendUnavailable):

@@ -332,6 +332,23 @@ def test_url_options() -> None:
         RedisEventBus.from_url("redis://127.0.0.1:1/0?maxlen=lots")
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("maxlen", "5"),
+        ("maxlen", 0),
+        ("maxlen", 2.5),
+        ("trim_interval", float("nan")),
+        ("prefix", 7),
+    ],
+)
+def test_bad_keyword_options_are_refused_by_name(option: str, value: object) -> None:
+    """A ConfigurationError naming the option: maxlen="5" was a TypeError before, and
+    every other mistake read the same "maxlen >= 1 and 0 < trim_interval required"."""
+    with pytest.raises(ConfigurationError, match=option):
+        RedisEventBus(**{option: value})  # type: ignore[arg-type]
+
+
 async def test_events_accepted_before_a_restart_are_delivered_after_it(
     redis_server: RedisServer, buses: Buses
 ) -> None:

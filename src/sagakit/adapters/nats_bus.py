@@ -100,6 +100,7 @@ from sagakit.adapters._nats_attempts import Attempts
 from sagakit.adapters._nats_dead_letters import read_dead_letter, replay_body
 from sagakit.adapters._nats_errors import translate
 from sagakit.adapters._nats_streams import ensure_streams
+from sagakit.adapters._options import seconds
 from sagakit.adapters.nats_consumer import (
     TOKEN,
     PullSubscription,
@@ -169,9 +170,8 @@ class NatsEventBus:
             raise ConfigurationError(
                 f"NATS prefix {prefix!r} must be 1-64 characters of A-Z a-z 0-9 _ -"
             )
-        for name, value in (("timeout", timeout), ("max_age", max_age)):
-            if not value > 0 or value == float("inf"):
-                raise ConfigurationError(f"NATS {name} must be a positive number, got {value!r}")
+        timeout = seconds("NATS timeout", timeout, zero=False)
+        max_age = seconds("NATS max_age", max_age, zero=False)
         # Caps: what a subscription holds in memory is batch events and
         # concurrency handlers; the dead letters are on the server.
         limits = (("batch", batch, 10_000), ("concurrency", concurrency, 10_000))

@@ -70,7 +70,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -83,6 +82,7 @@ from redis import exceptions as rexc
 from sagakit.adapters import redact_url
 from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
 from sagakit.adapters._handlers import in_handler, refuse_in_handler, spawn
+from sagakit.adapters._options import count, seconds
 from sagakit.adapters._redis_consumer import (
     COMMAND_TIMEOUT,
     Pipeliner,
@@ -124,10 +124,14 @@ class RedisEventBus:
         maxlen: int = 100_000,
         trim_interval: float = 10.0,
     ) -> None:
-        if not prefix or any(c.isspace() or not c.isprintable() for c in prefix):
-            raise ConfigurationError(f"redis bus prefix {prefix!r}: printable, no spaces")
-        if maxlen < 1 or not 0 < trim_interval < math.inf:
-            raise ConfigurationError("redis bus: maxlen >= 1 and 0 < trim_interval required")
+        if (
+            not isinstance(prefix, str)
+            or not prefix
+            or any(c.isspace() or not c.isprintable() for c in prefix)
+        ):
+            raise ConfigurationError(f"redis bus prefix {prefix!r:.100}: printable, no spaces")
+        maxlen = count("redis bus maxlen", maxlen, least=1)
+        trim_interval = seconds("redis bus trim_interval", trim_interval, zero=False)
         self.url, self.prefix, self.maxlen, self.trim_interval = url, prefix, maxlen, trim_interval
         self._name = f"redis://{urlsplit(url).hostname}:{urlsplit(url).port or 6379}"
         try:
