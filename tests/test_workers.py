@@ -434,6 +434,27 @@ async def test_a_worker_leaves_a_saga_it_has_no_definition_for_without_spinning(
     assert len(calls) == 3
 
 
+async def test_a_worker_stopping_gives_back_the_sagas_it_had_no_definition_for() -> None:
+    # The operator who forgot a definition stops the worker and starts it again with
+    # it: the saga must run at once, not after the first worker's lease (60 s here).
+    log = InMemorySagaLog()
+    saga, calls = recording_saga("elsewhere", n=1)
+    await Orchestrator(log).start(saga, "x-1")
+    async with Orchestrator(log, lease_ttl=60, poll_interval=0.02) as forgetful:
+        for _ in range(100):
+            status = await log.status("x-1")
+            if status is not None and status.owner == forgetful.owner:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the worker never claimed the saga")
+    status = await log.status("x-1")
+    assert status is not None and status.owner is None
+    async with Orchestrator(log, sagas=[saga], lease_ttl=60, poll_interval=0.02) as fixed:
+        assert (await fixed.result("x-1", timeout=5)).ok
+    assert len(calls) == 1
+
+
 async def test_result_asked_as_the_run_ends_gets_its_outcome() -> None:
     """result() once joined a run in a task of its own; a run that ended before that
     task started must not leave it waiting for ever."""

@@ -38,6 +38,7 @@ from sagakit.errors import (
 from sagakit.orchestration.driver import drive
 from sagakit.orchestration.leases import (
     claim_left_behind,
+    give_back,
     renew_leases,
     retrying,
     wait_for_holder,
@@ -483,10 +484,11 @@ class Orchestrator:
         check_count("concurrency", concurrency, least=1)  # 0 would idle for ever
         delay = 0.01
         reached = False  # whether the log ever answered a claim
+        lacking: dict[str, tuple[Journal, float]] = {}  # see _spawn
         try:
             try:
                 for claim in await self._left_behind():
-                    self._spawn(claim)
+                    self._spawn(claim, lacking)
             except BackendError as exc:
                 log.error("claiming the sagas left under this name failed: %s", exc)
             while True:
@@ -507,7 +509,7 @@ class Orchestrator:
                         log.error("claiming sagas failed: %s", exc)  # said under async with too
                         if not (exc.retryable or reached):  # no such database, bad password
                             raise
-                spawned = [self._spawn(claim) for claim in claims]
+                spawned = [self._spawn(claim, lacking) for claim in claims]
                 if any(spawned):
                     delay = 0.01
                     await asyncio.sleep(0)
@@ -519,6 +521,9 @@ class Orchestrator:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Nothing here will poll again: hand them to a worker that has their
+            # definitions (the usual one: this worker, restarted with them).
+            await give_back(self._log, [journal for journal, _ in lacking.values()])
 
     async def _left_behind(self) -> Sequence[Claim]:
         """The sagas an earlier process under this owner's name left leased, claimed."""
@@ -527,12 +532,13 @@ class Orchestrator:
         busy = set(self._running) | set(self._held)
         return await claim_left_behind(self._log, self.owner, self.lease_ttl, busy, self.retry_for)
 
-    def _spawn(self, claim: Claim) -> bool:
+    def _spawn(self, claim: Claim, lacking: dict[str, tuple[Journal, float]]) -> bool:
         """Run the claimed saga in a task of its own; False when its definition is unknown.
 
         A saga whose definition this worker lacks keeps the lease it was just
         given, unrenewed, until it expires: given up at once, it would come back
-        at the very next claim, again and again.
+        at the very next claim, again and again. It goes into ``lacking``, whose
+        leases serve() gives up when it stops; those already expired are dropped.
         """
         saga_id = claim.journal.saga_id
         started = claim.records[0] if claim.records else None
@@ -540,6 +546,10 @@ class Orchestrator:
         saga = self._definitions.get(name)
         if saga is None:
             log.warning("saga %s: no definition of %r here; left to others", saga_id, name)
+            now = time.monotonic()
+            for expired in [s for s, (_, at) in lacking.items() if now - at > self.lease_ttl]:
+                del lacking[expired]
+            lacking[saga_id] = (claim.journal, now)
             return False
         task = asyncio.ensure_future(self._carry_on(saga, claim))
         self._served.add(task)

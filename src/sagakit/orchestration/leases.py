@@ -13,14 +13,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Awaitable, Callable, Container, Iterable
 from typing import TypeVar
 
 from sagakit.core.records import SagaStatus
 from sagakit.errors import BackendError
 from sagakit.ports.saga_log import Claim, Journal, SagaLog
 
-__all__ = ["LEFT_BEHIND_SCAN", "claim_left_behind", "renew_leases", "retrying", "wait_for_holder"]
+__all__ = [
+    "LEFT_BEHIND_SCAN",
+    "claim_left_behind",
+    "give_back",
+    "renew_leases",
+    "retrying",
+    "wait_for_holder",
+]
 
 log = logging.getLogger("sagakit.orchestrator")
 
@@ -89,6 +96,16 @@ async def claim_left_behind(
             log.info("saga %s: left leased to %s by an earlier process; taken over", saga_id, owner)
             claims.append(claim)
     return claims
+
+
+async def give_back(saga_log: SagaLog, journals: Iterable[Journal]) -> None:
+    """Give these leases up (a lease since taken over is left alone: the log checks the
+    epoch). A failure is only logged: the lease then expires as it would have anyway."""
+    for journal in journals:
+        try:
+            await saga_log.release(journal)
+        except Exception:
+            log.exception("saga %s: could not give its lease up", journal.saga_id)
 
 
 async def wait_for_holder(
