@@ -59,3 +59,12 @@ def test_relative_links_lead_to_files_that_exist(page: Path) -> None:
     text = page.read_text()
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
         assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+def test_the_layout_names_every_adapter_module() -> None:
+    # The layout listed the adapters' helpers by name, and six added since were missing.
+    layout = README.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    adapters = ROOT / "src" / "sagakit" / "adapters"
+    modules = sorted(p.stem for p in adapters.glob("*.py") if p.stem != "__init__")
+    missing = [m for m in modules if not re.search(rf"(?<![\w]){m}(?![\w])", layout)]
+    assert not missing, f"README.md's Layout does not name {missing}"
