@@ -248,6 +248,23 @@ def test_help_lists_the_commands() -> None:
     assert "node" in done.stdout
 
 
+def test_worker_options_default_to_what_the_orchestrator_does() -> None:
+    # --lease-ttl showed no default in --help; it is now shown, so it must be the real one.
+    import inspect
+
+    import typer.main
+
+    from sagakit.cli import app
+    from sagakit.orchestration import Orchestrator
+
+    worker = typer.main.get_command(app).commands["worker"]  # type: ignore[attr-defined]
+    defaults = {param.name: param.default for param in worker.params}
+    api = inspect.signature(Orchestrator.__init__).parameters
+    serve = inspect.signature(Orchestrator.serve).parameters
+    assert defaults["lease_ttl"] == api["lease_ttl"].default
+    assert defaults["concurrency"] == serve["concurrency"].default
+
+
 # --- sagakit dlq, and the demo on a named bus ---------------------------------------------
 
 

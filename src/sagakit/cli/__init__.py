@@ -56,7 +56,8 @@ def demo(
         ),
     ] = "memory://",
 ) -> None:
-    """Run orchestrated and choreographed sagas in memory and show how each one went."""
+    """Run orchestrated sagas (in memory, and on SQLite with a worker killed mid-saga) and
+    choreographed orders (on --bus), and show how each one went."""
     from sagakit.cli.demo import run_demo
     from sagakit.errors import SagakitError
 
@@ -102,14 +103,14 @@ def worker(
         ),
     ] = None,
     lease_ttl: Annotated[
-        float | None,
+        float,
         typer.Option(
             "--lease-ttl",
             min=0.1,
             help="Seconds a saga stays leased to this worker between renewals; a dead "
             "worker's sagas are taken over once it passes.",
         ),
-    ] = None,
+    ] = 30.0,  # the Orchestrator's default, shown in --help (tests/test_cli.py checks)
     concurrency: Annotated[
         int, typer.Option("--concurrency", min=1, help="Sagas driven at once, at most.")
     ] = 64,
