@@ -294,7 +294,7 @@ def test_worker_with_an_unknown_log_level_exits_2_with_one_line(
     done = run("worker", "--store", store, "--sagas", "test_cli_store:SHOP")
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
-        "sagakit worker: SAGAKIT_LOG must be debug, info, warning, error or critical, got 'VERBOSE'"
+        "sagakit worker: SAGAKIT_LOG must be debug, info, warning, error or critical, got 'verbose'"
     ]
 
 

@@ -389,10 +389,12 @@ class _PrintableFormatter(logging.Formatter):
 def log_level(environ: Mapping[str, str], default: str) -> str:
     """``SAGAKIT_LOG`` as a level name; a name logging does not know is a UsageError
     (logging itself raised ValueError, a traceback, at start-up)."""
-    level = environ.get("SAGAKIT_LOG", default).strip().upper()
+    given = environ.get("SAGAKIT_LOG", default)
+    level = given.strip().upper()
     if not isinstance(logging.getLevelName(level), int):
+        # Quoted as given: the operator wrote "verbose", not "VERBOSE".
         raise UsageError(
-            f"SAGAKIT_LOG must be debug, info, warning, error or critical, got {level!r}"
+            f"SAGAKIT_LOG must be debug, info, warning, error or critical, got {given!r}"
         )
     return level
 
