@@ -449,7 +449,8 @@ async def test_a_worker_stopping_gives_back_the_sagas_it_had_no_definition_for()
         else:
             pytest.fail("the worker never claimed the saga")
     status = await log.status("x-1")
-    assert status is not None and status.owner is None
+    assert status is not None
+    assert status.owner is None
     async with Orchestrator(log, sagas=[saga], lease_ttl=60, poll_interval=0.02) as fixed:
         assert (await fixed.result("x-1", timeout=5)).ok
     assert len(calls) == 1
