@@ -350,3 +350,14 @@ def test_worker_on_a_sqlite_folder_that_does_not_exist_exits_2_with_one_line(
     assert line.startswith("sagakit worker: ")
     assert str(path.parent) in line
     assert not path.parent.exists()
+
+
+@pytest.mark.parametrize("store", ["memory://", "memory://?max_finished=10"])
+def test_worker_on_an_in_memory_log_exits_2_with_one_line(store: str) -> None:
+    """It served for ever and did nothing: no other process can start a saga in its memory."""
+    done = _worker_refused(store)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("sagakit worker: ")
+    assert "memory://" in line
+    assert "sqlite:///" in line  # what to give instead

@@ -70,6 +70,14 @@ async def run_worker(
     """Serve until SIGTERM or SIGINT, then stop cleanly."""
     from sagakit.orchestration import Orchestrator
 
+    if store.partition("://")[0].strip().lower() == "memory":
+        # It would serve for ever and do nothing: no other process can reach its log.
+        raise ConfigurationError(
+            f"--store {store!r}: memory:// lives inside one process, where no other can"
+            " start a saga; give the log the sagas are started on (sqlite:///sagas.db,"
+            " postgresql://...)"
+        )
+
     options: dict[str, Any] = {} if lease_ttl is None else {"lease_ttl": lease_ttl}
     orchestrator = Orchestrator(store, sagas=sagas, owner=owner, **options)
     loop = asyncio.get_running_loop()
