@@ -37,6 +37,7 @@ from sagakit.errors import (
 )
 from sagakit.orchestration.driver import drive
 from sagakit.orchestration.leases import (
+    Unrunnable,
     claim_left_behind,
     give_back,
     renew_leases,
@@ -55,6 +56,7 @@ from sagakit.orchestration.support import (
     definitions_in,
     logged_outcome,
     replayed,
+    saga_name,
     same_input,
     settle,
     shown,
@@ -423,8 +425,7 @@ class Orchestrator:
                 runnable = []
                 for claim in claims:
                     saga_id = claim.journal.saga_id
-                    started = claim.records[0] if claim.records else None
-                    name = started.saga if type(started) is SagaStarted else "?"
+                    name = saga_name(claim)
                     saga = definitions.get(name)
                     if saga is None:
                         # Held until the end of this recovery, so that the next
@@ -484,7 +485,7 @@ class Orchestrator:
         check_count("concurrency", concurrency, least=1)  # 0 would idle for ever
         delay = 0.01
         reached = False  # whether the log ever answered a claim
-        lacking: dict[str, tuple[Journal, float]] = {}  # see _spawn
+        lacking = Unrunnable(self.lease_ttl)  # see _spawn
         try:
             try:
                 for claim in await self._left_behind():
@@ -523,7 +524,7 @@ class Orchestrator:
             await asyncio.gather(*tasks, return_exceptions=True)
             # Nothing here will poll again: hand them to a worker that has their
             # definitions (the usual one: this worker, restarted with them).
-            await give_back(self._log, [journal for journal, _ in lacking.values()])
+            await give_back(self._log, lacking.journals())
 
     async def _left_behind(self) -> Sequence[Claim]:
         """The sagas an earlier process under this owner's name left leased, claimed."""
@@ -532,24 +533,16 @@ class Orchestrator:
         busy = set(self._running) | set(self._held)
         return await claim_left_behind(self._log, self.owner, self.lease_ttl, busy, self.retry_for)
 
-    def _spawn(self, claim: Claim, lacking: dict[str, tuple[Journal, float]]) -> bool:
-        """Run the claimed saga in a task of its own; False when its definition is unknown.
-
-        A saga whose definition this worker lacks keeps the lease it was just
-        given, unrenewed, until it expires: given up at once, it would come back
-        at the very next claim, again and again. It goes into ``lacking``, whose
-        leases serve() gives up when it stops; those already expired are dropped.
-        """
-        saga_id = claim.journal.saga_id
-        started = claim.records[0] if claim.records else None
-        name = started.saga if type(started) is SagaStarted else "?"
+    def _spawn(self, claim: Claim, lacking: Unrunnable) -> bool:
+        """Run the claimed saga in a task of its own; False when its definition is unknown
+        (its lease then kept in ``lacking``)."""
+        name = saga_name(claim)
         saga = self._definitions.get(name)
         if saga is None:
-            log.warning("saga %s: no definition of %r here; left to others", saga_id, name)
-            now = time.monotonic()
-            for expired in [s for s, (_, at) in lacking.items() if now - at > self.lease_ttl]:
-                del lacking[expired]
-            lacking[saga_id] = (claim.journal, now)
+            log.warning(
+                "saga %s: no definition of %r here; left to others", claim.journal.saga_id, name
+            )
+            lacking.keep(claim.journal)
             return False
         task = asyncio.ensure_future(self._carry_on(saga, claim))
         self._served.add(task)

@@ -22,6 +22,7 @@ from sagakit.ports.saga_log import Claim, Journal, SagaLog
 
 __all__ = [
     "LEFT_BEHIND_SCAN",
+    "Unrunnable",
     "claim_left_behind",
     "give_back",
     "renew_leases",
@@ -106,6 +107,29 @@ async def give_back(saga_log: SagaLog, journals: Iterable[Journal]) -> None:
             await saga_log.release(journal)
         except Exception:
             log.exception("saga %s: could not give its lease up", journal.saga_id)
+
+
+class Unrunnable:
+    """The leases of sagas a worker claimed but lacks the definition of.
+
+    Each is kept, unrenewed, until it expires: given up at once, the saga would
+    come back at the very next claim, again and again. Those left when the worker
+    stops are given up (see :func:`give_back`), so that a worker restarted with
+    the definition takes them at once; expired ones are dropped as others come.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._held: dict[str, tuple[Journal, float]] = {}
+
+    def keep(self, journal: Journal) -> None:
+        now = time.monotonic()
+        for expired in [s for s, (_, at) in self._held.items() if now - at > self._ttl]:
+            del self._held[expired]
+        self._held[journal.saga_id] = (journal, now)
+
+    def journals(self) -> list[Journal]:
+        return [journal for journal, _ in self._held.values()]
 
 
 async def wait_for_holder(

@@ -23,7 +23,7 @@ from sagakit.core.records import (
 )
 from sagakit.core.saga import NO_INPUT, SagaDefinition, fingerprint
 from sagakit.errors import DefinitionError, InvalidTransition, SagaError, SagaIdConflict
-from sagakit.ports.saga_log import SagaLog
+from sagakit.ports.saga_log import Claim, SagaLog
 
 __all__ = [
     "MIN_LEASE_TTL",
@@ -39,6 +39,7 @@ __all__ = [
     "inferred_plan",
     "logged_outcome",
     "replayed",
+    "saga_name",
     "same_input",
     "settle",
     "shown",
@@ -193,6 +194,13 @@ def check_seconds(field: str, value: object, *, minimum: float) -> float:
         problem = f"must be at least {minimum:g} seconds and finite, not {value!r}"
         raise DefinitionError(field, problem)
     return float(value)
+
+
+def saga_name(claim: Claim) -> str:
+    """The name of the definition a claimed saga was started under ("?" for a log
+    that does not open with SagaStarted)."""
+    started = claim.records[0] if claim.records else None
+    return started.saga if type(started) is SagaStarted else "?"
 
 
 def default_owner() -> str:
