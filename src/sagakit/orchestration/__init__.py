@@ -189,9 +189,7 @@ class Orchestrator:
             if journal is None:
                 outcome = await self._existing(saga, saga_id, data)
             else:
-                self._held[saga_id] = journal
-                if self._renewer is None or self._renewer.done():
-                    self._renewer = asyncio.ensure_future(self._renew())
+                self._hold(journal)
                 try:
                     outcome = await drive(
                         saga, saga_id, data, journal, decision, {}, self._flush, self._lost
@@ -235,10 +233,8 @@ class Orchestrator:
         decision: Any,
         results: dict[str, Any],
     ) -> SagaOutcome:
-        """Drive the saga under ``journal``'s lease; give the lease up if it stops unfinished.
-
-        (run() does the same inline, on the way every new saga takes.)
-        """
+        """Drive the saga under ``journal``'s lease, as run() does inline; give the lease
+        up if it stops unfinished."""
         self._hold(journal)
         try:
             outcome = await drive(
@@ -366,20 +362,27 @@ class Orchestrator:
         SagaError when the saga id is unknown.
         """
         limit = None if timeout is None else check_seconds("timeout", timeout, minimum=0.0)
-        async with asyncio.timeout(limit):
-            delay = 0.01
-            while True:
-                running = self._running.get(saga_id)
-                if running is not None:  # joined as run() joins it: no task of its own
-                    return await self._join(running.saga, saga_id, running, running.data)
-                records = await self._retrying(lambda: self._log.read(saga_id))
-                if not records:
-                    raise SagaError(saga_id, "no such saga in the log")
-                outcome = logged_outcome(saga_id, records, self._definitions)
-                if outcome.state.is_final:
-                    return outcome
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.poll_interval)
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                delay = 0.01
+                while True:
+                    running = self._running.get(saga_id)
+                    if running is not None:  # joined as run() joins it: no task of its own
+                        return await self._join(running.saga, saga_id, running, running.data)
+                    records = await self._retrying(lambda: self._log.read(saga_id))
+                    if not records:
+                        raise SagaError(saga_id, "no such saga in the log")
+                    outcome = logged_outcome(saga_id, records, self._definitions)
+                    if outcome.state.is_final:
+                        return outcome
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.poll_interval)
+        except TimeoutError:
+            if not deadline.expired():  # another's, from within: not this wait's
+                raise
+        # asyncio's says nothing: a log line of it would not say which saga.
+        raise TimeoutError(f"saga {saga_id!r}: no outcome within {limit:g} s")
 
     async def status(self, saga_id: str) -> SagaSummary | None:
         """The saga as the log lists it (status, lease, counts), or None when unknown."""
