@@ -203,7 +203,11 @@ def test_worker_runs_started_sagas_and_stops_cleanly_on_sigterm(store: str, tmp_
     finally:
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(timeout=30)
-    assert code == 0, (tmp_path / "worker.log").read_text()
+    said = (tmp_path / "worker.log").read_text()
+    assert code == 0, said
+    # Up, as whom and on what: once, at the start (the URL's password never shown).
+    assert "starting: serving shop on " in said
+    assert ":secret@" not in said
     shown = run("sagas", "show", "order-3", "--store", store)
     assert "saga finished" in shown.stdout
     assert "completed" in shown.stdout
@@ -242,6 +246,38 @@ def test_a_second_signal_ends_a_worker_whose_step_blocks_the_loop(tmp_path: Path
     finally:
         worker.kill()
         worker.wait(timeout=30)
+
+
+def test_a_signal_delivered_twice_at_once_still_stops_the_worker_cleanly(tmp_path: Path) -> None:
+    """GNU timeout (and a kill of the process group) sends the signal to the worker and to
+    its group: two at once. Taken for an operator's second signal, it ended the worker
+    as a kill does, its leases left to expire."""
+    store = f"sqlite:///{tmp_path / 'sagas.db'}"
+    start_in(store, SLOW, "slow-1")
+    log = tmp_path / "worker.log"
+    worker = _worker(store, "test_cli_store:SLOW", log)
+    try:
+        deadline = time.monotonic() + 30
+        while "│ b " not in run("sagas", "show", "slow-1", "--store", store).stdout:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        worker.send_signal(signal.SIGINT)
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(timeout=30) == 0, log.read_text()
+    finally:
+        worker.kill()
+        worker.wait(timeout=30)
+
+    async def holder() -> str | None:
+        saga_log = open_saga_log(store)
+        try:
+            summary = await saga_log.status("slow-1")
+            assert summary is not None
+            return summary.owner
+        finally:
+            await saga_log.close()
+
+    assert asyncio.run(holder()) is None  # given back, not left to expire
 
 
 def test_a_worker_killed_and_restarted_under_its_name_carries_its_saga_on_at_once(
@@ -338,7 +374,7 @@ def test_module_is_importable_from_tests() -> None:
     assert sys.modules[__name__].SHOP is SHOP
 
 
-def test_worker_on_a_sqlite_folder_that_does_not_exist_exits_2_with_one_line(
+def test_worker_on_a_sqlite_folder_that_does_not_exist_exits_2_with_one_error_line(
     tmp_path: Path,
 ) -> None:
     """It retried for ever, a warning a second: the missing folder was taken for a
@@ -346,7 +382,8 @@ def test_worker_on_a_sqlite_folder_that_does_not_exist_exits_2_with_one_line(
     path = tmp_path / "no" / "such" / "dir" / "sagas.db"
     done = _worker_refused(f"sqlite:///{path}")
     assert done.returncode == 2, done.stderr
-    [line] = done.stderr.strip().splitlines()
+    starting, line = done.stderr.strip().splitlines()
+    assert "starting: serving shop on sqlite:///" in starting
     assert line.startswith("sagakit worker: ")
     assert str(path.parent) in line
     assert not path.parent.exists()

@@ -4,7 +4,8 @@ It claims every unfinished saga whose lease expired (a dead worker's, or one
 that ``Orchestrator.start`` only recorded), drives it to its end, and goes on
 doing so until SIGTERM or SIGINT; then it stops taking work, lets the step in
 flight finish or be abandoned at the next record, and gives its leases up so
-another worker may carry on at once. A second signal ends it at once.
+another worker may carry on at once. A second signal ends it at once (one within
+REPEAT_WINDOW of the first is taken for the same one, delivered twice).
 """
 
 from __future__ import annotations
@@ -13,17 +14,24 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
+from sagakit.adapters import redact_url
 from sagakit.core.saga import SagaDefinition
 from sagakit.errors import ConfigurationError
 
 __all__ = ["load_sagas", "run_worker"]
 
 log = logging.getLogger("sagakit.worker")
+
+# Far shorter than an operator signals twice, far longer than a signal sent to a
+# process and its group takes to arrive twice.
+REPEAT_WINDOW = 0.2
 
 
 def load_sagas(spec: str) -> list[SagaDefinition]:
@@ -84,6 +92,8 @@ async def run_worker(
     stop = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
 
+    first: list[float] = []  # when the first signal came
+
     def stopping_now(signum: int, frame: object) -> None:
         # A second signal ends the process at once, as a kill would (the leases
         # then expire): a step that ignores cancellation, or blocks, would
@@ -93,12 +103,29 @@ async def run_worker(
         # time.sleep, a blocking driver) withholds, so both signals waited for
         # the step to return. Python runs this one in the main thread at once,
         # a blocking sleep included; call_soon_threadsafe wakes the loop.
-        for each in signals:
-            signal.signal(each, signal.SIG_DFL)
-        loop.call_soon_threadsafe(stop.set)
+        now = time.monotonic()
+        if not first:
+            first.append(now)
+            loop.call_soon_threadsafe(stop.set)
+        elif now - first[0] >= REPEAT_WINDOW:
+            for each in signals:
+                signal.signal(each, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        # Else the same request delivered twice: GNU timeout, and a kill of the
+        # process group, send the signal to the worker and to its group.
 
     previous = {signum: signal.signal(signum, stopping_now) for signum in signals}
     serving = asyncio.create_task(orchestrator.serve(concurrency=concurrency))
+    # Said once, so that an operator sees the worker is up, as whom and on what: it is
+    # silent afterwards while there is no work. (Before the log has answered: a log
+    # that cannot be used is the next line.)
+    log.info(
+        "starting: serving %s on %s as %s (up to %d sagas at once)",
+        ", ".join(sorted({saga.name for saga in sagas})),
+        redact_url(store),
+        orchestrator.owner,
+        concurrency,
+    )
     stopping = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
