@@ -1,6 +1,6 @@
-"""The in-memory saga log's own rules: leases on its clock, fencing, the cap on finished
-sagas, and the JSON rule on values. (The port's conformance suite runs on it too, in
-tests/test_memory_backends.py.)"""
+"""The in-memory saga log's own rules: leases on its clock, fencing, the caps on finished
+sagas (their number and their weight in records), and the JSON rule on values. (The
+port's conformance suite runs on it too, in tests/test_memory_backends.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from typing import Any
 import pytest
 
 from sagakit.adapters import open_saga_log
-from sagakit.adapters.memory_log import DEFAULT_MAX_FINISHED, InMemorySagaLog
+from sagakit.adapters.memory_log import (
+    DEFAULT_MAX_FINISHED,
+    DEFAULT_MAX_RECORDS,
+    InMemorySagaLog,
+)
 from sagakit.core.records import (
     SagaFinished,
     SagaRecord,
@@ -141,6 +145,112 @@ def test_the_default_cap_and_the_url_option() -> None:
 def test_bad_url_options_are_configuration_errors(url: str) -> None:
     with pytest.raises(ConfigurationError):
         open_saga_log(url)
+
+
+async def begun(log: InMemorySagaLog, saga_id: str, steps: int) -> Journal:
+    """A saga of ``steps`` steps, started and running its first."""
+    names = tuple(f"step{n}" for n in range(steps))
+    journal = await log.create(
+        saga_id, [SagaStarted("order", names, {}), StepStarted(0)], owner="w", ttl=10
+    )
+    assert journal is not None
+    return journal
+
+
+async def run_whole(log: InMemorySagaLog, saga_id: str, steps: int) -> None:
+    """A saga of ``steps`` steps run to its end. Its weight (records plus steps):
+    SagaStarted, two records a step and SagaFinished, plus its steps: 3 x steps + 2."""
+    journal = await begun(log, saga_id, steps)
+    for n in range(steps):
+        journal.stage([StepCompleted(n, None)])
+        journal.stage([StepStarted(n + 1)] if n + 1 < steps else [])
+    journal.stage([SagaFinished(SagaStatus.COMPLETED)])
+
+
+async def kept(log: InMemorySagaLog) -> list[str]:
+    return [s.saga_id for s in reversed(await log.list(limit=1000))]
+
+
+async def test_finished_sagas_past_the_record_budget_are_forgotten_oldest_first() -> None:
+    log = InMemorySagaLog(max_records=30)
+    # Running sagas weigh nothing against the budget, however many records they
+    # hold, and are never forgotten: this one is over the budget alone.
+    running = await begun(log, "running", 20)
+    for n in range(19):
+        running.stage([StepCompleted(n, None), StepStarted(n + 1)])
+    for saga_id in ("l1", "l2", "l3", "l4"):
+        await run_whole(log, saga_id, 1)  # weight 5 each: 20
+    assert await kept(log) == ["running", "l1", "l2", "l3", "l4"]
+    await run_whole(log, "h1", 3)  # weight 11: 31, over 30, so the oldest goes
+    assert await kept(log) == ["running", "l2", "l3", "l4", "h1"]
+    await run_whole(log, "h2", 3)  # 37: two light sagas go for one heavy one
+    assert await kept(log) == ["running", "l4", "h1", "h2"]
+    # A forgotten id is unknown again (as past max_finished): created anew.
+    assert await log.read("l1") == []
+    assert await log.status("l2") is None
+    assert await log.create("l1", opening(), owner="w", ttl=10) is not None
+    assert len(await log.read("running")) == 40
+
+
+async def test_a_saga_heavier_than_the_budget_is_forgotten_once_it_finishes() -> None:
+    """The bound holds with no exception: the saga that finished last goes too when it
+    alone is over the budget, after every older one. A retry of it runs it anew, as
+    the retry of any forgotten saga does; a lighter saga after it is kept."""
+    log = InMemorySagaLog(max_records=10)
+    await run_whole(log, "light", 1)  # weight 5
+    await run_whole(log, "heavy", 5)  # weight 17
+    assert await kept(log) == []
+    assert await log.status("heavy") is None
+    assert await log.create("heavy", opening(), owner="w", ttl=10) is not None
+    await run_whole(log, "after", 2)  # weight 8
+    assert await kept(log) == ["heavy", "after"]
+
+
+async def test_no_records_budget_keeps_no_finished_saga() -> None:
+    log = InMemorySagaLog(max_records=0)
+    await run_whole(log, "done", 1)
+    running = await begun(log, "running", 2)
+    assert await kept(log) == ["running"]
+    running.stage([StepCompleted(0, None), StepStarted(1)])
+    assert len(await log.read("running")) == 4
+
+
+async def test_both_caps_apply_whichever_comes_first() -> None:
+    log = InMemorySagaLog(max_finished=2, max_records=1000)
+    for saga_id in ("a", "b", "c"):
+        await run_whole(log, saga_id, 1)
+    assert await kept(log) == ["b", "c"]
+    log = InMemorySagaLog(max_finished=1000, max_records=10)
+    for saga_id in ("a", "b", "c"):
+        await run_whole(log, saga_id, 1)
+    assert await kept(log) == ["b", "c"]
+
+
+def test_the_default_record_budget_and_the_url_option() -> None:
+    assert InMemorySagaLog().max_records == DEFAULT_MAX_RECORDS == 1_000_000
+    log = open_saga_log("memory://?max_finished=5&max_records=7")
+    assert isinstance(log, InMemorySagaLog)
+    assert (log.max_finished, log.max_records) == (5, 7)
+    log = open_saga_log("memory://?max_records=0")
+    assert isinstance(log, InMemorySagaLog)
+    assert (log.max_finished, log.max_records) == (DEFAULT_MAX_FINISHED, 0)
+
+
+@pytest.mark.parametrize("raw", ["-1", "x", "1.5", "", "1e6"])
+def test_a_bad_record_budget_in_the_url_is_a_configuration_error(raw: str) -> None:
+    with pytest.raises(ConfigurationError, match="max_records must be a whole number"):
+        open_saga_log(f"memory://?max_finished=5&max_records={raw}")
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "3", None])
+def test_a_bad_record_budget_is_a_configuration_error(value: Any) -> None:
+    with pytest.raises(ConfigurationError, match="max_records must be a whole number"):
+        InMemorySagaLog(max_records=value)
+
+
+def test_an_unknown_url_option_names_both_known_ones() -> None:
+    with pytest.raises(ConfigurationError, match=r"max_finished=N&max_records=M.*unknown: size"):
+        open_saga_log("memory://?size=3")
 
 
 async def test_values_must_be_json() -> None:
