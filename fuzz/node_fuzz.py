@@ -27,7 +27,7 @@ with atheris.instrument_imports(include=["sagakit"]):
     from sagakit.node.kinds import default_registry
 
 _loop = asyncio.new_event_loop()
-_SETTINGS = NodeSettings(max_sagas=8, max_plain_nodes=8)
+_SETTINGS = NodeSettings(max_sagas=8, max_records=256, max_plain_nodes=8)
 
 
 def _refuse(name: str) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from sagakit.adapters.memory_log import DEFAULT_MAX_RECORDS
 from sagakit.node.host import Host, NodeSettings
 from sagakit.node.kinds import default_registry
 from sagakit.node.protocol import MAX_ID
@@ -195,6 +196,13 @@ _SAGAKIT_NODE = [sys.executable, "-m", "sagakit.cli", "node"]
         (["--owner", "x" * 1025], {}, "--owner"),
         (["--no-such-option"], {}, "--no-such-option"),
         (["--max-sagas"], {}, "--max-sagas"),
+        (["--max-records", "x"], {}, "--max-records"),
+        (["--max-records", "0"], {}, "--max-records"),
+        (["--max-records", "-5"], {}, "--max-records"),
+        (["--max-records", "1.5"], {}, "--max-records"),
+        (["--max-records"], {}, "--max-records"),
+        ([], {"SAGAKIT_MAX_RECORDS": "x"}, "SAGAKIT_MAX_RECORDS"),
+        ([], {"SAGAKIT_MAX_RECORDS": "0"}, "SAGAKIT_MAX_RECORDS"),
         ([], {"SAGAKIT_MAX_SAGAS": "x"}, "SAGAKIT_MAX_SAGAS"),
         ([], {"SAGAKIT_MAX_LINE": "0"}, "SAGAKIT_MAX_LINE"),
         ([], {"SAGAKIT_RETRY_FOR": "-1"}, "SAGAKIT_RETRY_FOR"),
@@ -230,6 +238,10 @@ def test_settings_from_arguments_then_environment() -> None:
     assert parse_settings([], {"SAGAKIT_MAX_SAGAS": "7"}).max_sagas == 7
     assert parse_settings(["--max-sagas", "9"], {"SAGAKIT_MAX_SAGAS": "7"}).max_sagas == 9
     assert parse_settings(["--max-line", "100"], {}).max_line == 100
+    assert parse_settings([], {"SAGAKIT_MAX_RECORDS": "70"}).max_records == 70
+    assert parse_settings(["--max-records", "90"], {"SAGAKIT_MAX_RECORDS": "70"}).max_records == 90
+    # The node's default is the in-memory log's own.
+    assert NodeSettings().max_records == DEFAULT_MAX_RECORDS
 
 
 # --- 3. no half-done request ------------------------------------------------------------
@@ -429,6 +441,32 @@ def test_a_saga_evicted_past_max_sagas_runs_anew() -> None:
     assert run.code == 0, run.stderr
     assert run.reply(4)["code"] == 22
     assert run.reply(5)["completed_steps"] == 3
+
+
+def test_sagas_evicted_past_max_records_run_anew_and_the_node_answers_on() -> None:
+    """--max-records bounds what the finished sagas weigh (records and steps), however
+    many steps each has: a few large executes evict the oldest, as --max-sagas does,
+    and a saga heavier than the whole budget is forgotten once it finishes."""
+    large = [f"step-{n}" for n in range(400)]  # weight 3 x 400 + 2 = 1,202
+    requests = (
+        execute(1, "s1", large)
+        + execute(2, "s2", large)
+        + execute(3, "s3", large)  # 3,606 > 3,000: s1 is forgotten
+        + execute(4, "s3", ["x"])  # s3 and s2 are on record: conflicts
+        + execute(5, "s2", ["x"])
+        + execute(6, "s1", ["x", "y", "z"])  # s1 is forgotten: a new saga
+        + execute(7, "huge", [f"h{n}" for n in range(1200)])  # 3,602 alone
+        + execute(8, "huge", ["x"])  # forgotten at once: runs anew
+        + execute(9, "after", ["a"])
+    )
+    run = run_node(requests, [*MAIN, "--max-records", "3000"])
+    assert run.code == 0, run.stderr
+    assert [run.reply(n)["completed_steps"] for n in (1, 2, 3)] == [400] * 3
+    assert (run.reply(4)["code"], run.reply(5)["code"]) == (22, 22)
+    assert run.reply(6)["completed_steps"] == 3
+    assert run.reply(7)["completed_steps"] == 1200
+    assert run.reply(8)["completed_steps"] == 1
+    assert run.reply(9)["completed_steps"] == 1
 
 
 @pytest.mark.parametrize("bad", [{"node_id": 5}, {"node_ids": "n1"}, {"node_ids": [1]}])

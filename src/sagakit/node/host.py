@@ -49,7 +49,10 @@ class NodeSettings:
     ``max_sagas``: the finished sagas each node kind keeps to answer a retry
     from its record (the saga node's log, the shop's reservations); beyond it
     the oldest is forgotten, and a request naming a forgotten saga id runs as
-    a new saga. ``max_line``: the longest line (or value over several lines)
+    a new saga. ``max_records``: the saga node's in-memory log keeps finished
+    sagas weighing at most this many records and steps in all, oldest forgotten
+    first, as past ``max_sagas`` (its ``memory://?max_records=``): a saga can
+    have any number of steps. ``max_line``: the longest line (or value over several lines)
     read, in characters. ``max_plain_nodes``: nodes of unregistered names kept.
     ``store``: the saga log's URL for the ``saga`` node (in memory otherwise).
     ``owner``: the name the ``saga`` node takes leases under (default: its node
@@ -58,6 +61,8 @@ class NodeSettings:
     """
 
     max_sagas: int = 100_000
+    # The in-memory log's own default (DEFAULT_MAX_RECORDS): about 1 GiB at worst.
+    max_records: int = 1_000_000
     max_line: int = MAX_LINE
     max_plain_nodes: int = 4096
     # The saga node's log, when not in memory: sqlite:///path keeps every saga

@@ -255,8 +255,8 @@ class UsageError(ValueError):
 # Given, not composed by argparse: its own usage wraps with the terminal's
 # width, and a usage error is then no longer two lines (usage, error).
 _USAGE = (
-    "%(prog)s [-h] [--max-sagas N] [--max-line CHARS] [--store URL] [--owner NAME]"
-    " [--retry-for SECONDS]"
+    "%(prog)s [-h] [--max-sagas N] [--max-records N] [--max-line CHARS] [--store URL]"
+    " [--owner NAME] [--retry-for SECONDS]"
 )
 
 
@@ -304,6 +304,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         f"(env SAGAKIT_MAX_SAGAS; default {defaults.max_sagas})",
     )
     parser.add_argument(
+        "--max-records",
+        metavar="N",
+        help="records and steps the saga node's finished sagas may hold in all, in memory;"
+        " past it the oldest are forgotten, as past --max-sagas "
+        f"(env SAGAKIT_MAX_RECORDS; default {defaults.max_records})",
+    )
+    parser.add_argument(
         "--max-line",
         metavar="CHARS",
         help="longest input line or value, in characters "
@@ -313,7 +320,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--store",
         metavar="URL",
         help="the saga node's log, e.g. sqlite:///sagas.db: sagas outlive the process "
-        "(env SAGAKIT_STORE; default in memory, capped by --max-sagas)",
+        "(env SAGAKIT_STORE; default in memory, capped by --max-sagas and --max-records)",
     )
     parser.add_argument(
         "--owner",
@@ -342,7 +349,7 @@ def parse_settings(
     defaults = NodeSettings()
     # (where it came from, the raw value): what a refusal names.
     given: dict[str, tuple[str, str]] = {}
-    for key in ("max_sagas", "max_line", "store", "owner", "retry_for"):
+    for key in ("max_sagas", "max_records", "max_line", "store", "owner", "retry_for"):
         variable = "SAGAKIT_" + key.upper()
         if environ.get(variable):
             given[key] = (variable, environ[variable])
@@ -357,6 +364,7 @@ def parse_settings(
 
     return NodeSettings(
         max_sagas=setting("max_sagas", _positive, defaults.max_sagas),
+        max_records=setting("max_records", _positive, defaults.max_records),
         max_line=setting("max_line", _positive, defaults.max_line),
         store=setting("store", lambda _name, url: url, None),
         owner=setting("owner", _owner, None),

@@ -112,11 +112,13 @@ class SagaNode(Node):
     def __init__(self, name: str, host: Host) -> None:
         super().__init__(name, host)
         # The log answers retries. In memory it keeps the newest max_sagas
-        # finished sagas (an evicted saga id is new again: an execute naming it
-        # runs); a store keeps them all, across restarts.
+        # finished sagas, of max_records records and steps in all (an evicted
+        # saga id is new again: an execute naming it runs); a store keeps them
+        # all, across restarts.
         settings = host.settings
         self.orchestrator = Orchestrator(
-            settings.store or f"memory://?max_finished={settings.max_sagas}",
+            settings.store
+            or f"memory://?max_finished={settings.max_sagas}&max_records={settings.max_records}",
             owner=settings.owner or _owner(name),
             retry_for=settings.retry_for,
         )
