@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import TYPE_CHECKING
 
 import nats.js.errors
@@ -14,7 +16,20 @@ from sagakit.errors import SchemaMismatch
 if TYPE_CHECKING:
     from sagakit.adapters.nats_bus import NatsEventBus
 
-__all__ = ["ensure_streams"]
+__all__ = ["ensure_streams", "msg_id"]
+
+# What a Nats-Msg-Id header carries unchanged: the client writes a line break as a
+# space and the server trims a value and refuses a header block over 64 KB, so other
+# ids would be stored under one that another event may have (and be dropped as its
+# duplicate). '~' is not in the set, so a digest cannot collide with a plain id.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.:@/+=-]{1,256}")
+
+
+def msg_id(event_id: str) -> str:
+    """The ``Nats-Msg-Id`` that deduplicates the event ``event_id``, one per id."""
+    if _PLAIN_ID.fullmatch(event_id):
+        return event_id
+    return "~" + hashlib.sha256(event_id.encode()).hexdigest()
 
 
 async def ensure_streams(bus: NatsEventBus, js: JetStreamContext) -> None:

@@ -55,8 +55,9 @@ cut needs the server's ``sync_interval: always``) and raises
 does not answer within ``timeout`` seconds; the client does not buffer publishes
 while reconnecting, so an event that was refused is not sent later behind the
 caller's back. Each publish carries the event id as
-``Nats-Msg-Id``: publishing the same event again within the stream's duplicate
-window (2 minutes) stores it once.
+``Nats-Msg-Id`` (hashed when a header would not carry it as it is): publishing
+the same event again within the stream's duplicate window (2 minutes) stores it
+once.
 
 URL query parameters: ``prefix``, ``timeout`` (seconds for a publish or a
 management request, default 5), ``batch`` (events a subscription pulls at a
@@ -99,7 +100,7 @@ from sagakit.adapters._handlers import forget, in_handler, refuse_in_handler
 from sagakit.adapters._nats_attempts import Attempts
 from sagakit.adapters._nats_dead_letters import read_dead_letter, replay_body
 from sagakit.adapters._nats_errors import translate
-from sagakit.adapters._nats_streams import ensure_streams
+from sagakit.adapters._nats_streams import ensure_streams, msg_id
 from sagakit.adapters._options import seconds
 from sagakit.adapters.nats_consumer import (
     TOKEN,
@@ -337,7 +338,7 @@ class NatsEventBus:
         js = self._js if self._js is not None and self._streams_made else await self._ready()
         for attempt in (1, 2):
             try:
-                await self._store(subject, data, event.event_id)
+                await self._store(subject, data, msg_id(event.event_id))
                 return
             except nats.errors.NoRespondersError as exc:
                 # No stream takes the subject: deleted by hand, or a server
