@@ -728,8 +728,14 @@ async def test_events_survive_the_server_being_killed(
 
 
 async def test_an_event_over_the_servers_max_payload_is_refused(bus: NatsEventBus) -> None:
-    with pytest.raises(BackendRefused):
+    # The client's own words were "nats: maximum payload exceeded": not how big the
+    # event was, nor what the limit is or where it is set.
+    with pytest.raises(BackendRefused) as refused:
         await bus.publish(event("Big", blob="x" * 2_000_000))
+    message = str(refused.value)
+    assert "max_payload" in message, message
+    assert "1,048,576" in message, message  # the server's default
+    assert "2,000,1" in message, message  # the envelope's size, in bytes
     await bus.publish(event("Small"))  # the connection is still good
 
 

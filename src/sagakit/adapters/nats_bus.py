@@ -346,6 +346,15 @@ class NatsEventBus:
                 if attempt == 2:
                     raise translate(self._where, f"publishing {event.type}", exc) from exc
                 await self._ensure_streams(js)
+            except nats.errors.MaxPayloadError as exc:
+                # The client says only "maximum payload exceeded": name both sizes.
+                limit = self._nc.max_payload if self._nc is not None else 0
+                raise BackendRefused(
+                    self._where,
+                    f"publishing {event.type} of saga {event.saga_id[:80]!r}: its envelope is"
+                    f" {len(data):,} bytes; the NATS server takes at most {limit:,}, headers"
+                    " included (its max_payload)",
+                ) from exc
             except Exception as exc:
                 raise translate(self._where, f"publishing {event.type}", exc) from exc
 
