@@ -239,6 +239,60 @@ async def test_one_method_marked_twice_for_a_type_is_subscribed_once() -> None:
     assert len(twice._subscriptions) == 2
 
 
+async def test_static_and_class_methods_handle_whichever_way_they_are_marked() -> None:
+    # @staticmethod or @classmethod above @handles hid the mark (the class attribute
+    # was the wrapper, and a classmethod is not even callable): the service attached
+    # without those handlers and their events were never handled, with no error.
+    seen: list[str] = []
+
+    class Wrapped(Service):
+        name = "wrapped"
+
+        @staticmethod
+        @handles("A")
+        async def static_outer(event: Event) -> None:
+            seen.append(f"static_outer {event.type}")
+
+        @handles("B")
+        @staticmethod
+        def static_inner(event: Event) -> None:
+            seen.append(f"static_inner {event.type}")
+
+        @classmethod
+        @handles("C")
+        async def class_outer(cls, event: Event) -> None:
+            seen.append(f"class_outer {cls.__name__} {event.type}")
+
+        @handles("D")
+        @classmethod
+        def class_inner(cls, event: Event) -> None:
+            seen.append(f"class_inner {cls.__name__} {event.type}")
+
+    bus = InMemoryEventBus()
+    await Wrapped().attach(bus)
+    for event_type in "ABCD":
+        await bus.publish(Event(event_type, "s1"))
+    await bus.drain()
+    assert seen == [
+        "static_outer A",
+        "static_inner B",
+        "class_outer Wrapped C",
+        "class_inner Wrapped D",
+    ]
+
+
+def test_a_mark_on_what_cannot_handle_an_event_is_refused_with_the_class() -> None:
+    with pytest.raises(DefinitionError, match="Odd.total: .*property"):
+
+        class Odd(Service):
+            name = "odd"
+
+            @property
+            @handles("A")
+            def total(self) -> int:
+                return 0
+
+
 async def test_attach_twice_is_refused() -> None:
     bus, audit = InMemoryEventBus(), Audit()
     await audit.attach(bus)

@@ -64,8 +64,9 @@ class Service:
         found: dict[str, tuple[str, ...]] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
-                if callable(value) and hasattr(value, _HANDLES):
-                    found[attr] = getattr(value, _HANDLES)
+                marked = _marks(klass.__name__, attr, value)
+                if marked is not None:
+                    found[attr] = marked
         # One subscription per (type, method): a type marked twice on one method is one.
         cls._handled = tuple(
             dict.fromkeys((t, attr) for attr, types in found.items() for t in types)
@@ -119,6 +120,29 @@ class Service:
         event = new_event(event_type, saga_id, payload, source=self.name)
         await self.bus.publish(event)
         return event
+
+
+def _marks(owner: str, attr: str, value: object) -> tuple[str, ...] | None:
+    """The types ``value`` (a class attribute) is marked to handle, None if unmarked.
+
+    The mark may sit under a staticmethod or classmethod (``@staticmethod`` above
+    ``@handles``): ignoring it there attached the service without that handler.
+    """
+    inner = value.__func__ if isinstance(value, staticmethod | classmethod) else None
+    if isinstance(value, property):
+        inner = value.fget
+    for candidate in (value, inner):
+        marked = getattr(candidate, _HANDLES, None)
+        if isinstance(marked, tuple):
+            break
+    else:
+        return None
+    if isinstance(value, property) or not (callable(value) or isinstance(value, classmethod)):
+        raise DefinitionError(
+            "handles",
+            f"{owner}.{attr}: a {type(value).__name__} cannot handle events; mark a method",
+        )
+    return marked
 
 
 def _one_method_per_type(service: str, handled: tuple[tuple[str, str], ...]) -> None:
