@@ -419,6 +419,29 @@ class EventBusConformance(ABC):
             assert refused.value.field == "group", bad_group
         await bus.subscribe("Tick", recorder(got), group="x" * 64)
 
+    async def test_a_handler_that_cannot_take_the_event_is_refused_at_subscribe(self) -> None:
+        # Taken, it failed every delivery with a TypeError until its events were dead
+        # letters: a mistake of the code's, found only once events flowed.
+        bus = await self.bus()
+
+        async def no_argument() -> None: ...
+
+        def two(event: Event, extra: str) -> None: ...
+
+        def keyword_only(*, event: Event) -> None: ...
+
+        for wrong in (no_argument, two, keyword_only):
+            with pytest.raises(DefinitionError, match="one argument, the event") as refused:
+                await bus.subscribe("Tick", wrong, group="g")  # type: ignore[arg-type]
+            assert refused.value.field == "handler"
+
+        def anything(*args: object, **kwargs: object) -> None: ...
+
+        def defaulted(event: Event, extra: str = "") -> None: ...
+
+        for right in (anything, defaulted, print):  # print: a builtin
+            await bus.subscribe("Tick", right, group="g")
+
     async def test_cancel_stops_delivery_to_that_subscription_only(self) -> None:
         async with self.opened() as bus:
             cancelled: list[Event] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from sagakit.core.event import Event
@@ -79,6 +80,7 @@ def check_subscribe(
         raise DefinitionError(
             "handler", f"{handler!r} is a generator function (a yield in it?): it would never run"
         )
+    _takes_the_event(handler)
     if group is not None and (not isinstance(group, str) or not GROUP.fullmatch(group)):
         raise DefinitionError(
             "group", f"{group!r}: 1 to 64 letters, digits, '.', '-' or '_' (or None)"
@@ -95,6 +97,22 @@ def check_subscribe(
     if seconds[0] <= 0:
         raise DefinitionError("ack_timeout", f"must be more than 0 seconds, got {ack_timeout!r}")
     return seconds[0], seconds[1]
+
+
+def _takes_the_event(handler: Callable[..., object]) -> None:
+    """Refuse a handler that cannot be called as ``handler(event)``: taken, it would
+    fail every delivery with a TypeError until its events were dead letters."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return  # a builtin or the like that does not say: let it run
+    try:
+        signature.bind(None)
+    except TypeError:
+        raise DefinitionError(
+            "handler",
+            f"{handler!r} must take one argument, the event; its signature is {signature}",
+        ) from None
 
 
 def check_limit(limit: object, *, least: int = 0) -> int:
