@@ -13,7 +13,8 @@ import pytest
 from conformance.choreography import ChoreographyConformance, types
 
 from sagakit import Event, InMemoryEventBus, SagaStatus, Service, handles
-from sagakit.choreography.ecommerce import Faults, Shop, open_shop
+from sagakit.choreography.ecommerce import STATUS_AFTER, Faults, Shop, open_shop
+from sagakit.choreography.tracker import SagaTracker
 from sagakit.errors import BackendError, DefinitionError
 from sagakit.ports.event_bus import EventBus
 
@@ -392,3 +393,43 @@ async def test_an_order_whose_failure_was_not_published_is_decided_again_on_retr
     assert (reservation.ok, reservation.reason) == (False, "out_of_stock")
     assert types(shop, "o1") == ["InventoryReservationFailed"]
     assert shop.tracker["o1"].status is SagaStatus.COMPENSATED
+
+
+async def test_the_tracker_keeps_a_bounded_number_of_sagas_finished_ones_first() -> None:
+    # It kept every saga it ever saw, each with all its events: a tracker on a
+    # long-running bus grew with every order, and one saga that never ends (or a
+    # handler publishing to itself) grew it without bound too.
+    bus = InMemoryEventBus()
+    tracker = SagaTracker(STATUS_AFTER, max_sagas=3, max_events=4)
+    await tracker.attach(bus)
+    await bus.publish(Event("InventoryReserved", "running-1"))
+    await bus.publish(Event("InventoryReserved", "done-1"))
+    await bus.publish(Event("ShipmentCreated", "done-1"))
+    await bus.publish(Event("InventoryReserved", "running-2"))
+    await bus.publish(Event("InventoryReserved", "new-1"))  # over 3: done-1 goes
+    await bus.drain()
+    assert list(tracker.sagas) == ["running-1", "running-2", "new-1"]
+    await bus.publish(Event("Unknown", "new-2"))  # none finished: the oldest goes
+    await bus.drain()
+    assert list(tracker.sagas) == ["running-2", "new-1", "new-2"]
+
+    for n in range(10):
+        await bus.publish(Event("Tick", "new-2", {"n": n}))
+    await bus.publish(Event("InventoryReleased", "new-2"))  # past the cap: still counts
+    await bus.drain()
+    saga = tracker["new-2"]
+    assert len(saga.events) == len(saga.seen) == 4
+    assert saga.dropped == 8
+    assert saga.status is SagaStatus.COMPENSATED
+
+    tracker.forget("new-2")
+    tracker.forget("never-seen")
+    assert list(tracker.sagas) == ["running-2", "new-1"]
+
+
+def test_the_tracker_bounds_are_checked() -> None:
+    for bad in (0, -1, 1.5, True, None):
+        with pytest.raises(DefinitionError, match="max_sagas"):
+            SagaTracker(STATUS_AFTER, max_sagas=bad)  # type: ignore[arg-type]
+        with pytest.raises(DefinitionError, match="max_events"):
+            SagaTracker(STATUS_AFTER, max_events=bad)  # type: ignore[arg-type]

@@ -305,9 +305,9 @@ class Shop:
             self.payment.declined,
             self.shipping.shipments,
             self.shipping.failed,
-            self.tracker.sagas,
         ):
             records.pop(saga_id, None)
+        self.tracker.forget(saga_id)
         self.inventory.released.discard(saga_id)
         self.payment.refunded.discard(saga_id)
         for service in (self.inventory, self.payment, self.shipping):
