@@ -39,7 +39,15 @@ _loads: Callable[[bytes | str], Any]
 try:
     import orjson
 
-    _dumps, _loads = orjson.dumps, orjson.loads
+    # A datetime or a dataclass would be written as text or an object and read back as
+    # one: the handlers of a broker would get another type than those of memory://,
+    # which hands over the event itself. Refused, as the standard library refuses them.
+    _STRICT = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+    def _dumps(value: Any) -> bytes:
+        return orjson.dumps(value, option=_STRICT)
+
+    _loads = orjson.loads
     _JSONError: tuple[type[Exception], ...] = (orjson.JSONDecodeError, TypeError)
     _ENCODE_ERRORS: tuple[type[Exception], ...] = (orjson.JSONEncodeError, TypeError)
 except ImportError:  # pragma: no cover - orjson is a dependency; the fallback keeps core pure
