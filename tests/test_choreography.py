@@ -283,7 +283,7 @@ async def test_static_and_class_methods_handle_whichever_way_they_are_marked() -
 
 
 def test_a_mark_on_what_cannot_handle_an_event_is_refused_with_the_class() -> None:
-    with pytest.raises(DefinitionError, match="Odd.total: .*property"):
+    with pytest.raises(DefinitionError, match=r"Odd\.total: .*property"):
 
         class Odd(Service):
             name = "odd"
