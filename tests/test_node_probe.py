@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
+from sagakit.node.framing import MAX_LINE
 from sagakit.node.protocol import MAX_ID
-from tests.test_node import MAIN, REPO, execute, run_node
+from tests.test_node import MAIN, REPO, execute, msg, run_node
 
 GOOD = execute(5, "after", ["a"]).rstrip("\n")
 
@@ -326,3 +327,145 @@ def test_a_message_with_a_raw_control_character_in_a_string_is_answered(raw: str
     assert (first["code"], first["in_reply_to"], first["saga_id"]) == (12, 1, "s1"), first
     assert first["text"].startswith("a raw control character in a string (Invalid control"), first
     assert after["in_reply_to"] == 5
+
+
+def _deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+_DEEP_REQUESTS = {
+    "plain node": ("n1", {"type": "init", "msg_id": 1}),
+    "saga": ("saga", {"type": "execute", "msg_id": 1, "saga_id": "s1", "steps": ["a"]}),
+    "inventory": (
+        "inventory",
+        {"type": "reserve_inventory", "msg_id": 1, "saga_id": "s1", "sku": "a", "quantity": 1},
+    ),
+    "event_bus": ("event_bus", {"type": "init", "msg_id": 1, "services": ["inventory"]}),
+    "shop service": ("payment", {"type": "init", "msg_id": 1}),
+}
+
+
+@pytest.mark.parametrize(("dest", "body"), _DEEP_REQUESTS.values(), ids=_DEEP_REQUESTS)
+@pytest.mark.parametrize("where", ["a body field", "a request's own field", "beside the body"])
+def test_a_message_nested_past_the_parsers_depth_is_answered(
+    dest: str, body: dict[str, object], where: str
+) -> None:
+    """A message nested deeper than the parser takes was skipped as 'not JSON (nested too
+    deeply)' with a warning only, though its envelope reads: its sender waited for a reply.
+    It is answered error 12 naming the limit, with its msg_id and saga_id."""
+    message: dict[str, object] = {"src": "c", "dest": dest, "body": dict(body)}
+    if where == "a body field":
+        message["body"]["echo"] = "DEEP"  # type: ignore[index]
+    elif where == "a request's own field":
+        field = {"saga": "steps", "event_bus": "services", "inventory": "sku"}.get(dest, "node_ids")
+        message["body"][field] = "DEEP"  # type: ignore[index]
+    else:
+        message["meta"] = {"trace": "DEEP"}
+    line = json.dumps(message).replace('"DEEP"', _deep(2000))
+    run = run_node(line + "\n" + GOOD + "\n")
+    assert run.code == 0, run.stderr
+    first, after = run.replies()
+    assert (first["type"], first["code"], first["in_reply_to"]) == ("error", 12, 1), first
+    assert first["text"] == "a value nested deeper than 1024 levels", first
+    assert first.get("saga_id") == body.get("saga_id"), first
+    assert after["in_reply_to"] == 5
+    # Nothing of it ran: no event, no node made by it.
+    assert [m["dest"] for m in run.messages] == ["c", "c"], run.stdout
+    (warning,) = run.stderr.splitlines()
+    assert "refused a message with a value nested deeper than 1024 levels" in warning
+    assert len(warning) < 600
+
+
+def test_a_deep_message_on_a_bare_interpreter_names_the_standard_librarys_limit() -> None:
+    # No orjson: the standard library's parser stops at the recursion limit, under 1,024.
+    line = execute(1, "s1", ["a"], echo="DEEP").replace('"DEEP"', _deep(1500))
+    proc = subprocess.run(
+        [sys.executable, "-S", str(REPO / "main.py")],
+        input=(line + GOOD + "\n").encode(),
+        capture_output=True,
+        timeout=20,
+    )
+    first, after = (json.loads(out)["body"] for out in proc.stdout.splitlines())
+    assert (first["code"], first["in_reply_to"], first["saga_id"]) == (12, 1, "s1"), first
+    limit = int(first["text"].removeprefix("a value nested deeper than ").removesuffix(" levels"))
+    assert 900 < limit < 1024, first
+    assert after["in_reply_to"] == 5
+
+
+@pytest.mark.parametrize(
+    ("line", "in_reply_to"),
+    [
+        # A body that is not an object: answered as {"body": []} is, without in_reply_to.
+        ('{"src": "c", "dest": "saga", "body": DEEP}', None),
+        # Unreadable for a number as well: the second read (for the number) recursed too.
+        (execute(1, "s1", ["a"], n="NAN", echo="DEEP").replace('"NAN"', "NaN"), 1),
+        # Over several lines, after junk on its line, after a truncated message.
+        (json.dumps({"src": "c", "dest": "n1", "body": {"msg_id": 1, "x": "DEEP"}}, indent=2), 1),
+        ("> " + msg("n1", {"type": "init", "msg_id": 1, "x": "DEEP"}), 1),
+        ('{"src": "c", "dest": "n1", "body": {\n' + msg("n1", {"msg_id": 1, "x": "DEEP"}), 1),
+        # Past 64 bits: read by the standard library's parser, whose limit it names.
+        (msg("n1", {"type": "init", "msg_id": 2**64, "x": "DEEP"}), 2**64),
+    ],
+    ids=["body", "NaN too", "pretty-printed", "after junk", "after a truncation", "huge msg_id"],
+)
+def test_a_deep_message_in_other_shapes_is_answered(line: str, in_reply_to: int | None) -> None:
+    run = run_node(line.replace('"DEEP"', _deep(1100)).replace("DEEP", _deep(1100)) + "\n" + GOOD)
+    first, after = run.replies()
+    assert (first["code"], first.get("in_reply_to")) == (12, in_reply_to), first
+    limit = "1024" if in_reply_to != 2**64 else "9"  # the standard library's: 9xx
+    assert first["text"].startswith("a value nested deeper than " + limit), first
+    assert first["text"].endswith(" levels"), first
+    assert after["in_reply_to"] == 5
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        _deep(2000),  # not an object
+        '{"src": "c", "body": {"msg_id": 1, "x": ' + _deep(2000) + "}}",  # no dest
+        '{"src": "c", "dest": ' + _deep(2000) + ', "body": {"msg_id": 1}}',
+        '{"src": "c", "dest": "n1", "body": {"msg_id": 1, "x": ' + _deep(2000) + "}",  # open
+        '{"src": "c", "dest": "n1" "body": {"msg_id": 1, "x": ' + _deep(2000) + "}}",  # no comma
+    ],
+    ids=["array", "no dest", "deep dest", "unclosed", "not JSON"],
+)
+def test_deep_input_that_is_not_an_addressable_message_is_skipped_as_before(bad: str) -> None:
+    run = run_node(execute(1, "before", ["a"]) + bad + "\n" + GOOD + "\n")
+    assert [b["in_reply_to"] for b in run.replies()] == [1, 5]
+    assert "skipped" in run.stderr
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+
+
+def test_nesting_inside_a_string_is_no_nesting() -> None:
+    line = execute(1, "s1", ["a"], echo="[" * 100_000 + "{" * 100_000 + '\\"]]')
+    run = run_node(line + GOOD + "\n")
+    assert [(b["type"], b["in_reply_to"]) for b in run.replies()] == [
+        ("saga_completed", 1),
+        ("saga_completed", 5),
+    ]
+    assert run.stderr == ""
+
+
+@pytest.mark.parametrize("shape", ["open", "closed", "a message"])
+def test_sixteen_megabytes_of_brackets_neither_crash_nor_stall_the_node(shape: str) -> None:
+    """The envelope is read with no recursion per level, in a time linear in the line:
+    a 16 MB line of brackets (the longest the node reads) takes well under the 10 s
+    run_node allows, and the node serves the next line."""
+    if shape == "open":
+        line = "[" * MAX_LINE
+    elif shape == "closed":  # read as far as its envelope, which it has not
+        line = _deep(MAX_LINE // 2)
+    else:
+        line = msg("n1", {"type": "init", "msg_id": 1, "x": "DEEP"}).rstrip("\n")
+        line = line.replace('"DEEP"', _deep(MAX_LINE // 2 - 100))
+    assert len(line) <= MAX_LINE
+    run = run_node(line + "\n" + GOOD + "\n")
+    assert run.code == 0, run.stderr[-2000:]
+    replies = run.replies()
+    assert replies[-1]["in_reply_to"] == 5
+    if shape == "a message":
+        assert [(b["code"], b["in_reply_to"]) for b in replies[:-1]] == [(12, 1)]
+    else:
+        assert len(replies) == 1
+    assert "Traceback" not in run.stderr
+    assert len(run.stderr) < 1000

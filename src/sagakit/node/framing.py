@@ -20,6 +20,8 @@ import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from sagakit.node.deep import read_envelope
+
 __all__ = ["MAX_LINE", "BadInput", "Decoder", "SameLine", "loads_exact"]
 
 # A line (or a value over several lines) longer than this is refused whole:
@@ -57,6 +59,10 @@ def _int_or_inf(text: str) -> int | float:
 # writes for such a float) as floats, a typed tab as itself, so that a message
 # refused for one can still be answered: its sender waits.
 _lenient = json.JSONDecoder(parse_constant=float, parse_int=_int_or_inf, strict=False).decode
+
+# How deep orjson nests (its documented limit); the standard library's
+# parser stops at the interpreter's recursion limit, somewhat less.
+ORJSON_DEPTH = 1024
 
 loads: Callable[[str], Any]
 try:  # orjson parses several times faster; the node must still run without it.
@@ -98,8 +104,9 @@ class BadInput(NamedTuple):
     ``text`` is the start of it only: a refused value can be megabytes long.
     ``message``: an object with string ``src`` and ``dest`` that is JSON but
     holds a number the node cannot read (out of range, read as an infinity, or
-    NaN) or a raw control character in a string, so that it can be answered
-    with an error instead of nothing.
+    NaN), a raw control character in a string, or is nested past the parser's
+    depth (then only its envelope, see :mod:`sagakit.node.deep`), so that it
+    can be answered with an error instead of nothing.
     """
 
     text: str
@@ -333,7 +340,9 @@ class Decoder:
             out.append(message)
             pos = end
 
-    def _message_after(self, line: str, pos: int) -> tuple[int, int, dict[str, Any]] | None:
+    def _message_after(
+        self, line: str, pos: int
+    ) -> tuple[int, int, dict[str, Any] | BadInput] | None:
         """(start, end, message) of the object at the first ``{`` after ``pos``, if it
         is a whole message. Looked for once per stretch of junk, and the scan stops
         at that object's end, so a line is still read in linear time."""
@@ -346,7 +355,7 @@ class Decoder:
         message = None if end == -1 else _envelope(line[brace:end])
         return None if message is None else (brace, end, message)
 
-    def _resync(self, lines: int, message: dict[str, Any], out: list[Any]) -> None:
+    def _resync(self, lines: int, message: dict[str, Any] | BadInput, out: list[Any]) -> None:
         """Report the open value's first ``lines`` lines as a truncated value, then
         ``message``, the whole message that followed them; no value is open after."""
         broken = "\n".join(self._value[:lines]) if self._value is not None else ""
@@ -388,7 +397,9 @@ class Decoder:
             out.append(_loads_any(text))
         except Exception as exc:
             bad = _bad(text, f"not JSON ({_why(exc)})")
-            if isinstance(exc, ValueError):  # not too deep (RecursionError), not too big
+            if isinstance(exc, RecursionError):
+                bad = _deep_message(text, bad)
+            elif isinstance(exc, ValueError):  # not too big (MemoryError)
                 bad = _readable_message(text, bad, exc)
             out.append(bad)
 
@@ -398,6 +409,8 @@ def _readable_message(text: str, bad: BadInput, exc: ValueError) -> BadInput:
     kept it from being read (its envelope is readable)."""
     try:
         value = _lenient(text)
+    except RecursionError:  # too deep as well
+        return _deep_message(text, bad)
     except Exception:
         return bad
     if type(value) is not dict or type(value.get("src")) is not str:
@@ -407,6 +420,49 @@ def _readable_message(text: str, bad: BadInput, exc: ValueError) -> BadInput:
     if isinstance(exc, json.JSONDecodeError):  # the strict parser's own: a control character
         return BadInput(bad.text, f"a raw control character in a string ({_why(exc)})", value)
     return BadInput(bad.text, f"a number the node cannot read ({_why(exc)})", value)
+
+
+def _deep_message(text: str, bad: BadInput) -> BadInput:
+    """``bad`` with the message it holds, if its envelope reads without recursion:
+    a message nested past the parser's depth is answered, as its sender waits."""
+    found = read_envelope(text)
+    if found is None:
+        return bad
+    value, depth = found
+    if type(value.get("src")) is not str or type(value.get("dest")) is not str:
+        return bad
+    # The limit of the parser that refused it: orjson's, unless orjson passed the
+    # text on to the standard library's (a long number, a lone surrogate) or is
+    # not installed. Never as much as the text's own depth: the probe of the
+    # standard library's runs deeper in the stack than some parses do.
+    if loads is not loads_exact and depth > ORJSON_DEPTH and not _has_long_number(text):
+        limit = ORJSON_DEPTH
+    else:
+        limit = _stdlib_depth()
+    limit = min(limit, depth - 1)
+    return BadInput(bad.text, f"a value nested deeper than {limit} levels", value)
+
+
+_probed: list[int] = []
+
+
+def _stdlib_depth() -> int:
+    """The deepest array the standard library's parser takes: the interpreter's
+    recursion limit less the calls on the stack, probed once, where a message
+    is first refused (a call or two deeper than a parse on the fast path runs,
+    so every parse takes at least as many levels): each refusal names the same."""
+    if not _probed:
+        low, high = 1, ORJSON_DEPTH
+        while low < high:
+            middle = (low + high + 1) // 2
+            try:
+                loads_exact("[" * middle + "]" * middle)
+            except RecursionError:
+                high = middle - 1
+            else:
+                low = middle
+        _probed.append(low)
+    return _probed[0]
 
 
 def _cannot_continue(lines: list[str]) -> bool:
@@ -419,10 +475,14 @@ def _cannot_continue(lines: list[str]) -> bool:
     return False
 
 
-def _envelope(line: str) -> dict[str, Any] | None:
-    """The line as a message, if it is a whole one by itself (an object with a body)."""
+def _envelope(line: str) -> dict[str, Any] | BadInput | None:
+    """The line as a message, if it is a whole one by itself (an object with a body);
+    a BadInput holding it if it is one nested too deep to read (it is answered)."""
     try:
         value = _loads_any(line)
+    except RecursionError:
+        bad = _deep_message(line, _bad(line, "not JSON (nested too deeply)"))
+        return bad if bad.message is not None and "body" in bad.message else None
     except Exception:
         return None
     return value if type(value) is dict and "body" in value else None
