@@ -469,3 +469,24 @@ def test_sixteen_megabytes_of_brackets_neither_crash_nor_stall_the_node(shape: s
         assert len(replies) == 1
     assert "Traceback" not in run.stderr
     assert len(run.stderr) < 1000
+
+
+@pytest.mark.parametrize("dest", ["n1", "saga", "event_bus", "inventory", "payment"])
+@pytest.mark.parametrize("msg_id", [None, True, 1.0, "1"], ids=["absent", "bool", "float", "str"])
+def test_an_init_without_an_integer_msg_id_is_malformed(dest: str, msg_id: object) -> None:
+    """An init without a usable msg_id was answered init_ok with "in_reply_to": null, a
+    reply to nothing, where every other request is refused code 12 naming msg_id; and the
+    node took the node_id (the event bus its services) from the refused request."""
+    body: dict[str, object] = {"type": "init", "node_id": "x", "services": ["inventory"]}
+    if msg_id is not None:
+        body["msg_id"] = msg_id
+    run = run_node(msg(dest, body) + msg(dest, {"type": "init", "msg_id": 2}))
+    refused, after = run.replies()
+    assert (refused["type"], refused["code"], refused["text"]) == (
+        "error",
+        12,
+        "msg_id: required, an integer",
+    ), refused
+    assert "in_reply_to" not in refused
+    # Nothing of the refused init was taken: the next is the node's first init_ok.
+    assert after == {"type": "init_ok", "in_reply_to": 2, "msg_id": 0}, after

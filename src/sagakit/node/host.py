@@ -24,6 +24,7 @@ from sagakit.node.protocol import (
     encode,
     error_body,
     msg_id_of,
+    require_msg_id,
 )
 
 __all__ = ["Host", "Node", "NodeSettings", "Registry"]
@@ -115,8 +116,11 @@ class Node:
 
     @staticmethod
     def init_ids(body: Body) -> tuple[str | None, list[str]]:
-        """An ``init``'s ``node_id`` and ``node_ids``, checked (a kind whose ``init``
-        changes more checks them first: a refused request changes nothing)."""
+        """An ``init``'s ``node_id`` and ``node_ids``, checked, and its ``msg_id`` (a kind
+        whose ``init`` changes more checks them first: a refused request changes nothing)."""
+        # init_ok answers it: without one the reply would say "in_reply_to": null,
+        # which answers nothing (every other request is refused so too).
+        require_msg_id(body)
         node_id = body.get("node_id")
         node_ids = body.get("node_ids", [])
         if node_id is not None and type(node_id) is not str:
@@ -127,7 +131,7 @@ class Node:
 
     async def on_init(self, src: str, body: Body) -> Body | None:
         self.node_id, self.node_ids = self.init_ids(body)
-        return {"type": "init_ok", "in_reply_to": msg_id_of(body), "msg_id": self.next_msg_id()}
+        return {"type": "init_ok", "in_reply_to": body["msg_id"], "msg_id": self.next_msg_id()}
 
     async def open(self) -> None:
         """Reach what the node stores into, before any input; raises SagakitError if not."""
