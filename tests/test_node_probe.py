@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -490,3 +493,44 @@ def test_an_init_without_an_integer_msg_id_is_malformed(dest: str, msg_id: objec
     assert "in_reply_to" not in refused
     # Nothing of the refused init was taken: the next is the node's first init_ok.
     assert after == {"type": "init_ok", "in_reply_to": 2, "msg_id": 0}, after
+
+
+def _pipe_is_full(read_end: int) -> bool:
+    import fcntl
+    import termios
+
+    pending = bytearray(4)
+    fcntl.ioctl(read_end, termios.FIONREAD, pending)
+    return int.from_bytes(pending, sys.byteorder) >= fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe sizes as Linux reports them")
+@pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_while_stdout_is_full_tears_no_reply(name: str, code: int, tmp_path: Path) -> None:
+    """A signal arriving while the node waited on a full stdout pipe cut its write short:
+    BufferedWriter.write returned what it had written and dropped the rest, so a reply was
+    torn mid-line (the next one printed onto it) and the replies after it were lost."""
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("".join(execute(i, f"s{i}", ["a"]) for i in range(1, 3001)))
+    read_end, write_end = os.pipe()
+    with requests.open("rb") as stdin:
+        proc = subprocess.Popen(
+            MAIN, stdin=stdin, stdout=write_end, stderr=subprocess.PIPE, cwd=REPO
+        )
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as replies:
+        deadline = time.monotonic() + 10
+        while not _pipe_is_full(read_end) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the node is now blocked writing the rest of a turn's replies
+        proc.send_signal(getattr(signal, name))
+        time.sleep(0.2)  # taken while the write still waits: nothing is read yet
+        output = replies.read()
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == code, err
+    assert b"Traceback" not in err
+    ids = [json.loads(line)["body"]["in_reply_to"] for line in output.decode().splitlines()]
+    # Every reply made is whole and there, in order: those of the pipe's first 64 KB and
+    # the rest of the turn that was being written when the signal came.
+    assert ids == list(range(1, len(ids) + 1))
+    assert len(output) > 65536

@@ -152,7 +152,15 @@ class _Output:
         if self.broken:
             return
         try:
-            self._stream.write(data)
+            view = memoryview(data)
+            while view:
+                # A signal (SIGTERM, SIGINT) arriving while a write waits on a full
+                # pipe cuts it short: BufferedWriter then returns what it wrote and
+                # drops the rest, which tore a line and lost the replies after it.
+                written = self._stream.write(view)
+                if not written:
+                    raise OSError("stdout took no bytes")
+                view = view[written:]
             self._stream.flush()
         except (OSError, ValueError) as exc:
             # Closed (EPIPE, or a closed file: ValueError), full (ENOSPC),
