@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import errno
 import gc
 import io
 import logging
 import os
+import select
 import signal
 import stat
 import sys
@@ -30,6 +32,9 @@ __all__ = ["UsageError", "exit_now", "log_level", "main", "parse_settings", "ser
 log = logging.getLogger("sagakit.node")
 
 CHUNK = 1 << 16
+# Once the node is told to stop (SIGTERM, SIGINT), how long it waits for a
+# reader that takes no output before it gives up the replies still unwritten.
+STOP_GRACE = 5.0
 # Chunks read ahead of the node at most: enough to keep it busy, little enough
 # that an endless input cannot fill the memory.
 READ_AHEAD = 16
@@ -153,14 +158,12 @@ class _Output:
             return
         try:
             view = memoryview(data)
-            while view:
+            written = self._stream.write(view)
+            if written is not None and written < len(view):
                 # A signal (SIGTERM, SIGINT) arriving while a write waits on a full
                 # pipe cuts it short: BufferedWriter then returns what it wrote and
                 # drops the rest, which tore a line and lost the replies after it.
-                written = self._stream.write(view)
-                if not written:
-                    raise OSError("stdout took no bytes")
-                view = view[written:]
+                self._write_rest(view[written:])
             self._stream.flush()
         except (OSError, ValueError) as exc:
             # Closed (EPIPE, or a closed file: ValueError), full (ENOSPC),
@@ -168,6 +171,26 @@ class _Output:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
             log.error("stdout is closed or cannot be written (%s); the node stops", reason)
             self.broken = True
+
+    def _write_rest(self, view: memoryview) -> None:
+        """The rest of a write a signal cut short, while stdout takes it.
+
+        The node is being stopped: it waits for its reader to take what it made,
+        but not forever, since a reader that is stuck would then keep it alive
+        through any number of SIGTERMs. In pieces a pipe takes whole once it is
+        writable (PIPE_BUF), so that no write blocks past the wait.
+        """
+        try:
+            fd = self._stream.fileno()
+        except (OSError, ValueError):  # an in-memory stream (tests): it takes everything
+            fd = -1
+        while view:
+            if fd >= 0 and not select.select([], [fd], [], STOP_GRACE)[1]:
+                raise OSError(errno.ETIMEDOUT, f"not read for {STOP_GRACE:g} s after a stop")
+            piece = view[: select.PIPE_BUF]
+            self._stream.write(piece)
+            self._stream.flush()
+            view = view[len(piece) :]
 
 
 async def serve(
