@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sagakit.node.framing import MAX_LINE
+from sagakit.node.host import NodeSettings
 from sagakit.node.protocol import MAX_ID
 from sagakit.node.runner import STOP_GRACE
 from tests.test_node import MAIN, REPO, execute, msg, run_node
@@ -568,3 +569,34 @@ def test_a_sigterm_while_stdout_is_never_read_stops_the_node_after_a_grace() -> 
     assert proc.returncode == 1
     (line,) = err.decode().splitlines()
     assert f"stdout is closed or cannot be written (not read for {STOP_GRACE:g} s" in line
+
+
+def _line_of(length: int, msg_id: int) -> str:
+    line = execute(msg_id, f"p{msg_id}", ["a"], pad="").rstrip("\n")
+    return line.replace('"pad": ""', '"pad": "' + "x" * (length - len(line)) + '"')
+
+
+@pytest.mark.parametrize("cut", ["whole", "before the CR", "between CR and LF"])
+def test_a_line_at_the_cap_ended_by_crlf_is_served(cut: str) -> None:
+    """--max-line counted a CRLF line's "\\r" as one of its characters: a line of exactly
+    the cap was served when ended by "\\n" and refused as over the cap when ended by "\\r\\n"."""
+    from tests.test_node_hardening import serve_in_process
+
+    at_cap, over = _line_of(1000, 2), _line_of(1001, 3)
+    assert (len(at_cap), len(over)) == (1000, 1001)
+    data = (
+        execute(1, "s1", ["a"]).replace("\n", "\r\n") + at_cap + "\r\n" + over + "\r\n"
+    ).encode()
+    data += GOOD.encode() + b"\r\n"
+    if cut == "whole":
+        pieces = [data]
+    else:
+        end = data.index(at_cap.encode()) + len(at_cap) + (cut != "before the CR")
+        pieces = [data[:end], data[end:]]
+    output = serve_in_process(pieces, NodeSettings(max_line=1000)).decode()
+    replies = [json.loads(line)["body"] for line in output.splitlines()]
+    assert [(b["type"], b["in_reply_to"]) for b in replies] == [
+        ("saga_completed", 1),
+        ("saga_completed", 2),
+        ("saga_completed", 5),
+    ]

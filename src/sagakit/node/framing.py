@@ -176,7 +176,7 @@ class Decoder:
                 lines[0] = "".join(self._tail)
                 self._tail.clear()
                 self._tail_size = 0
-                if len(lines[0]) > self._max:
+                if self._too_long(lines[0]):
                     out.append(_bad(lines[0], f"a line over {self._max} characters"))
                     del lines[0]
                 elif not exact:
@@ -205,7 +205,8 @@ class Decoder:
         if last and not self._skipping:
             self._tail.append(last)
             self._tail_size += len(last)
-            if self._tail_size > self._max:
+            # Not counting a "\r" that may start the line's "\r\n" (see _too_long).
+            if self._tail_size - (last[-1] == "\r") > self._max:
                 out.append(_bad("".join(self._tail), f"a line over {self._max} characters"))
                 self._tail.clear()
                 self._tail_size = 0
@@ -222,6 +223,11 @@ class Decoder:
                 self._value = None
         return out
 
+    def _too_long(self, line: str) -> bool:
+        """Over the cap, not counting the "\r" of a "\r\n" line end: a line a client
+        ends so is as long as the same line ended by "\n"."""
+        return len(line) - line.endswith("\r") > self._max
+
     def close(self) -> list[Any]:
         """Whatever the end of input leaves: an unfinished value is BadInput."""
         return self.feed("", final=True)
@@ -230,7 +236,7 @@ class Decoder:
         """Decode whole lines. The common case first: every line one whole value."""
         if check_size:  # rare: a piece longer than the cap
             for line in lines:
-                if len(line) > self._max:
+                if self._too_long(line):
                     out.append(_bad(line, f"a line over {self._max} characters"))
                 else:
                     self._lines([line], False, exact, out)
