@@ -600,3 +600,20 @@ def test_a_line_at_the_cap_ended_by_crlf_is_served(cut: str) -> None:
         ("saga_completed", 2),
         ("saga_completed", 5),
     ]
+
+
+def test_a_stream_of_bad_lines_writes_a_bounded_share_of_it_on_stderr() -> None:
+    """Each bad line was one warning: 200,000 lines of "1" (400 KB) wrote 17 MB on stderr,
+    in 8 s. Past the first 1,000 warnings, one is written per 1,000 more, and
+    the rest are counted at the end; the messages among the bad lines are all served."""
+    bad = "1\n" * 2000 + execute(1, "s1", ["a"]) + "{}\n" * 1000 + GOOD + "\n" + "[]\n" * 7
+    run = run_node(bad)
+    assert run.code == 0, run.stderr[-2000:]
+    assert [b["in_reply_to"] for b in run.replies()] == [1, 5]
+    err = run.stderr.splitlines()
+    assert len(err) == 1000 + 2 + 1, len(err)
+    assert all("skipped a JSON int" in line for line in err[:1000])
+    more = "1000 more bad inputs (past the first 1000, one in 1000 is shown); the last: "
+    assert err[1000].endswith(more + "skipped a JSON int: messages are objects"), err[1000]
+    assert err[1001].endswith(more + "skipped a message without string src and dest: {}")
+    assert err[1002].endswith("7 more bad inputs (past the first 1000, one in 1000 is shown)")

@@ -143,6 +143,12 @@ class Node:
         """Called at end of input: complete the work still in flight."""
 
 
+# Bad input reported one warning each up to this many; past them, one warning
+# for every this many more: a stream of short bad lines (a million "1") would
+# otherwise write some forty times its size on stderr, one warning a line.
+REPORTED = 1000
+_MORE = "%d more bad inputs (past the first %d, one in %d is shown); the last: "
+
 # The longest text an error reply carries.
 MAX_TEXT = 1000
 
@@ -224,6 +230,7 @@ class Host:
         # first one's warning (format and arguments) and how many there were.
         self._held: list[Any] | None = None
         self._held_count = 0
+        self._warnings = 0  # about bad input, written or not (see _warn)
 
     def node(self, name: str) -> Node:
         node = self.nodes.get(name)
@@ -329,7 +336,7 @@ class Host:
 
     def _skipped(self, text: str, *args: Any) -> None:
         if self._held is None:
-            log.warning(text, *args)
+            self._warn(text, *args)
             return
         self._held_count += 1
         if not self._held:
@@ -349,12 +356,32 @@ class Host:
             held, count = self._held, self._held_count
             self._held = None
         if count == 1:
-            log.warning(*held)
+            self._warn(*held)
         elif count:
-            log.warning(
+            self._warn(
                 "skipped %d values on one line that are not messages; the first: " + held[0],
                 count,
                 *held[1:],
+            )
+
+    def _warn(self, text: str, *args: Any) -> None:
+        """A warning about bad input: each of the first REPORTED ones, then one for
+        every REPORTED more, so that stderr grows by a bounded share of the input."""
+        self._warnings += 1
+        if self._warnings <= REPORTED:
+            log.warning(text, *args)
+        elif self._warnings % REPORTED == 0:
+            log.warning(_MORE + text, REPORTED, REPORTED, REPORTED, *args)
+
+    def _warned_since(self) -> None:
+        """The warnings held back since the last one written, counted (at end of input)."""
+        unwritten = self._warnings % REPORTED if self._warnings > REPORTED else 0
+        if unwritten:
+            log.warning(
+                "%d more bad inputs (past the first %d, one in %d is shown)",
+                unwritten,
+                REPORTED,
+                REPORTED,
             )
 
     def _not_supported(self, dest: str, src: str, msg_type: str, body: Body) -> None:
@@ -362,5 +389,6 @@ class Host:
         self.send(dest, src, _refusal(body, ErrorCode.NOT_SUPPORTED, text))
 
     async def finish(self) -> None:
+        self._warned_since()
         for node in list(self.nodes.values()):
             await node.finish()
