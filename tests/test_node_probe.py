@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from sagakit.node.framing import MAX_LINE
 from sagakit.node.host import NodeSettings
 from sagakit.node.protocol import MAX_ID
-from sagakit.node.runner import STOP_GRACE
 from tests.test_node import MAIN, REPO, execute, msg, run_node
 
 GOOD = execute(5, "after", ["a"]).rstrip("\n")
@@ -495,80 +491,6 @@ def test_an_init_without_an_integer_msg_id_is_malformed(dest: str, msg_id: objec
     assert "in_reply_to" not in refused
     # Nothing of the refused init was taken: the next is the node's first init_ok.
     assert after == {"type": "init_ok", "in_reply_to": 2, "msg_id": 0}, after
-
-
-def _pipe_is_full(read_end: int) -> bool:
-    import fcntl
-    import termios
-
-    pending = bytearray(4)
-    fcntl.ioctl(read_end, termios.FIONREAD, pending)
-    return int.from_bytes(pending, sys.byteorder) >= fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ)
-
-
-def _blocked_on_stdout(requests: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """The node serving 3,000 requests from ``requests``, blocked writing its replies
-    to a pipe nobody has read yet (it holds 64 KB, the node has more); its read end."""
-    requests.write_text("".join(execute(i, f"s{i}", ["a"]) for i in range(1, 3001)))
-    read_end, write_end = os.pipe()
-    with requests.open("rb") as stdin:
-        proc = subprocess.Popen(
-            MAIN, stdin=stdin, stdout=write_end, stderr=subprocess.PIPE, cwd=REPO
-        )
-    os.close(write_end)
-    deadline = time.monotonic() + 10
-    while not _pipe_is_full(read_end) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)  # the node is now blocked writing the rest of a turn's replies
-    return proc, read_end
-
-
-_LINUX = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="pipe sizes as Linux reports them"
-)
-
-
-@_LINUX
-@pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
-def test_a_signal_while_stdout_is_full_tears_no_reply(name: str, code: int, tmp_path: Path) -> None:
-    """A signal arriving while the node waited on a full stdout pipe cut its write short:
-    BufferedWriter.write returned what it had written and dropped the rest, so a reply was
-    torn mid-line (the next one printed onto it) and the replies after it were lost."""
-    proc, read_end = _blocked_on_stdout(tmp_path / "in.jsonl")
-    with os.fdopen(read_end, "rb") as replies:
-        proc.send_signal(getattr(signal, name))
-        time.sleep(0.2)  # taken while the write still waits: nothing is read yet
-        output = replies.read()
-    _, err = proc.communicate(timeout=20)
-    assert proc.returncode == code, err
-    assert b"Traceback" not in err
-    ids = [json.loads(line)["body"]["in_reply_to"] for line in output.decode().splitlines()]
-    # Every reply made is whole and there, in order: those of the pipe's first 64 KB and
-    # the rest of the turn that was being written when the signal came.
-    assert ids == list(range(1, len(ids) + 1))
-    assert len(output) > 65536
-
-
-@_LINUX
-def test_a_sigterm_while_stdout_is_never_read_stops_the_node_after_a_grace() -> None:
-    """Told to stop, the node waits for its reader to take the replies it made; a reader
-    that takes nothing kept it blocked in a write through any number of SIGTERMs."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, read_end = _blocked_on_stdout(Path(tmp) / "in.jsonl")
-        try:
-            started = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=STOP_GRACE + 10)
-            took = time.monotonic() - started
-        finally:
-            proc.kill()
-            os.close(read_end)
-    assert STOP_GRACE - 1 < took < STOP_GRACE + 5, took
-    assert proc.returncode == 1
-    (line,) = err.decode().splitlines()
-    assert f"stdout is closed or cannot be written (not read for {STOP_GRACE:g} s" in line
 
 
 def _line_of(length: int, msg_id: int) -> str:
