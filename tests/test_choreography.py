@@ -15,7 +15,7 @@ from conformance.choreography import ChoreographyConformance, types
 from sagakit import Event, InMemoryEventBus, SagaStatus, Service, handles
 from sagakit.choreography.ecommerce import STATUS_AFTER, Faults, Shop, open_shop
 from sagakit.choreography.tracker import SagaTracker
-from sagakit.errors import BackendError, DefinitionError
+from sagakit.errors import BackendError, DefinitionError, SagaIdConflict
 from sagakit.ports.event_bus import EventBus
 
 
@@ -299,6 +299,20 @@ async def test_attach_twice_is_refused() -> None:
     await audit.attach(bus)
     with pytest.raises(RuntimeError):
         await audit.attach(bus)
+
+
+async def test_an_order_id_reused_for_another_order_is_a_conflict() -> None:
+    """The same order again gets its reservation back; another order under its id was
+    answered the first one's reservation as if it were its own."""
+    bus, shop = await shop_on_bus()
+    first = await shop.order("o1", "abc", 2)
+    assert await shop.order("o1", "abc", 2) is first
+    for sku, quantity in (("xyz", 2), ("abc", 3)):
+        with pytest.raises(SagaIdConflict) as raised:
+            await shop.order("o1", sku, quantity)
+        assert raised.value.saga_id == "o1"
+    await bus.drain()
+    assert types(shop, "o1").count("InventoryReserved") == 1
 
 
 async def test_inactive_service_does_not_react() -> None:

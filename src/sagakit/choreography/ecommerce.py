@@ -23,7 +23,7 @@ from sagakit.choreography.service import Service, handles
 from sagakit.choreography.tracker import SagaTracker
 from sagakit.core.event import Event
 from sagakit.core.machine import SagaStatus
-from sagakit.errors import DefinitionError
+from sagakit.errors import DefinitionError, SagaIdConflict
 from sagakit.ports.event_bus import EventBus, new_event
 
 __all__ = [
@@ -135,13 +135,21 @@ class Inventory(_Outboxed):
         self._ids = _Counter("r")
 
     async def reserve(self, saga_id: str, sku: str, quantity: int) -> Reservation:
-        """Start a saga: reserve stock and publish the outcome. Idempotent per saga."""
+        """Start a saga: reserve stock and publish the outcome. Idempotent per saga: the
+        same order again returns its reservation; another order under its id raises
+        SagaIdConflict."""
         if not isinstance(sku, str) or not sku:
             raise DefinitionError("sku", "must be a non-empty string")
         if type(quantity) is not int or quantity < 1:
             raise DefinitionError("quantity", f"must be a positive integer, got {quantity!r}")
         known = self.reservations.get(saga_id)
         if known is not None:
+            if (known.sku, known.quantity) != (sku, quantity):
+                # A saga id is an idempotency key: reused for another order it is an
+                # error, as Orchestrator.run says of a saga id reused with other input.
+                raise SagaIdConflict(
+                    saga_id, f"an order of {known.quantity} {known.sku!r}", f"{quantity} {sku!r}"
+                )
             return known
         reason = self.faults.reason(saga_id, self.name)
         if reason is None and self.stock is not None and self.stock.get(sku, 0) < quantity:
