@@ -7,6 +7,7 @@ The scenarios themselves live in ``conformance/choreography.py`` and run here on
 from __future__ import annotations
 
 import uuid
+import warnings
 from typing import Any
 
 import pytest
@@ -292,6 +293,24 @@ def test_a_mark_on_what_cannot_handle_an_event_is_refused_with_the_class() -> No
             @handles("A")
             def total(self) -> int:
                 return 0
+
+
+def test_handles_on_a_plain_function_warns_that_nothing_subscribes_it() -> None:
+    """attach() subscribes the marked methods of a Service subclass; a mark on a function
+    outside one was silently never called."""
+    with pytest.warns(UserWarning, match="plain function"):
+
+        @handles("OrderPlaced")
+        async def on_order(event: Event) -> None:
+            return None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a method, even of a class made in a function: quiet
+
+        class Audit(Service):
+            @handles("OrderPlaced")
+            async def on_order(self, event: Event) -> None:
+                return None
 
 
 async def test_attach_twice_is_refused() -> None:

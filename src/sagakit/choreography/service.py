@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -31,6 +32,16 @@ def handles(*event_types: str) -> Callable[[F], F]:
 
     def mark(method: F) -> F:
         setattr(method, _HANDLES, (*getattr(method, _HANDLES, ()), *event_types))
+        # Only a Service subclass's attach() subscribes a mark: one on a function of
+        # a module or a function body is silently never called. A warning, not an
+        # error: such a function may still be put in a class body by assignment.
+        path = getattr(getattr(method, "__func__", method), "__qualname__", "").split(".")
+        if len(path) == 1 or path[-2] == "<locals>":
+            warnings.warn(
+                f"@handles on {'.'.join(path)}, a plain function: only a method of a"
+                " Service subclass is subscribed (by attach)",
+                stacklevel=2,
+            )
         return method
 
     return mark
