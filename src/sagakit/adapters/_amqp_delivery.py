@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import logging
 import os
 import time
@@ -27,7 +26,7 @@ from aio_pika.abc import (
 )
 from pamqp.common import FieldTable
 
-from sagakit.adapters._handlers import ENDS_PROCESS, handling, in_handler, spawn
+from sagakit.adapters._handlers import handling, in_handler, run_handler, spawn
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -474,26 +473,8 @@ class Consumer:
 
     async def _attempt(self, event: Event) -> str | None:
         """Run the handler once: None if it returned, else the error it ended with."""
-        expiry = asyncio.timeout(self.ack_timeout)
-        try:
-            async with expiry:
-                result = self.handler(event)
-                if inspect.isawaitable(result):
-                    await result
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # this consumer is being cancelled, not the handler failing
-            return describe(exc)
-        except TimeoutError as exc:
-            if expiry.expired():
-                return f"TimeoutError: still running after the ack timeout ({self.ack_timeout:g}s)"
-            return describe(exc)
-        except ENDS_PROCESS:
-            raise
-        except BaseException as exc:
-            return describe(exc)
-        return None
+        error = await run_handler(self.handler, event, self.ack_timeout)
+        return None if error is None else describe(error)
 
     async def _pause(self, deliveries: int) -> None:
         cap = max(self.backoff, MAX_BACKOFF)

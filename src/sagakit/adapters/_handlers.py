@@ -1,12 +1,15 @@
 """Calling an event handler: a plain function, or a coroutine function run without a task
 while it does not suspend (most handlers never do, and a task per delivery costs a turn of
-the event loop); and knowing, on the broker buses, whether code runs in a handler.
+the event loop), for at most its ``ack_timeout``; and knowing, on the broker buses, whether
+code runs in a handler.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from contextvars import ContextVar, Token
 from types import CoroutineType
@@ -14,14 +17,19 @@ from typing import Any, TypeVar
 
 __all__ = [
     "ENDS_PROCESS",
+    "GRACE",
     "call_handler",
     "done_handling",
     "forget",
     "handling",
     "in_handler",
     "refuse_in_handler",
+    "run_handler",
     "spawn",
+    "wait_handler",
 ]
+
+log = logging.getLogger("sagakit.bus")
 
 # What a handler may raise to end the process (Ctrl-C, sys.exit()): let through, as
 # anywhere else. Any other exception, BaseException subclasses included (pytest.fail()
@@ -93,6 +101,86 @@ def call_handler(handler: Callable[[Any], Any], event: Any) -> asyncio.Task[Any]
     except StopIteration:
         return None
     return loop.create_task(_resume(result, yielded))
+
+
+# Seconds a handler cancelled at its ack timeout has to end. One that catches the
+# cancellation and goes on is then no longer waited for: it would otherwise hold its
+# consumer, and the close of its bus, for as long as it runs.
+GRACE = 1.0
+_ABANDONED: set[asyncio.Task[Any]] = set()  # referenced while they run, as spawn's
+
+
+async def run_handler(
+    handler: Callable[[Any], Any], event: Any, ack_timeout: float
+) -> BaseException | None:
+    """Run ``handler(event)`` for at most ``ack_timeout`` seconds (every bus alike).
+
+    None if it returned; else what its delivery failed with: what it raised, or a
+    ``TimeoutError`` if it was still running at ``ack_timeout`` (it is then cancelled,
+    see :func:`wait_handler`). ``KeyboardInterrupt`` and ``SystemExit`` go through, as
+    does the cancellation of the calling task (the consumer stopping).
+    """
+    try:
+        task = call_handler(handler, event)
+    except asyncio.CancelledError as exc:
+        if _cancelling():
+            raise
+        return exc  # the handler's own, nobody asked for: a failed delivery
+    except ENDS_PROCESS:
+        raise
+    except BaseException as exc:
+        return exc
+    if task is None:
+        return None
+    return await wait_handler(task, ack_timeout, handler)
+
+
+async def wait_handler(
+    task: asyncio.Task[Any], ack_timeout: float, handler: object = None
+) -> BaseException | None:
+    """Wait for the task of a handler that suspended (:func:`run_handler`'s second half).
+
+    Still running at ``ack_timeout``, it is cancelled and given :data:`GRACE` seconds
+    to end, then left running (logged): whatever it does after its cancellation, the
+    delivery has failed with ``TimeoutError`` and the consumer goes on.
+    """
+    try:
+        await asyncio.wait((task,), timeout=ack_timeout)
+    except asyncio.CancelledError:
+        # Stopped (a crash, a test's kill): the handler stops with its consumer, as
+        # when it ran in the consumer's own task.
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait((task,), timeout=GRACE)
+        raise
+    if task.done():
+        try:
+            task.result()
+        except ENDS_PROCESS:
+            raise
+        except BaseException as exc:  # a CancelledError of its own included
+            return exc
+        return None
+    task.cancel()
+    task.add_done_callback(forget)
+    await asyncio.wait((task,), timeout=GRACE)
+    if not task.done():
+        _ABANDONED.add(task)
+        task.add_done_callback(_ABANDONED.discard)
+        name = getattr(handler, "__qualname__", None) or repr(handler)
+        log.warning(
+            "handler %s still runs %gs after its cancellation at the ack timeout (%gs):"
+            " no longer waited for, its delivery failed",
+            name,
+            GRACE,
+            ack_timeout,
+        )
+    return TimeoutError(f"still running after the ack timeout ({ack_timeout:g}s)")
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def forget(task: asyncio.Task[Any]) -> None:

@@ -20,10 +20,9 @@ How it delivers (its ordering guarantees):
   while no delivery fails. A failed delivery comes back after its backoff
   (``backoff * 2**(n-1)``, at most 30 s) ahead of the events not yet handed
   out, so it may overtake events published after it.
-- A handler that does not return within its ``ack_timeout`` loses the event:
-  it is handed to the next consumer of its group (the late handler keeps
-  running, its outcome is ignored). Until then, nothing else is dispatched:
-  slow handlers slow the whole bus, as they did before groups.
+- A handler still running at its ``ack_timeout`` is cancelled, as on every bus:
+  a failed delivery, retried after its backoff (by the group's next consumer).
+  Until then, nothing else is dispatched: slow handlers slow the whole bus.
 - The dispatcher lets other tasks run every few deliveries, so a handler that
   publishes without ever suspending cannot starve the event loop. ``publish``
   waits while the queue is full (back-pressure); a handler, which would wait
@@ -53,7 +52,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from sagakit.adapters import redact_url
 from sagakit.adapters._bus_checks import check_limit, check_subscribe, publishable
-from sagakit.adapters._handlers import ENDS_PROCESS, call_handler, forget, spawn
+from sagakit.adapters._handlers import ENDS_PROCESS, call_handler, spawn, wait_handler
 from sagakit.adapters._log_limits import Aggregated
 from sagakit.core.envelope import decode_event, encode_event
 from sagakit.core.event import Event
@@ -326,26 +325,20 @@ class _Broker:
         deadline = loop.time() + consumer.ack_timeout
         self.in_flight = (consumer, task)
         try:
-            await asyncio.wait((task,), timeout=consumer.ack_timeout)
+            error = await wait_handler(task, consumer.ack_timeout, consumer.handler)
             if consumer.killed and loop.time() < deadline:
                 await asyncio.sleep(deadline - loop.time())  # its ack died with it
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
         finally:
             self.in_flight = None
             if self.settled is not None and not self.settled.done():
                 self.settled.set_result(None)
             self.settled = None
-        if not task.done() or consumer.killed:
-            task.add_done_callback(forget)
+        if consumer.killed:
             late = TimeoutError(f"not acknowledged within {consumer.ack_timeout}s")
-            # Taken over at once: the ack timeout was its wait.
+            # Taken over at once, as a dead process's event: the ack timeout was its wait.
             self._failed(consumer, event, deliveries, late, retry_now=True)
-        elif task.cancelled():
-            self._failed(consumer, event, deliveries, asyncio.CancelledError("handler cancelled"))
-        elif (exc := task.exception()) is not None:
-            self._failed(consumer, event, deliveries, exc)
+        elif error is not None:
+            self._failed(consumer, event, deliveries, error)
 
     def _failed(
         self,
