@@ -20,10 +20,11 @@ apps with different prefixes share a server without seeing each other:
 Names that are not plain ``[A-Za-z0-9_-]`` tokens (dots, spaces, unicode) are
 written as ``~`` and their URL-safe base64, so any event type or group works.
 
-Delivery: the handler's return acknowledges; a raise is a ``nak`` with a
-delay of ``backoff * 2**(n-1)`` (at most 30 s, or ``backoff`` if larger);
-``ack_timeout`` is the consumer's ``ack_wait``, after which the server gives an
-unacknowledged event to another puller of the group. Failures are counted by
+Delivery: the handler's return acknowledges; a raise, or a handler still
+running at ``ack_timeout`` (cancelled), is a ``nak`` with a delay of
+``backoff * 2**(n-1)`` (at most 30 s, or ``backoff`` if larger);
+``ack_timeout`` is also the consumer's ``ack_wait``, after which the server
+gives an event a dead consumer held to another puller of the group. Failures are counted by
 the bus in stream ``<prefix>-attempts``, not by the server's delivery count
 (which counts events pulled ahead and given back unstarted):
 :mod:`._nats_attempts`. On the ``max_deliveries``-th failure the event is
@@ -34,15 +35,14 @@ the consumer which gave up on it listens to, then deletes the dead letter.
 
 Each subscription pulls up to ``batch`` events ahead of its handler
 (:mod:`sagakit.adapters.nats_consumer`). While a handler runs, the events
-queued behind it are kept with in-progress acks, so a slow handler does not
-make them time out; a handler still running after ``ack_timeout`` is presumed
-stuck, and its queued events go to the group's other consumers.
+queued behind it, and its own, are kept with in-progress acks until it is
+settled, so a slow handler does not make them time out.
 
 Ordering: a group with one subscription handles its events one at a time in
 the stream's order (publication order, per publisher), except that an event
-whose handler raised comes back after its backoff, behind later events, and
-that an event taken over after an ack timeout comes after those delivered
-meanwhile. With several subscriptions in a group (competing consumers) there
+whose handler failed (raised, or was cancelled at ``ack_timeout``) comes back
+after its backoff, behind later events, as does an event taken over from a
+dead consumer. With several subscriptions in a group (competing consumers) there
 is no order between them. Each subscription runs its own handler loop, so
 different groups proceed independently. With ``concurrency=N`` (N > 1), a
 subscription runs up to N handlers at once, each for a different saga: one

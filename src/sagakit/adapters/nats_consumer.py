@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import inspect
 import logging
 import re
 import time
 from collections import deque
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js.api import ConsumerConfig
 
-from sagakit.adapters._handlers import ENDS_PROCESS, forget, handling, in_handler, spawn
+from sagakit.adapters._handlers import forget, handling, in_handler, run_handler, spawn
 from sagakit.adapters._nats_attempts import NO_STREAM, EarlyAttempt, stream_sequence
 from sagakit.adapters._nats_dead_letters import dead_letter_message
 from sagakit.core.envelope import decode_event
@@ -380,20 +380,12 @@ class PullSubscription:
                 await self._bus._attempts.record(
                     self.consumer, seq, deliveries, self._unfinished(deliveries)
                 )
-            result = self.handler(event)
-            if inspect.isawaitable(result):
-                await result
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # we are being cancelled, not the handler failing
-            await self._failed(msg, event, exc, deliveries, again, await early.written())
-        except ENDS_PROCESS:
-            raise
-        except BaseException as exc:
-            await self._failed(msg, event, exc, deliveries, again, await early.written())
-        else:
+            error = await run_handler(self.handler, event, self.ack_timeout)
+            keeper[0].cancel()  # an in-progress ack after the nak below would undo its delay
             counted = await early.written()
+            if error is not None:
+                await self._failed(msg, event, error, deliveries, again, counted)
+                return
             try:
                 await msg.ack()
             except nats.errors.Error as exc:
@@ -412,28 +404,31 @@ class PullSubscription:
         msg: Msg,
         early: EarlyAttempt,
     ) -> None:
-        """While a handler runs, keep the events queued behind it ours (in-progress acks).
+        """While a handler runs, keep its event and the events queued behind it ours
+        (in-progress acks).
 
         Without this, a slow handler would let the ack timeout of the events it
         holds up lapse: the server would send them again, counting deliveries
-        towards the dead letters though no handler failed. A handler that runs
-        past the ack timeout is presumed stuck: its queue is no longer kept, so
-        the group's other consumers get those events.
+        towards the dead letters though no handler failed. Its own event is kept
+        too: cancelled at the ack timeout, it is a failed delivery of this
+        consumer, not one the server hands to another meanwhile (to run twice at
+        once, and count twice). Both are kept until the handler is settled, which
+        is at most the ack timeout and the grace of a cancelled handler
+        (:data:`._handlers.GRACE`).
 
         A first delivery's handler still running at 60% of the ack timeout (the
-        tick at two thirds) has its attempt written then, before the server hands
-        the event to another consumer, so that a handler that hangs counts from
-        its first delivery, as on the other buses (``early`` holds the write; a
-        handler that then returns has it purged with its ack).
+        tick at two thirds) has its attempt written then, so that a handler that
+        hangs, then dies with its process before its cancellation is settled,
+        counts from its first delivery (``early`` holds the write; a handler that
+        then returns has it purged with its ack).
         """
         now = time.monotonic()
         if not early.closed and early.task is None and now - started >= self.ack_timeout * 0.6:
             record = self._bus._attempts.record
             seq = stream_sequence(msg.reply)
             early.task = spawn(record(self.consumer, seq, 1, self._unfinished(1)))
-        if now - started >= self.ack_timeout:
-            return
         self._keep(now)
+        self._track(_in_progress(msg))
         keeper[0] = asyncio.get_running_loop().call_later(
             self.ack_timeout / 3, self._keep_pending, started, keeper, msg, early
         )
@@ -530,9 +525,12 @@ class PullSubscription:
         for item in (item for queue in queued for item in queue):
             if now - item[0] >= self.ack_timeout / 3:
                 item[0] = now
-                task = asyncio.get_running_loop().create_task(_in_progress(item[1]))
-                self._progress.add(task)
-                task.add_done_callback(self._progress.discard)
+                self._track(_in_progress(item[1]))
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._progress.add(task)
+        task.add_done_callback(self._progress.discard)
 
     @property
     def busy(self) -> bool:
