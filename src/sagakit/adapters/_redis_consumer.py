@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import inspect
 import logging
 import os
 import socket
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from redis import exceptions as rexc
 
 from sagakit.adapters._bus_checks import check_server_version
-from sagakit.adapters._handlers import ENDS_PROCESS, done_handling, handling, in_handler, spawn
+from sagakit.adapters._handlers import done_handling, handling, in_handler, run_handler, spawn
 from sagakit.core.envelope import decode_event
 from sagakit.core.event import Event
 from sagakit.errors import (
@@ -102,12 +101,6 @@ def translate(exc: BaseException, backend: str, what: str) -> BackendError:
     if text.startswith("OOM") or "used memory > 'maxmemory'" in text:
         return BackendBusy(backend, message)
     return BackendRefused(backend, message)
-
-
-async def _call(handler: Handler, event: Event) -> None:
-    result = handler(event)
-    if inspect.isawaitable(result):
-        await result
 
 
 class Subscription:
@@ -418,18 +411,8 @@ class Reader:
                 continue
             loop, wait = asyncio.get_running_loop(), subscription.ack_timeout
             early = None if again else loop.call_later(0.6 * wait, self._count_early, eid)
-            error: BaseException | None = None
             try:
-                await _call(subscription.handler, event)
-            except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-                error = exc
-            except ENDS_PROCESS:
-                raise
-            except BaseException as exc:
-                error = exc
+                error = await run_handler(subscription.handler, event, wait)
             finally:
                 if early is not None:
                     early.cancel()
@@ -456,8 +439,10 @@ class Reader:
                 self._later(eid, n, subscription.backoff)
 
     def _count_early(self, eid: bytes) -> None:
-        # Counted before another consumer's sweep claims the entry (and counts that
-        # start): a handler that hangs counts from its first delivery.
+        # Counted before another consumer's sweep may claim the entry (idle since it
+        # was read, so maybe before this handler's cancellation at ack_timeout), so
+        # a handler that hangs counts from its first delivery, as it does if it
+        # then dies with its process.
         self.early[eid] = spawn(self.attempts(eid))
 
     async def _counted_early(self, eid: bytes) -> bool:

@@ -28,14 +28,15 @@ with that min-idle time). A consumer that dies holding events loses them after
 ``XPENDING IDLE`` and ``XCLAIM``. Failures are counted in the attempts hash,
 not by Redis's delivery count, which counts every claim, also of entries a
 dead consumer had read and never started: a new entry's attempt is counted
-if its handler fails or still runs at 60% of ``ack_timeout`` (a hung one),
+if its handler fails or still runs at 60% of ``ack_timeout`` (a slow one),
 a claimed entry's before its handler runs (so a handler that dies with its
 process counts from the entry's second delivery on). After
 ``max_deliveries`` the event goes to the dead letters and is acknowledged in
 one Lua script, atomic as a ``MULTI`` would be. A group created by its first
 ``subscribe`` starts at the stream's end (``$``); from then on it keeps what
-is published while none of its consumers runs. A handler that never returns
-holds its consumer's batch (the rest of the batch is acknowledged with it).
+is published while none of its consumers runs. A handler still running at
+``ack_timeout`` is cancelled, a failed delivery: it holds its consumer's batch
+(acknowledged together) at most that long.
 
 Publishing: concurrent publishes go out together on one connection
 (auto-pipelining), each as one script call that adds the event to its type
