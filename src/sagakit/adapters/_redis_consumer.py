@@ -206,6 +206,9 @@ class Reader:
                 if self.due and min(t for t, _ in self.due.values()) <= now:
                     await self._retry_due(now)
                 if now >= self.next_sweep:
+                    if acks:  # else the sweep takes them back, idle since their read
+                        await self._ack(acks)
+                        acks = []
                     self.next_sweep = now + min(max(self.ack_timeout / 2, 0.05), 5.0)
                     await self._claim_pending(int(self.ack_timeout * 1000), mine=False)
                 wake = min([self.next_sweep, *(t for t, _ in self.due.values())])
