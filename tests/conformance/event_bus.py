@@ -969,12 +969,12 @@ class EventBusConformance(ABC):
 
     async def test_a_handler_that_hangs_counts_from_the_first_delivery(self) -> None:
         # A delivery whose handler did not finish within ack_timeout counts towards
-        # max_deliveries, as a failed one does. NATS and Redis counted it only from the
-        # event's second delivery: max_deliveries + 1 handlers started before the
-        # dead letter (memory and RabbitMQ: max_deliveries).
+        # max_deliveries, as a failed one does, whichever consumer of the group gets
+        # the event next. NATS and Redis counted it only from the event's second
+        # delivery: max_deliveries + 1 handlers started before the dead letter.
         release = asyncio.Event()
         starts: list[str] = []
-        buses = [await self.bus() for _ in range(3)]  # a hung handler holds its consumer
+        buses = [await self.bus() for _ in range(3)]
 
         async def hang(e: Event) -> None:
             starts.append(e.event_id)
@@ -996,6 +996,139 @@ class EventBusConformance(ABC):
             assert (len(starts), letter.deliveries) == (2, 2), (starts, letter)
         finally:
             release.set()
+
+    def _late(self) -> str:
+        return f"TimeoutError: still running after the ack timeout ({self.ack_timeout:g}s)"
+
+    async def test_a_hung_handler_alone_in_its_group_is_cancelled_then_dead_lettered(
+        self,
+    ) -> None:
+        # The common case, one service process: no other consumer takes the event over.
+        # NATS and Redis never cancelled the handler: the event never reached the dead
+        # letters, and nothing after it was delivered.
+        bus = await self.bus()
+        starts: list[str] = []
+        cancelled: list[str] = []
+
+        async def hang(e: Event) -> None:
+            starts.append(e.event_id)
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(e.event_id)
+                raise
+
+        await bus.subscribe(
+            "Job",
+            hang,
+            group="g",
+            max_deliveries=2,
+            ack_timeout=self.ack_timeout,
+            backoff=self.backoff,
+        )
+        sent = event("Job")
+        await bus.publish(sent)
+        await self.dead_letters_of(bus, "g", 1)
+        (letter,) = await bus.dead_letters("g")
+        assert (letter.event.event_id, letter.deliveries) == (sent.event_id, 2)
+        assert letter.error == self._late()
+        await self.quiet()
+        assert starts == cancelled == [sent.event_id] * 2
+
+    async def test_a_handler_that_hangs_once_is_handled_on_its_redelivery(self) -> None:
+        bus = await self.bus()
+        starts: list[str] = []
+        done: list[str] = []
+
+        async def once(e: Event) -> None:
+            starts.append(e.event_id)
+            if len(starts) == 1:
+                await asyncio.Event().wait()
+            done.append(e.event_id)
+
+        await bus.subscribe(
+            "Job",
+            once,
+            group="g",
+            max_deliveries=2,
+            ack_timeout=self.ack_timeout,
+            backoff=self.backoff,
+        )
+        sent = event("Job")
+        await bus.publish(sent)
+        await self.eventually(lambda: done == [sent.event_id], "the redelivery to be handled")
+        await self.drain(bus)
+        # Acknowledged: not delivered again, even after another ack timeout.
+        await asyncio.sleep(self.ack_timeout + self.settle)
+        assert starts == [sent.event_id] * 2
+        assert list(await bus.dead_letters("g")) == []
+
+    async def test_close_with_a_hung_handler_returns_after_its_ack_timeout(self) -> None:
+        # close() lets the handlers in flight finish: on NATS and Redis it waited for
+        # ever on one that never returns, so a service could not be shut down.
+        # max_deliveries=1: the in-process bus's close also handles what it accepted
+        # (redeliveries included), which is each delivery's ack timeout again.
+        bus = await self.make_bus()
+        started = asyncio.Event()
+
+        async def hang(e: Event) -> None:
+            started.set()
+            await asyncio.Event().wait()
+
+        await bus.subscribe(
+            "Job",
+            hang,
+            group="g",
+            max_deliveries=1,
+            ack_timeout=self.ack_timeout,
+            backoff=self.backoff,
+        )
+        await bus.publish(event("Job"))
+        async with asyncio.timeout(self.timeout):
+            await started.wait()
+        began = time.monotonic()
+        async with asyncio.timeout(self.timeout):
+            await bus.close()
+        took = time.monotonic() - began
+        assert took < self.ack_timeout + 1.5, f"close() took {took:.1f}s"
+        for _ in range(3):  # turns for what ends by itself (see test_a_handler_may_close_its_bus)
+            await asyncio.sleep(0)
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert not left, f"still running after close(): {left}"
+
+    async def test_a_handler_that_ignores_its_cancellation_is_left_running(self) -> None:
+        # A handler may catch the cancellation and go on: the bus waits a moment more,
+        # then goes on without it (its delivery failed), rather than hang its consumer.
+        bus = await self.make_bus()
+        release = asyncio.Event()
+        got: list[int] = []
+
+        async def stubborn(e: Event) -> None:
+            got.append(e["n"])
+            if e["n"] == 0:
+                while not release.is_set():
+                    with suppress(asyncio.CancelledError):
+                        await release.wait()
+
+        await bus.subscribe(
+            "Job",
+            stubborn,
+            group="g",
+            max_deliveries=1,
+            ack_timeout=self.ack_timeout,
+            backoff=self.backoff,
+        )
+        try:
+            for n in (0, 1):
+                await bus.publish(event("Job", n=n))
+            await self.eventually(lambda: got == [0, 1], "the event after the stubborn one")
+            began = time.monotonic()
+            async with asyncio.timeout(self.timeout):
+                await bus.close()
+            assert time.monotonic() - began < 1.0, "close() waited for the stubborn handler"
+        finally:
+            release.set()
+            await asyncio.sleep(0.01)  # it ends now
 
     async def test_dead_letters_are_listed_oldest_first_up_to_the_limit(self) -> None:
         bus = await self.bus()
