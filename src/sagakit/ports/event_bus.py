@@ -25,7 +25,8 @@ Semantics every backend gives (the conformance suite in
   none of its consumers runs and delivers them when one subscribes again. It
   receives the events published after its first subscription, not before.
 - Delivery is at least once, with explicit acknowledgement: a handler that
-  returns acknowledges the event; one that raises gets it again after at least
+  returns acknowledges the event; one that raises, or is still running at
+  ``ack_timeout`` (it is then cancelled), gets it again after at least
   ``backoff`` seconds (a backend may grow the wait for further failures); a
   consumer that dies holding an event loses it to another consumer of its
   group once ``ack_timeout`` passes (a backend may also take an event from a
@@ -44,12 +45,12 @@ Semantics every backend gives (the conformance suite in
   hold raises :class:`~sagakit.errors.DefinitionError` (field
   ``dead_letter_id``). The dead letters of a subscription without a group are
   listed under the group ``""``.
-- ``close`` stops taking new events, lets the handlers in flight finish and
-  acknowledges what they finished; ``publish``, ``subscribe``, ``dead_letters``
-  and ``replay_dead_letter`` after ``close`` raise
-  :class:`~sagakit.errors.BackendError`. From a handler, ``close`` returns at
-  once and the bus closes once that handler has returned; another ``close``
-  meanwhile waits for it.
+- ``close`` stops taking new events, lets the handlers in flight finish (each
+  at most until its ``ack_timeout``) and acknowledges what they finished;
+  ``publish``, ``subscribe``, ``dead_letters`` and ``replay_dead_letter`` after
+  ``close`` raise :class:`~sagakit.errors.BackendError`. From a handler,
+  ``close`` returns at once and the bus closes once that handler has returned;
+  another ``close`` meanwhile waits for it.
 - ``drain`` from a handler, or from a task a handler started (``wait_for``),
   raises ``RuntimeError``: it would wait for itself.
 - Ordering: each backend documents what it keeps (for one saga's events, in
