@@ -27,7 +27,7 @@ from typing import Any
 
 from benchmarks.timing import BenchmarkError, Comparison, Config, Stopwatch, Timing, compare
 from sagakit.choreography.ecommerce import STATUS_AFTER, Faults, Inventory, Payment, Shipping
-from sagakit.choreography.tracker import SagaTracker
+from sagakit.choreography.tracker import DEFAULT_MAX_SAGAS, SagaTracker
 from sagakit.core.event import Event
 from sagakit.core.machine import SagaStatus
 from sagakit.ports.event_bus import EventBus
@@ -71,7 +71,8 @@ class _Orders:
 
 class _Tracker(SagaTracker):
     def __init__(self, orders: _Orders) -> None:
-        super().__init__(STATUS_AFTER)
+        # Every saga is checked at the end: kept, however many (10,000 by default).
+        super().__init__(STATUS_AFTER, max_sagas=max(orders.count, DEFAULT_MAX_SAGAS))
         self.orders = orders
 
     async def _on_event(self, event: Event) -> None:

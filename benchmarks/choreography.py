@@ -32,6 +32,8 @@ def _saga_ids(count: int) -> tuple[list[str], set[str]]:
 async def _shop(count: int) -> Timing:
     bus = InMemoryEventBus()
     shop = await open_shop(bus)
+    # Every saga is checked at the end: the tracker keeps them all (10,000 by default).
+    shop.tracker.max_sagas = max(count, shop.tracker.max_sagas)
     saga_ids, failing = _saga_ids(count)
     for saga_id in failing:
         shop.faults.fail(saga_id, "payment")
