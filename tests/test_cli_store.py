@@ -225,6 +225,17 @@ def _worker(store: str, spec: str, log: Path, *options: str) -> subprocess.Popen
         )
 
 
+def _until_step_runs(
+    store: str, saga_id: str, step: str, worker: subprocess.Popen[bytes], log: Path
+) -> None:
+    """Wait (30 s at most) until the saga's timeline shows ``step`` begun, the worker alive."""
+    deadline = time.monotonic() + 30
+    while f"│ {step} " not in run("sagas", "show", saga_id, "--store", store).stdout:
+        assert time.monotonic() < deadline, log.read_text()
+        assert worker.poll() is None, log.read_text()
+        time.sleep(0.1)
+
+
 def test_a_second_signal_ends_a_worker_whose_step_blocks_the_loop(tmp_path: Path) -> None:
     # Both signals went to the event loop's handler, which a blocking step kept
     # from running: the worker lived on until the step returned.
@@ -234,10 +245,7 @@ def test_a_second_signal_ends_a_worker_whose_step_blocks_the_loop(tmp_path: Path
     log = tmp_path / "worker.log"
     worker = _worker(store, "test_cli_store:BLOCKING", log)
     try:
-        deadline = time.monotonic() + 30
-        while "│ a " not in run("sagas", "show", "blocked-1", "--store", store).stdout:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        _until_step_runs(store, "blocked-1", "a", worker, log)
         worker.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert worker.poll() is None  # the first signal waits for the step
@@ -257,10 +265,7 @@ def test_a_signal_delivered_twice_at_once_still_stops_the_worker_cleanly(tmp_pat
     log = tmp_path / "worker.log"
     worker = _worker(store, "test_cli_store:SLOW", log)
     try:
-        deadline = time.monotonic() + 30
-        while "│ b " not in run("sagas", "show", "slow-1", "--store", store).stdout:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        _until_step_runs(store, "slow-1", "b", worker, log)
         worker.send_signal(signal.SIGINT)
         worker.send_signal(signal.SIGINT)
         assert worker.wait(timeout=30) == 0, log.read_text()
@@ -291,11 +296,7 @@ def test_a_worker_killed_and_restarted_under_its_name_carries_its_saga_on_at_onc
     options = ("--owner", "w1", "--lease-ttl", "120")
     first = _worker(store, "test_cli_store:SLOW", log, *options)
     try:
-        deadline = time.monotonic() + 30
-        while "│ b " not in run("sagas", "show", "slow-1", "--store", store).stdout:
-            assert time.monotonic() < deadline, log.read_text()
-            assert first.poll() is None, log.read_text()
-            time.sleep(0.1)
+        _until_step_runs(store, "slow-1", "b", first, log)
     finally:
         first.kill()
         first.wait(timeout=30)
