@@ -53,6 +53,7 @@ from sagakit.orchestration.support import (
     checked_input,
     checked_options,
     default_owner,
+    definition_of,
     definitions_in,
     logged_outcome,
     replayed,
@@ -427,16 +428,11 @@ class Orchestrator:
                     break
                 runnable = []
                 for claim in claims:
-                    saga_id = claim.journal.saga_id
-                    name = saga_name(claim)
-                    saga = definitions.get(name)
+                    saga = definition_of(claim, definitions)
                     if saga is None:
                         # Held until the end of this recovery, so that the next
                         # claim_next does not hand it back; then given up.
-                        log.warning(
-                            "saga %s: no definition of %r here; left to others", saga_id, name
-                        )
-                        recovered.missing[saga_id] = name
+                        recovered.missing[claim.journal.saga_id] = saga_name(claim)
                         skipped.append(claim.journal)
                     else:
                         runnable.append((saga, claim))
@@ -539,12 +535,8 @@ class Orchestrator:
     def _spawn(self, claim: Claim, lacking: Unrunnable) -> bool:
         """Run the claimed saga in a task of its own; False when its definition is unknown
         (its lease then kept in ``lacking``)."""
-        name = saga_name(claim)
-        saga = self._definitions.get(name)
+        saga = definition_of(claim, self._definitions)
         if saga is None:
-            log.warning(
-                "saga %s: no definition of %r here; left to others", claim.journal.saga_id, name
-            )
             lacking.keep(claim.journal)
             return False
         task = asyncio.ensure_future(self._carry_on(saga, claim))

@@ -4,6 +4,7 @@ and how a logged saga is read back."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import socket
@@ -25,6 +26,8 @@ from sagakit.core.saga import NO_INPUT, SagaDefinition, fingerprint
 from sagakit.errors import DefinitionError, InvalidTransition, SagaError, SagaIdConflict
 from sagakit.ports.saga_log import Claim, SagaLog
 
+log = logging.getLogger("sagakit.orchestrator")
+
 __all__ = [
     "MIN_LEASE_TTL",
     "Recovered",
@@ -35,6 +38,7 @@ __all__ = [
     "checked_input",
     "checked_options",
     "default_owner",
+    "definition_of",
     "definitions_in",
     "inferred_plan",
     "logged_outcome",
@@ -201,6 +205,18 @@ def saga_name(claim: Claim) -> str:
     that does not open with SagaStarted)."""
     started = claim.records[0] if claim.records else None
     return started.saga if type(started) is SagaStarted else "?"
+
+
+def definition_of(claim: Claim, definitions: Mapping[str, SagaDefinition]) -> SagaDefinition | None:
+    """The definition a claimed saga runs under; None, logged, when this worker lacks it
+    (recover() and serve() then leave the saga to others, each in its own way)."""
+    name = saga_name(claim)
+    saga = definitions.get(name)
+    if saga is None:
+        log.warning(
+            "saga %s: no definition of %r here; left to others", claim.journal.saga_id, name
+        )
+    return saga
 
 
 def default_owner() -> str:
