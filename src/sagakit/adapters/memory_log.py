@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from sagakit.adapters import redact_url
+from sagakit.adapters._options import count
 from sagakit.core.records import (
     MAX_ID_BYTES,
     CompensationCompleted,
@@ -218,11 +219,8 @@ class InMemorySagaLog:
         max_records: int = DEFAULT_MAX_RECORDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        for name, value in (("max_finished", max_finished), ("max_records", max_records)):
-            if type(value) is not int or value < 0:
-                raise ConfigurationError(f"{name} must be a whole number >= 0, got {value!r}")
-        self.max_finished = max_finished
-        self.max_records = max_records
+        self.max_finished = count("max_finished", max_finished, least=0)
+        self.max_records = count("max_records", max_records, least=0)
         # The weight of the finished sagas kept: their records and their steps.
         self._weight = 0
         self._clock = clock
